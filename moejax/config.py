@@ -1,0 +1,412 @@
+"""Typed, frozen experiment configs and the one override mechanism (code and CLI share it).
+
+An experiment is a nested tree of frozen dataclasses. Variants are derived with `derive(base, {"a.b": v})` or
+`apply_overrides(base, ["a.b=v"])`; both go through `_set_path`, which type-checks the value against the field
+annotation and rejects unknown keys with a suggestion. Validation lives in each dataclass's `__post_init__`, so a
+config that exists is a config that is valid.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """Bad config or override: the message names the key and, where it can, the closest valid one."""
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config tree
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh `data x fsdp x expert x tensor`; one size may be -1 (takes the remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = self.shape()
+    _check(sum(s == -1 for s in sizes) <= 1, f"mesh: at most one axis may be -1, got {self}")
+    _check(all(s == -1 or s >= 1 for s in sizes), f"mesh: sizes must be >= 1 or -1, got {self}")
+
+  def shape(self) -> tuple[int, int, int, int]:
+    return (self.data, self.fsdp, self.expert, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts block. `num_experts == 0` means the model is dense."""
+
+  num_experts: int = 0
+  top_k: int = 2
+  # Which layers are MoE: every `every`-th layer counting from `offset` (layer i is MoE if i % every == offset),
+  # or an explicit list in `layers` (which then wins).
+  every: int = 2
+  offset: int = 1
+  layers: tuple[int, ...] = ()
+  d_ff: int = 0  # per-expert hidden width; 0 -> the model's d_ff (what upcycling needs)
+  router: str = "token_choice"  # token_choice | expert_choice
+  renormalize: bool = True  # Mixtral renormalizes the top-k weights; Switch / vmoe do not
+  dispatch: str = "dropless"  # dropless | capacity
+  capacity_factor: float = 1.25  # capacity dispatch and expert-choice routing
+  gmm_backend: str = "auto"  # auto | ragged_dot | sorted | dense  (see layers/gmm.py)
+  jitter: float = 0.0  # multiplicative router-input noise while training (Switch)
+  router_init_std: float = 0.02
+  load_balance_weight: float = 0.01
+  z_loss_weight: float = 1e-3
+  bias_balance_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0 disables
+  num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek-MoE / Qwen-MoE)
+  shared_d_ff: int = 0  # hidden width of the shared expert(s) together; 0 -> num_shared_experts * d_ff
+  shared_gate: bool = False  # Qwen-MoE scales the shared output by sigmoid(x @ w)
+
+  def __post_init__(self):
+    _check(self.num_experts >= 0, f"moe.num_experts must be >= 0, got {self.num_experts}")
+    if self.num_experts:
+      _check(1 <= self.top_k <= self.num_experts,
+             f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+    _check(self.router in ("token_choice", "expert_choice"),
+           f"moe.router={self.router!r} unknown; choose 'token_choice' or 'expert_choice'")
+    _check(self.dispatch in ("dropless", "capacity"),
+           f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
+    _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense"),
+           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted or dense")
+    _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+    _check(self.every >= 1 and 0 <= self.offset < self.every,
+           f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
+    _check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,
+           "moe.d_ff, moe.jitter and moe.num_shared_experts must be >= 0")
+
+  def is_moe_layer(self, i: int) -> bool:
+    if not self.num_experts:
+      return False
+    if self.layers:
+      return i in self.layers
+    return i % self.every == self.offset
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer LM (pre-norm, RMSNorm, RoPE, GQA, SwiGLU or GELU MLPs)."""
+
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 -> num_heads (no grouping)
+  head_dim: int = 0  # 0 -> d_model // num_heads
+  d_ff: int = 512
+  activation: str = "swiglu"  # swiglu | gelu
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = False  # Qwen2-style biases on the q, k, v projections
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: bool = False
+  moe: MoEConfig = MoEConfig()
+
+  def __post_init__(self):
+    _check(self.d_model > 0 and self.num_layers > 0 and self.num_heads > 0 and self.d_ff > 0,
+           f"model: d_model, num_layers, num_heads, d_ff must be > 0, got {self}")
+    _check(self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
+           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}")
+    if not self.head_dim:
+      _check(self.d_model % self.num_heads == 0,
+             f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim")
+    _check(self.activation in ("swiglu", "gelu"), f"model.activation={self.activation!r}: choose swiglu or gelu")
+    for f in ("param_dtype", "compute_dtype"):
+      v = getattr(self, f)
+      _check(v in ("float32", "bfloat16", "float16"), f"model.{f}={v!r}: choose float32, bfloat16 or float16")
+    for i in self.moe.layers:
+      _check(0 <= i < self.num_layers, f"model.moe.layers has {i}, outside [0, model.num_layers={self.num_layers})")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe.d_ff or self.d_ff
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where batches come from. `dataset` is a TFDS name; the bundled ones build offline into `tfds_dir`."""
+
+  dataset: str = "moejax_pydoc"  # bundled: moejax_pydoc (Python's own docs, English); or any TFDS text set
+  tfds_dir: str = ""  # "" -> ~/.cache/moejax/tfds (bundled sets are built there on first use)
+  text_key: str = "text"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  tokenizer: str = "byte"  # byte | bpe:<path to tokenizer.json>
+  seq_len: int = 128
+  batch_size: int = 16  # global batch, in sequences
+  shuffle_seed: int = 0
+  worker_count: int = 0  # grain workers; 0 = in-process (fastest on 2 cores)
+
+  def __post_init__(self):
+    _check(self.seq_len > 0 and self.batch_size > 0, f"data.seq_len and data.batch_size must be > 0, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then cosine (or constant) decay, global-norm clipping, optional param groups."""
+
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  schedule: str = "cosine"  # cosine | constant | linear
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # 0 disables
+  grad_accum: int = 1
+  # Param groups by regex over param paths (e.g. "layers/\\d+/moe/router/.*"): frozen, or an lr multiplier.
+  freeze: tuple[str, ...] = ()
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
+
+  def __post_init__(self):
+    _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+    _check(self.schedule in ("cosine", "constant", "linear"), f"optim.schedule={self.schedule!r} unknown")
+    _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+    _check(self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1, "optim.warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300
+  eval_every: int = 100
+  eval_steps: int = 8
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  seed: int = 0
+  # The LR schedule's clock: total steps it decays over (0 -> train.steps). Upcycled runs that continue
+  # a dense schedule set `schedule_offset` to the dense run's step.
+  schedule_steps: int = 0
+  nan_guard: bool = True
+
+  def __post_init__(self):
+    _check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
+    for f in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+      _check(getattr(self, f) >= 1, f"train.{f} must be >= 1, got {getattr(self, f)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpcycleConfig:
+  """How a dense checkpoint becomes the MoE model at start (Komatsuzaki et al. 2023; Drop-Upcycling 2025)."""
+
+  upcycle_from: str = ""  # a dense run's workdir or checkpoint step dir; "" = train from scratch
+  router_init: str = "normal"  # normal | zeros
+  router_std: float = 0.02  # the paper's code
+  expert_noise_std: float = 0.0  # relative to each weight's std
+  drop_ratio: float = 0.0  # Drop-Upcycling: fraction of each expert's hidden units re-initialized
+  continue_step: bool = False  # continue the dense run's step counter (and so its LR schedule)
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.router_init in ("normal", "zeros"), f"init.router_init={self.router_init!r}: normal or zeros")
+    _check(0.0 <= self.drop_ratio <= 1.0, f"init.drop_ratio must be in [0, 1], got {self.drop_ratio}")
+    _check(self.router_std >= 0 and self.expert_noise_std >= 0, "init.router_std, init.expert_noise_std >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  name: str = "unnamed"
+  task: str = "lm"  # lm | clip
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  init: UpcycleConfig = UpcycleConfig()
+
+  def __post_init__(self):
+    _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Overrides
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _field_names(dc: Any) -> list[str]:
+  return [f.name for f in dataclasses.fields(dc)]
+
+
+def _all_paths(dc: Any, prefix: str = "") -> list[str]:
+  out = []
+  for f in dataclasses.fields(dc):
+    v = getattr(dc, f.name)
+    p = f"{prefix}{f.name}"
+    out.append(p)
+    if dataclasses.is_dataclass(v):
+      out.extend(_all_paths(v, p + "."))
+  return out
+
+
+def _suggest(key: str, root: Any) -> str:
+  close = difflib.get_close_matches(key, _all_paths(root), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Check `value` against the annotation `tp`, converting the harmless cases (int -> float, list -> tuple)."""
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if tp is Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    for a in args:
+      try:
+        return _coerce(value, a, key)
+      except ConfigError:
+        pass
+    raise ConfigError(f"{key}: {value!r} is not a {tp}")
+  if tp is type(None):
+    if value is None:
+      return None
+    raise ConfigError(f"{key}: expected None, got {value!r}")
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a tuple, got {type(value).__name__} {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if args and len(args) != len(value):
+      raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value))) if args else tuple(value)
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{key}: expected bool (True/False), got {type(value).__name__} {value!r}")
+    return value
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if isinstance(value, Mapping):
+      return from_dict(tp, value, prefix=key + ".")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+  return value
+
+
+def _set_path(root: Any, dotted: str, value: Any, full_key: str | None = None) -> Any:
+  full_key = full_key or dotted
+  head, _, rest = dotted.partition(".")
+  if not dataclasses.is_dataclass(root) or head not in _field_names(root):
+    raise ConfigError(f"unknown key {full_key!r}{_suggest(full_key, _ROOT.get('cfg', root))}")
+  hints = typing.get_type_hints(type(root))
+  if rest:
+    child = getattr(root, head)
+    if not dataclasses.is_dataclass(child):
+      raise ConfigError(f"unknown key {full_key!r}: {head!r} is a {type(child).__name__}, not a section")
+    new_child = _set_path(child, rest, value, full_key)
+  else:
+    new_child = _coerce(value, hints[head], full_key)
+  try:
+    return dataclasses.replace(root, **{head: new_child})
+  except ConfigError as e:
+    raise ConfigError(f"{full_key}={value!r}: {e}") from None
+
+
+_ROOT: dict[str, Any] = {}  # the top-level config while an override is applied, for "did you mean" over all keys
+
+
+def derive(base: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+  """A new config with `{"a.b.c": value}` applied in order; the same path the CLI takes."""
+  cfg = base
+  for key, value in overrides.items():
+    _ROOT["cfg"] = base
+    try:
+      cfg = _set_path(cfg, key, value)
+    finally:
+      _ROOT.clear()
+  return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """`"a.b=3"` -> `("a.b", 3)`. Values are Python literals (`ast.literal_eval`); bare words are strings."""
+  if "=" not in text:
+    raise ConfigError(f"override {text!r} must look like key=value (e.g. train.steps=100)")
+  key, _, raw = text.partition("=")
+  key, raw = key.strip(), raw.strip()
+  if not key:
+    raise ConfigError(f"override {text!r} has no key")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    if raw in ("true", "false"):
+      value = raw == "true"
+    elif raw.lower() in ("none", "null"):
+      value = None
+    else:
+      value = raw  # bare words are strings: model.activation=gelu
+  return key, value
+
+
+def apply_overrides(base: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+  return derive(base, dict(parse_override(o) for o in overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serialization (JSON, never pickle)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Any) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+  """Rebuild a config from `to_dict` output, with the same type checks and unknown-key errors as overrides."""
+  hints = typing.get_type_hints(cls)
+  names = set(_field_names(cls))
+  kwargs = {}
+  for k, v in data.items():
+    if k not in names:
+      close = difflib.get_close_matches(k, sorted(names), n=1)
+      hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+      raise ConfigError(f"unknown key {prefix + k!r}{hint}")
+    kwargs[k] = _coerce(v, hints[k], prefix + k)
+  return cls(**kwargs)
+
+
+def from_json(text: str) -> ExperimentConfig:
+  return from_dict(ExperimentConfig, json.loads(text))

@@ -1,0 +1,66 @@
+"""Multi-head attention with grouped-query heads and rotary embeddings.
+
+Params: `wq` [D, H, K], `wk`/`wv` [D, G, K] (G = kv heads), `wo` [H, K, D]. RoPE uses the split-halves
+("rotate_half") layout that Llama-family checkpoints use, so imported weights need no permutation.
+Attention itself is `jax.nn.dot_product_attention` (XLA on CPU/TPU, cuDNN flash attention on GPU when asked).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax import sharding
+
+
+def specs(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
+          bias: bool = False) -> dict:
+  """`bias` adds q/k/v biases (Qwen2); no model we import has an output-projection bias."""
+  D, H, G, K = d_model, num_heads, num_kv_heads, head_dim
+  p = {
+    "wq": sharding.param(sharding.fan_in(D), (D, H, K), ("embed", "heads", "kv"), dtype),
+    "wk": sharding.param(sharding.fan_in(D), (D, G, K), ("embed", "heads", "kv"), dtype),
+    "wv": sharding.param(sharding.fan_in(D), (D, G, K), ("embed", "heads", "kv"), dtype),
+    "wo": sharding.param(sharding.fan_in(H * K), (H, K, D), ("heads", "kv", "embed"), dtype),
+  }
+  if bias:
+    p["bq"] = sharding.param(sharding.zeros, (H, K), ("heads", "kv"), dtype)
+    p["bk"] = sharding.param(sharding.zeros, (G, K), ("heads", "kv"), dtype)
+    p["bv"] = sharding.param(sharding.zeros, (G, K), ("heads", "kv"), dtype)
+  return p
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  K = x_BTHK.shape[-1]
+  inv_freq_k = 1.0 / (theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))  # [K/2]
+  ang_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq_k
+  cos = jnp.cos(jnp.concatenate([ang_BTk, ang_BTk], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([ang_BTk, ang_BTk], -1))[:, :, None, :]
+  x32 = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x_BTHK.dtype)
+
+
+def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None = 10000.0,
+          positions_BT: jax.Array | None = None, mask_BT: jax.Array | None = None) -> jax.Array:
+  """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None."""
+  dt = x_BTD.dtype
+  B, T, _ = x_BTD.shape
+  q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, p["wq"].astype(dt))
+  k_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, p["wk"].astype(dt))
+  v_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, p["wv"].astype(dt))
+  if "bq" in p:
+    q_BTHK += p["bq"].astype(dt)
+    k_BTGK += p["bk"].astype(dt)
+    v_BTGK += p["bv"].astype(dt)
+  if rope_theta is not None:
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    q_BTHK = rope(q_BTHK, positions_BT, rope_theta)
+    k_BTGK = rope(k_BTGK, positions_BT, rope_theta)
+  q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
+  mask = None if mask_BT is None else mask_BT[:, None, None, :]  # [B, 1, 1, T] over keys
+  o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, is_causal=causal)
+  y_BTD = jnp.einsum("BTHK,HKD->BTD", o_BTHK, p["wo"].astype(dt))
+  return y_BTD

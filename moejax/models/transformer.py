@@ -1,0 +1,132 @@
+"""Decoder-only transformer LM with a per-layer dense|MoE MLP.
+
+Param paths (stable; upcycling, checkpoints and HF interop rely on them):
+  embed/tokens                       [V, D]
+  layers/{i}/attn_norm/scale         [D]
+  layers/{i}/attn/{wq,wk,wv,wo}      [D,H,K] [D,G,K] [D,G,K] [H,K,D]
+  layers/{i}/mlp_norm/scale          [D]
+  layers/{i}/mlp/{w_gate,w_up,w_down}            dense layers: [D,F] [D,F] [F,D]
+  layers/{i}/moe/router/w                        MoE layers:   [D,E]
+  layers/{i}/moe/experts/{w_gate,w_up,w_down}                  [E,D,F] [E,D,F] [E,F,D]
+  final_norm/scale                   [D]
+  lm_head/w                          [D, V]   (only when embeddings are untied)
+
+Layers are a Python loop, not a scan: dense and MoE layers differ in structure and the per-layer paths stay
+readable. Compile time grows with depth; for deep models set `model.remat=True` to bound activation memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moejax import config, sharding
+from moejax.layers import attention, embed, mlp, moe, norms
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def block_specs(cfg: config.ModelConfig, i: int, *, norm: str = "rms") -> dict:
+  pd = DTYPES[cfg.param_dtype]
+  norm_specs = norms.rms_specs if norm == "rms" else norms.layer_specs
+  p = {
+    "attn_norm": norm_specs(cfg.d_model),
+    "attn": attention.specs(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, pd, bias=cfg.qkv_bias),
+    "mlp_norm": norm_specs(cfg.d_model),
+  }
+  if cfg.moe.is_moe_layer(i):
+    p["moe"] = moe.specs(cfg)
+  else:
+    p["mlp"] = mlp.specs(cfg.d_model, cfg.d_ff, cfg.activation, pd)
+  return p
+
+
+def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
+                train: bool, norm: str = "rms", use_rope: bool = True,
+                mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers)."""
+  norm_fn = (lambda q, h: norms.rms_apply(q, h, cfg.norm_eps)) if norm == "rms" else \
+            (lambda q, h: norms.layer_apply(q, h, cfg.norm_eps))
+  h = norm_fn(p["attn_norm"], x_BTD)
+  x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
+                                  mask_BT=mask_BT)
+  x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
+  h = norm_fn(p["mlp_norm"], x_BTD)
+  if "moe" in p:
+    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train)
+  else:
+    y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
+  x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
+  return x_BTD, aux
+
+
+def specs(cfg: config.ModelConfig) -> dict:
+  pd = DTYPES[cfg.param_dtype]
+  p: dict[str, Any] = {
+    "embed": embed.specs(cfg.vocab_size, cfg.d_model, pd),
+    "layers": {str(i): block_specs(cfg, i) for i in range(cfg.num_layers)},
+    "final_norm": norms.rms_specs(cfg.d_model),
+  }
+  if not cfg.tie_embeddings:
+    p["lm_head"] = {"w": sharding.param(sharding.fan_in(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+                                        ("embed", "vocab"), pd)}
+  return p
+
+
+def run_blocks(layers: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None, train: bool,
+               **block_kw) -> tuple[jax.Array, dict]:
+  """The layer loop shared by every tower: remat per block, per-layer rng, aux collected by layer index."""
+  aux_all: dict[str, dict] = {}
+  n = len(layers)
+  for i in range(n):
+    layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+    fn = lambda p, x, r: block_apply(p, x, cfg, rng=r, train=train, **block_kw)
+    if cfg.remat:
+      fn = jax.checkpoint(fn)
+    x_BTD, aux = fn(layers[str(i)], x_BTD, layer_rng)
+    if aux:
+      aux_all[str(i)] = aux
+  return x_BTD, aux_all
+
+
+def total_aux_loss(moe_aux: dict) -> jax.Array:
+  return sum((a["aux_loss"] for a in moe_aux.values()), jnp.zeros((), jnp.float32))
+
+
+def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
+            train: bool = False) -> tuple[jax.Array, dict]:
+  """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}."""
+  cd = DTYPES[cfg.compute_dtype]
+  x_BTD = embed.lookup(params["embed"], tokens_BT, cd)
+  x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
+  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True)
+  x_BTD = norms.rms_apply(params["final_norm"], x_BTD, cfg.norm_eps)
+  if cfg.tie_embeddings:
+    logits_BTV = embed.attend(params["embed"], x_BTD)
+  else:
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(cd))
+  logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+  return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
+
+
+def num_params(cfg: config.ModelConfig, active: bool = False) -> int:
+  """Total params, or params active per token (top-k of E experts) when `active`."""
+  total = 0
+  for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
+    n = 1
+    for d in s.shape:
+      n *= d
+    if active and "/moe/experts/" in path:
+      n = n * cfg.moe.top_k // cfg.moe.num_experts
+    total += n
+  return total
+
+
+def flops_per_token(cfg: config.ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate)."""
+  # The input lookup is free; with tied embeddings the same table is the (costly) output projection.
+  n_active = num_params(cfg, active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len / 2  # causal: half the square
+  return 6.0 * n_active + attn
