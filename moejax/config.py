@@ -117,7 +117,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
-  qkv_bias: bool = False  # Qwen2-style biases on the q, k, v projections
+  qkv_bias: bool = False  # Qwen2-style biases on the q, k, v projections only
+  bias: bool = False  # biases on every linear layer, experts included (CLIP towers)
+  norm: str = "rms"  # rms | layer (CLIP towers use LayerNorm)
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
@@ -131,7 +133,9 @@ class ModelConfig:
     if not self.head_dim:
       _check(self.d_model % self.num_heads == 0,
              f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim")
-    _check(self.activation in ("swiglu", "gelu"), f"model.activation={self.activation!r}: choose swiglu or gelu")
+    _check(self.activation in ("swiglu", "gelu", "quick_gelu"),
+           f"model.activation={self.activation!r}: choose swiglu, gelu or quick_gelu")
+    _check(self.norm in ("rms", "layer"), f"model.norm={self.norm!r}: choose rms or layer")
     for f in ("param_dtype", "compute_dtype"):
       v = getattr(self, f)
       _check(v in ("float32", "bfloat16", "float16"), f"model.{f}={v!r}: choose float32, bfloat16 or float16")
@@ -233,6 +237,37 @@ class UpcycleConfig:
     _check(self.router_std >= 0 and self.expert_noise_std >= 0, "init.router_std, init.expert_noise_std >= 0")
 
 
+def _tower(**kw) -> ModelConfig:
+  base = dict(vocab_size=1, d_model=64, num_layers=2, num_heads=4, d_ff=256, activation="gelu", norm="layer",
+              bias=True, norm_eps=1e-5, max_seq_len=64, tie_embeddings=True)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+  """Two-tower contrastive model (CLIP / SigLIP). Each tower is a `ModelConfig`, so the same dense|MoE layer
+  pattern, MoE options and upcycling rules apply to both; `vision.vocab_size` is unused."""
+
+  vision: ModelConfig = _tower()
+  text: ModelConfig = _tower(vocab_size=256, max_seq_len=32)
+  image_size: int = 32
+  patch_size: int = 4
+  channels: int = 3
+  pool: str = "cls"  # cls | mean (vision); the text tower pools at the end-of-text token
+  embed_dim: int = 64  # joint embedding width
+  loss: str = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
+  init_temperature: float = 0.07
+  init_bias: float = -10.0  # SigLIP
+  shared_backbone: bool = False  # one backbone for both modalities (LIMoE-style)
+
+  def __post_init__(self):
+    _check(self.image_size % self.patch_size == 0,
+           f"clip.image_size={self.image_size} is not divisible by clip.patch_size={self.patch_size}")
+    _check(self.pool in ("cls", "mean"), f"clip.pool={self.pool!r}: choose cls or mean")
+    _check(self.loss in ("softmax", "sigmoid"), f"clip.loss={self.loss!r}: choose softmax or sigmoid")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   name: str = "unnamed"
@@ -243,6 +278,7 @@ class ExperimentConfig:
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   init: UpcycleConfig = UpcycleConfig()
+  clip: ClipConfig = ClipConfig()  # used when task == "clip"
 
   def __post_init__(self):
     _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")

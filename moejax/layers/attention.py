@@ -14,8 +14,8 @@ from moejax import sharding
 
 
 def specs(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
-          bias: bool = False) -> dict:
-  """`bias` adds q/k/v biases (Qwen2); no model we import has an output-projection bias."""
+          qkv_bias: bool = False, out_bias: bool = False) -> dict:
+  """`qkv_bias` adds q/k/v biases (Qwen2, CLIP); `out_bias` the output-projection bias (CLIP)."""
   D, H, G, K = d_model, num_heads, num_kv_heads, head_dim
   p = {
     "wq": sharding.param(sharding.fan_in(D), (D, H, K), ("embed", "heads", "kv"), dtype),
@@ -23,10 +23,12 @@ def specs(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=
     "wv": sharding.param(sharding.fan_in(D), (D, G, K), ("embed", "heads", "kv"), dtype),
     "wo": sharding.param(sharding.fan_in(H * K), (H, K, D), ("heads", "kv", "embed"), dtype),
   }
-  if bias:
+  if qkv_bias:
     p["bq"] = sharding.param(sharding.zeros, (H, K), ("heads", "kv"), dtype)
     p["bk"] = sharding.param(sharding.zeros, (G, K), ("heads", "kv"), dtype)
     p["bv"] = sharding.param(sharding.zeros, (G, K), ("heads", "kv"), dtype)
+  if out_bias:
+    p["bo"] = sharding.param(sharding.zeros, (D,), (None,), dtype)
   return p
 
 
@@ -63,4 +65,6 @@ def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None =
   mask = None if mask_BT is None else mask_BT[:, None, None, :]  # [B, 1, 1, T] over keys
   o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, is_causal=causal)
   y_BTD = jnp.einsum("BTHK,HKD->BTD", o_BTHK, p["wo"].astype(dt))
+  if "bo" in p:
+    y_BTD += p["bo"].astype(dt)
   return y_BTD

@@ -28,32 +28,37 @@ from moejax.layers import attention, embed, mlp, moe, norms
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def block_specs(cfg: config.ModelConfig, i: int, *, norm: str = "rms") -> dict:
+def norm_specs(cfg: config.ModelConfig) -> dict:
+  return norms.rms_specs(cfg.d_model) if cfg.norm == "rms" else norms.layer_specs(cfg.d_model)
+
+
+def norm_apply(cfg: config.ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+  return norms.rms_apply(p, x, cfg.norm_eps) if cfg.norm == "rms" else norms.layer_apply(p, x, cfg.norm_eps)
+
+
+def block_specs(cfg: config.ModelConfig, i: int) -> dict:
   pd = DTYPES[cfg.param_dtype]
-  norm_specs = norms.rms_specs if norm == "rms" else norms.layer_specs
   p = {
-    "attn_norm": norm_specs(cfg.d_model),
-    "attn": attention.specs(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, pd, bias=cfg.qkv_bias),
-    "mlp_norm": norm_specs(cfg.d_model),
+    "attn_norm": norm_specs(cfg),
+    "attn": attention.specs(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, pd,
+                            qkv_bias=cfg.qkv_bias or cfg.bias, out_bias=cfg.bias),
+    "mlp_norm": norm_specs(cfg),
   }
   if cfg.moe.is_moe_layer(i):
     p["moe"] = moe.specs(cfg)
   else:
-    p["mlp"] = mlp.specs(cfg.d_model, cfg.d_ff, cfg.activation, pd)
+    p["mlp"] = mlp.specs(cfg.d_model, cfg.d_ff, cfg.activation, pd, bias=cfg.bias)
   return p
 
 
 def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
-                train: bool, norm: str = "rms", use_rope: bool = True,
-                mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers)."""
-  norm_fn = (lambda q, h: norms.rms_apply(q, h, cfg.norm_eps)) if norm == "rms" else \
-            (lambda q, h: norms.layer_apply(q, h, cfg.norm_eps))
-  h = norm_fn(p["attn_norm"], x_BTD)
+  h = norm_apply(cfg, p["attn_norm"], x_BTD)
   x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
                                   mask_BT=mask_BT)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
-  h = norm_fn(p["mlp_norm"], x_BTD)
+  h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
     y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train)
   else:
@@ -67,7 +72,7 @@ def specs(cfg: config.ModelConfig) -> dict:
   p: dict[str, Any] = {
     "embed": embed.specs(cfg.vocab_size, cfg.d_model, pd),
     "layers": {str(i): block_specs(cfg, i) for i in range(cfg.num_layers)},
-    "final_norm": norms.rms_specs(cfg.d_model),
+    "final_norm": norm_specs(cfg),
   }
   if not cfg.tie_embeddings:
     p["lm_head"] = {"w": sharding.param(sharding.fan_in(cfg.d_model), (cfg.d_model, cfg.vocab_size),
@@ -102,7 +107,7 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
   x_BTD = embed.lookup(params["embed"], tokens_BT, cd)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True)
-  x_BTD = norms.rms_apply(params["final_norm"], x_BTD, cfg.norm_eps)
+  x_BTD = norm_apply(cfg, params["final_norm"], x_BTD)
   if cfg.tie_embeddings:
     logits_BTV = embed.attend(params["embed"], x_BTD)
   else:
