@@ -1,0 +1,148 @@
+"""Orbax checkpoints: train state + data-iterator state + resolved config, async, keep-N, atomic.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
+and renames it when complete, so a kill mid-save leaves the previous steps intact. A step that is present but
+unreadable (a disk fault, a truncated copy) is moved to `<workdir>/checkpoints_damaged/` with a warning and the
+next-newest step is used: nothing is deleted. Restore takes abstract targets carrying shardings, so a state saved
+on one mesh restores onto any other (a different shape or device count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from moejax import config
+
+log = logging.getLogger("moejax")
+
+
+class DamagedCheckpoint(RuntimeError):
+  pass
+
+
+def _dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(workdir).resolve() / "checkpoints"
+
+
+class Manager:
+  """A thin wrapper over `ocp.CheckpointManager` with moejax's items and the damaged-step fallback."""
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+    self.workdir = pathlib.Path(workdir).resolve()
+    self.directory = _dir(workdir)
+    self._mngr = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True, cleanup_tmp_directories=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, cfg: config.ExperimentConfig, data_iter: Any | None = None,
+           force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict(cfg))}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def restore_step(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None and (self.directory / str(step) / "data").exists():
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None = None) -> tuple[int | None, Any]:
+    """Newest readable step -> (step, state). Unreadable steps are moved aside with a warning."""
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.restore_step(step, abstract_state, data_iter)
+      except Exception as e:  # orbax raises many types for a damaged step; all mean "unreadable"
+        self._quarantine(step, e)
+    return None, None
+
+  def _quarantine(self, step: int, err: Exception) -> None:
+    msg = f"checkpoint step {step} in {self.directory} is damaged ({type(err).__name__}: {str(err)[:200]})"
+    if jax.process_index() == 0:
+      dest = self.workdir / "checkpoints_damaged" / str(step)
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      if dest.exists():
+        shutil.rmtree(dest)
+      shutil.move(str(self.directory / str(step)), str(dest))
+      msg += f"; moved to {dest}, falling back to the previous step"
+    log.warning(msg)
+    print(f"WARNING: {msg}", flush=True)
+    # Re-scan so orbax forgets the step we moved.
+    self._mngr.reload()
+
+
+def read_config(path: str | pathlib.Path) -> config.ExperimentConfig:
+  """The resolved config saved with a run: accepts a workdir, a checkpoints dir or a step dir."""
+  p = pathlib.Path(path)
+  candidates = [p / "config" / "metadata", p / "config.json"]
+  if (p / "checkpoints").is_dir():
+    steps = sorted((int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit()), reverse=True)
+    candidates = [p / "config.json"] + [p / "checkpoints" / str(s) / "config" / "metadata" for s in steps]
+  for c in candidates:
+    if c.is_file():
+      return config.from_dict(config.ExperimentConfig, json.loads(c.read_text()))
+  raise FileNotFoundError(f"no moejax config found under {p} (looked for {', '.join(map(str, candidates[:3]))})")
+
+
+def resolve_step_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """A workdir (-> its newest step) or a step dir -> (checkpoints dir, step)."""
+  p = pathlib.Path(path).resolve()
+  if (p / "checkpoints").is_dir():
+    steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
+    if not steps:
+      raise FileNotFoundError(f"{p} has no checkpoints")
+    return p / "checkpoints", steps[-1]
+  if p.name.isdigit() and (p / "state").is_dir():
+    return p.parent, int(p.name)
+  raise FileNotFoundError(f"{p} is neither a moejax workdir (with checkpoints/) nor a checkpoint step dir")
+
+
+def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, int]:
+  """Only the params of a saved train state (for upcycling, eval, export), placed per `abstract_params`'
+  shardings. Returns (params, step)."""
+  ckpt_dir, step = resolve_step_dir(path)
+  handler = ocp.StandardCheckpointHandler()
+  ckptr = ocp.Checkpointer(handler)
+  meta = ckptr.metadata(ckpt_dir / str(step) / "state")
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  abstract_state = jax.tree.map(lambda m: m, tree)
+  # Restore the params subtree onto the requested shardings; leave the optimizer state on disk.
+  target = {k: abstract_state[k] for k in abstract_state}
+  target["params"] = abstract_params
+  target = jax.tree.map(_as_abstract, target, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  state = ckptr.restore(ckpt_dir / str(step) / "state", args=ocp.args.StandardRestore(target))
+  return state["params"], step
+
+
+def _as_abstract(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return x

@@ -1,0 +1,198 @@
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf`.
+
+Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split) exits 2 with a
+one-line `moejax: error: ...` and no traceback; real failures keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from moejax import config, registry
+
+  return (config.ConfigError, registry.UnknownExperiment, FileNotFoundError)
+
+
+def _quiet_env() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import absl.flags
+  import absl.logging
+
+  if not absl.flags.FLAGS.is_parsed():
+    absl.flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
+  absl.logging.set_verbosity(absl.logging.WARNING)
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-host (see README 'Scale out'; auto-detected on TPU pods and SLURM)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
+  g.add_argument("--local-devices", type=int, help="CPU only: fake this many devices per process")
+
+
+def _start(args) -> None:
+  from moejax import distributed
+
+  distributed.initialize(coordinator=getattr(args, "coordinator", None),
+                         num_processes=getattr(args, "num_processes", None),
+                         process_id=getattr(args, "process_id", None),
+                         local_devices=getattr(args, "local_devices", None))
+
+
+def cmd_experiments(args) -> int:
+  from moejax import config, registry
+
+  if args.action == "list":
+    for name in registry.names():
+      first = (registry.doc(name).splitlines() or [""])[0]
+      print(f"{name:32s} {first}")
+    return 0
+  if not args.name:
+    raise config.ConfigError("experiments show needs a NAME (see `moejax experiments list`)")
+  cfg = registry.get(args.name, args.overrides)
+  print(config.to_json(cfg))
+  return 0
+
+
+def cmd_train(args) -> int:
+  _start(args)
+  from moejax import registry, train
+
+  cfg = registry.get(args.name, args.overrides)
+  workdir = args.workdir or os.path.join("runs", cfg.name)
+  result = train.train(cfg, workdir, progress=not args.no_progress)
+  import jax
+
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in result.items() if k != "state"}, indent=2))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  _start(args)
+  from moejax import checkpoint, config, registry, train
+
+  cfg = registry.get(args.name, args.overrides) if args.name else checkpoint.read_config(args.workdir)
+  if args.name and args.overrides:
+    cfg = config.apply_overrides(cfg, args.overrides)
+  print(json.dumps(train.evaluate(args.workdir, cfg), indent=2))
+  return 0
+
+
+def cmd_report(args) -> int:
+  from moejax import report
+
+  out = report.report(args.dirs, args.out)
+  print(out["table"])
+  for f in out["files"]:
+    print("wrote", f)
+  return 0
+
+
+def cmd_upcycle(args) -> int:
+  _start(args)
+  from moejax import upcycle
+
+  return upcycle.cli(args.source, args.exp, args.overrides, args.to)
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+  import importlib
+
+  mod = importlib.import_module(f"moejax.bench.{args.what}")
+  return mod.main(rest)
+
+
+def cmd_import_hf(args) -> int:
+  from moejax.interop import hf
+
+  return hf.cli_import(args.path, args.to, args.overrides)
+
+
+def cmd_export_hf(args) -> int:
+  from moejax.interop import hf
+
+  return hf.cli_export(args.workdir, args.to, args.arch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="moejax", description="Sparse Mixture-of-Experts training in JAX.")
+  sub = p.add_subparsers(dest="cmd", required=True)
+
+  e = sub.add_parser("experiments", help="list registered experiments or show one fully resolved")
+  e.add_argument("action", choices=["list", "show"])
+  e.add_argument("name", nargs="?")
+  e.add_argument("overrides", nargs="*", help="a.b.c=value")
+  e.set_defaults(fn=cmd_experiments)
+
+  t = sub.add_parser("train", help="train (or resume) an experiment")
+  t.add_argument("name", help="registered name, or path/to/file.py:name")
+  t.add_argument("overrides", nargs="*", help="a.b.c=value")
+  t.add_argument("--workdir", help="default: runs/NAME")
+  t.add_argument("--no-progress", action="store_true")
+  _add_distributed_flags(t)
+  t.set_defaults(fn=cmd_train)
+
+  v = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
+  v.add_argument("name", nargs="?", help="default: the config saved in the workdir")
+  v.add_argument("overrides", nargs="*")
+  v.add_argument("--workdir", required=True)
+  _add_distributed_flags(v)
+  v.set_defaults(fn=cmd_eval)
+
+  r = sub.add_parser("report", help="loss curves, expert-load heatmaps and a table from run dirs")
+  r.add_argument("dirs", nargs="+")
+  r.add_argument("--out")
+  r.set_defaults(fn=cmd_report)
+
+  u = sub.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint (sparse upcycling)")
+  u.add_argument("--from", dest="source", required=True, help="dense run workdir or checkpoint step dir")
+  u.add_argument("--exp", required=True, help="target MoE experiment")
+  u.add_argument("overrides", nargs="*")
+  u.add_argument("--to", required=True, help="workdir to write the MoE checkpoint into")
+  _add_distributed_flags(u)
+  u.set_defaults(fn=cmd_upcycle)
+
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle (extra flags go to the benchmark)")
+  b.add_argument("what", choices=["moe", "train", "upcycle"])
+  b.set_defaults(fn=None)
+
+  i = sub.add_parser("import-hf", help="Hugging Face safetensors checkpoint -> moejax workdir")
+  i.add_argument("path")
+  i.add_argument("--to", required=True)
+  i.add_argument("overrides", nargs="*")
+  i.set_defaults(fn=cmd_import_hf)
+
+  x = sub.add_parser("export-hf", help="moejax workdir -> Hugging Face safetensors checkpoint")
+  x.add_argument("workdir")
+  x.add_argument("--to", required=True)
+  x.add_argument("--arch", default="auto", choices=["auto", "llama", "mixtral", "qwen2_moe"])
+  x.set_defaults(fn=cmd_export_hf)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if args.cmd != "bench" and rest:
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  _quiet_env()
+  try:
+    if args.cmd == "bench":
+      return cmd_bench(args, rest)
+    return args.fn(args)
+  except _user_errors() as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"moejax: error: {msg}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

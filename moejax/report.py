@@ -1,0 +1,163 @@
+"""Plots and tables from runs' metrics.jsonl: loss curves (one or many runs overlaid, by step or by FLOPs),
+expert-load heatmaps (MoE layers x experts, over steps), and a markdown summary table.
+
+`moejax report DIR [DIR ...] [--out OUT]` writes `loss.png`, `expert_load.png` (when a run has MoE layers)
+and `report.md` into OUT (default: the first DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any
+
+import numpy as np
+
+from moejax import metrics
+
+_LOAD_KEY = re.compile(r"^moe/(.+)/expert_load$")
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def series(rows: list[dict], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+  if not pts:
+    return np.zeros(0), np.zeros(0)
+  # A resumed run may log a step twice; keep the last value per step.
+  d = dict(pts)
+  steps = np.array(sorted(d))
+  return steps, np.array([d[s] for s in steps], dtype=float)
+
+
+def loss_curves(runs: dict[str, list[dict]], out: pathlib.Path, *, x_scale: dict[str, float] | None = None,
+                x_label: str = "step", title: str = "") -> pathlib.Path:
+  """Train (thin) and eval (thick, markers) loss for each run. `x_scale[run]` maps steps to another unit
+  (e.g. training FLOPs per step) so runs of different cost compare fairly."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+  for i, (name, rows) in enumerate(runs.items()):
+    color = f"C{i}"
+    scale = (x_scale or {}).get(name, 1.0)
+    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    xs, ys = series(rows, "train", key)
+    if len(xs):
+      ax.plot(xs * scale, ys, color=color, alpha=0.35, lw=1)
+    xs, ys = series(rows, "eval", key)
+    if len(xs):
+      ax.plot(xs * scale, ys, color=color, lw=2, marker="o", ms=3, label=f"{name} (eval)")
+  ax.set_xlabel(x_label)
+  ax.set_ylabel("loss (nats)")
+  ax.set_title(title or "loss: train (thin), eval (thick)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
+def expert_loads(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(layer names, steps [S], loads [S, L, E]) from the train rows that carry per-layer expert loads."""
+  layer_names: list[str] = []
+  for r in rows:
+    for k in r:
+      m = _LOAD_KEY.match(k)
+      if m and m.group(1) not in layer_names:
+        layer_names.append(m.group(1))
+  layer_names.sort(key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+  train = [r for r in rows if r.get("split") == "train" and any(f"moe/{n}/expert_load" in r for n in layer_names)]
+  if not train:
+    return [], np.zeros(0), np.zeros((0, 0, 0))
+  steps = np.array([r["step"] for r in train])
+  E = len(train[0][f"moe/{layer_names[0]}/expert_load"])
+  loads = np.full((len(train), len(layer_names), E), np.nan)
+  for i, r in enumerate(train):
+    for j, n in enumerate(layer_names):
+      v = r.get(f"moe/{n}/expert_load")
+      if v is not None:
+        loads[i, j] = v
+  return layer_names, steps, loads
+
+
+def expert_load_heatmap(rows: list[dict], out: pathlib.Path, title: str = "") -> pathlib.Path | None:
+  """One panel per MoE layer: experts (rows) x logged steps (columns), colour = fraction of assignments.
+  Uniform routing is 1/E everywhere; a collapsed router shows as one bright row."""
+  names, steps, loads = expert_loads(rows)
+  if not names:
+    return None
+  plt = _plt()
+  L, E = loads.shape[1], loads.shape[2]
+  fig, axes = plt.subplots(L, 1, figsize=(8, 1.0 + 0.28 * E * L), dpi=120, squeeze=False, sharex=True)
+  vmax = max(2.0 / E, float(np.nanmax(loads)))
+  im = None
+  for j, n in enumerate(names):
+    ax = axes[j, 0]
+    im = ax.imshow(loads[:, j, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest",
+                   extent=(steps[0], steps[-1], E - 0.5, -0.5))
+    ax.set_ylabel(f"layer {n}\nexpert", fontsize=8)
+  axes[-1, 0].set_xlabel("step")
+  fig.suptitle(title or f"expert load (fraction of routed tokens; uniform = {1 / E:.3f})", fontsize=10)
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="load")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
+def summary(rows: list[dict]) -> dict[str, Any]:
+  ev = [r for r in rows if r.get("split") == "eval"]
+  tr = [r for r in rows if r.get("split") == "train"]
+  out: dict[str, Any] = {"steps": tr[-1]["step"] if tr else 0}
+  if ev:
+    last = ev[-1]
+    for k in ("ce_loss", "loss", "perplexity", "accuracy"):
+      if k in last:
+        out[f"eval_{k}"] = last[k]
+    for k, v in last.items():
+      if k.startswith(("zero_shot", "i2t", "t2i")):
+        out[k] = v
+  speeds = [r.get("throughput/tokens_per_s") or r.get("throughput/images_per_s") for r in tr[1:]]
+  speeds = [s for s in speeds if isinstance(s, (int, float)) and np.isfinite(s)]
+  if speeds:
+    out["throughput_median"] = float(np.median(speeds))
+  return out
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+  columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for r in rows:
+    lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None) -> dict[str, Any]:
+  dirs = [pathlib.Path(d) for d in dirs]
+  out_dir = pathlib.Path(out) if out else dirs[0]
+  runs = {}
+  for d in dirs:
+    rows = metrics.read_jsonl(d)
+    if not rows:
+      raise FileNotFoundError(f"{d} has no metrics.jsonl (is it a moejax workdir?)")
+    runs[d.name] = rows
+  files = [loss_curves(runs, out_dir / "loss.png")]
+  for name, rows in runs.items():
+    fname = "expert_load.png" if len(runs) == 1 else f"expert_load_{name}.png"
+    p = expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load")
+    if p:
+      files.append(p)
+  table = markdown_table([{"run": n, **summary(r)} for n, r in runs.items()])
+  (out_dir / "report.md").write_text(table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n")
+  (out_dir / "summary.json").write_text(json.dumps({n: summary(r) for n, r in runs.items()}, indent=2))
+  return {"table": table, "files": [str(f) for f in files]}

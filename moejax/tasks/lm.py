@@ -1,0 +1,70 @@
+"""Language modelling: next-token cross-entropy (+ MoE aux losses), perplexity, greedy generation.
+
+The task contract the trainer relies on (shared with tasks/contrastive.py):
+  specs(cfg) -> param spec tree
+  loss_fn(params, batch, cfg, *, rng, train) -> (loss, metrics)      metrics["moe"] = per-layer MoE aux
+  make_iterator(cfg, split, *, process_index, process_count, seed, repeat) -> grain iterator of local batches
+  evaluate(params, cfg, mesh) -> dict of extra eval metrics (beyond the mean eval loss)
+  throughput_unit, units_per_example(cfg), flops_per_example(cfg)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax import config
+from moejax.data import lm as lm_data
+from moejax.models import transformer
+
+throughput_unit = "tokens"
+
+
+def specs(cfg: config.ExperimentConfig) -> Any:
+  return transformer.specs(cfg.model)
+
+
+def loss_fn(params: Any, batch: dict, cfg: config.ExperimentConfig, *, rng: jax.Array | None,
+            train: bool) -> tuple[jax.Array, dict]:
+  tokens = batch["tokens"]  # [B, T+1]
+  inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
+  logits_BTV, aux = transformer.forward(params, inputs_BT, cfg.model, rng=rng, train=train)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+  loss = ce + aux["aux_loss"]
+  acc = jnp.mean((jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32))
+  metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"], "accuracy": acc}
+  if aux["moe"]:
+    metrics["moe"] = aux["moe"]
+  return loss, metrics
+
+
+def make_iterator(cfg: config.ExperimentConfig, split: str, *, process_index: int = 0, process_count: int = 1,
+                  seed: int = 0, repeat: bool = True):
+  return lm_data.make_iterator(cfg.data, split, process_index=process_index, process_count=process_count,
+                               seed=seed, repeat=repeat)
+
+
+def evaluate(params: Any, cfg: config.ExperimentConfig, mesh: Any = None) -> dict[str, float]:
+  del params, cfg, mesh  # perplexity comes from the mean eval loss, which the trainer computes
+  return {}
+
+
+def units_per_example(cfg: config.ExperimentConfig) -> int:
+  return cfg.data.seq_len
+
+
+def flops_per_example(cfg: config.ExperimentConfig) -> float:
+  return transformer.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len
+
+
+def generate(params: Any, prompt_BT: jax.Array, cfg: config.ModelConfig, num_tokens: int) -> jax.Array:
+  """Greedy decoding by re-running the prefix (no KV cache yet; fine for the tiny demo models)."""
+  tokens = prompt_BT
+  fwd = jax.jit(lambda p, t: transformer.forward(p, t, cfg)[0][:, -1])
+  for _ in range(num_tokens):
+    nxt = jnp.argmax(fwd(params, tokens), -1)[:, None].astype(tokens.dtype)
+    tokens = jnp.concatenate([tokens, nxt], axis=1)
+  return tokens

@@ -1,0 +1,325 @@
+"""The training loop around one pure, jitted `train_step(state, batch) -> (state, metrics)`.
+
+State is a plain dict `{"step", "params", "opt_state"}` whose shardings are fixed up front (params by logical
+axes, optimizer state by what XLA derives from them) and donated on every step. Per step: RNG is
+`fold_in(seed, step)`, so a resumed run draws exactly what an uninterrupted one would; data-iterator state is
+checkpointed with the model, so it also sees the same batches. A non-finite loss or gradient skips the update
+(the NaN guard) and is reported; too many in a row stop the run with the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax import checkpoint, config, metrics, optim, sharding, tasks
+
+log = logging.getLogger("moejax")
+
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a config and a mesh before the first step."""
+
+  cfg: config.ExperimentConfig
+  mesh: Mesh
+  task: Any
+  specs: Any
+  param_shardings: Any
+  tx: Any
+  lr_schedule: Any
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: NamedSharding
+
+
+def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
+  B, A = cfg.data.batch_size, cfg.optim.grad_accum
+  div = sharding.batch_divisor(mesh)
+  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in sharding.MESH_AXES)
+  if B % A:
+    raise config.ConfigError(f"data.batch_size={B} is not divisible by optim.grad_accum={A}")
+  if (B // A) % div:
+    raise config.ConfigError(f"batch of {B // A} sequences per micro-step (data.batch_size={B} / optim.grad_accum="
+                             f"{A}) is not divisible by the {div} data-parallel shards of mesh ({shape})")
+  if B % jax.process_count():
+    raise config.ConfigError(f"data.batch_size={B} is not divisible by the {jax.process_count()} processes")
+
+
+def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  check_batch(cfg, mesh)
+  task = tasks.get(cfg.task)
+  specs = task.specs(cfg)
+  p_shard = sharding.param_shardings(specs, mesh)
+  abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                 specs, p_shard, is_leaf=sharding.is_spec)
+  tx, sched = optim.make(cfg.optim, cfg.train.schedule_steps or cfg.train.steps, abstract_params)
+  opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_shardings = {"step": replicated, "params": p_shard, "opt_state": opt_shardings}
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_state = jax.tree.map(
+    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+    {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt},
+    state_shardings)
+  return Setup(cfg, mesh, task, specs, p_shard, tx, sched, state_shardings, abstract_state,
+               sharding.data_sharding(mesh))
+
+
+def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 0) -> dict:
+  """Fresh state; `params` (e.g. upcycled) replaces the random init. Everything is born sharded."""
+  if params is None:
+    params = sharding.create_params(key, s.specs, s.mesh)
+  params = jax.device_put(params, s.param_shardings)
+  opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(params)
+  step_arr = jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"])
+  return {"step": step_arr, "params": params, "opt_state": opt_state}
+
+
+def _is_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(s: Setup):
+  cfg, task, tx = s.cfg, s.task, s.tx
+  base_key = jax.random.key(cfg.train.seed)
+  A = cfg.optim.grad_accum
+
+  def grads_and_metrics(params, batch, rng):
+    def lossf(p, b, r):
+      return task.loss_fn(p, b, cfg, rng=r, train=True)
+
+    grad_fn = jax.value_and_grad(lossf, has_aux=True)
+    if A == 1:
+      (_, m), g = grad_fn(params, batch, rng)
+      return g, m
+    micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      g_acc, i = carry
+      b = xs
+      (_, m), g = grad_fn(params, b, jax.random.fold_in(rng, i))
+      g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) / A, g_acc, g)
+      return (g_acc, i + 1), m
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (g, _), ms = jax.lax.scan(body, (zeros, 0), micro)
+    g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
+    return g, jax.tree.map(lambda x: jnp.mean(x, 0), ms)
+
+  def train_step(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(base_key, step)
+    with sharding.use_mesh(s.mesh):
+      grads, m = grads_and_metrics(state["params"], batch, rng)
+    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+    if cfg.task == "lm" and cfg.model.moe.bias_balance_rate > 0 and "moe" in m:
+      from moejax.layers import moe
+
+      new_params = moe.update_router_bias(new_params, m["moe"], cfg.model)
+    grad_norm = optim.global_norm(grads)
+    ok = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) if cfg.train.nan_guard else jnp.bool_(True)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = {"step": step + 1, "params": keep(new_params, state["params"]),
+                 "opt_state": keep(new_opt, state["opt_state"])}
+    m = dict(m, grad_norm=grad_norm, lr=s.lr_schedule(step), skipped=(~ok).astype(jnp.int32))
+    return new_state, m
+
+  return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
+                 out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(s: Setup):
+  cfg, task = s.cfg, s.task
+
+  def eval_step(params, batch):
+    with sharding.use_mesh(s.mesh):
+      _, m = task.loss_fn(params, batch, cfg, rng=None, train=False)
+    return m
+
+  return jax.jit(eval_step, in_shardings=(s.param_shardings, s.batch_sharding))
+
+
+def global_batch(local: dict, s: Setup) -> dict:
+  """Process-local numpy batch -> one global jax.Array per field, sharded over the batch axes."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    shard = NamedSharding(s.mesh, sharding.spec_for(("batch",) + (None,) * (v.ndim - 1), s.mesh))
+    out[k] = jax.make_array_from_process_local_data(shard, v)
+  return out
+
+
+def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, float]:
+  """Mean of the task's eval metrics over `train.eval_steps` batches of the eval split, + the task's evals."""
+  eval_step = eval_step or make_eval_step(s)
+  it = s.task.make_iterator(s.cfg, s.cfg.data.eval_split, process_index=jax.process_index(),
+                            process_count=jax.process_count(), seed=s.cfg.data.shuffle_seed, repeat=False)
+  sums: dict[str, float] = {}
+  n = 0
+  for local in it:
+    m = eval_step(params, global_batch(local, s))
+    for k, v in m.items():
+      if k != "moe":
+        sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+    if n >= s.cfg.train.eval_steps:
+      break
+  out = {k: v / max(n, 1) for k, v in sums.items()}
+  if "ce_loss" in out:
+    out["perplexity"] = float(math.exp(min(out["ce_loss"], 50.0)))
+  out.update(s.task.evaluate(params, s.cfg, s.mesh))
+  return out
+
+
+class _Preemption:
+  """SIGTERM/SIGINT -> checkpoint at the next step boundary, agreed by all processes, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+    for sig in (signal.SIGTERM,):
+      try:
+        self._old[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not the main thread (e.g. some test runners): no handler, no preemption support
+        pass
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _initial_params(s: Setup, key: jax.Array) -> tuple[Any | None, int]:
+  """Params to start from when no checkpoint of this run exists: upcycled from a dense run, or random."""
+  if not s.cfg.init.upcycle_from:
+    return None, 0
+  from moejax import upcycle  # the upcycling entry point (sparse upcycling, Komatsuzaki et al. 2023)
+
+  return upcycle.from_checkpoint(s.cfg, s.mesh, s.specs)
+
+
+def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
+          progress: bool = True) -> dict[str, Any]:
+  """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts."""
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json(cfg))
+  s = setup(cfg, mesh)
+  train_step = make_train_step(s)
+  eval_step = make_eval_step(s)
+  mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints)
+  data_it = s.task.make_iterator(cfg, cfg.data.train_split, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), seed=cfg.data.shuffle_seed, repeat=True)
+  start_step, state = mngr.restore_latest(s.abstract_state, data_it)
+  if state is None:
+    key = jax.random.key(cfg.train.seed)
+    params, step0 = _initial_params(s, key)
+    state = init_state(s, key, params, step0)
+    start_step = step0
+    resumed = False
+  else:
+    resumed = True
+  end_step = start_step + cfg.train.steps if (cfg.init.continue_step and not resumed and start_step) \
+    else cfg.train.steps
+  writer = metrics.Writer(workdir, enabled=is_main)
+  unit = s.task.throughput_unit
+  units_per_step = cfg.data.batch_size * s.task.units_per_example(cfg)
+  flops_per_step = cfg.data.batch_size * s.task.flops_per_example(cfg)
+  peak = metrics.peak_flops(list(s.mesh.devices.flat))
+  bar = metrics.Progress(end_step, start_step, unit, enabled=is_main and progress)
+  if is_main:
+    bar.write(f"moejax: {cfg.name}: {'resuming at' if resumed else 'starting at'} step {start_step} of {end_step} "
+              f"in {workdir} (mesh {dict(s.mesh.shape)})")
+  preempt = _Preemption()
+  step = start_step
+  skips = 0
+  last_eval: dict[str, float] = {}
+  t_last, steps_since = None, 0
+  status = "completed"
+  try:
+    while step < end_step:
+      batch = global_batch(next(data_it), s)
+      state, m = train_step(state, batch)
+      step += 1
+      steps_since += 1
+      if step % cfg.train.log_every == 0 or step == end_step or step == start_step + 1:
+        host = jax.device_get(m)
+        now = time.perf_counter()
+        if t_last is None:  # the first logged interval includes compilation: do not report its speed
+          rate = float("nan")
+        else:
+          rate = steps_since / (now - t_last)
+        t_last, steps_since = now, 0
+        host["throughput"] = {f"{unit}_per_s": rate * units_per_step, "mfu": rate * flops_per_step / peak}
+        flat = writer.write(step, "train", host)
+        skips = skips + int(host["skipped"]) if host["skipped"] else 0
+        bar.set_step(step, loss=f"{flat['loss']:.3f}", **{f"{unit}/s": f"{rate * units_per_step:,.0f}",
+                                                          "MFU": f"{100 * rate * flops_per_step / peak:.1f}%"})
+        if skips >= MAX_CONSECUTIVE_SKIPS:
+          raise FloatingPointError(f"{skips} consecutive non-finite steps at step {step}; stopping. The last good "
+                                   f"checkpoint is in {mngr.directory}")
+      if step % cfg.train.eval_every == 0 or step == end_step:
+        last_eval = run_eval(s, state["params"], eval_step)
+        writer.write(step, "eval", last_eval)
+        if is_main:
+          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+      if step % cfg.train.checkpoint_every == 0 or step == end_step:
+        mngr.save(step, state, cfg, data_it)
+      if preempt.agreed():
+        mngr.save(step, state, cfg, data_it, force=True)
+        status = "preempted"
+        if is_main:
+          bar.write(f"moejax: preempted: checkpointed step {step}; re-run the same command to resume")
+        break
+  finally:
+    mngr.close()
+    bar.close()
+    writer.close()
+    preempt.restore()
+  result = {"status": status, "step": step, "eval": last_eval, "workdir": str(workdir)}
+  if is_main:
+    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+  return {**result, "state": state}
+
+
+def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = None,
+             mesh: Mesh | None = None) -> dict[str, float]:
+  """Eval the newest checkpoint in `workdir` (with its saved config unless `cfg` is given)."""
+  cfg = cfg or checkpoint.read_config(workdir)
+  s = setup(cfg, mesh)
+  mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
+  step, state = mngr.restore_latest(s.abstract_state)
+  mngr.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  out = run_eval(s, state["params"])
+  out["step"] = step
+  return out
