@@ -260,12 +260,49 @@ class ClipConfig:
   init_temperature: float = 0.07
   init_bias: float = -10.0  # SigLIP
   shared_backbone: bool = False  # one backbone for both modalities (LIMoE-style)
+  pre_norm: bool = True  # LayerNorm on the patch embeddings before the blocks (OpenAI CLIP's "pre_layrnorm")
+  text_causal: bool = True  # OpenAI CLIP's text tower is causal
+  # Text pooling: "eos" = the first `eos_id` token (captions are encoded + EOS, padded with EOS);
+  # "argmax" = the highest token id (OpenAI CLIP, whose end-of-text id is the largest in its vocab).
+  text_pool: str = "eos"
+  eos_id: int = 0  # the tokenizer's end-of-text id (the byte tokenizer's is 0); also the padding
+  # Data: feature names in the TFDS set ("/" walks nested features: "captions/text" in coco_captions; a list of
+  # captions per image is fine). label_key = "" -> no labels, no zero-shot eval.
+  image_key: str = "image"
+  caption_key: str = "caption"
+  label_key: str = "label"
+  image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's; per channel, or 1 value
+  image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+  augment_shift: int = 0  # train split: random translation by up to this many pixels (edge padding)
+  augment_flip: bool = False  # train split: random horizontal flip (off: captions may say "left"/"right")
+  augment_noise: float = 0.0  # train split: Gaussian pixel noise std, in [0, 1] pixel units
+  # Zero-shot classification: class names (() -> the label feature's ClassLabel names) and prompt templates
+  # ("{}" = the class name); the class embedding is the normalized mean over templates (Radford et al. 2021).
+  class_names: tuple[str, ...] = ()
+  zeroshot_templates: tuple[str, ...] = ("a photo of a {}.",)
+  eval_examples: int = 0  # retrieval / zero-shot eval on the first N validation images (0 = all)
 
   def __post_init__(self):
     _check(self.image_size % self.patch_size == 0,
            f"clip.image_size={self.image_size} is not divisible by clip.patch_size={self.patch_size}")
     _check(self.pool in ("cls", "mean"), f"clip.pool={self.pool!r}: choose cls or mean")
     _check(self.loss in ("softmax", "sigmoid"), f"clip.loss={self.loss!r}: choose softmax or sigmoid")
+    _check(self.text_pool in ("eos", "argmax"), f"clip.text_pool={self.text_pool!r}: choose eos or argmax")
+    _check(0 <= self.eos_id < self.text.vocab_size,
+           f"clip.eos_id={self.eos_id} must be in [0, clip.text.vocab_size={self.text.vocab_size})")
+    _check(len(self.image_mean) in (1, self.channels) and len(self.image_std) in (1, self.channels),
+           f"clip.image_mean={self.image_mean} and clip.image_std={self.image_std} need 1 or clip.channels="
+           f"{self.channels} values each")
+    _check(all(s > 0 for s in self.image_std), f"clip.image_std={self.image_std} must be > 0")
+    _check(self.augment_shift >= 0 and self.augment_noise >= 0 and self.eval_examples >= 0,
+           "clip.augment_shift, clip.augment_noise and clip.eval_examples must be >= 0")
+    _check(all("{}" in t for t in self.zeroshot_templates),
+           f"clip.zeroshot_templates={self.zeroshot_templates}: each needs a '{{}}' for the class name")
+    if self.shared_backbone:  # one set of blocks runs both modalities, so their block shapes must agree
+      for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "activation", "norm",
+                "bias", "qkv_bias", "norm_eps", "moe"):
+        v, t = getattr(self.vision, f), getattr(self.text, f)
+        _check(v == t, f"clip.shared_backbone needs clip.vision.{f} == clip.text.{f}, got {v!r} and {t!r}")
 
 
 @dataclasses.dataclass(frozen=True)
