@@ -26,6 +26,7 @@ from moejax.data import corpus
 # name -> "module:Class". The class's TFDS name (snake_case of the class name) must equal the key.
 BUNDLED: dict[str, str] = {
   "moejax_pydoc": "moejax.data.builders:MoejaxPydoc",
+  "moejax_digits": "moejax.data.image_text_builder:MoejaxDigits",
 }
 
 FILE_FORMAT = "array_record"  # random access for grain; needs no TensorFlow
