@@ -1,0 +1,375 @@
+"""Hugging Face interop for decoder LMs: tiny random transformers models built offline, imported, compared.
+
+Each parity test builds a model from a config with transformers (eager attention, float32), randomizes every
+weight (norm scales and biases too, so a mapping that drops or transposes one shows up), saves it with
+`save_pretrained` (safetensors), imports it with `hf.load_hf`, and compares logits on random tokens.
+"""
+
+import dataclasses
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from safetensors import numpy as st_numpy  # noqa: E402
+
+from moejax import config, sharding  # noqa: E402
+from moejax.interop import hf  # noqa: E402
+from moejax.models import transformer  # noqa: E402
+
+pytestmark = pytest.mark.interop
+
+ATOL = 1e-4
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+
+
+def _randomize(model, seed: int):
+  """Weights ~ N(0, 1/fan_in) so activations and router logits are O(1); norm scales near 1; biases small."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      elif p.ndim == 1:
+        p.copy_(0.2 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+  return model.eval()
+
+
+def _build(cls_name: str, seed: int = 0, **kw):
+  cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+  cfg = cfg_cls(**{**SMALL, **kw})
+  torch.manual_seed(seed)
+  return _randomize(getattr(transformers, cls_name)(cfg), seed)
+
+
+def _tokens(vocab: int, seed: int = 0, shape=(2, 11)) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def _our_logits(params, cfg, tokens: np.ndarray) -> np.ndarray:
+  return np.asarray(transformer.forward(params, jnp.asarray(tokens), cfg)[0])
+
+
+def _random_params(cfg: config.ModelConfig, seed: int) -> dict:
+  """moejax params drawn with numpy (eager jax.random per param costs seconds of compiles on 2 cores)."""
+  rng = np.random.default_rng(seed)
+  flat = sharding.flatten(transformer.specs(cfg), is_leaf=sharding.is_spec)
+  return sharding.unflatten({p: (1.0 + 0.2 * rng.normal(size=s.shape) if p.endswith("norm/scale")
+                                 else 0.15 * rng.normal(size=s.shape)).astype(np.float32)
+                             for p, s in flat.items()})
+
+
+def _save(model, path) -> str:
+  model.save_pretrained(path)  # safetensors is the default
+  return str(path)
+
+
+def _parity(model, path):
+  params, cfg = hf.load_hf(_save(model, path))
+  tokens = _tokens(cfg.vocab_size)
+  want = _hf_logits(model, tokens)
+  got = _our_logits(params, cfg, tokens)
+  assert np.abs(want).max() > 0.5, "reference logits are too small for the comparison to mean anything"
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  return params, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import parity
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_gqa_matches_transformers(tmp_path, tied):
+  model = _build("LlamaForCausalLM", tie_word_embeddings=tied, rope_theta=500.0)
+  params, cfg = _parity(model, tmp_path)
+  assert cfg.kv_heads == 2 and cfg.num_heads == 4 and cfg.tie_embeddings == tied
+  assert ("lm_head" in params) != tied
+  assert cfg.rope_theta == 500.0
+
+
+def test_llama_explicit_head_dim(tmp_path):
+  # head_dim * heads != hidden: wq is [D, H, K] with H*K = 64 > D = 32.
+  params, cfg = _parity(_build("LlamaForCausalLM", head_dim=16), tmp_path)
+  assert cfg.dim_per_head == 16 and params["layers"]["0"]["attn"]["wq"].shape == (32, 4, 16)
+
+
+def test_mistral_matches_transformers(tmp_path):
+  _parity(_build("MistralForCausalLM", sliding_window=None), tmp_path)
+
+
+def test_qwen2_qkv_bias_matches_transformers(tmp_path):
+  params, cfg = _parity(_build("Qwen2ForCausalLM"), tmp_path)
+  assert cfg.qkv_bias and params["layers"]["1"]["attn"]["bk"].shape == (2, 8)
+
+
+def test_mixtral_matches_transformers(tmp_path):
+  model = _build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+  params, cfg = _parity(model, tmp_path)
+  assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 2 and cfg.moe.renormalize
+  assert all(cfg.moe.is_moe_layer(i) for i in range(cfg.num_layers))
+  # Each expert's w1 (gate), w3 (up), w2 (down) lands in its slot of the stacked [E, D, F] / [E, F, D] weights.
+  saved = st_numpy.load_file(str(tmp_path / "model.safetensors"))
+  ex = params["layers"]["1"]["moe"]["experts"]
+  for e in range(4):
+    for ours, theirs in (("w_gate", "w1"), ("w_up", "w3"), ("w_down", "w2")):
+      want = saved[f"model.layers.1.block_sparse_moe.experts.{e}.{theirs}.weight"].T
+      np.testing.assert_array_equal(np.asarray(ex[ours][e]), want)
+
+
+def _has_shared_experts() -> bool:
+  cfg = config.ModelConfig(d_model=32, num_heads=4, d_ff=48, num_layers=2,
+                           moe=config.MoEConfig(num_experts=4, num_shared_experts=1, shared_d_ff=40,
+                                                shared_gate=True))
+  return "shared" in transformer.specs(cfg)["layers"]["1"]["moe"]
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+def test_qwen2_moe_shared_expert_matches_transformers(tmp_path, norm_topk):
+  if not _has_shared_experts():
+    pytest.fail("moejax/layers/moe.py has no shared experts yet (moe/shared, moe/shared_gate)")
+  # Three layers: layer 1 dense (mlp_only_layers), layers 0 and 2 MoE with a gated shared expert.
+  model = _build("Qwen2MoeForCausalLM", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1],
+                 norm_topk_prob=norm_topk)
+  params, cfg = _parity(model, tmp_path)
+  m = cfg.moe
+  assert [m.is_moe_layer(i) for i in range(3)] == [True, False, True]
+  assert m.renormalize == norm_topk and m.shared_gate and cfg.expert_d_ff == 24 and m.shared_d_ff == 40
+  assert "mlp" in params["layers"]["1"] and "moe" in params["layers"]["2"]
+
+
+def test_sharded_checkpoint_onto_mesh(tmp_path):
+  """Sharded safetensors + index, placed per tensor onto an 8-device mesh: each param has its target sharding
+  and the logits still match."""
+  model = _build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+  model.save_pretrained(tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").is_file()
+  mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  params, cfg = hf.load_hf(tmp_path, mesh=mesh)
+  want_sh = sharding.flatten(sharding.param_shardings(transformer.specs(cfg), mesh))
+  for path, x in sharding.flatten(params).items():
+    assert x.sharding.is_equivalent_to(want_sh[path], x.ndim), path
+  experts = params["layers"]["0"]["moe"]["experts"]["w_up"]  # [E, D, F] over (expert, fsdp, tensor)
+  assert experts.addressable_shards[0].data.shape == (2, 16, 24)
+  tokens = _tokens(cfg.vocab_size)
+  np.testing.assert_allclose(_our_logits(params, cfg, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_checkpoint_imports_without_torch_dtypes(tmp_path):
+  model = _build("LlamaForCausalLM").to(torch.bfloat16)
+  model.save_pretrained(tmp_path)
+  params, cfg = hf.load_hf(tmp_path, param_dtype="bfloat16")
+  x = params["layers"]["0"]["mlp"]["w_up"]
+  assert x.dtype == jnp.bfloat16
+  want = model.model.layers[0].mlp.up_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(np.asarray(x, np.float32), want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export and round trips
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _round_trip(model, tmp_path, arch="auto"):
+  params, cfg = hf.load_hf(_save(model, tmp_path / "in"))
+  written = hf.save_hf(params, cfg, tmp_path / "out", arch=arch)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  tokens = _tokens(cfg.vocab_size, seed=1)
+  np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+  return written, back
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_llama(tmp_path, tied):
+  written, back = _round_trip(_build("LlamaForCausalLM", tie_word_embeddings=tied), tmp_path)
+  assert written == "llama" and type(back).__name__ == "LlamaForCausalLM"
+  assert back.config.tie_word_embeddings == tied
+
+
+def test_round_trip_qwen2(tmp_path):
+  written, _ = _round_trip(_build("Qwen2ForCausalLM"), tmp_path)
+  assert written == "qwen2"
+
+
+def test_round_trip_mixtral(tmp_path):
+  written, back = _round_trip(_build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2), tmp_path)
+  assert written == "mixtral" and back.config.num_local_experts == 4
+
+
+def test_round_trip_qwen2_moe(tmp_path):
+  if not _has_shared_experts():
+    pytest.fail("moejax/layers/moe.py has no shared experts yet (moe/shared, moe/shared_gate)")
+  model = _build("Qwen2MoeForCausalLM", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1])
+  written, _ = _round_trip(model, tmp_path)
+  assert written == "qwen2_moe"
+
+
+def test_export_moejax_moe_as_qwen2_moe(tmp_path):
+  """A moejax-native MoE that Mixtral cannot hold (MoE every other layer, no top-k renormalization, no shared
+  expert) goes out as Qwen2-MoE with an exactly-zero shared expert, and transformers computes our logits."""
+  cfg = config.ModelConfig(vocab_size=96, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=48,
+                           max_seq_len=64, tie_embeddings=False,
+                           moe=config.MoEConfig(num_experts=4, top_k=2, every=2, offset=1, renormalize=False))
+  params = _random_params(cfg, 3)
+  with pytest.raises(config.ConfigError, match="Mixtral makes every layer MoE"):
+    hf.save_hf(params, cfg, tmp_path / "x", arch="mixtral")
+  assert hf.save_hf(params, cfg, tmp_path / "out") == "qwen2_moe"
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  assert back.config.mlp_only_layers == [0, 2] and not back.config.norm_topk_prob
+  tokens = _tokens(cfg.vocab_size, seed=2)
+  np.testing.assert_allclose(_hf_logits(back, tokens), _our_logits(params, cfg, tokens), atol=ATOL, rtol=0)
+
+
+def test_export_shards_and_bfloat16(tmp_path):
+  model = _build("LlamaForCausalLM")
+  params, cfg = hf.load_hf(_save(model, tmp_path / "in"))
+  hf.save_hf(params, cfg, tmp_path / "out", dtype="bfloat16", max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and all((tmp_path / "out" / f).is_file() for f in files)
+  assert not list((tmp_path / "out").glob("_shard*"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+  want = model.model.layers[1].self_attn.o_proj.weight.detach().to(torch.bfloat16)
+  assert torch.equal(back.model.layers[1].self_attn.o_proj.weight, want)
+  reread, _ = hf.load_hf(tmp_path / "out", param_dtype="bfloat16")
+  np.testing.assert_array_equal(np.asarray(reread["layers"]["1"]["attn"]["wo"], np.float32),
+                                np.asarray(params["layers"]["1"]["attn"]["wo"].astype(jnp.bfloat16), np.float32))
+
+
+def _upcycle(dense_params, dense_cfg, moe_cfg):
+  try:
+    from moejax import upcycle
+  except ImportError:  # until the upcycling module lands: copy each dense MLP into every expert, zero router
+    out = jax.tree.map(lambda x: x, dense_params)
+    for i, layer in out["layers"].items():
+      if moe_cfg.moe.is_moe_layer(int(i)):
+        mlp = layer.pop("mlp")
+        E = moe_cfg.moe.num_experts
+        layer["moe"] = {"router": {"w": jnp.zeros((dense_cfg.d_model, E))},
+                        "experts": {k: jnp.broadcast_to(v, (E,) + v.shape) for k, v in mlp.items()}}
+    return out
+  return upcycle.upcycle(dense_params, dense_cfg, moe_cfg, config.UpcycleConfig(router_init="zeros"))
+
+
+def test_upcycle_chain_llama_to_mixtral(tmp_path):
+  """The README workflow at step 0: import a Llama, upcycle every layer to 4 experts (top-2), export as Mixtral;
+  transformers' Mixtral computes the dense Llama's logits."""
+  dense_model = _build("LlamaForCausalLM", tie_word_embeddings=False)
+  dense_params, dense_cfg = hf.load_hf(_save(dense_model, tmp_path / "llama"))
+  moe_cfg = dataclasses.replace(dense_cfg, moe=config.MoEConfig(num_experts=4, top_k=2, every=1, offset=0,
+                                                                renormalize=True, dispatch="dropless"))
+  moe_params = _upcycle(dense_params, dense_cfg, moe_cfg)
+  assert hf.save_hf(moe_params, moe_cfg, tmp_path / "mixtral") == "mixtral"
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", attn_implementation="eager")
+  assert type(back).__name__ == "MixtralForCausalLM"
+  tokens = _tokens(dense_cfg.vocab_size, seed=4)
+  np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_experiment_from_hf(tmp_path):
+  _save(_build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2), tmp_path)
+  (tmp_path / "tokenizer.json").write_text("{}")
+  exp = hf.experiment_from_hf(tmp_path)
+  assert exp.task == "lm" and exp.model.moe.num_experts == 4 and exp.model.moe.dispatch == "dropless"
+  assert exp.data.tokenizer == f"bpe:{(tmp_path / 'tokenizer.json').resolve()}"
+  assert exp.data.seq_len <= exp.model.max_seq_len
+  assert config.from_json(config.to_json(exp)) == exp
+
+
+def _edit_config(path, **changes):
+  p = path / "config.json"
+  p.write_text(json.dumps({**json.loads(p.read_text()), **changes}))
+
+
+def test_unsupported_architecture(tmp_path):
+  _save(_build("LlamaForCausalLM"), tmp_path)
+  _edit_config(tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+  with pytest.raises(config.ConfigError, match="unsupported architecture model_type='gpt2'"):
+    hf.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("feature,changes", [
+  ("rope scaling", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}),
+  ("rope scaling", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+  ("hidden_act='gelu'", {"hidden_act": "gelu"}),
+  ("attention_bias=True", {"attention_bias": True}),
+])
+def test_unsupported_features_are_named(tmp_path, feature, changes):
+  _save(_build("LlamaForCausalLM"), tmp_path)
+  _edit_config(tmp_path, **changes)
+  with pytest.raises(config.ConfigError, match=feature.replace("(", r"\(").replace(")", r"\)")):
+    hf.load_hf(tmp_path)
+
+
+def test_sliding_window_needs_a_short_context(tmp_path):
+  model = _build("MistralForCausalLM", sliding_window=16)
+  _save(model, tmp_path)
+  with pytest.raises(config.ConfigError, match="sliding_window=16.*max_seq_len<=16"):
+    hf.load_hf(tmp_path)
+  params, cfg = hf.load_hf(tmp_path, max_seq_len=16)
+  assert cfg.max_seq_len == 16
+  tokens = _tokens(cfg.vocab_size, shape=(2, 16))  # within the window the two attentions agree exactly
+  np.testing.assert_allclose(_our_logits(params, cfg, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+def _rewrite_weights(path, fn):
+  f = path / "model.safetensors"
+  tensors = st_numpy.load_file(str(f))
+  st_numpy.save_file(fn(tensors), str(f), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+  _save(_build("LlamaForCausalLM"), tmp_path)
+  _rewrite_weights(tmp_path, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+  with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    hf.load_hf(tmp_path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+  _save(_build("LlamaForCausalLM"), tmp_path)
+  _edit_config(tmp_path, intermediate_size=40)
+  with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), expected "
+                                      r"\(32, 40\)"):
+    hf.load_hf(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+  _save(_build("LlamaForCausalLM"), tmp_path)
+  _rewrite_weights(tmp_path, lambda t: {**t, "model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)})
+  with pytest.raises(ValueError, match="o_proj.bias"):
+    hf.load_hf(tmp_path)
+
+
+def test_export_rejects_what_hf_cannot_hold(tmp_path):
+  cfg = config.ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_ff=32, activation="gelu")
+  params = _random_params(cfg, 0)
+  with pytest.raises(config.ConfigError, match="activation='gelu'"):
+    hf.save_hf(params, cfg, tmp_path)
+  cfg = dataclasses.replace(cfg, activation="swiglu")
+  params = _random_params(cfg, 0)
+  params["layers"]["0"]["mlp"]["w_up"] = params["layers"]["0"]["mlp"]["w_up"][:, :16]
+  with pytest.raises(ValueError, match=r"layers/0/mlp/w_up: \(16, 16\) vs config \(16, 32\)"):
+    hf.save_hf(params, cfg, tmp_path)
