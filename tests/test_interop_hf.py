@@ -171,6 +171,10 @@ def test_sharded_checkpoint_onto_mesh(tmp_path):
   assert experts.addressable_shards[0].data.shape == (2, 16, 24)
   tokens = _tokens(cfg.vocab_size)
   np.testing.assert_allclose(_our_logits(params, cfg, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+  # ... and the sharded params export back (gathered one param at a time) to the same model.
+  hf.save_hf(params, cfg, tmp_path / "out")
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
 
 
 def test_bfloat16_checkpoint_imports_without_torch_dtypes(tmp_path):
