@@ -289,6 +289,25 @@ def test_upcycle_chain_llama_to_mixtral(tmp_path):
   np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
 
 
+def test_upcycle_chain_llama_to_qwen2_moe_with_shared_expert(tmp_path):
+  """Upcycle every other layer with a shared expert (no gate): Mixtral cannot hold it, so auto export writes
+  Qwen2-MoE (dense layers in mlp_only_layers, the ungated shared expert as a zero gate with its down-projection
+  doubled); transformers' Qwen2-MoE computes the dense Llama's logits."""
+  if not _has_shared_experts():
+    pytest.fail("moejax/layers/moe.py has no shared experts yet (moe/shared, moe/shared_gate)")
+  dense_model = _build("LlamaForCausalLM", num_hidden_layers=3)
+  dense_params, dense_cfg = hf.load_hf(_save(dense_model, tmp_path / "llama"))
+  moe_cfg = dataclasses.replace(dense_cfg, moe=config.MoEConfig(
+    num_experts=4, top_k=2, every=2, offset=1, renormalize=True, dispatch="dropless", num_shared_experts=1))
+  moe_params = _upcycle(dense_params, dense_cfg, moe_cfg)
+  assert "shared" in moe_params["layers"]["1"]["moe"] and "mlp" in moe_params["layers"]["2"]
+  assert hf.save_hf(moe_params, moe_cfg, tmp_path / "qwen") == "qwen2_moe"
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen", attn_implementation="eager")
+  assert back.config.mlp_only_layers == [0, 2]
+  tokens = _tokens(dense_cfg.vocab_size, seed=5)
+  np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Configs and bad input
 # ----------------------------------------------------------------------------------------------------------
