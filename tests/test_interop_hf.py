@@ -308,6 +308,24 @@ def test_upcycle_chain_llama_to_qwen2_moe_with_shared_expert(tmp_path):
   np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
 
 
+def test_cli_import_then_export(tmp_path, capsys):
+  """`moejax import-hf` writes a run workdir (step 0, sharded over the run's mesh); `moejax export-hf` reads its
+  newest checkpoint back out; transformers loads it and computes the original logits."""
+  model = _build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+  _save(model, tmp_path / "hf")
+  assert hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "run"), ["mesh.expert=2", "train.steps=5"]) == 0
+  assert (tmp_path / "run" / "checkpoints" / "0" / "state").is_dir()
+  exp = config.from_json((tmp_path / "run" / "config.json").read_text())
+  assert exp.mesh.expert == 2 and exp.train.steps == 5 and exp.model.moe.num_experts == 4
+  with pytest.raises(config.ConfigError, match="change the model's params"):
+    hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "bad"), ["model.d_ff=64"])
+  assert hf.cli_export(str(tmp_path / "run"), str(tmp_path / "out")) == 0
+  assert "exported step 0" in capsys.readouterr().out
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  tokens = _tokens(exp.model.vocab_size, seed=6)
+  np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Configs and bad input
 # ----------------------------------------------------------------------------------------------------------

@@ -273,3 +273,60 @@ def save_hf(params: dict, model_cfg: config.ModelConfig, path: str | os.PathLike
     hf_cfg = hf_lm.config_to_hf(model_cfg, arch, dtype)
     (root / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   return arch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI's two commands (moejax import-hf / export-hf)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) -> int:
+  """`moejax import-hf PATH --to DIR [a.b=v ...]`: a workdir holding the imported model as step 0 of a run
+  (params + fresh optimizer state, sharded over the run's mesh while loading) and its resolved config. Then
+  `moejax upcycle --from DIR ...` makes it an MoE, or `moejax train NAME --workdir DIR` fine-tunes it.
+  Overrides may change training, data and mesh settings, and model settings that keep the params' shapes."""
+  from moejax import checkpoint, train
+
+  parsed = dict(config.parse_override(o) for o in overrides)
+  load_kw = {"max_seq_len": parsed["model.max_seq_len"]} if "model.max_seq_len" in parsed else {}
+  exp = config.derive(experiment_from_hf(path, **load_kw), parsed)
+  s = train.setup(exp)
+  model_cfg = exp.clip if exp.task == "clip" else exp.model
+  dtype = exp.clip.vision.param_dtype if exp.task == "clip" else exp.model.param_dtype
+  params, _ = load_hf(path, mesh=s.mesh, param_dtype=dtype, **load_kw)
+  want = sharding.flatten(sharding.shapes(s.specs))
+  got = {p: x.shape for p, x in sharding.flatten(params).items()}
+  changed = sorted(p for p in set(want) | set(got) if p not in want or p not in got or want[p].shape != got[p])
+  if changed:
+    raise config.ConfigError(f"overrides {list(overrides)} change the model's params ({changed[:6]}): an import "
+                             "keeps the checkpoint's architecture (upcycle it afterwards)")
+  state = train.init_state(s, jax.random.key(exp.train.seed), params=params)
+  root = pathlib.Path(to)
+  if jax.process_index() == 0:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config.to_json(exp))
+  mngr = checkpoint.Manager(root, keep=exp.train.keep_checkpoints)
+  mngr.save(0, state, exp, force=True)
+  mngr.close()
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  print(f"imported {path} ({read_config(path).get('model_type')}, {n:,} params) into {root} "
+        f"as step 0; config {model_cfg.__class__.__name__} in {root / 'config.json'}")
+  return 0
+
+
+def cli_export(workdir: str, to: str, arch: str = "auto", dtype: str = "float32") -> int:
+  """`moejax export-hf DIR --to PATH [--arch ...]`: the newest checkpoint's params as a Hugging Face LM. Params
+  are restored FSDP-sharded over all devices and gathered one at a time while writing."""
+  from moejax import checkpoint
+
+  exp = checkpoint.read_config(workdir)
+  if exp.task != "lm":
+    raise config.ConfigError(f"export-hf writes decoder LMs; {workdir} holds a task={exp.task!r} run")
+  mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1))
+  specs = transformer.specs(exp.model)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs,
+                          sharding.param_shardings(specs, mesh), is_leaf=sharding.is_spec)
+  params, step = checkpoint.load_params(workdir, abstract)
+  written = save_hf(params, exp.model, to, arch, dtype=dtype)
+  print(f"exported step {step} of {workdir} as {written} to {to}")
+  return 0
