@@ -1,0 +1,168 @@
+"""`moejax bench upcycle`: upcycling a >= 100M-param dense checkpoint vs copying it, in memory, jitted.
+
+Both sides are one compiled XLA program timed after a warm-up call, with `block_until_ready`, on the same
+params in the same process; the best of `--repeats` runs is reported (the machines are shared). Upcycling
+writes more bytes than it reads (E copies of every upcycled MLP), so besides the ratio against copying the
+dense checkpoint (the issue's target, <= 2x) we report the ratio against copying a checkpoint as large as the
+upcycled one: the floor any upcycling must pay just to write its output.
+
+Run:  moejax bench upcycle [--experts 8 --every 2 --d-model 768 --layers 12 --d-ff 3072 --vocab 8192]
+      [--noise 0.01 --drop 0.5] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moejax import config, sharding, upcycle
+from moejax.models import transformer
+
+HEADING = "## moejax bench upcycle"
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> list[float]:
+  jax.block_until_ready(fn())  # compile and warm up
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    r = fn()
+    jax.block_until_ready(r)
+    out.append(time.perf_counter() - t0)
+    del r
+  return out
+
+
+def _copy_fn(mesh_params: Any) -> Callable[[Any], Any]:
+  """A jitted deep copy keeping each leaf's sharding; `jnp.copy` makes XLA write a fresh buffer per leaf."""
+  shardings = jax.tree.map(lambda x: x.sharding, mesh_params)
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+
+
+def configs(args: argparse.Namespace, experts: int) -> tuple[config.ModelConfig, config.ModelConfig]:
+  kw = dict(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
+            d_ff=args.d_ff, max_seq_len=128)
+  moe = config.MoEConfig(num_experts=experts, top_k=min(2, experts), every=args.every, offset=args.every - 1)
+  return config.ModelConfig(**kw), config.ModelConfig(**kw, moe=moe)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+  mesh = sharding.make_mesh(config.MeshConfig())
+  rows = []
+  variants = [(e, config.UpcycleConfig()) for e in args.experts]
+  if args.noise or args.drop:
+    init = config.UpcycleConfig(expert_noise_std=args.noise, drop_ratio=args.drop)
+    variants.append((max(args.experts), init))
+  dense_cfg, _ = configs(args, variants[0][0])
+  dense = sharding.create_params(jax.random.key(0), transformer.specs(dense_cfg), mesh)
+  n_dense = transformer.num_params(dense_cfg)
+  copy_dense = _copy_fn(dense)
+  t_copy_dense = _time(lambda: copy_dense(dense), args.repeats)
+  for experts, init in variants:
+    _, moe_cfg = configs(args, experts)
+    fn = upcycle.upcycle_fn(dense_cfg, moe_cfg, init, mesh)
+    key = jax.random.key(init.seed)
+    t_up = _time(lambda fn=fn, key=key: fn(dense, key), args.repeats)
+    moe = fn(dense, key)
+    copy_moe = _copy_fn(moe)
+    t_copy_moe = _time(lambda copy_moe=copy_moe, moe=moe: copy_moe(moe), args.repeats)
+    rows.append({
+      "experts": experts, "noise": init.expert_noise_std, "drop": init.drop_ratio,
+      "dense_params": n_dense, "moe_params": transformer.num_params(moe_cfg),
+      "dense_bytes": _nbytes(dense), "moe_bytes": _nbytes(moe),
+      "copy_dense_s": min(t_copy_dense), "copy_moe_s": min(t_copy_moe), "upcycle_s": min(t_up),
+      "upcycle_median_s": statistics.median(t_up),
+    })
+    del moe
+  return rows
+
+
+def machine() -> str:
+  d = jax.devices()[0]
+  return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores visible, "
+          f"jax {jax.__version__} on {len(jax.devices())} x {d.platform} ({d.device_kind})")
+
+
+def markdown(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+  lines = [
+    HEADING, "",
+    f"Command: `{command}`  ",
+    f"Machine: {machine()}  ",
+    f"Model: decoder d_model={args.d_model}, {args.layers} layers, d_ff={args.d_ff} (SwiGLU), "
+    f"vocab={args.vocab}; every {'other' if args.every == 2 else f'{args.every}-th'} MLP upcycled; fp32; "
+    f"best of {args.repeats}.",
+    "",
+    "| experts | noise | drop | dense params | MoE params | copy dense | copy MoE-size | upcycle | "
+    "upcycle / copy dense | upcycle / copy MoE-size |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['experts']} | {r['noise']:g} | {r['drop']:g} | {r['dense_params'] / 1e6:.1f}M | "
+      f"{r['moe_params'] / 1e6:.1f}M | {1e3 * r['copy_dense_s']:.0f} ms | {1e3 * r['copy_moe_s']:.0f} ms | "
+      f"{1e3 * r['upcycle_s']:.0f} ms | {r['upcycle_s'] / r['copy_dense_s']:.2f}x | "
+      f"{r['upcycle_s'] / r['copy_moe_s']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def write_section(path: str | pathlib.Path, section: str) -> None:
+  """Replace (or append) this benchmark's `##` section of `path`, leaving every other section as it is."""
+  path = pathlib.Path(path)
+  text = path.read_text() if path.exists() else ""
+  lines = text.splitlines(keepends=True)
+  start = next((i for i, ln in enumerate(lines) if ln.rstrip() == HEADING), None)
+  if start is None:
+    body = text.rstrip("\n")
+    path.write_text((body + "\n\n" if body else "") + section)
+    return
+  end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+  rest = "".join(lines[end:])
+  path.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="moejax bench upcycle", description=__doc__.split("\n")[0])
+  p.add_argument("--d-model", type=int, default=768)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--d-ff", type=int, default=3072)
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--experts", type=lambda s: [int(x) for x in s.split(",")], default=[8],
+                 help="comma-separated, e.g. 2,8")
+  p.add_argument("--every", type=int, default=2)
+  p.add_argument("--noise", type=float, default=0.0, help="also time a run with this expert noise")
+  p.add_argument("--drop", type=float, default=0.0, help="also time a run with this Drop-Upcycling ratio")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--write", help="update this file's '## moejax bench upcycle' section (docs/benchmarks.md)")
+  return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(argv or [])
+  args = parse(argv)
+  rows = run(args)
+  text = markdown(rows, " ".join(["moejax bench upcycle", *argv]), args)
+  print(text)
+  if args.write:
+    write_section(args.write, text)
+    print(f"wrote {args.write}")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+
+  sys.exit(main(sys.argv[1:]))
