@@ -69,8 +69,11 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  specs, p_shard, is_leaf=sharding.is_spec)
   tx, sched = optim.make(cfg.optim, cfg.train.schedule_steps or cfg.train.steps, abstract_params)
-  opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
   replicated = NamedSharding(mesh, PartitionSpec())
+  # Optimizer-state shardings as XLA derives them from the params' (moments follow their param); scalars such
+  # as step counts come back as single-device shardings and are replicated over the mesh instead.
+  opt_shardings = jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else replicated,
+                               jax.jit(tx.init).lower(abstract_params).compile().output_shardings)
   state_shardings = {"step": replicated, "params": p_shard, "opt_state": opt_shardings}
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   abstract_state = jax.tree.map(
@@ -169,8 +172,9 @@ def global_batch(local: dict, s: Setup) -> dict:
 def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, float]:
   """Mean of the task's eval metrics over `train.eval_steps` batches of the eval split, + the task's evals."""
   eval_step = eval_step or make_eval_step(s)
+  # repeat=True: every process runs the same number of eval steps even when their shards differ in size.
   it = s.task.make_iterator(s.cfg, s.cfg.data.eval_split, process_index=jax.process_index(),
-                            process_count=jax.process_count(), seed=s.cfg.data.shuffle_seed, repeat=False)
+                            process_count=jax.process_count(), seed=s.cfg.data.shuffle_seed, repeat=True)
   sums: dict[str, float] = {}
   n = 0
   for local in it:
@@ -293,6 +297,8 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
           bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
         mngr.save(step, state, cfg, data_it)
+      if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
+        t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
       if preempt.agreed():
         mngr.save(step, state, cfg, data_it, force=True)
         status = "preempted"

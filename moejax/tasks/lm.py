@@ -18,6 +18,7 @@ import optax
 
 from moejax import config
 from moejax.data import lm as lm_data
+from moejax.data import tokenizer
 from moejax.models import transformer
 
 throughput_unit = "tokens"
@@ -43,6 +44,10 @@ def loss_fn(params: Any, batch: dict, cfg: config.ExperimentConfig, *, rng: jax.
 
 def make_iterator(cfg: config.ExperimentConfig, split: str, *, process_index: int = 0, process_count: int = 1,
                   seed: int = 0, repeat: bool = True):
+  vocab = tokenizer.get(cfg.data.tokenizer).vocab_size
+  if vocab > cfg.model.vocab_size:
+    raise config.ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                             f"{cfg.model.vocab_size}")
   return lm_data.make_iterator(cfg.data, split, process_index=process_index, process_count=process_count,
                                seed=seed, repeat=repeat)
 
