@@ -317,32 +317,33 @@ _MUST_MATCH = ("vocab_size", "d_model", "num_layers", "num_heads", "kv_heads", "
                "activation", "tie_embeddings", "qkv_bias", "bias", "norm")
 
 
-def check_compatible(dense_cfg: config.ModelConfig, moe_cfg: config.ModelConfig) -> None:
-  """Raise `config.ConfigError` listing every reason `dense_cfg`'s params cannot seed `moe_cfg`'s model."""
+def check_compatible(dense_cfg: config.ModelConfig, moe_cfg: config.ModelConfig,
+                     prefix: str = "model") -> None:
+  """Raise `config.ConfigError` listing every reason `dense_cfg`'s params cannot seed `moe_cfg`'s model.
+  `prefix` is where the ModelConfig sits in the experiment (`model`, `clip.vision`), for the messages."""
   problems = []
+  p, m = prefix, moe_cfg.moe
   if dense_cfg.moe.num_experts:
-    problems.append(f"the source has model.moe.num_experts={dense_cfg.moe.num_experts}; upcycling starts "
-                    "from a dense model (model.moe.num_experts=0)")
-  if not moe_cfg.moe.num_experts:
-    problems.append("the target has model.moe.num_experts=0: nothing to upcycle into (set e.g. "
-                    "model.moe.num_experts=8)")
+    problems.append(f"the source has {p}.moe.num_experts={dense_cfg.moe.num_experts}; upcycling starts "
+                    f"from a dense model ({p}.moe.num_experts=0)")
+  if not m.num_experts:
+    problems.append(f"the target has {p}.moe.num_experts=0: nothing to upcycle into (set e.g. "
+                    f"{p}.moe.num_experts=8)")
   for f in _MUST_MATCH:
     a, b = getattr(dense_cfg, f), getattr(moe_cfg, f)
     if a != b:
-      problems.append(f"model.{f}: dense {a!r} != target {b!r}")
+      problems.append(f"{p}.{f}: dense {a!r} != target {b!r}")
   if moe_cfg.expert_d_ff != dense_cfg.d_ff:
-    problems.append(f"model.moe.d_ff={moe_cfg.moe.d_ff} makes experts {moe_cfg.expert_d_ff} wide, but "
-                    f"copying the dense MLP needs its width {dense_cfg.d_ff} (set model.moe.d_ff=0 or "
-                    f"{dense_cfg.d_ff})")
-  m = moe_cfg.moe
+    problems.append(f"{p}.moe.d_ff={m.d_ff} makes experts {moe_cfg.expert_d_ff} wide, but copying the dense "
+                    f"MLP needs its width {dense_cfg.d_ff} (set {p}.moe.d_ff=0 or {dense_cfg.d_ff})")
   if m.num_experts and m.num_shared_experts:
     width = m.shared_d_ff or m.num_shared_experts * moe_cfg.expert_d_ff
     if width != dense_cfg.d_ff:
-      problems.append(f"shared experts {width} wide (model.moe.num_shared_experts={m.num_shared_experts}, "
-                      f"model.moe.shared_d_ff={m.shared_d_ff}) cannot copy the dense MLP ({dense_cfg.d_ff} "
+      problems.append(f"shared experts {width} wide ({p}.moe.num_shared_experts={m.num_shared_experts}, "
+                      f"{p}.moe.shared_d_ff={m.shared_d_ff}) cannot copy the dense MLP ({dense_cfg.d_ff} "
                       "wide); use num_shared_experts=1 and shared_d_ff=0")
   if m.num_experts and not any(m.is_moe_layer(i) for i in range(moe_cfg.num_layers)):
-    problems.append(f"the target has no MoE layer among its {moe_cfg.num_layers} (model.moe.every={m.every}, "
+    problems.append(f"the target has no MoE layer among its {moe_cfg.num_layers} ({p}.moe.every={m.every}, "
                     f"offset={m.offset}, layers={m.layers})")
   if problems:
     raise config.ConfigError("cannot upcycle the dense model into the target:\n  - "
@@ -391,7 +392,11 @@ def upcycle_fn(dense_cfg: config.ModelConfig, moe_cfg: config.ModelConfig, init_
   """`jit((dense_params, key) -> moe_params)` with the target's out-shardings on `mesh`: each device computes
   only its own shard of the result. Build it once and call it many times (benchmarks)."""
   check_compatible(dense_cfg, moe_cfg)
-  target_specs = specs_fn(moe_cfg)
+  return _jitted(specs_fn(moe_cfg), init_cfg, mesh, rules, ignore)
+
+
+def _jitted(target_specs: Any, init_cfg: config.UpcycleConfig, mesh: Mesh, rules: Sequence[Rule],
+            ignore: Sequence[str]) -> Callable[[Any, jax.Array], dict]:
   return jax.jit(lambda d, k: upcycle_params(d, target_specs, init_cfg, k, rules=rules, ignore=ignore),
                  out_shardings=sharding.param_shardings(target_specs, mesh))
 
@@ -417,3 +422,70 @@ def upcycle_sharded(dense_params: Any, dense_cfg: config.ModelConfig, moe_cfg: c
   key = jax.random.key(init_cfg.seed) if key is None else key
   fn = upcycle_fn(dense_cfg, moe_cfg, init_cfg, mesh, rules=rules, ignore=ignore, specs_fn=specs_fn)
   return fn(place(dense_params, dense_specs, mesh), key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole experiments (LM or CLIP): what the trainer's `init.upcycle_from` and `moejax upcycle` call
+# ----------------------------------------------------------------------------------------------------------
+
+
+def model_pairs(dense_exp: config.ExperimentConfig,
+                exp: config.ExperimentConfig) -> list[tuple[str, config.ModelConfig, config.ModelConfig]]:
+  """(prefix, dense ModelConfig, target ModelConfig) for each transformer stack of the task."""
+  if exp.task == "clip":
+    return [("clip.vision", dense_exp.clip.vision, exp.clip.vision),
+            ("clip.text", dense_exp.clip.text, exp.clip.text)]
+  return [("model", dense_exp.model, exp.model)]
+
+
+def check_experiment(dense_exp: config.ExperimentConfig, exp: config.ExperimentConfig) -> None:
+  """Same task; every stack that has experts in the target is `check_compatible` with its dense one (a stack
+  that stays dense is copied, its shapes checked by the plan); at least one stack has experts."""
+  if dense_exp.task != exp.task:
+    raise config.ConfigError(f"cannot upcycle a task={dense_exp.task!r} checkpoint into a task={exp.task!r} "
+                             "model")
+  pairs = model_pairs(dense_exp, exp)
+  moe_pairs = [(p, d, m) for p, d, m in pairs if m.moe.num_experts]
+  if not moe_pairs:
+    zeros = ", ".join(f"{p}.moe.num_experts=0" for p, _, _ in pairs)
+    raise config.ConfigError(f"the target {exp.name!r} has no experts ({zeros}): nothing to upcycle into")
+  for p, d, m in moe_pairs:
+    check_compatible(d, m, p)
+
+
+def upcycle_experiment(dense_params: Any, dense_exp: config.ExperimentConfig, exp: config.ExperimentConfig,
+                       mesh: Mesh, key: jax.Array | None = None, *, rules: Sequence[Rule] = RULES,
+                       ignore: Sequence[str] = (), target_specs: Any = None) -> dict:
+  """A whole model's dense params (as `tasks.get(task).specs` lays them out) -> `exp`'s params, sharded on
+  `mesh` under jit. For CLIP, both towers (and a shared backbone) go through the same rules at once."""
+  from moejax import tasks
+
+  check_experiment(dense_exp, exp)
+  task = tasks.get(exp.task)
+  dense_specs = task.specs(dense_exp)
+  target_specs = task.specs(exp) if target_specs is None else target_specs
+  check_params(dense_params, dense_specs)
+  key = jax.random.key(exp.init.seed) if key is None else key
+  return _jitted(target_specs, exp.init, mesh, rules, ignore)(place(dense_params, dense_specs, mesh), key)
+
+
+def from_checkpoint(exp: config.ExperimentConfig, mesh: Mesh, target_specs: Any = None) -> tuple[dict, int]:
+  """`exp.init.upcycle_from` (a dense run's workdir or step dir) -> (`exp`'s params on `mesh`, start step).
+
+  The dense config is the one saved with the checkpoint; its params are restored straight onto their own
+  shardings on `mesh` (never whole on one device) and upcycled under jit. The start step is the dense
+  checkpoint's when `init.continue_step` (the LR schedule continues), else 0. Optimizer state is the caller's
+  to create fresh."""
+  from moejax import checkpoint, tasks
+
+  src = exp.init.upcycle_from
+  if not src:
+    raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
+  dense_exp = checkpoint.read_config(src)
+  check_experiment(dense_exp, exp)
+  dense_specs = tasks.get(dense_exp.task).specs(dense_exp)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), dense_specs,
+                          sharding.param_shardings(dense_specs, mesh), is_leaf=sharding.is_spec)
+  dense_params, step = checkpoint.load_params(src, abstract)
+  params = upcycle_experiment(dense_params, dense_exp, exp, mesh, target_specs=target_specs)
+  return params, (int(step) if exp.init.continue_step else 0)
