@@ -125,11 +125,11 @@ def read_jsonl(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
 class Progress:
   """A tqdm bar: step, loss, units/s (tokens or images) and MFU. Silent on processes other than 0."""
 
-  def __init__(self, total: int, initial: int, unit: str, enabled: bool = True):
+  def __init__(self, total: int, initial: int, unit: str, enabled: bool = True, bar: bool = True):
     self.enabled = enabled
     self.unit = unit
     self._bar = None
-    if enabled:
+    if enabled and bar:
       from tqdm import tqdm
 
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -141,8 +141,11 @@ class Progress:
       self._bar.update(step - self._bar.n)
 
   def write(self, text: str) -> None:
+    """A line above the bar (or a plain line with the bar off: logs, CI)."""
     if self._bar is not None:
-      self._bar.write(text)
+      self._bar.write(text, file=sys.stderr)
+    elif self.enabled:
+      print(text, file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:

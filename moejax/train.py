@@ -258,7 +258,7 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   units_per_step = cfg.data.batch_size * s.task.units_per_example(cfg)
   flops_per_step = cfg.data.batch_size * s.task.flops_per_example(cfg)
   peak = metrics.peak_flops(list(s.mesh.devices.flat))
-  bar = metrics.Progress(end_step, start_step, unit, enabled=is_main and progress)
+  bar = metrics.Progress(end_step, start_step, unit, enabled=is_main, bar=progress)
   if is_main:
     bar.write(f"moejax: {cfg.name}: {'resuming at' if resumed else 'starting at'} step {start_step} of {end_step} "
               f"in {workdir} (mesh {dict(s.mesh.shape)})")
