@@ -76,6 +76,14 @@ def _random_params(cfg: config.ModelConfig, seed: int) -> dict:
                              for p, s in flat.items()})
 
 
+def _load_back(path):
+  return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _close(got, want):
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
 def _save(model, path) -> str:
   model.save_pretrained(path)  # safetensors is the default
   return str(path)
@@ -125,7 +133,7 @@ def test_mixtral_matches_transformers(tmp_path):
   params, cfg = _parity(model, tmp_path)
   assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 2 and cfg.moe.renormalize
   assert all(cfg.moe.is_moe_layer(i) for i in range(cfg.num_layers))
-  # Each expert's w1 (gate), w3 (up), w2 (down) lands in its slot of the stacked [E, D, F] / [E, F, D] weights.
+  # Each expert's w1 (gate), w3 (up), w2 (down) lands in its slot of the stacked [E, D, F] / [E, F, D].
   saved = st_numpy.load_file(str(tmp_path / "model.safetensors"))
   ex = params["layers"]["1"]["moe"]["experts"]
   for e in range(4):
@@ -173,7 +181,7 @@ def test_sharded_checkpoint_onto_mesh(tmp_path):
   np.testing.assert_allclose(_our_logits(params, cfg, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
   # ... and the sharded params export back (gathered one param at a time) to the same model.
   hf.save_hf(params, cfg, tmp_path / "out")
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  back = _load_back(tmp_path / "out")
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
 
 
@@ -195,7 +203,7 @@ def test_bfloat16_checkpoint_imports_without_torch_dtypes(tmp_path):
 def _round_trip(model, tmp_path, arch="auto"):
   params, cfg = hf.load_hf(_save(model, tmp_path / "in"))
   written = hf.save_hf(params, cfg, tmp_path / "out", arch=arch)
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  back = _load_back(tmp_path / "out")
   tokens = _tokens(cfg.vocab_size, seed=1)
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
   return written, back
@@ -214,7 +222,8 @@ def test_round_trip_qwen2(tmp_path):
 
 
 def test_round_trip_mixtral(tmp_path):
-  written, back = _round_trip(_build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2), tmp_path)
+  model = _build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+  written, back = _round_trip(model, tmp_path)
   assert written == "mixtral" and back.config.num_local_experts == 4
 
 
@@ -237,7 +246,7 @@ def test_export_moejax_moe_as_qwen2_moe(tmp_path):
   with pytest.raises(config.ConfigError, match="Mixtral makes every layer MoE"):
     hf.save_hf(params, cfg, tmp_path / "x", arch="mixtral")
   assert hf.save_hf(params, cfg, tmp_path / "out") == "qwen2_moe"
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  back = _load_back(tmp_path / "out")
   assert back.config.mlp_only_layers == [0, 2] and not back.config.norm_topk_prob
   tokens = _tokens(cfg.vocab_size, seed=2)
   np.testing.assert_allclose(_hf_logits(back, tokens), _our_logits(params, cfg, tokens), atol=ATOL, rtol=0)
@@ -255,8 +264,9 @@ def test_export_shards_and_bfloat16(tmp_path):
   want = model.model.layers[1].self_attn.o_proj.weight.detach().to(torch.bfloat16)
   assert torch.equal(back.model.layers[1].self_attn.o_proj.weight, want)
   reread, _ = hf.load_hf(tmp_path / "out", param_dtype="bfloat16")
+  wo_bf16 = params["layers"]["1"]["attn"]["wo"].astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(reread["layers"]["1"]["attn"]["wo"], np.float32),
-                                np.asarray(params["layers"]["1"]["attn"]["wo"].astype(jnp.bfloat16), np.float32))
+                                np.asarray(wo_bf16, np.float32))
 
 
 def _upcycle(dense_params, dense_cfg, moe_cfg):
@@ -275,8 +285,8 @@ def _upcycle(dense_params, dense_cfg, moe_cfg):
 
 
 def test_upcycle_chain_llama_to_mixtral(tmp_path):
-  """The README workflow at step 0: import a Llama, upcycle every layer to 4 experts (top-2), export as Mixtral;
-  transformers' Mixtral computes the dense Llama's logits."""
+  """The README workflow at step 0: import a Llama, upcycle every layer to 4 experts (top-2), export as
+  Mixtral; transformers' Mixtral computes the dense Llama's logits."""
   dense_model = _build("LlamaForCausalLM", tie_word_embeddings=False)
   dense_params, dense_cfg = hf.load_hf(_save(dense_model, tmp_path / "llama"))
   moe_cfg = dataclasses.replace(dense_cfg, moe=config.MoEConfig(num_experts=4, top_k=2, every=1, offset=0,
@@ -286,13 +296,13 @@ def test_upcycle_chain_llama_to_mixtral(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", attn_implementation="eager")
   assert type(back).__name__ == "MixtralForCausalLM"
   tokens = _tokens(dense_cfg.vocab_size, seed=4)
-  np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
+  _close(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens))
 
 
 def test_upcycle_chain_llama_to_qwen2_moe_with_shared_expert(tmp_path):
   """Upcycle every other layer with a shared expert (no gate): Mixtral cannot hold it, so auto export writes
-  Qwen2-MoE (dense layers in mlp_only_layers, the ungated shared expert as a zero gate with its down-projection
-  doubled); transformers' Qwen2-MoE computes the dense Llama's logits."""
+  Qwen2-MoE (dense layers in mlp_only_layers, the ungated shared expert as a zero gate with its
+  down-projection doubled); transformers' Qwen2-MoE computes the dense Llama's logits."""
   if not _has_shared_experts():
     pytest.fail("moejax/layers/moe.py has no shared experts yet (moe/shared, moe/shared_gate)")
   dense_model = _build("LlamaForCausalLM", num_hidden_layers=3)
@@ -305,12 +315,12 @@ def test_upcycle_chain_llama_to_qwen2_moe_with_shared_expert(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen", attn_implementation="eager")
   assert back.config.mlp_only_layers == [0, 2]
   tokens = _tokens(dense_cfg.vocab_size, seed=5)
-  np.testing.assert_allclose(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens), atol=ATOL, rtol=0)
+  _close(_hf_logits(back.eval(), tokens), _hf_logits(dense_model, tokens))
 
 
 def test_cli_import_then_export(tmp_path, capsys):
-  """`moejax import-hf` writes a run workdir (step 0, sharded over the run's mesh); `moejax export-hf` reads its
-  newest checkpoint back out; transformers loads it and computes the original logits."""
+  """`moejax import-hf` writes a run workdir (step 0, sharded over the run's mesh); `moejax export-hf` reads
+  its newest checkpoint back out; transformers loads it and computes the original logits."""
   model = _build("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
   _save(model, tmp_path / "hf")
   assert hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "run"), ["mesh.expert=2", "train.steps=5"]) == 0
@@ -321,7 +331,7 @@ def test_cli_import_then_export(tmp_path, capsys):
     hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "bad"), ["model.d_ff=64"])
   assert hf.cli_export(str(tmp_path / "run"), str(tmp_path / "out")) == 0
   assert "exported step 0" in capsys.readouterr().out
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  back = _load_back(tmp_path / "out")
   tokens = _tokens(exp.model.vocab_size, seed=6)
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
 
@@ -385,7 +395,8 @@ def _rewrite_weights(path, fn):
 
 def test_missing_tensor_is_named(tmp_path):
   _save(_build("LlamaForCausalLM"), tmp_path)
-  _rewrite_weights(tmp_path, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+  gone = "model.layers.1.mlp.up_proj.weight"
+  _rewrite_weights(tmp_path, lambda t: {k: v for k, v in t.items() if k != gone})
   with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
     hf.load_hf(tmp_path)
 
@@ -393,14 +404,15 @@ def test_missing_tensor_is_named(tmp_path):
 def test_shape_mismatch_is_named(tmp_path):
   _save(_build("LlamaForCausalLM"), tmp_path)
   _edit_config(tmp_path, intermediate_size=40)
-  with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), expected "
-                                      r"\(32, 40\)"):
+  msg = r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), expected \(32, 40\)"
+  with pytest.raises(ValueError, match=msg):
     hf.load_hf(tmp_path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   _save(_build("LlamaForCausalLM"), tmp_path)
-  _rewrite_weights(tmp_path, lambda t: {**t, "model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)})
+  extra = {"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)}
+  _rewrite_weights(tmp_path, lambda t: {**t, **extra})
   with pytest.raises(ValueError, match="o_proj.bias"):
     hf.load_hf(tmp_path)
 

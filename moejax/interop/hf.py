@@ -2,14 +2,15 @@
 
     params, model_cfg = hf.load_hf("path/to/llama", mesh=mesh)     # Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE
     params, clip_cfg = hf.load_hf("path/to/clip")                    # CLIPModel
-    hf.save_hf(params, model_cfg, "out/", arch="auto")               # dense -> Llama/Qwen2, MoE -> Mixtral/Qwen2-MoE
+    hf.save_hf(params, model_cfg, "out/", arch="auto")  # dense -> Llama/Qwen2, MoE -> Mixtral/Qwen2-MoE
     exp = hf.experiment_from_hf("path/to/llama")                     # an ExperimentConfig to train from
 
 Import streams one tensor at a time (`safetensors.safe_open` with numpy, single-file or sharded with
 `model.safetensors.index.json`) and, given a mesh, places each param straight into its target sharding with
 `jax.make_array_from_callback`, so no device ever holds a whole model; host memory peaks at one param (for MoE
 weights, one layer's stacked experts). Export gathers one param at a time and writes shards of at most
-`max_shard_bytes`. Neither direction needs torch; the parity tests use torch + transformers (`moejax[interop]`).
+`max_shard_bytes`. Neither direction needs torch; the parity tests use torch + transformers
+(`moejax[interop]`).
 The per-architecture mappings live in `hf_lm.py` and `hf_clip.py`.
 """
 
@@ -129,8 +130,8 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, *, param_dtype: s
   """Import a Hugging Face checkpoint directory -> (params, config).
 
   Decoder LMs give a `config.ModelConfig` (MoE set to dropless dispatch, so outputs match HF's); CLIP gives a
-  `config.ClipConfig`. Params come out in `param_dtype`, sharded over `mesh` when given. `max_seq_len` caps the
-  context (needed to import a sliding-window checkpoint; see `hf_lm.config_from_hf`).
+  `config.ClipConfig`. Params come out in `param_dtype`, sharded over `mesh` when given. `max_seq_len` caps
+  the context (needed to import a sliding-window checkpoint; see `hf_lm.config_from_hf`).
   """
   if param_dtype not in _DTYPES:
     raise ValueError(f"param_dtype={param_dtype!r}: choose {', '.join(_DTYPES)}")
@@ -194,7 +195,8 @@ class _ShardWriter:
   total passes `max_shard_bytes` (the layout `from_pretrained` expects)."""
 
   def __init__(self, root: pathlib.Path, dtype: str, max_shard_bytes: int, write: bool):
-    self.root, self.dtype, self.max, self.write = root, np.dtype(getattr(jax.numpy, dtype)), max_shard_bytes, write
+    self.root, self.max, self.write = root, max_shard_bytes, write
+    self.dtype = np.dtype(getattr(jax.numpy, dtype))
     self.buf: dict[str, np.ndarray] = {}
     self.nbytes = 0
     self.shards: list[list[str]] = []
@@ -212,7 +214,8 @@ class _ShardWriter:
 
   def _flush(self) -> None:
     if self.write:
-      st_numpy.save_file(self.buf, self.root / f"_shard{len(self.shards)}.safetensors", metadata={"format": "pt"})
+      tmp = self.root / f"_shard{len(self.shards)}.safetensors"
+      st_numpy.save_file(self.buf, tmp, metadata={"format": "pt"})  # "pt": what from_pretrained checks for
     self.shards.append(list(self.buf))
     self.buf, self.nbytes = {}, 0
 
@@ -222,7 +225,8 @@ class _ShardWriter:
     if not self.write:
       return
     n = len(self.shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = ["model.safetensors"] if n == 1 else \
+      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, fname in enumerate(names):
       os.replace(self.root / f"_shard{i}.safetensors", self.root / fname)
     if n > 1:
@@ -256,7 +260,8 @@ def save_hf(params: dict, model_cfg: config.ModelConfig, path: str | os.PathLike
 
   `arch`: auto (dense -> llama, or qwen2 with qkv biases; MoE -> mixtral when every layer is MoE with
   renormalized top-k and no shared experts, else qwen2_moe), or one of llama, qwen2, mixtral, qwen2_moe.
-  Returns the architecture written. Only process 0 writes; every process must call it (gathers are collective).
+  Returns the architecture written. Only process 0 writes; every process must call it (the gathers are
+  collective).
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose {', '.join(_DTYPES)}")
@@ -270,7 +275,8 @@ def save_hf(params: dict, model_cfg: config.ModelConfig, path: str | os.PathLike
     writer.add(name, x)
   writer.close()
   if write:
-    hf_cfg = hf_lm.config_to_hf(model_cfg, arch, dtype)
+    widths = [np.shape(x)[1] for p, x in sharding.flatten(params).items() if p.endswith("/moe/shared/w_up")]
+    hf_cfg = hf_lm.config_to_hf(model_cfg, arch, dtype, shared_width=widths[0] if widths else 0)
     (root / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   return arch
 
@@ -296,10 +302,11 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
   params, _ = load_hf(path, mesh=s.mesh, param_dtype=dtype, **load_kw)
   want = sharding.flatten(sharding.shapes(s.specs))
   got = {p: x.shape for p, x in sharding.flatten(params).items()}
-  changed = sorted(p for p in set(want) | set(got) if p not in want or p not in got or want[p].shape != got[p])
+  changed = sorted(p for p in set(want) | set(got)
+                   if p not in want or p not in got or want[p].shape != got[p])
   if changed:
-    raise config.ConfigError(f"overrides {list(overrides)} change the model's params ({changed[:6]}): an import "
-                             "keeps the checkpoint's architecture (upcycle it afterwards)")
+    raise config.ConfigError(f"overrides {list(overrides)} change the model's params ({changed[:6]}): an "
+                             "import keeps the checkpoint's architecture (upcycle it afterwards)")
   state = train.init_state(s, jax.random.key(exp.train.seed), params=params)
   root = pathlib.Path(to)
   if jax.process_index() == 0:
@@ -315,8 +322,8 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def cli_export(workdir: str, to: str, arch: str = "auto", dtype: str = "float32") -> int:
-  """`moejax export-hf DIR --to PATH [--arch ...]`: the newest checkpoint's params as a Hugging Face LM. Params
-  are restored FSDP-sharded over all devices and gathered one at a time while writing."""
+  """`moejax export-hf DIR --to PATH [--arch ...]`: the newest checkpoint's params as a Hugging Face LM.
+  Params are restored FSDP-sharded over all devices and gathered one at a time while writing."""
   from moejax import checkpoint
 
   exp = checkpoint.read_config(workdir)

@@ -1,18 +1,18 @@
 """CLIP (`CLIPModel`) -> the moejax two-tower model (models/two_tower.py, vit.py, text.py). Import only.
 
-HF CLIP's encoder layer is the same pre-LN block as ours with LayerNorm, biases everywhere and a (quick-)GELU MLP:
-  {vision,text}_model.encoder.layers.{i}.layer_norm1 / layer_norm2        -> layers/{i}/attn_norm / mlp_norm
-  ....self_attn.{q,k,v,out}_proj.{weight,bias}                            -> layers/{i}/attn/{wq,wk,wv,wo,bq,bk,bv,bo}
-  ....mlp.fc1 / fc2                                                        -> layers/{i}/mlp/{w_up,b_up} / {w_down,b_down}
+HF CLIP's encoder layer is our pre-LN block with LayerNorm, biases everywhere and a (quick-)GELU MLP:
+  {vision,text}_model.encoder.layers.{i}.layer_norm1 / 2   -> {vision,text}/layers/{i}/attn_norm / mlp_norm
+  ....self_attn.{q,k,v,out}_proj.{weight,bias}             -> ..../attn/{wq,wk,wv,wo,bq,bk,bv,bo}
+  ....mlp.fc1 / fc2                                        -> ..../mlp/{w_up,b_up} / {w_down,b_down}
 and around the blocks:
-  vision_model.embeddings.patch_embedding.weight [D, C, P, P] (a conv)     -> vision/patch_embed/w [P*P*C, D]
-  (no conv bias in CLIP)                                                   -> vision/patch_embed/b = 0
-  vision_model.embeddings.class_embedding / position_embedding             -> vision/cls, vision/pos_embed
-  vision_model.pre_layrnorm / post_layernorm (sic)                         -> vision/pre_norm, vision/final_norm
-  text_model.embeddings.token_embedding / position_embedding              -> text/embed/tokens, text/pos_embed
-  text_model.final_layer_norm                                              -> text/final_norm
-  visual_projection / text_projection [J, D]                               -> vision/proj/w, text/proj/w [D, J]
-  logit_scale                                                              -> logit_scale
+  vision_model.embeddings.patch_embedding.weight [D,C,P,P] -> vision/patch_embed/w [P*P*C, D] (conv as matmul)
+  (no conv bias in CLIP)                                   -> vision/patch_embed/b = 0
+  vision_model.embeddings.class_embedding / position_...   -> vision/cls, vision/pos_embed
+  vision_model.pre_layrnorm (sic) / post_layernorm         -> vision/pre_norm, vision/final_norm
+  text_model.embeddings.token_embedding / position_...     -> text/embed/tokens, text/pos_embed
+  text_model.final_layer_norm                              -> text/final_norm
+  visual_projection / text_projection [J, D]               -> vision/proj/w, text/proj/w [D, J]
+  logit_scale                                              -> logit_scale
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from moejax.interop import hf_lm
 _TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
                   "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
                   "layer_norm_eps": 1e-5, "eos_token_id": 49407}
-_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                    "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
-                    "layer_norm_eps": 1e-5}
+_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
@@ -44,10 +44,10 @@ def _tower(hf: dict, defaults: dict, which: str, param_dtype: str, **kw) -> conf
     raise config.ConfigError(f"clip {which}_config.hidden_act={c['hidden_act']!r} is not supported; "
                              f"choose {sorted(_ACTS)}")
   return config.ModelConfig(
-    d_model=int(c["hidden_size"]), num_layers=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]),
-    d_ff=int(c["intermediate_size"]), activation=_ACTS[c["hidden_act"]], norm="layer", bias=True,
-    norm_eps=float(c["layer_norm_eps"]), tie_embeddings=True, param_dtype=param_dtype, compute_dtype=param_dtype,
-    **kw)
+    d_model=int(c["hidden_size"]), num_layers=int(c["num_hidden_layers"]),
+    num_heads=int(c["num_attention_heads"]), d_ff=int(c["intermediate_size"]),
+    activation=_ACTS[c["hidden_act"]], norm="layer", bias=True, norm_eps=float(c["layer_norm_eps"]),
+    tie_embeddings=True, param_dtype=param_dtype, compute_dtype=param_dtype, **kw)
 
 
 def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> config.ClipConfig:
@@ -110,7 +110,8 @@ _TOP = {
   "text/proj/w": ("text_projection.weight", "linear"),
   "logit_scale": ("logit_scale", "copy"),
 }
-_TOP_NORMS = {"vision/pre_norm": "vision_model.pre_layrnorm", "vision/final_norm": "vision_model.post_layernorm",
+_TOP_NORMS = {"vision/pre_norm": "vision_model.pre_layrnorm",
+              "vision/final_norm": "vision_model.post_layernorm",
               "text/final_norm": "text_model.final_layer_norm"}
 
 
@@ -119,8 +120,8 @@ def _entry(path: str, cfg: config.ClipConfig) -> hf_lm.Entry | None:
     name, kind = _TOP[path]
     return hf_lm.Entry(path, (name,), kind)
   if path == "vision/patch_embed/w":
-    return _PatchEntry(path, ("vision_model.embeddings.patch_embedding.weight",), "conv", patch=cfg.patch_size,
-                       channels=cfg.channels)
+    return _PatchEntry(path, ("vision_model.embeddings.patch_embedding.weight",), "conv",
+                       patch=cfg.patch_size, channels=cfg.channels)
   if path == "vision/patch_embed/b":
     return _ZerosEntry(path, (), "zeros")
   m = re.fullmatch(r"(vision/pre_norm|vision/final_norm|text/final_norm)/(scale|bias)", path)

@@ -1,8 +1,8 @@
 """Decoder LMs <-> Hugging Face: Llama, Mistral, Qwen2 (dense), Mixtral and Qwen2-MoE (MoE).
 
 Two things live here: the config translation (`config_from_hf`, `config_to_hf`) and the tensor plan (`plan`),
-one `Entry` per moejax param that names its HF tensor(s) and how the layouts relate. Import and export both walk
-the same plan, so the two directions cannot drift apart. HF linears store `weight` as [out, in] with
+one `Entry` per moejax param that names its HF tensor(s) and how the layouts relate. Import and export both
+walk the same plan, so the two directions cannot drift apart. HF linears store `weight` as [out, in] with
 `y = x @ weight.T`; moejax stores [in..., out...] (`wq` [D, H, K], `wo` [H, K, D]), so a linear is a transpose
 plus a reshape, and RoPE needs no permutation because both use the split-halves ("rotate_half") layout.
 
@@ -47,7 +47,7 @@ def _unsupported(arch: str, feature: str, why: str = "") -> config.ConfigError:
 
 
 def _rope_theta(hf: dict, arch: str) -> float:
-  """RoPE base from either spelling: transformers 5 `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
+  """RoPE base from either spelling: transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling`."""
   rp = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling")
   rope_type = rp.get("rope_type", rp.get("type", "default"))
@@ -75,9 +75,11 @@ def _sliding_window(hf: dict, arch: str) -> int | None:
   return int(window)
 
 
-def config_from_hf(hf: dict, *, param_dtype: str = "float32", max_seq_len: int | None = None) -> config.ModelConfig:
-  """config.json (as a dict) -> ModelConfig. `max_seq_len` caps the context; a checkpoint trained with sliding-
-  window attention imports only with `max_seq_len <= window`, where full causal attention is exactly the same."""
+def config_from_hf(hf: dict, *, param_dtype: str = "float32",
+                   max_seq_len: int | None = None) -> config.ModelConfig:
+  """config.json (as a dict) -> ModelConfig. `max_seq_len` caps the context; a checkpoint trained with
+  sliding-window attention imports only with `max_seq_len <= window`, where full causal attention is exactly
+  the same."""
   arch = hf.get("model_type")
   if arch not in ARCHS:
     raise config.ConfigError(f"unsupported architecture model_type={arch!r} (architectures="
@@ -87,7 +89,8 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", max_seq_len: int |
   if missing:
     raise config.ConfigError(f"{arch} config.json lacks {missing}")
   if hf.get("hidden_act", "silu") != "silu":
-    raise _unsupported(arch, f"hidden_act={hf['hidden_act']!r}", "; only SiLU-gated MLPs (SwiGLU) map to moejax")
+    raise _unsupported(arch, f"hidden_act={hf['hidden_act']!r}",
+                       "; only SiLU-gated MLPs (SwiGLU) map to moejax")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise _unsupported(arch, f"{flag}=True")
@@ -117,7 +120,8 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", max_seq_len: int |
     shared = int(hf.get("shared_expert_intermediate_size") or 0)
     if sparse:
       moe = config.MoEConfig(num_experts=int(hf["num_experts"]), top_k=int(hf["num_experts_per_tok"]),
-                             d_ff=int(hf["moe_intermediate_size"]), renormalize=bool(hf.get("norm_topk_prob")),
+                             d_ff=int(hf["moe_intermediate_size"]),
+                             renormalize=bool(hf.get("norm_topk_prob")),
                              dispatch="dropless", num_shared_experts=1 if shared else 0, shared_d_ff=shared,
                              shared_gate=bool(shared),
                              load_balance_weight=float(hf.get("router_aux_loss_coef", 0.001)), **pattern)
@@ -132,7 +136,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", max_seq_len: int |
 
 
 def export_arch(cfg: config.ModelConfig, arch: str = "auto") -> str:
-  """Pick (auto) or check the HF architecture that holds `cfg` exactly; errors say which feature does not fit."""
+  """Pick (auto) or check the HF architecture that holds `cfg` exactly; errors name what does not fit."""
   if arch not in ("auto",) + EXPORT_ARCHS:
     raise ValueError(f"arch={arch!r}: choose auto, {', '.join(EXPORT_ARCHS)}")
   problems = []
@@ -151,7 +155,8 @@ def export_arch(cfg: config.ModelConfig, arch: str = "auto") -> str:
   if arch == "auto":
     if not moe_layers:
       arch = "qwen2" if cfg.qkv_bias else "llama"
-    elif (len(moe_layers) == cfg.num_layers and not m.num_shared_experts and m.renormalize and not cfg.qkv_bias):
+    elif (len(moe_layers) == cfg.num_layers and not m.num_shared_experts and m.renormalize
+          and not cfg.qkv_bias):
       arch = "mixtral"
     else:
       arch = "qwen2_moe"
@@ -177,8 +182,10 @@ def export_arch(cfg: config.ModelConfig, arch: str = "auto") -> str:
   return arch
 
 
-def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32") -> dict[str, Any]:
-  """ModelConfig -> config.json dict for `arch` (already checked by `export_arch`)."""
+def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32",
+                 shared_width: int = 0) -> dict[str, Any]:
+  """ModelConfig -> config.json dict for `arch` (already checked by `export_arch`). `shared_width`: the shared
+  expert's hidden width as the params have it (0 = no shared expert)."""
   m = cfg.moe
   out: dict[str, Any] = {
     "architectures": [_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
@@ -196,24 +203,17 @@ def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32") -> 
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
                layer_types=["full_attention"] * cfg.num_layers)
   if arch == "mixtral":
-    out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k, intermediate_size=cfg.expert_d_ff,
-               sliding_window=None, router_jitter_noise=m.jitter, router_aux_loss_coef=m.load_balance_weight,
-               output_router_logits=False)
+    out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+               intermediate_size=cfg.expert_d_ff, sliding_window=None, router_jitter_noise=m.jitter,
+               router_aux_loss_coef=m.load_balance_weight, output_router_logits=False)
   if arch == "qwen2_moe":
     out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=cfg.expert_d_ff,
                norm_topk_prob=m.renormalize, decoder_sparse_step=1,
                mlp_only_layers=[i for i in range(cfg.num_layers) if not m.is_moe_layer(i)],
                # Qwen2-MoE always has a shared expert; without one we write a width-1 expert of zeros.
-               shared_expert_intermediate_size=_qwen_shared_width(cfg), qkv_bias=True,
+               shared_expert_intermediate_size=shared_width or 1, qkv_bias=True,
                router_aux_loss_coef=m.load_balance_weight, output_router_logits=False)
   return out
-
-
-def _qwen_shared_width(cfg: config.ModelConfig) -> int:
-  m = cfg.moe
-  if not m.num_shared_experts:
-    return 1
-  return m.shared_d_ff or m.num_shared_experts * cfg.expert_d_ff
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +314,8 @@ def plan(cfg: config.ModelConfig, arch: str, shapes: dict[str, tuple[int, ...]])
       if m:
         entry = _layer_entry(path, int(m[1]), m[2], arch, cfg.moe.num_experts)
     if entry is None:
-      raise config.ConfigError(f"moejax param {path!r} has no counterpart in a Hugging Face {arch} checkpoint")
+      raise config.ConfigError(f"moejax param {path!r} has no counterpart in a Hugging Face {arch} "
+                               "checkpoint")
     out[path] = entry
   return out
 
