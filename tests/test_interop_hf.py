@@ -270,17 +270,8 @@ def test_export_shards_and_bfloat16(tmp_path):
 
 
 def _upcycle(dense_params, dense_cfg, moe_cfg):
-  try:
-    from moejax import upcycle
-  except ImportError:  # until the upcycling module lands: copy each dense MLP into every expert, zero router
-    out = jax.tree.map(lambda x: x, dense_params)
-    for i, layer in out["layers"].items():
-      if moe_cfg.moe.is_moe_layer(int(i)):
-        mlp = layer.pop("mlp")
-        E = moe_cfg.moe.num_experts
-        layer["moe"] = {"router": {"w": jnp.zeros((dense_cfg.d_model, E))},
-                        "experts": {k: jnp.broadcast_to(v, (E,) + v.shape) for k, v in mlp.items()}}
-    return out
+  from moejax import upcycle
+
   return upcycle.upcycle(dense_params, dense_cfg, moe_cfg, config.UpcycleConfig(router_init="zeros"))
 
 
@@ -334,6 +325,36 @@ def test_cli_import_then_export(tmp_path, capsys):
   back = _load_back(tmp_path / "out")
   tokens = _tokens(exp.model.vocab_size, seed=6)
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_readme_chain_import_upcycle_train_export(tmp_path):
+  """The README workflow end to end (~30 s of CPU): import-hf a Llama, train its upcycled Mixtral-style twin
+  for 3 steps from `init.upcycle_from`, export-hf as Mixtral; transformers computes the trained model's
+  logits."""
+  from moejax import checkpoint, train
+
+  _save(_build("LlamaForCausalLM", vocab_size=256), tmp_path / "hf")  # 256: the byte tokenizer's vocab
+  small = {"data.seq_len": 32, "data.batch_size": 8}
+  overrides = [f"{k}={v}" for k, v in small.items()]
+  assert hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "dense"), overrides) == 0
+  exp = config.derive(hf.experiment_from_hf(tmp_path / "hf"), {
+    **small, "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.offset": 0, "model.moe.every": 1,
+    "init.upcycle_from": str(tmp_path / "dense"), "train.steps": 3, "train.eval_every": 3,
+    "train.checkpoint_every": 3, "train.eval_steps": 1})
+  result = train.train(exp, tmp_path / "moe", progress=False)
+  assert result["status"] == "completed" and result["step"] == 3
+  assert hf.cli_export(str(tmp_path / "moe"), str(tmp_path / "out"), "mixtral") == 0
+  back = _load_back(tmp_path / "out")
+  assert type(back).__name__ == "MixtralForCausalLM"
+  specs = transformer.specs(exp.model)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=sharding.is_spec)
+  trained, step = checkpoint.load_params(tmp_path / "moe", abstract)
+  assert step == 3
+  w_up = np.asarray(trained["layers"]["0"]["moe"]["experts"]["w_up"])
+  assert np.abs(w_up[0] - w_up[1]).max() > 0  # upcycled as copies; training (different tokens) set them apart
+  tokens = _tokens(256, seed=7)
+  _close(_hf_logits(back, tokens), _our_logits(trained, exp.model, tokens))
 
 
 # ----------------------------------------------------------------------------------------------------------
