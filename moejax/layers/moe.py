@@ -1,55 +1,333 @@
-"""PLACEHOLDER (being replaced by the real MoE layer): the contract the rest of moejax relies on.
+"""The MoE layer: route -> dispatch -> experts -> combine (+ shared experts), optionally expert-parallel.
 
-specs(cfg: ModelConfig) -> {"router": {"w": [D, E]}, "experts": {"w_gate": [E, D, F], "w_up": [E, D, F],
-                                                                 "w_down": [E, F, D]}}
-apply(p, x_BTD, cfg, *, rng, train) -> (y_BTD, aux) with aux keys:
-  aux_loss (weighted sum, added to the training loss), load_balance_loss, z_loss,
-  expert_load [E] (fraction of routed assignments per expert), dropped_fraction, router_entropy
+Param paths (stable; upcycling and checkpoint import rely on them; E experts, F = cfg.expert_d_ff):
+  router/w [D, E]           router/bias [E]   (only with moe.bias_balance_rate > 0; not trained by the optimizer)
+  experts/w_gate [E, D, F]  experts/w_up [E, D, F]  experts/w_down [E, F, D]   (w_gate: swiglu only)
+  experts/b_gate [E, F]  experts/b_up [E, F]  experts/b_down [E, D]             (model.bias, CLIP towers)
+  shared/{w_gate,w_up,w_down,...}   a dense MLP of width Fs (moe.num_shared_experts > 0)
+  shared_gate/w [D, 1]              Qwen-MoE's sigmoid gate on the shared output (moe.shared_gate)
+
+Dispatch. Every routed (token, slot) assignment gets a row in an expert buffer `[M, D]`, and the layer is two
+row gathers around the expert MLP: `x_M = x[row_token]`, `y_token = sum_k w_k * y_M[pos_k]`. Both gathers have
+a custom VJP that is again a gather (the plain transpose of a gather is a scatter-add, slow on CPU).
+- `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence; top-1
+  choices are placed before top-2 ones, so overflow drops the lower-priority choices first. The buffer is
+  `[E, G*C, D]` and the experts are one batched einsum. Dropped assignments contribute zero.
+- `dropless` (MegaBlocks, Gale et al. 2023): rows sorted by expert, each group padded to the gmm backend's
+  tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
+- expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
+Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis.
 """
 
 from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moejax import config, sharding
-from moejax.layers import mlp
+from moejax.layers import expert_parallel, gmm, mlp, router
+
+# ----------------------------------------------------------------------------------------------------------
+# Params
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _dtype(cfg: config.ModelConfig):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[cfg.param_dtype]
 
 
 def specs(cfg: config.ModelConfig) -> dict:
-  from moejax.models.transformer import DTYPES
-
-  pd = DTYPES[cfg.param_dtype]
-  D, F, E = cfg.d_model, cfg.expert_d_ff, cfg.moe.num_experts
+  m, pd = cfg.moe, _dtype(cfg)
+  D, F, E = cfg.d_model, cfg.expert_d_ff, m.num_experts
+  if E < 1:
+    raise config.ConfigError(f"moe.specs needs moe.num_experts >= 1, got {E}")
   experts = {
     "w_up": sharding.param(sharding.fan_in(D), (E, D, F), ("expert", "embed", "mlp"), pd),
     "w_down": sharding.param(sharding.fan_in(F), (E, F, D), ("expert", "mlp", "embed"), pd),
   }
   if cfg.activation == "swiglu":
     experts["w_gate"] = sharding.param(sharding.fan_in(D), (E, D, F), ("expert", "embed", "mlp"), pd)
-  return {"router": {"w": sharding.param(sharding.normal(cfg.moe.router_init_std), (D, E), ("embed", None))},
-          "experts": experts}
+  if cfg.bias:
+    experts["b_up"] = sharding.param(sharding.zeros, (E, F), ("expert", "mlp"), pd)
+    experts["b_down"] = sharding.param(sharding.zeros, (E, D), ("expert", None), pd)
+    if cfg.activation == "swiglu":
+      experts["b_gate"] = sharding.param(sharding.zeros, (E, F), ("expert", "mlp"), pd)
+  # The router stays float32 whatever the param dtype: routing decisions are sensitive to rounding.
+  p = {"router": {"w": sharding.param(sharding.normal(m.router_init_std), (D, E), ("embed", None))},
+       "experts": experts}
+  if m.bias_balance_rate > 0:
+    p["router"]["bias"] = sharding.param(sharding.zeros, (E,), (None,))
+  if m.num_shared_experts > 0:
+    Fs = m.shared_d_ff or m.num_shared_experts * cfg.d_ff
+    p["shared"] = mlp.specs(D, Fs, cfg.activation, pd, bias=cfg.bias)
+    if m.shared_gate:
+      p["shared_gate"] = {"w": sharding.param(sharding.fan_in(D), (D, 1), ("embed", None), pd)}
+  return p
 
 
-def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng=None, train=False):
+_NON_TRAINABLE = re.compile(r"(^|/)router/bias$")
+
+
+def non_trainable(path: str) -> bool:
+  """Params the optimizer must not update: the aux-loss-free balancing bias (`update_router_bias` moves it)."""
+  return bool(_NON_TRAINABLE.search(path))
+
+
+def update_router_bias(params: dict, moe_aux_by_layer: dict, cfg: config.ModelConfig) -> dict:
+  """DeepSeek-V3 aux-loss-free balancing: bias_e += rate * sign(mean_load - load_e) for every MoE layer.
+
+  `moe_aux_by_layer` is the decoder's `aux["moe"]`: {layer: aux}. A key "i" matches the one param path ending
+  in `layers/i/moe/router/bias`; a key "tower/i" must also start with "tower/".
+  """
+  rate = cfg.moe.bias_balance_rate
+  if rate <= 0:
+    return params
+  flat = sharding.flatten(params)
+  for key, aux in moe_aux_by_layer.items():
+    prefix, _, layer = str(key).rpartition("/")
+    hits = [p for p in flat if p.endswith(f"layers/{layer}/moe/router/bias") and p.startswith(prefix)]
+    if len(hits) != 1:
+      raise KeyError(f"update_router_bias: aux layer {key!r} matches {len(hits)} router/bias params {hits}; "
+                     f"need exactly one (is moe.bias_balance_rate > 0 when the params were made?)")
+    load_E = aux["expert_load"].astype(jnp.float32)
+    bias = flat[hits[0]]
+    flat[hits[0]] = (bias + rate * jnp.sign(jnp.mean(load_E) - load_E)).astype(bias.dtype)
+  return sharding.unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row gathers with gather-only VJPs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def take_rows(x_ND: jax.Array, idx_M: jax.Array, inv_NJ: jax.Array) -> jax.Array:
+  """out[m] = x[idx[m]] (zero where idx[m] >= N). `inv_NJ[n]` lists the rows that read x[n] (>= M: none),
+  which makes the VJP a gather-and-sum instead of a scatter-add."""
+  return jnp.take(x_ND, idx_M, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_ND, idx_M, inv_NJ):
+  return take_rows(x_ND, idx_M, inv_NJ), (idx_M, inv_NJ)
+
+
+def _take_rows_bwd(res, g_MD):
+  _, inv_NJ = res
+  dx_NJD = jnp.take(g_MD, inv_NJ, axis=0, mode="fill", fill_value=0)
+  return jnp.sum(dx_NJD, 1), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts: where each (token, slot) assignment lives in the expert buffer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+  pos_NK: jax.Array  # int32 [N, K]: buffer row of each assignment; M where dropped / not chosen
+  weight_NK: jax.Array  # float32 [N, K]: combine weights
+  row_src_M: jax.Array  # int32 [M]: the assignment n*K + k in each row; N*K for empty rows
+  group_sizes_E: jax.Array | None  # int32 [E] padded group sizes (sorted rows), or None: a fixed [E, M/E] buffer
+  dropped: jax.Array  # float32 scalar: fraction of assignments (tokens, for expert choice) dropped
+
+
+def _ranks(e_GA: jax.Array, E: int) -> jax.Array:
+  """Rank of each assignment among the earlier ones of its group that chose the same expert."""
+  onehot_GAE = jax.nn.one_hot(e_GA, E, dtype=jnp.int32)  # e == E (no expert) -> zero row
+  return jnp.sum((jnp.cumsum(onehot_GAE, 1) - 1) * onehot_GAE, -1)
+
+
+def _row_sources(pos_A: jax.Array, M: int) -> jax.Array:
+  A = pos_A.shape[0]
+  return jnp.full((M,), A, jnp.int32).at[pos_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
+
+
+def sorted_layout(e_A: jax.Array, E: int, tile: int) -> tuple[jax.Array, jax.Array, int]:
+  """Dropless: rows sorted by expert, each group padded to a multiple of `tile`. e_A == E marks no assignment.
+  Returns (pos_A, padded group sizes, M)."""
+  A = e_A.shape[0]
+  rank_A = _ranks(e_A[None], E)[0]
+  sizes_E = jnp.sum(jax.nn.one_hot(e_A, E, dtype=jnp.int32), 0)
+  padded_E = (sizes_E + tile - 1) // tile * tile
+  M = -(-(A + E * (tile - 1)) // tile) * tile  # sum_e ceil(n_e / tile) * tile <= A + E (tile - 1)
+  starts_E = jnp.concatenate([gmm.group_starts(padded_E), jnp.full((1,), M, padded_E.dtype)])
+  pos_A = jnp.where(e_A < E, starts_E[e_A] + rank_A, M).astype(jnp.int32)
+  return pos_A, padded_E.astype(jnp.int32), M
+
+
+def capacity_layout(e_GA: jax.Array, E: int, C: int) -> tuple[jax.Array, jax.Array]:
+  """Fixed buffer [E, G, C]: assignment a of group g goes to row e*G*C + g*C + rank, or is dropped (row M)
+  when C earlier assignments of the group chose e. Returns (pos_GA, kept_GA)."""
+  G = e_GA.shape[0]
+  rank_GA = _ranks(e_GA, E)
+  kept_GA = (rank_GA < C) & (e_GA < E)
+  g_G1 = jnp.arange(G, dtype=jnp.int32)[:, None]
+  pos_GA = jnp.where(kept_GA, e_GA * (G * C) + g_G1 * C + rank_GA, E * G * C).astype(jnp.int32)
+  return pos_GA, kept_GA
+
+
+def token_choice_layout(tc: router.TokenChoice, E: int, dispatch: str, capacity: int, tile: int) -> Layout:
+  G, S, K = tc.expert_GSK.shape
+  if dispatch == "dropless":
+    pos_A, sizes_E, M = sorted_layout(tc.expert_GSK.reshape(-1), E, tile)
+    pos_NK, dropped = pos_A.reshape(G * S, K), jnp.zeros((), jnp.float32)
+  else:
+    # Slot-major order within each sequence (all top-1 choices, then all top-2, ...): top-1 gets priority.
+    e_GA = jnp.swapaxes(tc.expert_GSK, 1, 2).reshape(G, K * S)
+    pos_GA, kept_GA = capacity_layout(e_GA, E, capacity)
+    pos_NK = jnp.swapaxes(pos_GA.reshape(G, K, S), 1, 2).reshape(G * S, K)
+    sizes_E, M = None, E * G * capacity
+    dropped = 1.0 - jnp.mean(kept_GA.astype(jnp.float32))
+  return Layout(pos_NK, tc.weight_GSK.reshape(G * S, K), _row_sources(pos_NK.reshape(-1), M), sizes_E, dropped)
+
+
+def expert_choice_layout(ec: router.ExpertChoice, S: int) -> Layout:
+  """Buffer [E, G, C] filled exactly; token n's slots are the E experts (pos M where e did not pick n)."""
+  G, E, C = ec.token_GEC.shape
+  N, M = G * S, E * G * C
+  n_EGC = jnp.swapaxes(ec.token_GEC, 0, 1) + (jnp.arange(G, dtype=jnp.int32) * S)[None, :, None]
+  e_EGC = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[:, None, None], n_EGC.shape)
+  rows_EGC = jnp.arange(M, dtype=jnp.int32).reshape(E, G, C)
+  pos_NE = jnp.full((N, E), M, jnp.int32).at[n_EGC, e_EGC].set(rows_EGC)
+  weight_NE = jnp.zeros((N, E), ec.weight_GEC.dtype).at[n_EGC, e_EGC].set(jnp.swapaxes(ec.weight_GEC, 0, 1))
+  dropped = jnp.mean(jnp.all(pos_NE == M, -1).astype(jnp.float32))  # tokens no expert picked
+  return Layout(pos_NE, weight_NE, (n_EGC * E + e_EGC).reshape(-1), None, dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax.Array | None,
+                  backend: str) -> jax.Array:
+  """The expert MLPs on buffer rows: fixed `[E, M/E]` blocks (einsum) or sorted groups (grouped matmul).
+  Same math as `mlp.apply`, so an expert initialized from a dense MLP computes exactly what it did."""
+  dt = x_MD.dtype
+  M, D = x_MD.shape
+  if group_sizes_E is None:
+    E = ex["w_up"].shape[0]
+
+    def lin(x, name):
+      y = jnp.einsum("ERI,EIO->ERO", x, ex["w_" + name].astype(dt))
+      return y + ex["b_" + name].astype(dt)[:, None] if "b_" + name in ex else y
+
+    x = x_MD.reshape(E, M // E, D)
+  else:
+    e_M = gmm.row_experts(group_sizes_E, M) if "b_up" in ex else None
+
+    def lin(x, name):
+      y = gmm.gmm(x, ex["w_" + name].astype(dt), group_sizes_E, backend)
+      return y + jnp.take(ex["b_" + name].astype(dt), e_M, 0, mode="fill", fill_value=0) if "b_" + name in ex else y
+
+    x = x_MD
+  h = mlp.hidden(lin(x, "gate") if "w_gate" in ex else None, lin(x, "up"), activation)
+  return lin(h, "down").reshape(M, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, rng, train: bool, tile: int,
+          all_slots: bool = False) -> tuple[Layout, dict]:
+  """Router + layout for one shard of sequences. `all_slots` (expert-parallel dropless) lays token-choice
+  assignments into a fixed [E, G*S] buffer: room for every local token at every expert, so nothing drops."""
   m = cfg.moe
-  E, k = m.num_experts, m.top_k
-  logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32), p["router"]["w"].astype(jnp.float32))
-  probs = jax.nn.softmax(logits_BTE, -1)
-  w_BTk, idx_BTk = jax.lax.top_k(probs, k)
-  if m.renormalize:
-    w_BTk = w_BTk / jnp.sum(w_BTk, -1, keepdims=True)
-  gates_BTE = jnp.sum(jax.nn.one_hot(idx_BTk, E) * w_BTk[..., None], -2)
-  ex = p["experts"]
-  dt = x_BTD.dtype
-  h_up = jnp.einsum("BTD,EDF->BTEF", x_BTD, ex["w_up"].astype(dt))
-  h_gate = jnp.einsum("BTD,EDF->BTEF", x_BTD, ex["w_gate"].astype(dt)) if "w_gate" in ex else None
-  y_BTED = jnp.einsum("BTEF,EFD->BTED", mlp.hidden(h_gate, h_up, cfg.activation), ex["w_down"].astype(dt))
-  y = jnp.einsum("BTED,BTE->BTD", y_BTED, gates_BTE.astype(dt))
-  load_E = jnp.mean(jnp.sum(jax.nn.one_hot(idx_BTk, E), -2), (0, 1)) / k
-  lb = E * jnp.sum(load_E * jnp.mean(probs, (0, 1)))
-  z = jnp.mean(jax.nn.logsumexp(logits_BTE, -1) ** 2)
-  ent = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), -1))
-  aux = {"aux_loss": m.load_balance_weight * lb + m.z_loss_weight * z, "load_balance_loss": lb, "z_loss": z,
-         "expert_load": load_E, "dropped_fraction": jnp.zeros(()), "router_entropy": ent}
-  return y, aux
+  G, S, _ = x_GSD.shape
+  E = m.num_experts
+  logits_GSE = router.logits(p_router["w"], x_GSD, jitter=m.jitter if train else 0.0, rng=rng)
+  probs_GSE = jax.nn.softmax(logits_GSE, -1)
+  if m.router == "expert_choice":
+    routing = router.expert_choice(probs_GSE, router.expert_capacity(m.capacity_factor, S, E))
+    layout = expert_choice_layout(routing, S)
+  else:
+    routing = router.token_choice(probs_GSE, m.top_k, m.renormalize, p_router.get("bias"))
+    if all_slots:
+      flat = router.TokenChoice(*(a.reshape(1, G * S, -1) for a in routing))
+      layout = token_choice_layout(flat, E, "capacity", G * S, tile)
+    else:
+      layout = token_choice_layout(routing, E, m.dispatch, router.expert_capacity(m.capacity_factor, S, E, m.top_k),
+                                   tile)
+  return layout, router.stats(logits_GSE, probs_GSE, routing)
+
+
+def dispatch_rows(x_ND: jax.Array, layout: Layout) -> jax.Array:
+  N, K = layout.pos_NK.shape
+  row_token_M = jnp.where(layout.row_src_M < N * K, layout.row_src_M // K, N)
+  return take_rows(x_ND, row_token_M, layout.pos_NK)
+
+
+def combine_rows(y_MD: jax.Array, layout: Layout) -> jax.Array:
+  N, K = layout.pos_NK.shape
+  y_AD = take_rows(y_MD, layout.pos_NK.reshape(-1), layout.row_src_M[:, None])
+  return jnp.einsum("NKD,NK->ND", y_AD.reshape(N, K, -1), layout.weight_NK.astype(y_MD.dtype))
+
+
+def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation: str, backend: str) -> jax.Array:
+  """Expert-parallel dropless receiver: local expert l's rows are the valid ones of x_LQD[l]; compact them into
+  sorted groups, run the grouped matmul, and put the results back in place (zeros elsewhere)."""
+  L, Q, D = x_LQD.shape
+  e_A = jnp.where(valid_LQ, jnp.arange(L, dtype=jnp.int32)[:, None], L).reshape(-1)
+  pos_A, sizes_L, M = sorted_layout(e_A, L, gmm.tile_for(backend))
+  row_src_M = _row_sources(pos_A, M)
+  x_MD = take_rows(x_LQD.reshape(L * Q, D), row_src_M, pos_A[:, None])
+  y_MD = experts_apply(ex, x_MD, activation, sizes_L, backend)
+  return take_rows(y_MD, pos_A, row_src_M[:, None]).reshape(L, Q, D)
+
+
+def _forward(p: dict, x_GSD: jax.Array, rng, *, cfg: config.ModelConfig, train: bool, backend: str,
+             ep: expert_parallel.Plan | None):
+  """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh)."""
+  G, S, D = x_GSD.shape
+  E = cfg.moe.num_experts
+  all_slots = ep is not None and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
+  layout, st = route(p["router"], x_GSD, cfg, rng=rng, train=train, tile=gmm.tile_for(backend), all_slots=all_slots)
+  x_MD = dispatch_rows(x_GSD.reshape(G * S, D), layout)
+  if ep is None:
+    y_MD = experts_apply(p["experts"], x_MD, cfg.activation, layout.group_sizes_E, backend)
+  else:  # fixed [E, R] blocks travel to the experts' devices and back
+    M = x_MD.shape[0]
+    N, K = layout.pos_NK.shape
+    if all_slots:
+      valid_ER = (layout.row_src_M < N * K).reshape(E, M // E)
+      fn = lambda x, v: _sorted_experts(p["experts"], x, v, cfg.activation, backend)
+    else:
+      valid_ER = None
+      fn = lambda x, v: experts_apply(p["experts"], x.reshape(-1, D), cfg.activation, None, backend).reshape(x.shape)
+    y_MD = expert_parallel.exchange(x_MD.reshape(E, M // E, D), valid_ER, ep, fn).reshape(M, D)
+  return combine_rows(y_MD, layout).reshape(G, S, D), st, layout.dropped
+
+
+def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
+          train: bool = False) -> tuple[jax.Array, dict]:
+  """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`."""
+  m = cfg.moe
+  if x_BTD.ndim != 3 or x_BTD.shape[-1] != cfg.d_model:
+    raise ValueError(f"moe.apply: x must be [B, T, d_model={cfg.d_model}], got {x_BTD.shape}")
+  E = p["experts"]["w_up"].shape[0]
+  if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, E):
+    raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
+                     f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
+  backend = gmm.resolve(m.gmm_backend)
+  ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
+  fwd = functools.partial(_forward, cfg=cfg, train=train, backend=backend, ep=ep)
+  routed = {"router": p["router"], "experts": p["experts"]}
+  if ep is None:
+    y_BTD, st, dropped = fwd(routed, x_BTD, rng)
+  else:
+    y_BTD, st, dropped = expert_parallel.shard(fwd, ep, routed, x_BTD, rng)
+  aux = router.aux_from_stats(st, dropped, m)
+  if "shared" in p:
+    s_BTD = mlp.apply(p["shared"], x_BTD, cfg.activation)
+    if "shared_gate" in p:
+      s_BTD = s_BTD * jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, p["shared_gate"]["w"].astype(x_BTD.dtype)))
+    y_BTD = y_BTD + s_BTD
+  return sharding.constrain(y_BTD, ("batch", "seq", "act_embed")), aux

@@ -1,0 +1,109 @@
+"""Expert parallelism: the MoE layer's one `shard_map`, over every mesh axis, exchanging tokens along `expert`.
+
+Tokens are sharded over the batch axes (data, fsdp, expert; `sharding.RULES`), experts over the expert axis.
+Inside the shard_map each device routes its own sequences, lays its assignments into a fixed `[E, R, D]` send
+buffer (R rows per expert), and one tiled `all_to_all` along the expert axis delivers to each device the
+blocks for its E/ep local experts from every peer; a second all_to_all returns the results. Expert weights
+enter with only their expert dim sharded, so fsdp / tensor shards of them are all-gathered at the boundary
+(the usual FSDP pattern); router weights enter replicated; JAX sums their gradients over the mesh.
+
+Fixed capacity, not ragged: XLA:CPU has no `ragged_all_to_all` (UNIMPLEMENTED), and one fixed path that is
+tested on 8 CPU devices is worth more than an untested ragged one. For `capacity` dispatch and expert choice,
+R = G * C exactly (the same slots as without a mesh, so no extra drops). For `dropless`, R = every local token
+(an expert can get each token at most once), so nothing is ever dropped; the receiver compacts the valid rows
+into sorted groups before its grouped matmul, so compute stays proportional to the routed tokens, only the
+exchange volume is E / k times the minimum.
+
+Router stats are averaged over the batch axes before the aux losses are formed, so the load-balance loss is
+that of the global batch and the layer equals its single-device self (outputs and gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from moejax import config, sharding
+
+
+class Plan(NamedTuple):
+  mesh: Mesh
+  axis: str  # the mesh axis experts are split over
+  size: int  # its size (ep)
+  batch_axes: tuple[str, ...]  # mesh axes the token batch is split over (contains `axis`)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def plan(mesh: Mesh | None, num_experts: int, batch: int) -> Plan | None:
+  """The expert-parallel layout for `mesh`, or None when there is no mesh or its expert axis has size 1."""
+  if mesh is None:
+    return None
+  expert_axes = _axes(sharding.spec_for(("expert",), mesh)[0])
+  if not expert_axes:
+    return None
+  if len(expert_axes) != 1:
+    raise config.ConfigError(f"expert parallelism needs experts on one mesh axis, rules give {expert_axes}")
+  axis = expert_axes[0]
+  ep = mesh.shape[axis]
+  if num_experts % ep:
+    raise config.ConfigError(f"moe.num_experts={num_experts} is not divisible by the mesh expert axis "
+                             f"{axis!r} of size {ep}")
+  batch_axes = _axes(sharding.spec_for(("batch",), mesh)[0])
+  if axis not in batch_axes:
+    raise config.ConfigError(f"expert parallelism needs tokens split over the expert axis {axis!r}; the "
+                             f"'batch' rule gives {batch_axes}")
+  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  if batch % shards:
+    raise config.ConfigError(f"batch of {batch} sequences is not divisible by the mesh batch axes "
+                             f"{dict((a, mesh.shape[a]) for a in batch_axes)} (product {shards}), which expert "
+                             f"parallelism needs")
+  return Plan(mesh, axis, ep, batch_axes)
+
+
+def shard(fn: Callable, ep: Plan, p: dict, x_BTD: jax.Array, rng: jax.Array | None):
+  """Run `fn(p_local, x_local, rng) -> (y_local, stats, dropped)` under one shard_map; stats averaged."""
+  tokens = PartitionSpec(ep.batch_axes)
+  p_specs = {"router": jax.tree.map(lambda _: PartitionSpec(), p["router"]),
+             "experts": jax.tree.map(lambda _: PartitionSpec(ep.axis), p["experts"])}
+
+  def body(p_local, x_local, *maybe_rng):
+    r = None
+    if maybe_rng:  # a different jitter draw on every token shard
+      r = maybe_rng[0]
+      for a in ep.batch_axes:
+        r = jax.random.fold_in(r, lax.axis_index(a))
+    y, st, dropped = fn(p_local, x_local, r)
+    mean = lambda v: lax.pmean(v, ep.batch_axes)
+    return y, jax.tree.map(mean, st), mean(dropped)
+
+  args = (p, x_BTD) + (() if rng is None else (rng,))
+  in_specs = (p_specs, tokens) + (() if rng is None else (PartitionSpec(),))
+  return jax.shard_map(body, mesh=ep.mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec(), PartitionSpec()),
+                       check_vma=True)(*args)
+
+
+def exchange(x_ERD: jax.Array, valid_ER: jax.Array | None, ep: Plan,
+             fn: Callable[[jax.Array, jax.Array | None], jax.Array]) -> jax.Array:
+  """Send block e of `x_ERD` to the device holding expert e, apply `fn(x_LQD, valid_LQ)` there to the blocks
+  from all peers (L = E/ep local experts, Q = ep * R rows each), and bring the results back: [E, R, D]."""
+  E, R, D = x_ERD.shape
+  L = E // ep.size
+
+  def there(a):  # [E, R, ...] -> [L, ep * R, ...] on the experts' device
+    a = lax.all_to_all(a, ep.axis, split_axis=0, concat_axis=0, tiled=True)  # [ep (source) * L, R, ...]
+    a = a.reshape((ep.size, L, R) + a.shape[2:])
+    return jnp.swapaxes(a, 0, 1).reshape((L, ep.size * R) + a.shape[3:])
+
+  valid_LQ = None if valid_ER is None else there(valid_ER.astype(jnp.int32)) > 0
+  y_LQD = fn(there(x_ERD), valid_LQ)
+  y = jnp.swapaxes(y_LQD.reshape(L, ep.size, R, D), 0, 1).reshape(E, R, D)
+  return lax.all_to_all(y, ep.axis, split_axis=0, concat_axis=0, tiled=True)
