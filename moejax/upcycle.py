@@ -132,19 +132,22 @@ def _to_experts(src: jax.Array, t: Target, key: jax.Array) -> jax.Array:
     src32 = src32 * _shared_split(t, "routed")
   w = jnp.broadcast_to(src32[None], spec.shape)
   mean, std = jnp.mean(src32), jnp.std(src32)
-  pkey = _path_key(key, t.path)
-  if init.expert_noise_std > 0:
-    noise = jax.random.normal(jax.random.fold_in(pkey, 0), spec.shape, jnp.float32)
-    w = w + init.expert_noise_std * std * noise
   name = t.path.rsplit("/", 1)[-1]
-  if init.drop_ratio > 0 and name in _HIDDEN_AXIS:
+  noise, drop = init.expert_noise_std > 0, init.drop_ratio > 0 and name in _HIDDEN_AXIS
+  if not (noise or drop):
+    return w
+  # One N(0, 1) draw per entry serves both tricks: an entry is either re-drawn (drop) or perturbed (noise),
+  # never both, so values stay independent and the random numbers (costly on CPU) are made once.
+  z = jax.random.normal(_path_key(key, t.path), spec.shape, jnp.float32)
+  if noise:
+    w = w + init.expert_noise_std * std * z
+  if drop:
     f_axis = _HIDDEN_AXIS[name]
     F = spec.shape[f_axis]
     mask_EF = drop_mask(_path_key(key, _layer_dir(t.path)), E, F, init.drop_ratio)
     bshape = [1] * len(spec.shape)
     bshape[0], bshape[f_axis] = E, F
-    fresh = mean + std * jax.random.normal(jax.random.fold_in(pkey, 1), spec.shape, jnp.float32)
-    w = jnp.where(mask_EF.reshape(bshape), fresh, w)
+    w = jnp.where(mask_EF.reshape(bshape), mean + std * z, w)
   return w
 
 
@@ -337,7 +340,7 @@ def check_compatible(dense_cfg: config.ModelConfig, moe_cfg: config.ModelConfig,
     problems.append(f"{p}.moe.d_ff={m.d_ff} makes experts {moe_cfg.expert_d_ff} wide, but copying the dense "
                     f"MLP needs its width {dense_cfg.d_ff} (set {p}.moe.d_ff=0 or {dense_cfg.d_ff})")
   if m.num_experts and m.num_shared_experts:
-    width = m.shared_d_ff or m.num_shared_experts * moe_cfg.expert_d_ff
+    width = m.shared_d_ff or m.num_shared_experts * moe_cfg.d_ff  # as moe.specs sizes it
     if width != dense_cfg.d_ff:
       problems.append(f"shared experts {width} wide ({p}.moe.num_shared_experts={m.num_shared_experts}, "
                       f"{p}.moe.shared_d_ff={m.shared_d_ff}) cannot copy the dense MLP ({dense_cfg.d_ff} "
