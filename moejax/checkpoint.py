@@ -140,6 +140,19 @@ def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, in
   return state["params"], step
 
 
+def restore_data_state(path: str | pathlib.Path, data_iter: Any) -> bool:
+  """Set `data_iter` to the data position saved with another run's checkpoint (an upcycled run that continues
+  its dense parent's schedule also continues its data stream, so it sees new batches, as the parent would).
+  Returns False when that checkpoint has no data state."""
+  ckpt_dir, step = resolve_step_dir(path)
+  data_dir = ckpt_dir / str(step) / "data"
+  if not data_dir.exists():
+    return False
+  ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).restore(
+    data_dir, args=grain.checkpoint.CheckpointRestore(data_iter))
+  return True
+
+
 def _as_abstract(x: Any) -> Any:
   if isinstance(x, jax.ShapeDtypeStruct):
     return x

@@ -66,6 +66,24 @@ def loss_curves(runs: dict[str, list[dict]], out: pathlib.Path, *, x_scale: dict
   return out
 
 
+def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+  for i, (name, rows) in enumerate(runs.items()):
+    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    steps, vals = series(rows, "eval", key)
+    ax.plot(cumulative_flops(dirs[name], steps) / 1e15, vals, color=f"C{i}", lw=2, marker="o", ms=3, label=name)
+  ax.set_xlabel("training PFLOPs (an upcycled run includes its dense parent's)")
+  ax.set_ylabel("eval loss (nats)")
+  ax.set_title("eval loss at equal training compute")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
 def expert_loads(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
   """(layer names, steps [S], loads [S, L, E]) from the train rows that carry per-layer expert loads."""
   layer_names: list[str] = []
@@ -142,6 +160,53 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
   return "\n".join(lines)
 
 
+def flops_per_step(workdir: pathlib.Path) -> float:
+  from moejax import checkpoint, tasks
+
+  cfg = checkpoint.read_config(workdir)
+  return cfg.data.batch_size * tasks.get(cfg.task).flops_per_example(cfg)
+
+
+def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray) -> np.ndarray:
+  """Training FLOPs spent to reach each step, counting an upcycled run's dense parent for the steps before
+  the upcycling (the parent's cost is part of the upcycled model's budget)."""
+  from moejax import checkpoint
+
+  cfg = checkpoint.read_config(workdir)
+  own = flops_per_step(workdir)
+  parent = cfg.init.upcycle_from
+  if parent and cfg.init.continue_step:
+    parent_dir = pathlib.Path(parent)
+    if not parent_dir.is_absolute() and not parent_dir.exists():
+      parent_dir = workdir.parent / parent_dir.name
+    try:
+      start = min(int(r["step"]) for r in metrics.read_jsonl(workdir) if r.get("split") == "train") - 1
+      base = flops_per_step(parent_dir)
+    except (FileNotFoundError, ValueError):
+      start, base = 0, own
+    return np.where(steps <= start, steps * base, start * base + (steps - start) * own)
+  return steps * own
+
+
+def compare(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path]) -> list[dict[str, Any]]:
+  """Eval loss of each run at the last step all runs reached, and at the FLOPs budget all runs reached
+  (linear interpolation between eval points)."""
+  curves = {}
+  for name, rows in runs.items():
+    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    steps, vals = series(rows, "eval", key)
+    curves[name] = (steps, vals, cumulative_flops(dirs[name], steps))
+  common_step = min(c[0][-1] for c in curves.values() if len(c[0]))
+  common_flops = min(c[2][-1] for c in curves.values() if len(c[0]))
+  table = []
+  for name, (steps, vals, flops) in curves.items():
+    table.append({"run": name, "last_step": int(steps[-1]), "eval_loss@last": float(vals[-1]),
+                  f"eval_loss@step{common_step}": float(np.interp(common_step, steps, vals)),
+                  "train_PFLOPs": float(flops[-1] / 1e15),
+                  f"eval_loss@{common_flops / 1e15:.3g}PFLOPs": float(np.interp(common_flops, flops, vals))})
+  return table
+
+
 def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None) -> dict[str, Any]:
   dirs = [pathlib.Path(d) for d in dirs]
   out_dir = pathlib.Path(out) if out else dirs[0]
@@ -152,12 +217,16 @@ def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None
       raise FileNotFoundError(f"{d} has no metrics.jsonl (is it a moejax workdir?)")
     runs[d.name] = rows
   files = [loss_curves(runs, out_dir / "loss.png")]
+  if len(runs) > 1:
+    files.append(_loss_vs_flops(runs, dict(zip(runs, dirs)), out_dir / "loss_vs_flops.png"))
   for name, rows in runs.items():
     fname = "expert_load.png" if len(runs) == 1 else f"expert_load_{name}.png"
     p = expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load")
     if p:
       files.append(p)
   table = markdown_table([{"run": n, **summary(r)} for n, r in runs.items()])
+  if len(runs) > 1:
+    table += "\n\n" + markdown_table(compare(runs, dict(zip(runs, dirs))))
   (out_dir / "report.md").write_text(table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n")
   (out_dir / "summary.json").write_text(json.dumps({n: summary(r) for n, r in runs.items()}, indent=2))
   return {"table": table, "files": [str(f) for f in files]}

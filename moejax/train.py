@@ -219,13 +219,17 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-def _initial_params(s: Setup, key: jax.Array) -> tuple[Any | None, int]:
-  """Params to start from when no checkpoint of this run exists: upcycled from a dense run, or random."""
+def _initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
+  """Params to start from when no checkpoint of this run exists: upcycled from a dense run, or None (random).
+  An upcycled run that continues the dense step also continues the dense run's data stream."""
   if not s.cfg.init.upcycle_from:
     return None, 0
   from moejax import upcycle  # the upcycling entry point (sparse upcycling, Komatsuzaki et al. 2023)
 
-  return upcycle.from_checkpoint(s.cfg, s.mesh, s.specs)
+  params, step = upcycle.from_checkpoint(s.cfg, s.mesh, s.specs)
+  if step and checkpoint.read_config(s.cfg.init.upcycle_from).data == s.cfg.data:
+    checkpoint.restore_data_state(s.cfg.init.upcycle_from, data_it)
+  return params, step
 
 
 def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
@@ -245,14 +249,15 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   start_step, state = mngr.restore_latest(s.abstract_state, data_it)
   if state is None:
     key = jax.random.key(cfg.train.seed)
-    params, step0 = _initial_params(s, key)
+    params, step0 = _initial_params(s, data_it)
     state = init_state(s, key, params, step0)
     start_step = step0
     resumed = False
   else:
     resumed = True
-  end_step = start_step + cfg.train.steps if (cfg.init.continue_step and not resumed and start_step) \
-    else cfg.train.steps
+  # `train.steps` is the absolute last step. An upcycled run with `init.continue_step` starts at the dense
+  # run's step and continues its LR schedule to the same end (Komatsuzaki et al. continue the original schedule).
+  end_step = cfg.train.steps
   writer = metrics.Writer(workdir, enabled=is_main)
   unit = s.task.throughput_unit
   units_per_step = cfg.data.batch_size * s.task.units_per_example(cfg)
@@ -299,8 +304,9 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
         mngr.save(step, state, cfg, data_it)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
         t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
-      if preempt.agreed():
-        mngr.save(step, state, cfg, data_it, force=True)
+      if preempt.agreed() and step < end_step:
+        if mngr.latest_step() != step:  # unless the scheduled save above just wrote this step
+          mngr.save(step, state, cfg, data_it, force=True)
         status = "preempted"
         if is_main:
           bar.write(f"moejax: preempted: checkpointed step {step}; re-run the same command to resume")
