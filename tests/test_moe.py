@@ -249,3 +249,20 @@ def test_decoder_with_moe_layers():
   for path, g in sharding.flatten(grads).items():
     assert np.all(np.isfinite(np.asarray(g))), path
   assert float(jnp.abs(grads["layers"]["1"]["moe"]["router"]["w"]).sum()) > 0
+
+
+def test_moe_experiments_resolve_and_mixtral_eval_shape():
+  from moejax import registry
+
+  tiny = registry.get("lm_moe_tiny")
+  assert [i for i in range(tiny.model.num_layers) if tiny.model.moe.is_moe_layer(i)] == [1, 3]
+  assert tiny.model.moe.num_experts == 8 and tiny.model.moe.top_k == 2
+  assert registry.get("lm_moe_tiny_ep").mesh.expert == 4
+  cfg = registry.get("lm_mixtral_8x7b").model
+  assert round(transformer.num_params(cfg) / 1e9, 1) == 46.7
+  assert round(transformer.num_params(cfg, active=True) / 1e9, 1) == 12.9
+  shapes = jax.eval_shape(lambda k: sharding.init_params(k, transformer.specs(cfg)), jax.random.PRNGKey(0))
+  assert shapes["layers"]["31"]["moe"]["experts"]["w_down"].shape == (8, 14336, 4096)
+  logits = jax.eval_shape(lambda p, t: transformer.forward(p, t, cfg)[0], shapes,
+                          jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  assert logits.shape == (1, 16, 32000)
