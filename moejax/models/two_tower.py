@@ -34,9 +34,25 @@ def _const(value: float):
   return lambda key, shape, dtype: jnp.full(shape, value, dtype)
 
 
+# What a shared backbone needs equal in both towers. Checked when the model is built, not in ClipConfig, so that
+# overrides can change the towers one at a time.
+SHARED_FIELDS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff", "activation", "norm",
+                 "bias", "qkv_bias", "norm_eps", "param_dtype", "moe")
+
+
+def check_shared(c: config.ClipConfig) -> None:
+  bad = [f"clip.vision.{f}={getattr(c.vision, f)!r} != clip.text.{f}={getattr(c.text, f)!r}"
+         for f in SHARED_FIELDS if getattr(c.vision, f) != getattr(c.text, f)]
+  if bad:
+    raise config.ConfigError("clip.shared_backbone=True runs both modalities through one set of blocks, so the "
+                             "towers' block configs must agree: " + "; ".join(bad))
+
+
 def specs(cfg: config.ExperimentConfig) -> dict:
   c = cfg.clip
   shared = c.shared_backbone
+  if shared:
+    check_shared(c)
   p: dict[str, Any] = {
     "vision": vit.specs(c, with_layers=not shared),
     "text": text.specs(c, with_layers=not shared),
@@ -114,12 +130,12 @@ def num_params(cfg: config.ExperimentConfig, active: bool = False) -> int:
 
 
 def _block_flops_per_token(cfg: config.ExperimentConfig, tower: str) -> float:
-  """6 x active block params (matmuls, fwd + bwd), the PaLM appendix-B estimate; biases and norms are noise."""
+  """6 x active matmul weights (`w*` leaves) of the blocks: fwd + bwd, the PaLM appendix-B estimate."""
   c = cfg.clip
   t = getattr(c, tower)
   layers = specs(cfg)["shared" if c.shared_backbone else tower]["layers"]
   flat = sharding.flatten(layers, is_leaf=sharding.is_spec)
-  return 6.0 * sum(_active_size(p, s.shape, t.moe) for p, s in flat.items() if len(s.shape) >= 2)
+  return 6.0 * sum(_active_size(p, s.shape, t.moe) for p, s in flat.items() if p.rsplit("/", 1)[-1].startswith("w"))
 
 
 def flops_per_example(cfg: config.ExperimentConfig) -> float:
