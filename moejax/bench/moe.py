@@ -1,0 +1,164 @@
+"""`moejax bench moe`: the MoE layer against its compute floor, a dense SwiGLU of width k * d_ff_expert.
+
+Both run over the same tokens in the same process; each timing is the median of `--iters` calls after
+compilation, with every variant called once per round (interleaved), so a noisy machine hurts all of them alike.
+Forward is `y = layer(x)`; forward+backward is the gradient of `sum(y * g) (+ aux_loss)` with respect to the
+input and every param. Ratios < 1 are possible on CPU: see docs/benchmarks.md.
+
+  moejax bench moe                                  # S, M, M-fg in float32, dropless with the platform default
+  moejax bench moe --configs M M-fg --variants dropless/sorted dropless/ragged_dot capacity/sorted
+  moejax bench moe --gpu                            # scaled bf16 set (needs an accelerator)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moejax import config, sharding
+from moejax.layers import gmm, mlp, moe
+
+# name: (tokens, d_model, d_ff per expert, experts, top_k)
+CPU_CONFIGS = {"S": (2048, 256, 512, 8, 2), "M": (8192, 512, 1024, 8, 2), "M-fg": (8192, 512, 256, 32, 4)}
+GPU_CONFIGS = {"G": (65536, 2048, 4096, 8, 2), "G-fg": (65536, 2048, 1024, 64, 8)}
+SEQ_LEN = 1024  # tokens are laid out as [tokens / SEQ_LEN, SEQ_LEN, D] (capacity groups are sequences)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog="moejax bench moe", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--configs", nargs="+", default=None, help=f"from {list(CPU_CONFIGS) + list(GPU_CONFIGS)}")
+  ap.add_argument("--variants", nargs="+", default=["dropless/auto"],
+                  help="dispatch/backend pairs: dropless|capacity / auto|sorted|ragged_dot|dense")
+  ap.add_argument("--router", default="token_choice", choices=["token_choice", "expert_choice"])
+  ap.add_argument("--capacity-factor", type=float, default=1.25)
+  ap.add_argument("--gpu", action="store_true", help="the scaled bf16 set (G, G-fg) instead of S, M, M-fg")
+  ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 (CPU), bf16 (--gpu)")
+  ap.add_argument("--iters", type=int, default=10, help="timed rounds (median reported); >= 10 for the record")
+  ap.add_argument("--stat", default="median", choices=["median", "min"],
+                  help="median (the record) or min (the least-disturbed call, for a machine shared with others)")
+  ap.add_argument("--fwd-only", action="store_true")
+  ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to print MFU")
+  ap.add_argument("--json", default="", help="also write the results here")
+  return ap.parse_args(argv)
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], iters: int, stat: str = "median") -> dict[str, float]:
+  for f in fns.values():  # compile + warm up
+    jax.block_until_ready(f())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(iters):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  reduce = statistics.median if stat == "median" else min
+  return {k: reduce(v) for k, v in times.items()}
+
+
+def _model_cfg(D, F, E, k, dtype, dispatch, backend, router_name, cf) -> config.ModelConfig:
+  return config.ModelConfig(
+    d_model=D, d_ff=F, num_heads=1, param_dtype=dtype, compute_dtype=dtype,
+    moe=config.MoEConfig(num_experts=E, top_k=k, dispatch=dispatch, gmm_backend=backend, router=router_name,
+                         capacity_factor=cf))
+
+
+def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -> list[dict]:
+  tokens, D, F, E, k = shape
+  dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+  dt = jnp.dtype(dtype)
+  seq = min(SEQ_LEN, tokens)
+  kx, kg, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (tokens // seq, seq, D), dt)
+  g = jax.random.normal(kg, x.shape, dt)
+
+  # The floor gets tokens as one [N, D] matrix: XLA:CPU's weight-gradient dot is ~1.6x slower when it has to
+  # contract over two token dims [B, T], which would flatter every ratio.
+  x_ND, g_ND = x.reshape(tokens, D), g.reshape(tokens, D)
+  dense_p = sharding.init_params(kp, mlp.specs(D, k * F, "swiglu", dt))
+  dense_fwd = jax.jit(lambda p, x: mlp.apply(p, x, "swiglu"))
+  dense_bwd = jax.jit(jax.grad(lambda p, x: jnp.sum((mlp.apply(p, x, "swiglu") * g_ND).astype(jnp.float32)),
+                               argnums=(0, 1)))
+  fwd = {"dense": lambda: dense_fwd(dense_p, x_ND)}
+  bwd = {"dense": lambda: dense_bwd(dense_p, x_ND)}
+  for v in variants:
+    dispatch, _, backend = v.partition("/")
+    cfg = _model_cfg(D, F, E, k, dtype, dispatch, backend or "auto", args.router, args.capacity_factor)
+    p = sharding.init_params(kp, moe.specs(cfg))
+
+    def loss(p, x, cfg=cfg):
+      y, aux = moe.apply(p, x, cfg)
+      return jnp.sum((y * g).astype(jnp.float32)) + aux["aux_loss"]
+
+    f = jax.jit(lambda p, x, cfg=cfg: moe.apply(p, x, cfg)[0])
+    b = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    fwd[v] = lambda f=f, p=p: f(p, x)
+    bwd[v] = lambda b=b, p=p: b(p, x)
+  t_fwd = _time_interleaved(fwd, args.iters, args.stat)
+  t_bwd = {} if args.fwd_only else _time_interleaved(bwd, args.iters, args.stat)
+  useful = 2 * 3 * tokens * k * D * F  # forward FLOPs of the routed experts (= the dense floor's)
+  rows = []
+  for v in fwd:
+    row = {"config": name, "shape": shape, "dtype": dtype, "variant": v,
+           "backend": v if v == "dense" else gmm.resolve(v.partition("/")[2] or "auto"),
+           "fwd_ms": 1e3 * t_fwd[v], "fwd_ratio": t_fwd[v] / t_fwd["dense"],
+           "fwd_tflops": useful / t_fwd[v] / 1e12}
+    if t_bwd:
+      row.update(fwdbwd_ms=1e3 * t_bwd[v], fwdbwd_ratio=t_bwd[v] / t_bwd["dense"],
+                 fwdbwd_tflops=3 * useful / t_bwd[v] / 1e12)
+    rows.append(row)
+  return rows
+
+
+def _print_table(rows: list[dict], peak: float) -> None:
+  head = f"{'config':6} {'variant':22} {'fwd ms':>9} {'x dense':>8} {'fwd+bwd ms':>11} {'x dense':>8} {'TFLOP/s':>8}"
+  if peak:
+    head += f" {'MFU':>6}"
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    label = r["variant"] if r["variant"] == "dense" else f"{r['variant']} [{r['backend']}]"
+    line = f"{r['config']:6} {label:22} {r['fwd_ms']:9.1f} {r['fwd_ratio']:8.2f}"
+    if "fwdbwd_ms" in r:
+      line += f" {r['fwdbwd_ms']:11.1f} {r['fwdbwd_ratio']:8.2f} {r['fwdbwd_tflops']:8.2f}"
+      if peak:
+        line += f" {100 * r['fwdbwd_tflops'] / peak:5.1f}%"
+    print(line)
+
+
+def main(argv: list[str]) -> int:
+  args = _parse(argv)
+  table = GPU_CONFIGS if args.gpu else CPU_CONFIGS
+  names = args.configs or list(table)
+  every = {**CPU_CONFIGS, **GPU_CONFIGS}
+  unknown = [n for n in names if n not in every]
+  if unknown:
+    raise SystemExit(f"unknown config(s) {unknown}; choose from {list(every)}")
+  for v in args.variants:
+    d, _, b = v.partition("/")
+    if d not in ("dropless", "capacity") or (b and b != "auto" and b not in gmm.BACKENDS):
+      raise SystemExit(f"variant {v!r}: want dispatch/backend with dispatch in dropless|capacity and backend "
+                       f"in auto|{'|'.join(gmm.BACKENDS)}")
+  dev = jax.devices()[0]
+  load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
+  print(f"moejax bench moe: jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "
+        f"{platform.processor() or platform.machine()}, load avg {load[0]:.1f}; {args.stat} of {args.iters} "
+        f"interleaved calls; router {args.router}")
+  rows = []
+  for n in names:
+    r = bench_config(n, every[n], args.variants, args)
+    rows.extend(r)
+    _print_table(r, args.peak_tflops)
+    print()
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
