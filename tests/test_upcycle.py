@@ -622,3 +622,35 @@ def test_upcycle_experiment_clip_both_towers_preserve_embeddings():
   toks = jax.random.randint(jax.random.key(3), (2, c.text.max_seq_len), 1, c.text.vocab_size)
   for enc, inp in ((two_tower.encode_image, images), (two_tower.encode_text, toks)):
     np.testing.assert_allclose(enc(mp, inp, exp)[0], enc(dp, inp, dense_exp)[0], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bench_write_section_keeps_other_sections(tmp_path):
+  from moejax.bench import upcycle as bench
+
+  doc = tmp_path / "benchmarks.md"
+  bench.write_section(doc, "table one\n")
+  assert doc.read_text().startswith(bench.HEADING) and doc.read_text().endswith("table one\n")
+  others = "# Benchmarks\n\n## moejax bench moe\n\nmoe numbers\n\n"
+  doc.write_text(others + doc.read_text() + "\n## later\n\nx\n")
+  bench.write_section(doc, "table two\n")
+  bench.write_section(doc, "table three\n", append=True)
+  text = doc.read_text()
+  assert "moe numbers" in text and "## later\n\nx\n" in text and "table one" not in text
+  assert text.index("## moejax bench moe") < text.index("table two") < text.index("table three") < \
+    text.index("## later")
+  assert text.count(bench.HEADING) == 1
+
+
+def test_bench_runs_small(tmp_path, capsys):
+  from moejax.bench import upcycle as bench
+
+  argv = ["--d-model", "32", "--heads", "4", "--layers", "2", "--d-ff", "64", "--vocab", "64",
+          "--experts", "4", "--drop", "0.5", "--repeats", "1", "--write", str(tmp_path / "b.md")]
+  assert bench.main(argv) == 0
+  text = (tmp_path / "b.md").read_text()
+  assert "| 4 | 0 | 0 |" in text and "| 4 | 0 | 0.5 |" in text and "moejax bench upcycle --d-model 32" in text

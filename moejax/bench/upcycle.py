@@ -96,10 +96,26 @@ def machine() -> str:
           f"jax {jax.__version__} on {len(jax.devices())} x {d.platform} ({d.device_kind})")
 
 
-def markdown(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+INTRO = """\
+Upcycling a dense checkpoint in memory vs copying it: each side is one jitted program on the same params,
+timed after a warm-up call with `block_until_ready`, best of `--repeats`. Issue 4's target: upcycling a
+>= 100M-param checkpoint takes <= 2x the time of copying that checkpoint. Upcycling writes E copies of every
+upcycled MLP, so its output is several times the dense checkpoint's bytes (the params columns); "copy
+MoE-size" copies a checkpoint as large as the upcycled one, the floor for writing that output.
+
+On CPU, glibc serves buffers above its mmap threshold with fresh pages on every call, so the large expert
+tensors (75 MB each at E=8) pay first-touch page faults that the small dense leaves, recycled by the heap,
+do not. The second table raises the threshold (`MALLOC_MMAP_THRESHOLD_`) to compare the programs themselves.
+
+Regenerate: `moejax bench upcycle --experts 2,8 --noise 0.01 --drop 0.5 --write docs/benchmarks.md`, then
+`MALLOC_MMAP_THRESHOLD_=4294967296 moejax bench upcycle --experts 2,8 --write docs/benchmarks.md --append`.
+"""
+
+
+def table(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+  env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
   lines = [
-    HEADING, "",
-    f"Command: `{command}`  ",
+    f"Command: `{(env + ' ') if env else ''}{command}`  ",
     f"Machine: {machine()}  ",
     f"Model: decoder d_model={args.d_model}, {args.layers} layers, d_ff={args.d_ff} (SwiGLU), "
     f"vocab={args.vocab}; every {'other' if args.every == 2 else f'{args.every}-th'} MLP upcycled; fp32; "
@@ -118,17 +134,21 @@ def markdown(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namesp
   return "\n".join(lines) + "\n"
 
 
-def write_section(path: str | pathlib.Path, section: str) -> None:
-  """Replace (or append) this benchmark's `##` section of `path`, leaving every other section as it is."""
+def write_section(path: str | pathlib.Path, body: str, append: bool = False) -> None:
+  """Replace this benchmark's `##` section of `path` with HEADING + INTRO + `body` (or, with `append`, add
+  `body` at the section's end), leaving every other section as it is."""
   path = pathlib.Path(path)
   text = path.read_text() if path.exists() else ""
   lines = text.splitlines(keepends=True)
   start = next((i for i, ln in enumerate(lines) if ln.rstrip() == HEADING), None)
   if start is None:
-    body = text.rstrip("\n")
-    path.write_text((body + "\n\n" if body else "") + section)
+    section = f"{HEADING}\n\n{INTRO}\n{body}"
+    head = text.rstrip("\n")
+    path.write_text((head + "\n\n" if head else "") + section)
     return
   end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+  old = "".join(lines[start:end]).rstrip("\n") + "\n"
+  section = old + "\n" + body if append else f"{HEADING}\n\n{INTRO}\n{body}"
   rest = "".join(lines[end:])
   path.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
 
@@ -147,6 +167,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--drop", type=float, default=0.0, help="also time a run with this Drop-Upcycling ratio")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--write", help="update this file's '## moejax bench upcycle' section (docs/benchmarks.md)")
+  p.add_argument("--append", action="store_true", help="with --write: add this table to the section")
   return p.parse_args(list(argv))
 
 
@@ -154,10 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(argv or [])
   args = parse(argv)
   rows = run(args)
-  text = markdown(rows, " ".join(["moejax bench upcycle", *argv]), args)
+  text = table(rows, " ".join(["moejax bench upcycle", *argv]), args)
   print(text)
   if args.write:
-    write_section(args.write, text)
+    write_section(args.write, text, append=args.append)
     print(f"wrote {args.write}")
   return 0
 
