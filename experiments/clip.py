@@ -4,12 +4,15 @@ into E experts, a fresh router), continue with the load-balance and router z-los
 rate. Paper: sparse B/16 beats dense B/16 by +7.2 / +6.6 text->image R@1 on COCO / Flickr30k.
 
 The tiny trio runs on a CPU on the bundled `moejax_digits` set (coloured handwritten digits with captions;
-zero-shot = digit classification with a prompt ensemble over colours):
-  moejax train clip_dense_tiny --workdir runs/clip_dense_tiny
+zero-shot = digit classification with a prompt ensemble over colours). As in the LM upcycling demo, the dense
+model trains 300 of its 600 scheduled steps; the remaining 300 steps are spent three ways, all compared at
+step 600: the dense run resumed (dense continuation), CLIP-UP (that checkpoint upcycled, the step counter and
+schedule continued at half the LR), and the same sparse model trained from scratch for all 600 steps:
+  moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny
+  cp -r runs/clip_dense_tiny runs/clip_dense_continue_tiny
+  moejax train clip_dense_tiny --workdir runs/clip_dense_continue_tiny           (resumes at 300, runs to 600)
   moejax train clip_up_tiny --workdir runs/clip_up_tiny                 (init.upcycle_from=runs/clip_dense_tiny)
-  moejax train clip_dense_continue_tiny --workdir runs/clip_dense_continue_tiny
   moejax train clip_sparse_scratch_tiny --workdir runs/clip_sparse_scratch_tiny
-The comparison at equal steps: the dense continuation vs CLIP-UP vs the same sparse model from scratch.
 
 Paper-scale configs (B/16 both towers) are registered for real hardware and eval_shape-tested only. Facts taken
 from the paper: ViT-B/16 image tower, both towers upcycled separately, E=8 top-2, load-balance + router z-loss,
@@ -37,11 +40,16 @@ _MOE = {
 }
 
 
+DEMO_PRETRAIN_STEPS = 300
+DEMO_TOTAL_STEPS = 600
+
+
 @registry.register
 def clip_dense_tiny() -> config.ExperimentConfig:
-  """Dense CLIP, 4-layer d=64 towers (0.5M params), on the bundled coloured-digits captions; the upcycling source.
+  """Dense CLIP, 4-layer d=64 towers (0.4M params), on the bundled coloured-digits captions; the upcycling source.
 
-  Run:    moejax train clip_dense_tiny --workdir runs/clip_dense_tiny
+  Run:    moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny   (the CLIP-UP source)
+          moejax train clip_dense_tiny --workdir runs/clip_dense_tiny                   (all 600 steps)
   Expect: TBD (retrieval R@1 and zero-shot digit accuracy from a real run, see docs/results.md).
   """
   return config.ExperimentConfig(
@@ -52,41 +60,33 @@ def clip_dense_tiny() -> config.ExperimentConfig:
       zeroshot_templates=image_text_builder.zeroshot_templates()),
     data=config.DataConfig(dataset="moejax_digits", batch_size=128),
     optim=config.OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1, b2=0.98, eps=1e-6),
-    train=config.TrainConfig(steps=400, eval_every=100, checkpoint_every=100, eval_steps=4),
+    train=config.TrainConfig(steps=DEMO_TOTAL_STEPS, schedule_steps=DEMO_TOTAL_STEPS, eval_every=100,
+                             checkpoint_every=100, eval_steps=4),
   )
 
 
 @registry.register
 def clip_up_tiny() -> config.ExperimentConfig:
-  """CLIP-UP on the tiny dense CLIP: both towers upcycled to 8 experts top-2 in every other layer, continued for
-  the same number of steps at a lower LR with load-balance + z losses.
+  """CLIP-UP on the tiny dense CLIP (its step-300 checkpoint): both towers upcycled to 8 experts, top-2
+  (renormalized, dropless) in layers 1 and 3, router N(0, 0.02); the dense step counter and cosine schedule
+  continue to step 600 at half the dense LR, fresh optimizer state, load-balance + z losses only.
 
-  Run:    moejax train clip_dense_tiny --workdir runs/clip_dense_tiny   (first: the dense checkpoint)
+  Run:    moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny   (first)
           moejax train clip_up_tiny --workdir runs/clip_up_tiny
-  Expect: TBD (vs clip_dense_continue_tiny and clip_sparse_scratch_tiny at equal steps, docs/results.md).
+  Expect: TBD (vs the dense continuation and clip_sparse_scratch_tiny at step 600, docs/results.md).
   """
   return config.derive(clip_dense_tiny(), {
     **_MOE,
-    "init.upcycle_from": "runs/clip_dense_tiny",
-    "optim.lr": 5e-4, "optim.warmup_steps": 10,
+    "init.upcycle_from": "runs/clip_dense_tiny", "init.router_init": "normal", "init.router_std": 0.02,
+    "init.continue_step": True,
+    "optim.lr": 1e-3,  # CLIP-UP continues at a lower learning rate than the dense run's
   })
-
-
-@registry.register
-def clip_dense_continue_tiny() -> config.ExperimentConfig:
-  """The dense baseline for CLIP-UP: the dense tiny CLIP continued from its checkpoint with CLIP-UP's schedule.
-
-  Run:    moejax train clip_dense_continue_tiny --workdir runs/clip_dense_continue_tiny
-  Expect: TBD (docs/results.md).
-  """
-  return config.derive(clip_dense_tiny(), {
-    "init.upcycle_from": "runs/clip_dense_tiny", "optim.lr": 5e-4, "optim.warmup_steps": 10})
 
 
 @registry.register
 def clip_sparse_scratch_tiny() -> config.ExperimentConfig:
   """The CLIP-UP architecture (8 experts, top-2, every other layer, both towers) trained from scratch with the
-  dense recipe: what upcycling is measured against.
+  dense recipe for all 600 steps: what upcycling is measured against.
 
   Run:    moejax train clip_sparse_scratch_tiny --workdir runs/clip_sparse_scratch_tiny
   Expect: TBD (docs/results.md).
