@@ -181,9 +181,11 @@ def _encoder(cfg: config.ExperimentConfig, mesh: Mesh | None, modality: str):
 
 def encode_all(params: Any, x: np.ndarray, cfg: config.ExperimentConfig, modality: str,
                mesh: Mesh | None = None) -> np.ndarray:
-  """Embeds `x` (images [N, S, S, C] or tokens [N, T]) in chunks of data.batch_size -> [N, J] float32 numpy.
+  """Embeds `x` (images [N, S, S, C] or tokens [N, T]) in chunks of (at most) data.batch_size -> [N, J] numpy.
   With a mesh, each chunk is laid out over the batch axes (every process holds all of `x`)."""
-  B = cfg.data.batch_size
+  # Chunks of the training batch size, or less for a small eval set (rounded up to the data-parallel width).
+  div = sharding.batch_divisor(mesh) if mesh is not None else 1
+  B = min(cfg.data.batch_size, -(-len(x) // div) * div)
   enc = _encoder(cfg, mesh, modality)
   out = []
   for s in range(0, len(x), B):
