@@ -331,6 +331,63 @@ def test_launch_local_bad_arguments(tmp_path, args, message):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Preemption in one process (the multi-process version is below)
+# ----------------------------------------------------------------------------------------------------------
+
+_TINY_DENSE = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
+               "data.batch_size=8", "train.eval_steps=1", "optim.warmup_steps=2", "train.log_every=1",
+               "train.eval_every=100", "train.checkpoint_every=4", "train.steps=8"]
+
+
+def _params_np(state):
+  return {k: np.asarray(v) for k, v in sharding.flatten(state["params"]).items()}
+
+
+def _sigterm_at_call(n):
+  """train.global_batch that sends this process SIGTERM (as a scheduler would) while building batch `n`."""
+  real = train.global_batch
+  calls = [0]
+
+  def global_batch(local, s):
+    calls[0] += 1
+    if calls[0] == n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(local, s)
+
+  return global_batch
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  cfg = registry.get("lm_dense_tiny", _TINY_DENSE)
+  ref = train.train(cfg, tmp_path / "ref", progress=False)
+  run = tmp_path / "run"
+  monkeypatch.setattr(train, "global_batch", _sigterm_at_call(3))  # during step 3: no checkpoint is due
+  r = train.train(cfg, run, progress=False)
+  assert (r["status"], r["step"]) == ("preempted", 3)
+  assert json.loads((run / "result.json").read_text())["status"] == "preempted"
+  assert checkpoint.Manager(run).all_steps() == [3]
+  # Resumed at 3; SIGTERM during step 4, where the scheduled checkpoint (checkpoint_every=4) is also written.
+  monkeypatch.setattr(train, "global_batch", _sigterm_at_call(1))
+  r = train.train(cfg, run, progress=False)
+  assert (r["status"], r["step"]) == ("preempted", 4)
+  assert checkpoint.Manager(run).all_steps() == [3, 4]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the trainer put the old handler back
+  monkeypatch.undo()
+  rows = [x for x in metrics.read_jsonl(run) if x["split"] == "train"]
+  assert [x["step"] for x in rows] == [1, 2, 3, 4]  # no step lost or repeated
+  ref_rows = [x for x in metrics.read_jsonl(tmp_path / "ref") if x["split"] == "train"]
+  assert [x["loss"] for x in rows] == [x["loss"] for x in ref_rows[:4]]
+  # Twice interrupted and resumed == the uninterrupted run at the same step, bit for bit.
+  s = train.setup(cfg)
+  ref4 = checkpoint.Manager(tmp_path / "ref", async_save=False).restore_step(4, s.abstract_state)
+  a, b = _params_np(ref4), _params_np(r["state"])
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  ref8 = _params_np(ref["state"])
+  assert ref["step"] == 8 and any(not np.array_equal(a[k], ref8[k]) for k in a)  # training moves the params
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Real processes on localhost (slow): expert parallelism across processes, preemption, a killed process
 # ----------------------------------------------------------------------------------------------------------
 
@@ -384,10 +441,6 @@ def _wait_step(workdir, step, p, log, timeout=600):
     assert p.poll() is None, f"the run ended before step {step}:\n{log.read_text()}"
     time.sleep(0.02)
   raise AssertionError(f"no step {step} within {timeout}s:\n{log.read_text()}")
-
-
-def _params_np(state):
-  return {k: np.asarray(v) for k, v in sharding.flatten(state["params"]).items()}
 
 
 @pytest.fixture(scope="module")
