@@ -46,7 +46,7 @@ def lm_upcycle_1b_e32() -> config.ExperimentConfig:
     **paper_moe_overrides("model", encoder=False),
     **PAPER_INIT,
     "init.upcycle_from": "runs/lm_dense_1b",
-    "train.steps": 50_000,  # extra steps after the dense run's last one (init.continue_step)
+    "train.steps": 150_000,  # the last step: 50k more after the dense run's 100k (init.continue_step)
     "train.schedule_steps": 100_000,  # the dense run's schedule, continued
     "mesh.expert": 8,
   })

@@ -124,20 +124,16 @@ def resolve_step_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
 
 
 def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, int]:
-  """Only the params of a saved train state (for upcycling, eval, export), placed per `abstract_params`'
-  shardings. Returns (params, step)."""
+  """Only the params of a saved train state (for upcycling, eval, export), each restored straight onto the
+  sharding in `abstract_params` (a partial restore: the optimizer state stays on disk). Returns (params, step)."""
   ckpt_dir, step = resolve_step_dir(path)
-  handler = ocp.StandardCheckpointHandler()
-  ckptr = ocp.Checkpointer(handler)
-  meta = ckptr.metadata(ckpt_dir / str(step) / "state")
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-  abstract_state = jax.tree.map(lambda m: m, tree)
-  # Restore the params subtree onto the requested shardings; leave the optimizer state on disk.
-  target = {k: abstract_state[k] for k in abstract_state}
-  target["params"] = abstract_params
-  target = jax.tree.map(_as_abstract, target, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  state = ckptr.restore(ckpt_dir / str(step) / "state", args=ocp.args.StandardRestore(target))
-  return state["params"], step
+  restore_args = jax.tree.map(
+    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_params)
+  out = ocp.PyTreeCheckpointer().restore(
+    ckpt_dir / str(step) / "state",
+    args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
+                                partial_restore=True))
+  return out["params"], step
 
 
 def restore_data_state(path: str | pathlib.Path, data_iter: Any) -> bool:
@@ -151,11 +147,3 @@ def restore_data_state(path: str | pathlib.Path, data_iter: Any) -> bool:
   ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).restore(
     data_dir, args=grain.checkpoint.CheckpointRestore(data_iter))
   return True
-
-
-def _as_abstract(x: Any) -> Any:
-  if isinstance(x, jax.ShapeDtypeStruct):
-    return x
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return x

@@ -1,8 +1,9 @@
 """optax from config: AdamW, warmup + cosine/linear/constant schedule, clipping, param groups by path regex.
 
 Param groups: `optim.freeze` regexes get no updates (and no optimizer state worth the name); `optim.lr_multipliers`
-scale the learning rate of matching params (first match wins). Weight decay applies to matrices only (ndim >= 2),
-not to norms, biases or scalars. Params the MoE layer updates itself (the aux-loss-free router bias) are frozen
+scale the learning rate of matching params (first match wins). Weight decay applies to weight matrices only
+(params named `w*`: projections, experts, routers), not to embeddings, position tables, norms, biases (also the
+stacked expert biases [E, F]) or scalars. Params the MoE layer updates itself (the aux-loss-free router bias) are frozen
 for the optimizer.
 """
 
@@ -33,7 +34,7 @@ def schedule(cfg: config.OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def _label(path: str, cfg: config.OptimConfig) -> str:
-  if getattr(moe, "non_trainable", lambda _: False)(path) or any(re.fullmatch(r, path) for r in cfg.freeze):
+  if moe.non_trainable(path) or any(re.fullmatch(r, path) for r in cfg.freeze):
     return "frozen"
   for i, (pattern, _) in enumerate(cfg.lr_multipliers):
     if re.fullmatch(pattern, path):
@@ -48,7 +49,8 @@ def labels(params: Any, cfg: config.OptimConfig) -> Any:
 def make(cfg: config.OptimConfig, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, Any]:
   """(optimizer, lr schedule). `params` may be abstract (only paths and ranks are read)."""
   sched = schedule(cfg, total_steps)
-  decay_mask = jax.tree.map(lambda x: len(x.shape) >= 2, params)
+  decay_mask = jax.tree_util.tree_map_with_path(
+    lambda p, x: len(x.shape) >= 2 and sharding.path_str(p).rsplit("/", 1)[-1].startswith("w"), params)
 
   def adamw(scale: float) -> optax.GradientTransformation:
     lr = sched if scale == 1.0 else (lambda step: scale * sched(step))

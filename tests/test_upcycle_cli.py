@@ -1,0 +1,57 @@
+"""`moejax upcycle` and `init.upcycle_from` end to end: a dense run's checkpoint becomes an MoE run whose
+validation cross-entropy at its first step equals the dense model's (function preservation through the
+checkpoint path), and training continues the dense step and data stream."""
+
+import numpy as np
+import pytest
+
+from moejax import checkpoint, cli, registry, train
+
+TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
+        "data.batch_size=8", "train.eval_steps=2", "train.log_every=1", "optim.warmup_steps=2",
+        "train.schedule_steps=8", "train.checkpoint_every=4", "train.eval_every=4"]
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("dense")
+  train.train(registry.get("lm_dense_tiny", TINY + ["train.steps=4"]), d, progress=False)
+  return d
+
+
+def test_moejax_upcycle_cli_preserves_function_and_continues(dense_run, tmp_path):
+  to = tmp_path / "moe"
+  assert cli.main(["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", "--to", str(to),
+                   *TINY, "train.steps=8"]) == 0
+  assert checkpoint.Manager(to).all_steps() == [4]  # init.continue_step: the dense step carries over
+  cfg = checkpoint.read_config(to)
+  assert cfg.init.upcycle_from == str(dense_run) and cfg.model.moe.num_experts == 8
+  dense_eval = train.evaluate(dense_run)
+  moe_eval = train.evaluate(to)
+  np.testing.assert_allclose(moe_eval["ce_loss"], dense_eval["ce_loss"], rtol=1e-5)
+  assert moe_eval["aux_loss"] > 0  # the router exists and is measured
+  r = train.train(cfg, to, progress=False)
+  assert r["step"] == 8 and np.isfinite(r["eval"]["loss"])
+  # a second upcycle into the same place is refused rather than mixed with the run
+  assert cli.main(["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", "--to", str(to)]) == 2
+
+
+def test_init_upcycle_from_in_train_continues_data_stream(dense_run, tmp_path):
+  cfg = registry.get("lm_upcycle_tiny", TINY + ["train.steps=6", f"init.upcycle_from={dense_run}"])
+  r = train.train(cfg, tmp_path, progress=False)
+  assert r["step"] == 6
+  from moejax import metrics
+
+  first = min(x["step"] for x in metrics.read_jsonl(tmp_path) if x["split"] == "train")
+  assert first == 5  # started at the dense step 4
+  # the data position continued from the dense run's checkpoint: its next batch is the one dense step 5 sees
+  it_dense = train.tasks.get("lm").make_iterator(cfg, "train")
+  checkpoint.restore_data_state(dense_run, it_dense)
+  it_fresh = train.tasks.get("lm").make_iterator(cfg, "train")
+  assert not np.array_equal(next(it_dense)["tokens"], next(it_fresh)["tokens"])
+
+
+def test_upcycle_from_a_missing_run_is_a_clear_error(tmp_path):
+  cfg = registry.get("lm_upcycle_tiny", TINY + [f"init.upcycle_from={tmp_path / 'nope'}"])
+  with pytest.raises(FileNotFoundError, match="no moejax config found"):
+    train.train(cfg, tmp_path / "run", progress=False)
