@@ -2,8 +2,6 @@
 tiny twins train, CLI errors exit 2 with one line."""
 
 import os
-import pathlib
-import shutil
 import signal
 import subprocess
 import sys

@@ -34,7 +34,6 @@ def hidden(h_gate: jax.Array | None, h_up: jax.Array, activation: str) -> jax.Ar
 
 
 def apply(p: dict, x_BTD: jax.Array, activation: str) -> jax.Array:
-  dt = x_BTD.dtype
   h_up = _linear(x_BTD, p, "up")
   h_gate = _linear(x_BTD, p, "gate") if activation == "swiglu" else None
   h = hidden(h_gate, h_up, activation)
