@@ -10,6 +10,7 @@ or to all -> same-step checkpoint -> exit 0 -> resume == uninterrupted; a killed
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -328,6 +329,70 @@ def test_launch_local_bad_arguments(tmp_path, args, message):
   p = _launch(tmp_path, *args)
   out, err = p.communicate(timeout=60)
   assert p.returncode == 2 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The TPU pod and SLURM launchers cannot run here; their dry runs show the exact commands
+# ----------------------------------------------------------------------------------------------------------
+
+ARGS = ["lm_moe_tiny", "model.moe.top_k=1", "data.dataset=it's spaced out", "--workdir", "/shared/runs/x"]
+
+
+def _dry(script, *args, **env):
+  e = dict(os.environ, MOEJAX_DRY_RUN="1", **env)
+  return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=e, capture_output=True, text=True,
+                        timeout=60)
+
+
+def _bash_words(line):
+  """Split a line the way bash would (the dry runs print bash-quoted commands, $'...' included)."""
+  out = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "_", line], capture_output=True,
+                       text=True, check=True).stdout
+  return out.split("\0")[:-1]
+
+
+def _train_args(remote_cmd):
+  words = shlex.split(remote_cmd)
+  return words[words.index("train") + 1:]
+
+
+def test_launch_tpu_pod_commands():
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_REPO="https://example.com/moejax.git",
+           MOEJAX_REF="0123abc", GCLOUD_FLAGS="--project p1 --internal-ip")
+  assert p.returncode == 0, p.stderr
+  setup, run = [_bash_words(x) for x in p.stdout.strip().splitlines()]
+  for cmd in (setup, run):
+    assert cmd[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod", "--zone", "us-west4-a",
+                       "--worker=all"]
+    assert cmd[9:12] == ["--project", "p1", "--internal-ip"] and cmd[12] == "--command" and len(cmd) == 14
+  assert "git clone -q https://example.com/moejax.git" in setup[13] and "git checkout -q 0123abc" in setup[13]
+  assert "pip install -q -e . 'jax[tpu]" in setup[13]
+  subprocess.run(["bash", "-n", "-c", setup[13]], check=True)  # the remote scripts parse
+  subprocess.run(["bash", "-n", "-c", run[13]], check=True)
+  assert run[13].startswith("cd ~/moejax && ") and ".venv/bin/moejax train" in run[13]
+  assert _train_args(run[13]) == [*ARGS, "--no-progress"]  # every argument arrives intact on the workers
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_SETUP="0", MOEJAX_REPO="r", MOEJAX_REF="c")
+  assert len(p.stdout.strip().splitlines()) == 1
+
+
+def test_launch_tpu_pod_needs_a_shared_workdir():
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", "lm_moe_tiny", MOEJAX_REPO="r", MOEJAX_REF="c")
+  assert p.returncode == 2 and "pass --workdir DIR on storage every worker sees" in p.stderr
+
+
+def test_launch_slurm_command_and_header():
+  p = _dry("launch_slurm.sbatch", *ARGS, SLURM_SUBMIT_DIR="/shared/moejax")
+  assert p.returncode == 0, p.stderr
+  assert shlex.split(p.stdout) == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=none", "/shared/moejax/.venv/bin/moejax",
+                                   "train", *ARGS, "--no-progress"]
+  assert _dry("launch_slurm.sbatch", "lm_moe_tiny").returncode == 2
+  # sbatch reads #SBATCH lines only before the first command
+  lines = (ROOT / "scripts" / "launch_slurm.sbatch").read_text().splitlines()
+  first_cmd = next(i for i, x in enumerate(lines) if x.strip() and not x.startswith("#"))
+  sbatch = [i for i, x in enumerate(lines) if x.startswith("#SBATCH")]
+  assert sbatch and max(sbatch) < first_cmd
+  opts = dict((x.split()[1].lstrip("-").split("=", 1) + [""])[:2] for x in lines if x.startswith("#SBATCH"))
+  assert opts["ntasks-per-node"] == "1" and opts["signal"] == "TERM@120" and "requeue" in opts
 
 
 # ----------------------------------------------------------------------------------------------------------
