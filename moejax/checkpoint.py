@@ -68,8 +68,19 @@ class Manager:
 
   def restore_step(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None and (self.directory / str(step) / "data").exists():
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    data_dir = self.directory / str(step) / "data"
+    if data_iter is not None and data_dir.exists():
+      if _data_state_fits_process_count(data_dir):
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      else:
+        saved_n = sorted({f.stem.rsplit("-of-", 1)[-1] for f in data_dir.glob("process_*-of-*.json")})
+        msg = (f"checkpoint step {step} was written by {'/'.join(saved_n)} processes, this run has "
+               f"{jax.process_count()}: the model and optimizer state are restored, but the data pipeline starts "
+               f"over from the beginning of its stream (each process reads its own shard of the data, so "
+               f"positions do not carry over)")
+        log.warning(msg)
+        if jax.process_index() == 0:
+          print(f"WARNING: {msg}", flush=True)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
@@ -95,6 +106,13 @@ class Manager:
     print(f"WARNING: {msg}", flush=True)
     # Re-scan so orbax forgets the step we moved.
     self._mngr.reload()
+
+
+def _data_state_fits_process_count(data_dir: pathlib.Path) -> bool:
+  """grain saves one `process_<i>-of-<n>.json` per process. A run with another process count (a resize) has no
+  position to take over, and must not mistake the step for a damaged one."""
+  saved = list(data_dir.glob("process_*-of-*.json"))
+  return not saved or (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
 
 
 def read_config(path: str | pathlib.Path) -> config.ExperimentConfig:

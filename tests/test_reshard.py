@@ -92,3 +92,29 @@ def test_training_continues_on_the_new_mesh(tmp_path):
     np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
   assert {d.id for x in jax.tree.leaves(r["state"]) for d in x.sharding.device_set} == \
     {d.id for d in mesh.devices.flat}
+
+
+def test_restore_with_another_process_count_keeps_the_checkpoint(tmp_path, capsys):
+  """A run resized from 2 processes to 1: grain's per-process data positions cannot carry over. The state is
+  restored and the data stream starts over, with a warning; the step is not mistaken for a damaged one."""
+  cfg = registry.get("lm_dense_tiny", [*TINY, "model.num_layers=1", "train.steps=6"])
+  s = train.setup(cfg, _mesh(8, data=8))
+  state = train.init_state(s, jax.random.key(1), step=5)
+  it = s.task.make_iterator(cfg, cfg.data.train_split, process_index=0, process_count=1, seed=0, repeat=True)
+  first = next(it)
+  mngr = checkpoint.Manager(tmp_path, async_save=False)
+  mngr.save(5, state, cfg, it)
+  mngr.close()
+  data = tmp_path / "checkpoints" / "5" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as if written by 2 processes
+  (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+  fresh = s.task.make_iterator(cfg, cfg.data.train_split, process_index=0, process_count=1, seed=0, repeat=True)
+  step, restored = checkpoint.Manager(tmp_path, async_save=False).restore_latest(s.abstract_state, fresh)
+  assert step == 5 and int(restored["step"]) == 5
+  out = capsys.readouterr().out
+  assert "written by 2 processes, this run has 1" in out and "starts over" in out and "damaged" not in out
+  assert not (tmp_path / "checkpoints_damaged").exists()
+  np.testing.assert_array_equal(next(fresh)["tokens"], first["tokens"])  # from the beginning of the stream
+  a, b = _flat(state), _flat(restored)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
