@@ -1,8 +1,9 @@
 """Plots and tables from runs' metrics.jsonl: loss curves (one or many runs overlaid, by step or by FLOPs),
 expert-load heatmaps (MoE layers x experts, over steps), and a markdown summary table.
 
-`moejax report DIR [DIR ...] [--out OUT]` writes `loss.png`, `expert_load.png` (when a run has MoE layers)
-and `report.md` into OUT (default: the first DIR).
+`moejax report DIR [DIR ...] [--out OUT]` writes `loss.png`, `expert_load.png` (when a run has MoE layers),
+`retrieval.png` (when eval rows carry retrieval / zero-shot metrics, i.e. CLIP runs) and `report.md` into OUT
+(default: the first DIR).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import numpy as np
 from moejax import metrics
 
 _LOAD_KEY = re.compile(r"^moe/(.+)/expert_load$")
+# The task loss without the MoE aux losses, so dense and sparse runs compare on the same objective.
+_LOSS_KEYS = ("ce_loss", "contrastive_loss", "loss")
+# Eval metrics of the contrastive task (moejax.tasks.contrastive.evaluate) that `report` plots over steps.
+RETRIEVAL_KEYS = ("i2t_recall@1", "t2i_recall@1", "zeroshot_top1")
 
 
 def _plt():
@@ -26,6 +31,10 @@ def _plt():
   import matplotlib.pyplot as plt
 
   return plt
+
+
+def loss_key(rows: list[dict]) -> str:
+  return next((k for k in _LOSS_KEYS if any(k in r for r in rows)), "loss")
 
 
 def series(rows: list[dict], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +56,7 @@ def loss_curves(runs: dict[str, list[dict]], out: pathlib.Path, *, x_scale: dict
   for i, (name, rows) in enumerate(runs.items()):
     color = f"C{i}"
     scale = (x_scale or {}).get(name, 1.0)
-    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    key = loss_key(rows)
     xs, ys = series(rows, "train", key)
     if len(xs):
       ax.plot(xs * scale, ys, color=color, alpha=0.35, lw=1)
@@ -70,7 +79,7 @@ def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], o
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
   for i, (name, rows) in enumerate(runs.items()):
-    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    key = loss_key(rows)
     steps, vals = series(rows, "eval", key)
     ax.plot(cumulative_flops(dirs[name], steps) / 1e15, vals, color=f"C{i}", lw=2, marker="o", ms=3, label=name)
   ax.set_xlabel("training PFLOPs (an upcycled run includes its dense parent's)")
@@ -79,6 +88,33 @@ def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], o
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
+  fig.savefig(out)
+  plt.close(fig)
+  return out
+
+
+def metric_curves(runs: dict[str, list[dict]], keys: tuple[str, ...] | list[str], out: pathlib.Path,
+                  title: str = "") -> pathlib.Path | None:
+  """One panel per eval metric (e.g. retrieval R@1, zero-shot accuracy), one line per run, over steps.
+  Returns None (and writes nothing) when no run logs any of `keys`."""
+  keys = [k for k in keys if any(len(series(rows, "eval", k)[0]) for rows in runs.values())]
+  if not keys:
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), dpi=120, squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for i, (name, rows) in enumerate(runs.items()):
+      xs, ys = series(rows, "eval", key)
+      if len(xs):
+        ax.plot(xs, ys, color=f"C{i}", lw=2, marker="o", ms=3, label=name)
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out)
   plt.close(fig)
   return out
@@ -138,11 +174,11 @@ def summary(rows: list[dict]) -> dict[str, Any]:
   out: dict[str, Any] = {"steps": tr[-1]["step"] if tr else 0}
   if ev:
     last = ev[-1]
-    for k in ("ce_loss", "loss", "perplexity", "accuracy"):
+    for k in ("ce_loss", "contrastive_loss", "loss", "perplexity", "accuracy"):
       if k in last:
         out[f"eval_{k}"] = last[k]
     for k, v in last.items():
-      if k.startswith(("zero_shot", "i2t", "t2i")):
+      if k.startswith(("zero_shot", "zeroshot", "i2t", "t2i")):
         out[k] = v
   speeds = [r.get("throughput/tokens_per_s") or r.get("throughput/images_per_s") for r in tr[1:]]
   speeds = [s for s in speeds if isinstance(s, (int, float)) and np.isfinite(s)]
@@ -193,7 +229,7 @@ def compare(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path]) -> list[
   (linear interpolation between eval points)."""
   curves = {}
   for name, rows in runs.items():
-    key = "ce_loss" if any("ce_loss" in r for r in rows) else "loss"
+    key = loss_key(rows)
     steps, vals = series(rows, "eval", key)
     curves[name] = (steps, vals, cumulative_flops(dirs[name], steps))
   common_step = min(c[0][-1] for c in curves.values() if len(c[0]))
@@ -219,6 +255,9 @@ def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None
   files = [loss_curves(runs, out_dir / "loss.png")]
   if len(runs) > 1:
     files.append(_loss_vs_flops(runs, dict(zip(runs, dirs)), out_dir / "loss_vs_flops.png"))
+  p = metric_curves(runs, RETRIEVAL_KEYS, out_dir / "retrieval.png")
+  if p:
+    files.append(p)
   for name, rows in runs.items():
     fname = "expert_load.png" if len(runs) == 1 else f"expert_load_{name}.png"
     p = expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load")
