@@ -279,25 +279,29 @@ def _exit_lost(what: str) -> None:
 
 
 def _start_watchdog(process_id: int, num_processes: int, timeout_s: float) -> None:
-  global _WATCHDOG
   from jax._src import distributed as jax_distributed  # the runtime client; no public accessor exists
 
   client = jax_distributed.global_state.client
   if client is None or _WATCHDOG is not None:
     return
-  _WATCHDOG = _Watchdog(client, process_id, num_processes, timeout_s)
-  _WATCHDOG.start()
+  _install(_Watchdog(client, process_id, num_processes, timeout_s))
 
+
+def _install(dog: _Watchdog) -> None:
+  """Start `dog` and hook it into this process's exit paths."""
+  global _WATCHDOG
+  _WATCHDOG = dog
+  dog.start()
   previous_hook = sys.excepthook
 
   def excepthook(etype, value, tb):
     previous_hook(etype, value, tb)  # the traceback first
-    _fail_fast(_WATCHDOG, value)
+    _fail_fast(dog, value)
 
   sys.excepthook = excepthook
   # Registered after JAX's own atexit hook, so it runs before JAX's shutdown barrier: from then on this process
   # keeps beating while it waits there for slower peers, but reports nobody.
-  atexit.register(_WATCHDOG.exiting.set)
+  atexit.register(dog.exiting.set)
 
 
 def _fail_fast(dog: _Watchdog | None, err: BaseException) -> None:

@@ -239,6 +239,46 @@ def test_watchdog_is_quiet_while_exiting_and_reports_a_lost_coordinator():
   assert items and items[0][1].startswith("lost contact with the coordinator (process 0)")
 
 
+EXIT_SCRIPT = r'''
+import sys, time
+import jax
+from moejax import distributed
+
+class KV:  # process 1's counter keeps moving (alive) unless PEER=dead
+  def key_value_set(self, key, value, allow_overwrite=False):
+    print("SET", key, value, flush=True)
+  def key_value_dir_get(self, prefix):
+    return [("moejax/alive/1", "7" if sys.argv[2] == "dead" else str(time.monotonic()))]
+
+dog = distributed._Watchdog(KV(), 0, 2, 1.0)
+distributed._install(dog)
+time.sleep(0.3)
+if sys.argv[1] == "runtime":
+  raise jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer")
+raise ValueError("disk full on this host")
+'''
+
+
+@pytest.mark.parametrize("error, peer, code, message", [
+  ("value", "alive", 1, "moejax: error: process 0 of 2 failed (ValueError, above); the other processes stop too"),
+  ("runtime", "alive", 1, "moejax: error: process 0 of 2 failed (JaxRuntimeError, above)"),
+  ("runtime", "dead", distributed.EXIT_LOST, "moejax: error: process 1 of 2 sent no heartbeat"),
+])
+def test_uncaught_exception_exits_at_once_and_tells_the_others(tmp_path, error, peer, code, message):
+  """An exception exits the process (no wait in JAX's shutdown barrier) after marking it failed for the others;
+  when a collective broke (JaxRuntimeError) the watchdog first gets a timeout to name a lost peer."""
+  script = tmp_path / "exits.py"
+  script.write_text(EXIT_SCRIPT)
+  t0 = time.monotonic()
+  p = subprocess.run([sys.executable, str(script), error, peer], capture_output=True, text=True, timeout=120)
+  assert p.returncode == code, (p.stdout, p.stderr)
+  assert message in p.stderr and "Traceback" in p.stderr, p.stderr
+  assert "Re-run the same command" in p.stderr
+  failed = "SET moejax/alive/0 failed" in p.stdout
+  assert failed == (code == 1), p.stdout  # the others learn of the failure from the key-value store
+  assert time.monotonic() - t0 < 60
+
+
 # ----------------------------------------------------------------------------------------------------------
 # scripts/launch_local.sh with a stand-in for `moejax` (process handling only; no JAX)
 # ----------------------------------------------------------------------------------------------------------
