@@ -47,14 +47,17 @@ def labels(params: Any, cfg: config.OptimConfig) -> Any:
 
 
 def make(cfg: config.OptimConfig, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, Any]:
-  """(optimizer, lr schedule). `params` may be abstract (only paths and ranks are read)."""
+  """(optimizer, lr schedule): apply as `updates * schedule(step)`, with `step` the run's global step.
+  `params` may be abstract (only paths and ranks are read)."""
   sched = schedule(cfg, total_steps)
   decay_mask = jax.tree_util.tree_map_with_path(
     lambda p, x: len(x.shape) >= 2 and sharding.path_str(p).rsplit("/", 1)[-1].startswith("w"), params)
 
+  # The schedule is NOT inside the optimizer: optax would clock it with its own update count, which restarts at
+  # 0 with a fresh optimizer state (an upcycled run), silently re-running warmup at peak LR. The optimizer here
+  # emits lr-free updates (times each group's multiplier); `train_step` scales them by `schedule(global step)`.
   def adamw(scale: float) -> optax.GradientTransformation:
-    lr = sched if scale == 1.0 else (lambda step: scale * sched(step))
-    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.adamw(scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
 
   transforms = {"default": adamw(1.0), "frozen": optax.set_to_zero()}
   for i, (_, mult) in enumerate(cfg.lr_multipliers):

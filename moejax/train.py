@@ -131,7 +131,8 @@ def make_train_step(s: Setup):
     with sharding.use_mesh(s.mesh):
       grads, m = grads_and_metrics(state["params"], batch, rng)
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+    lr = s.lr_schedule(step)  # clocked by the global step (see optim.make)
+    new_params = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), state["params"], updates)
     if cfg.task == "lm" and cfg.model.moe.bias_balance_rate > 0 and "moe" in m:
       from moejax.layers import moe
 
@@ -141,7 +142,7 @@ def make_train_step(s: Setup):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {"step": step + 1, "params": keep(new_params, state["params"]),
                  "opt_state": keep(new_opt, state["opt_state"])}
-    m = dict(m, grad_norm=grad_norm, lr=s.lr_schedule(step), skipped=(~ok).astype(jnp.int32))
+    m = dict(m, grad_norm=grad_norm, lr=lr, skipped=(~ok).astype(jnp.int32))
     return new_state, m
 
   return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),

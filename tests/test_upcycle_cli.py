@@ -42,8 +42,13 @@ def test_init_upcycle_from_in_train_continues_data_stream(dense_run, tmp_path):
   assert r["step"] == 6
   from moejax import metrics
 
-  first = min(x["step"] for x in metrics.read_jsonl(tmp_path) if x["split"] == "train")
-  assert first == 5  # started at the dense step 4
+  rows = [x for x in metrics.read_jsonl(tmp_path) if x["split"] == "train"]
+  assert rows[0]["step"] == 5  # started at the dense step 4
+  # ...and continued the dense LR schedule (a fresh optimizer state must not restart the LR clock)
+  from moejax import optim
+
+  sched = optim.schedule(cfg.optim, cfg.train.schedule_steps)
+  np.testing.assert_allclose([r["lr"] for r in rows], [float(sched(r["step"] - 1)) for r in rows], rtol=1e-6)
   # the data position continued from the dense run's checkpoint: its next batch is the one dense step 5 sees
   it_dense = train.tasks.get("lm").make_iterator(cfg, "train")
   checkpoint.restore_data_state(dense_run, it_dense)
