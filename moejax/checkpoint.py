@@ -78,7 +78,6 @@ class Manager:
                f"{jax.process_count()}: the model and optimizer state are restored, but the data pipeline starts "
                f"over from the beginning of its stream (each process reads its own shard of the data, so "
                f"positions do not carry over)")
-        log.warning(msg)
         if jax.process_index() == 0:
           print(f"WARNING: {msg}", flush=True)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
