@@ -279,9 +279,14 @@ def _exit_lost(what: str) -> None:
 
 
 def _start_watchdog(process_id: int, num_processes: int, timeout_s: float) -> None:
-  from jax._src import distributed as jax_distributed  # the runtime client; no public accessor exists
+  try:  # the runtime client has no public accessor; a JAX that moved it only costs the watchdog
+    from jax._src import distributed as jax_distributed
 
-  client = jax_distributed.global_state.client
+    client = jax_distributed.global_state.client
+  except (ImportError, AttributeError) as e:
+    print(f"moejax: warning: no watchdog for lost processes ({e}); JAX's heartbeat still stops the run",
+          file=sys.stderr)
+    return
   if client is None or _WATCHDOG is not None:
     return
   _install(_Watchdog(client, process_id, num_processes, timeout_s))
