@@ -50,7 +50,9 @@ def clip_dense_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny   (the CLIP-UP source)
           moejax train clip_dense_tiny --workdir runs/clip_dense_tiny                   (all 600 steps)
-  Expect: TBD (retrieval R@1 and zero-shot digit accuracy from a real run, see docs/results.md).
+  Expect: (2-core shared CPU, seed 0, eval on the 594 validation pairs) step 300: contrastive loss 1.59,
+          i2t / t2i R@1 40.2 / 57.2 %, zero-shot 26.9 % (chance 10 %); step 600: 1.06, 66.7 / 85.5 %, zero-shot
+          45.5 %; ~1-2 s/step on the loaded CPU. scripts/clip_up_demo.sh, docs/results.md.
   """
   return config.ExperimentConfig(
     task="clip",
@@ -73,7 +75,9 @@ def clip_up_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny   (first)
           moejax train clip_up_tiny --workdir runs/clip_up_tiny
-  Expect: TBD (vs the dense continuation and clip_sparse_scratch_tiny at step 600, docs/results.md).
+  Expect: step 600: contrastive loss 1.20, i2t / t2i R@1 61.1 / 80.0 %, zero-shot 40.6 %: at this tiny budget
+          it trails the dense continuation (1.06, 66.7 / 85.5 %, 45.5 %) by ~5 R@1 points, one seed; the routers
+          stay near uniform (entropy 2.07 of ln 8 = 2.08). scripts/clip_up_demo.sh, docs/results.md.
   """
   return config.derive(clip_dense_tiny(), {
     **_MOE,
