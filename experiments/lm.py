@@ -8,7 +8,7 @@ def lm_dense_tiny() -> config.ExperimentConfig:
   """4-layer dense decoder (0.8M params) on the bundled English corpus (Python's docs), bytes as tokens.
 
   Run:    moejax train lm_dense_tiny --workdir runs/lm_dense_tiny
-  Expect: see README (validation loss vs the unigram baseline), a few minutes on 2 CPU cores.
+  Expect: validation loss 1.455 nats/byte after 600 steps (unigram baseline 3.297), ~5 min on 2 idle CPU cores.
   """
   return config.ExperimentConfig(
     model=config.ModelConfig(vocab_size=256, d_model=128, num_layers=4, num_heads=4, d_ff=512, max_seq_len=128),
