@@ -30,6 +30,8 @@ def small_tiles(monkeypatch):
   # Small tiles/chunks so tiny arrays exercise every loop of the `sorted` backend (big chunks, remainders).
   monkeypatch.setattr(gmm, "TILE", 4)
   monkeypatch.setattr(gmm, "CHUNK", 16)
+  monkeypatch.setattr(gmm, "CHUNK_DW", 32)
+  monkeypatch.setattr(gmm, "CHUNK_BWD", 32)
 
 
 SIZES = [8, 0, 36, 4, 20]  # multiples of TILE=4: empty group, one tile, 2 big chunks + remainder pieces
@@ -92,3 +94,36 @@ def test_resolve_and_errors():
 def test_row_experts():
   e = gmm.row_experts(jnp.array([2, 0, 3]), 7)
   np.testing.assert_array_equal(np.asarray(e), [0, 0, 2, 2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("swiglu", True), ("gelu", True)])
+def test_sorted_mlp_matches_per_group_mlp(activation, bias, small_tiles):
+  from moejax.layers import mlp
+
+  M, D, F, E = 76, 6, 5, len(SIZES)
+  keys = iter(jax.random.split(jax.random.PRNGKey(3), 10))
+  ex = {"w_up": jax.random.normal(next(keys), (E, D, F)), "w_down": jax.random.normal(next(keys), (E, F, D))}
+  if activation == "swiglu":
+    ex["w_gate"] = jax.random.normal(next(keys), (E, D, F))
+  if bias:
+    ex["b_up"] = jax.random.normal(next(keys), (E, F))
+    ex["b_down"] = jax.random.normal(next(keys), (E, D))
+    if activation == "swiglu":
+      ex["b_gate"] = jax.random.normal(next(keys), (E, F))
+  x = jax.random.normal(next(keys), (M, D))
+  g = jax.random.normal(next(keys), (M, D)).at[68:].set(0.0)  # padding rows: never read downstream
+  sizes = jnp.array(SIZES, jnp.int32)
+
+  def reference(ex, x):  # each group through the dense MLP, padding rows zero
+    outs, row = [], 0
+    for e, n in enumerate(SIZES):
+      outs.append(mlp.apply({k: v[e] for k, v in ex.items()}, x[row:row + n], activation))
+      row += n
+    return jnp.concatenate(outs + [jnp.zeros((M - row, D))])
+
+  f = lambda ex, x: gmm.sorted_mlp(x, ex, sizes, activation)
+  _close(jax.jit(f)(ex, x)[:68], reference(ex, x)[:68])
+  got = jax.jit(jax.grad(lambda ex, x: jnp.sum(f(ex, x) * g), argnums=(0, 1)))(ex, x)
+  want = jax.grad(lambda ex, x: jnp.sum(reference(ex, x) * g), argnums=(0, 1))(ex, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(a, b)

@@ -6,13 +6,15 @@ padding and come out zero). Backends:
 
 - `ragged_dot`: `lax.ragged_dot`. Native grouped kernels on GPU/TPU. On XLA:CPU it lowers to a masked dense
   product (E x the FLOPs: ~9x slower than the dense layer at E=8, ~45x at E=32), so `auto` avoids it there.
-- `sorted`: the CPU path. Groups are padded to a multiple of `TILE` rows by the layout (`tile_for`), and each
-  expert's block is multiplied by its own weight in a loop over experts whose body does one large matmul per
-  `CHUNK` rows (`lax.fori_loop` with a data-dependent trip count) and the remainder in power-of-two pieces
-  (`CHUNK/2, ..., TILE`, each run zero or one times). The weight is sliced once per expert, never per tile, and
-  every matmul is a plain static-shape `dot` on contiguous rows, which XLA:CPU runs at dense-GEMM speed. The
-  loops have dynamic trip counts, so the backward pass is a custom VJP made of the same grouped products
-  (`dx = gmm(dy, w^T)`, `dw_e = x_e^T dy_e`).
+- `sorted`: the CPU path. Groups are padded to a multiple of `TILE` rows by the layout (`tile_for`); a loop
+  over experts slices each expert's weights once (never per tile) and walks its rows in static-shape chunks:
+  `n // CHUNK` chunks in a `lax.fori_loop` with a data-dependent trip count, then the remainder as at most one
+  chunk of each size CHUNK/2, ..., TILE. Every product is a plain `dot` on contiguous rows. The loops have
+  dynamic trip counts, so the backward pass is a custom VJP made of the same chunked products.
+  For the MoE layer the whole expert MLP runs per chunk (`sorted_mlp`): gate and up as one [D, 2F] product,
+  the activation and the down product while the chunk is in cache; its backward does the activation VJP, dx
+  and the weight gradients per chunk too. Small chunks win on this memory-bound CPU (the measurements are in
+  docs/benchmarks.md).
 - `dense`: every row times every expert, then a select (E x the FLOPs). Small reference / fallback.
 
 `auto` picks `ragged_dot` on GPU/TPU and `sorted` on CPU.
@@ -20,17 +22,24 @@ padding and come out zero). Backends:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moejax.layers import mlp
+
 BACKENDS = ("ragged_dot", "sorted", "dense")
 
-# Row padding of each group for the `sorted` backend, and the largest matmul it issues. Measured on a 2-core
-# AVX-512 CPU (see docs/benchmarks.md): 32-row granularity keeps padding waste ~1-3% at E=8..32, and 512-row
-# chunks reach the throughput of one big matmul.
+# Row padding of each group for `sorted`, and its chunk sizes (rows per product) for the forward, the backward
+# and the plain gmm's weight gradient. Measured on a 2-core AVX-512 CPU (docs/benchmarks.md): 32-row padding
+# wastes ~1-3% at E=8..32; 128-row chunks keep a chunk's activations in L2 and beat 512/1024-row ones by
+# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows).
 TILE = 32
-CHUNK = 512
+CHUNK = 128
+CHUNK_BWD = 128
+CHUNK_DW = 1024
 
 
 def resolve(backend: str, platform: str | None = None) -> str:
@@ -84,9 +93,13 @@ def _dense_gmm(x_MD, w_EDF, group_sizes_E):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _chunk_sizes(num_rows: int) -> list[int]:
-  """CHUNK, CHUNK/2, ..., TILE, capped by the number of rows (a chunk never reads past the buffer)."""
-  sizes, s = [], CHUNK
+def _chunk_sizes(num_rows: int, chunk: int | None = None) -> list[int]:
+  """chunk, chunk/2, ..., TILE, capped by the number of rows (a chunk never reads past the buffer). Any
+  multiple of TILE is then a sum of (several of the first and) at most one of each other size."""
+  chunk = chunk or CHUNK
+  if chunk % TILE or (chunk // TILE) & (chunk // TILE - 1):
+    raise ValueError(f"gmm chunk {chunk} must be TILE={TILE} times a power of two")
+  sizes, s = [], chunk
   while s >= TILE:
     if s <= num_rows:
       sizes.append(s)
@@ -94,30 +107,25 @@ def _chunk_sizes(num_rows: int) -> list[int]:
   return sizes
 
 
-def _for_each_chunk(group_sizes_E: jax.Array, num_rows: int, init, body):
-  """Run `carry = body(e, row0, rows, carry)` over every expert's rows in pieces of static size `rows`.
+def _over_chunks(row0: jax.Array, n: jax.Array, sizes: list[int], body, carry):
+  """`carry = body(row, rows, carry)` over rows [row0, row0 + n) in pieces of static size `rows`: n // big
+  chunks of `big = sizes[0]` rows, then at most one of each smaller size (n must be a multiple of the last)."""
+  big = sizes[0]
+  n_big = n // big
+  carry = lax.fori_loop(0, n_big, lambda i, c: body(row0 + i * big, big, c), carry)
+  row, n = row0 + n_big * big, n - n_big * big
+  for s in sizes[1:]:
+    take = (n >= s).astype(jnp.int32)  # 0 or 1: a loop, not a cond, so the carry is updated in place
+    carry = lax.fori_loop(0, take, lambda _, c, r=row, s=s: body(r, s, c), carry)
+    row, n = row + take * s, n - take * s
+  return carry
 
-  Each group size must be a multiple of TILE (the layout guarantees it). A group of n rows is covered by
-  n // big chunks of `big` rows, then at most one chunk of each smaller power-of-two size.
-  """
-  sizes = _chunk_sizes(num_rows)
+
+def _sizes_or_error(num_rows: int, chunk: int | None = None) -> list[int]:
+  sizes = _chunk_sizes(num_rows, chunk)
   if not sizes:
     raise ValueError(f"sorted gmm needs at least TILE={TILE} rows, got {num_rows}")
-  starts_E = group_starts(group_sizes_E)
-
-  def per_expert(e, carry):
-    row, n = starts_E[e], group_sizes_E[e]
-    big = sizes[0]
-    n_big = n // big
-    carry = lax.fori_loop(0, n_big, lambda i, c: body(e, row + i * big, big, c), carry)
-    row, n = row + n_big * big, n - n_big * big
-    for s in sizes[1:]:
-      take = (n >= s).astype(jnp.int32)  # 0 or 1: a loop, not a cond, so the carry is updated in place
-      carry = lax.fori_loop(0, take, lambda _, c, r=row, s=s: body(e, r, s, c), carry)
-      row, n = row + take * s, n - take * s
-    return carry
-
-  return lax.fori_loop(0, group_sizes_E.shape[0], per_expert, init)
+  return sizes
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -144,32 +152,44 @@ def _sum_to_type_of(ct: jax.Array, primal: jax.Array) -> jax.Array:
 
 
 def _loop_matmul(x_MD, w_EDF, group_sizes_E, transpose_w: bool):
-  """out[rows of e] = x[rows of e] @ w[e] (or @ w[e]^T)."""
+  """out[rows of e] = x[rows of e] @ w[e] (or @ w[e]^T). The weight is sliced (and transposed) once per expert."""
   M = x_MD.shape[0]
   F = w_EDF.shape[1] if transpose_w else w_EDF.shape[2]
-  dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+  sizes = _sizes_or_error(M)
+  starts_E = group_starts(group_sizes_E)
 
-  def body(e, row, rows, out_MF):
-    x_rD = lax.dynamic_slice_in_dim(x_MD, row, rows, 0)
-    y_rF = lax.dot_general(x_rD, w_EDF[e], dims, preferred_element_type=x_MD.dtype)
-    return lax.dynamic_update_slice_in_dim(out_MF, y_rF.astype(out_MF.dtype), row, 0)
+  def per_expert(e, out_MF):
+    w_DF = w_EDF[e].T if transpose_w else w_EDF[e]
 
-  return _for_each_chunk(group_sizes_E, M, _zeros_varying_like((M, F), x_MD.dtype, x_MD, w_EDF, group_sizes_E), body)
+    def body(row, rows, out_MF):
+      y_rF = jnp.dot(lax.dynamic_slice_in_dim(x_MD, row, rows, 0), w_DF, preferred_element_type=x_MD.dtype)
+      return lax.dynamic_update_slice_in_dim(out_MF, y_rF.astype(out_MF.dtype), row, 0)
+
+    return _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, out_MF)
+
+  init = _zeros_varying_like((M, F), x_MD.dtype, x_MD, w_EDF, group_sizes_E)
+  return lax.fori_loop(0, w_EDF.shape[0], per_expert, init)
 
 
 def _loop_weight_grad(x_MD, dy_MF, group_sizes_E, E: int):
-  """dw[e] = x[rows of e]^T @ dy[rows of e]: chunk products accumulated into the expert's slice."""
+  """dw[e] = x[rows of e]^T @ dy[rows of e], accumulated over chunks in a [D, F] carry, written once."""
   M, D = x_MD.shape
   F = dy_MF.shape[1]
+  sizes = _sizes_or_error(M, CHUNK_DW)
+  starts_E = group_starts(group_sizes_E)
 
-  def body(e, row, rows, dw_EDF):
+  def body(row, rows, acc_DF):
     x_rD = lax.dynamic_slice_in_dim(x_MD, row, rows, 0)
     dy_rF = lax.dynamic_slice_in_dim(dy_MF, row, rows, 0)
-    g_DF = lax.dot_general(x_rD, dy_rF, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dw_EDF.at[e].add(g_DF.astype(dw_EDF.dtype))
+    return acc_DF + lax.dot_general(x_rD, dy_rF, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  def per_expert(e, dw_EDF):
+    acc = _zeros_varying_like((D, F), jnp.float32, x_MD, dy_MF, group_sizes_E)
+    acc = _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, acc)
+    return lax.dynamic_update_index_in_dim(dw_EDF, acc.astype(dw_EDF.dtype), e, 0)
 
   init = _zeros_varying_like((E, D, F), dy_MF.dtype, x_MD, dy_MF, group_sizes_E)
-  return _for_each_chunk(group_sizes_E, M, init, body)
+  return lax.fori_loop(0, E, per_expert, init)
 
 
 @jax.custom_vjp
@@ -189,3 +209,129 @@ def _sorted_bwd(res, dy_MF):
 
 
 _sorted_gmm.defvjp(_sorted_fwd, _sorted_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole expert MLP in one pass over the sorted rows (`sorted` backend): per chunk of an expert's rows,
+# up/gate products, activation and down product happen while the chunk is in cache, and the backward pass
+# does the same per chunk. Compared with three separate grouped matmuls this skips several full passes over
+# [M, F] arrays (activation, zero-fills, the dx sum), which matter on a memory-bound CPU.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bias(b: jax.Array | None, y: jax.Array) -> jax.Array:
+  return y if b is None else y + b.astype(y.dtype)
+
+
+def _expert_weights(ex: dict, e, dt) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+  """Expert e's input projection with gate and up side by side ([D, 2F] for SwiGLU: one wide product instead
+  of two), its bias, and the output projection and bias."""
+  take = lambda k: ex[k][e].astype(dt) if k in ex else None
+  if "w_gate" in ex:
+    w_in = jnp.concatenate([take("w_gate"), take("w_up")], 1)
+    b_in = jnp.concatenate([take("b_gate"), take("b_up")]) if "b_up" in ex else None
+  else:
+    w_in, b_in = take("w_up"), take("b_up")
+  return w_in, b_in, take("w_down"), take("b_down")
+
+
+def _hidden(pre: jax.Array, gated: bool, activation: str) -> jax.Array:
+  if gated:
+    F = pre.shape[-1] // 2
+    return mlp.hidden(pre[..., :F], pre[..., F:], activation)
+  return mlp.hidden(None, pre, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sorted_mlp(x_MD: jax.Array, ex: dict, group_sizes_E: jax.Array, activation: str) -> jax.Array:
+  """`y[rows of e] = MLP_e(x[rows of e])` with the stacked expert params `ex` (w_up/w_down[/w_gate][, b_*]), the
+  same math as `mlp.apply`. Group sizes must be multiples of TILE; rows past the groups are left zero."""
+  return _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation)[0]
+
+
+def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
+  M, D = x_MD.shape
+  E, _, F = ex["w_up"].shape
+  gated = "w_gate" in ex
+  P = 2 * F if gated else F
+  sizes = _sizes_or_error(M)
+  starts_E = group_starts(group_sizes_E)
+  refs = (x_MD, group_sizes_E, *jax.tree.leaves(ex))
+  dt = x_MD.dtype
+
+  def per_expert(e, carry):
+    w_in, b_in, w_out, b_out = _expert_weights(ex, e, dt)
+
+    def body(row, rows, carry):
+      y_MD, pre_MP = carry
+      pre = _bias(b_in, jnp.dot(lax.dynamic_slice_in_dim(x_MD, row, rows, 0), w_in))
+      y_rD = _bias(b_out, jnp.dot(_hidden(pre, gated, activation), w_out))
+      return (lax.dynamic_update_slice_in_dim(y_MD, y_rD, row, 0),
+              lax.dynamic_update_slice_in_dim(pre_MP, pre, row, 0))
+
+    return _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, carry)
+
+  init = (_zeros_varying_like((M, D), dt, *refs), _zeros_varying_like((M, P), dt, *refs))
+  y_MD, pre_MP = lax.fori_loop(0, E, per_expert, init)
+  return y_MD, (x_MD, ex, group_sizes_E, pre_MP)
+
+
+def _sorted_mlp_bwd(activation, res, dy_MD):
+  """One pass over chunks of CHUNK_BWD rows: activation VJP, dx, and the weight gradients accumulated in
+  per-expert [D, 2F] / [F, D] carries (written once per expert). Larger chunks than the forward's amortize the
+  accumulator traffic (a [D, F] read-add-write per chunk costs about what a K=128 product does)."""
+  x_MD, ex, group_sizes_E, pre_MP = res
+  M, D = x_MD.shape
+  E, _, F = ex["w_up"].shape
+  gated = "w_gate" in ex
+  biased = "b_up" in ex
+  P = pre_MP.shape[1]
+  sizes = _sizes_or_error(M, CHUNK_BWD)
+  starts_E = group_starts(group_sizes_E)
+  refs = (x_MD, dy_MD, group_sizes_E, *jax.tree.leaves(ex))
+  dt = x_MD.dtype
+  tn = (((0,), (0,)), ((), ()))  # a^T b, contracting the rows
+
+  def per_expert(e, carry):
+    dx_MD, dex = carry
+    w_in, _, w_out, _ = _expert_weights(ex, e, dt)
+    w_inT, w_outT = w_in.T, w_out.T  # transposed once per expert
+
+    def body(row, rows, carry):
+      dx_MD, acc = carry
+      sl = lambda a: lax.dynamic_slice_in_dim(a, row, rows, 0)
+      x, dy, pre = sl(x_MD), sl(dy_MD), sl(pre_MP)
+      dh = jnp.dot(dy, w_outT)
+      if gated:  # VJP of the two halves separately: the VJP of a slice would pad and add [rows, 2F] arrays
+        h, h_vjp = jax.vjp(lambda g, u: mlp.hidden(g, u, activation), pre[:, :F], pre[:, F:])
+        dpre = jnp.concatenate(h_vjp(dh), 1)
+      else:
+        h, h_vjp = jax.vjp(lambda u: mlp.hidden(None, u, activation), pre)
+        (dpre,) = h_vjp(dh)
+      acc = {"in": acc["in"] + lax.dot_general(x, dpre, tn, preferred_element_type=jnp.float32),
+             "out": acc["out"] + lax.dot_general(h, dy, tn, preferred_element_type=jnp.float32),
+             **({"b_in": acc["b_in"] + jnp.sum(dpre, 0, dtype=jnp.float32),
+                 "b_out": acc["b_out"] + jnp.sum(dy, 0, dtype=jnp.float32)} if biased else {})}
+      return lax.dynamic_update_slice_in_dim(dx_MD, jnp.dot(dpre, w_inT).astype(dt), row, 0), acc
+
+    shapes = {"in": (D, P), "out": (F, D), **({"b_in": (P,), "b_out": (D,)} if biased else {})}
+    acc = {k: _zeros_varying_like(v, jnp.float32, *refs) for k, v in shapes.items()}
+    dx_MD, acc = _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, (dx_MD, acc))
+    grads = {"w_down": acc["out"], "b_down": acc.get("b_out")}
+    if gated:
+      grads.update(w_gate=acc["in"][:, :F], w_up=acc["in"][:, F:])
+      if biased:
+        grads.update(b_gate=acc["b_in"][:F], b_up=acc["b_in"][F:])
+    else:
+      grads.update(w_up=acc["in"], b_up=acc.get("b_in"))
+    put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), e, 0)
+    return dx_MD, {k: put(dex[k], grads[k]) for k in dex}
+
+  init = (_zeros_varying_like((M, D), dt, *refs),
+          {k: _zeros_varying_like(v.shape, v.dtype, *refs) for k, v in ex.items()})
+  dx_MD, dex = lax.fori_loop(0, E, per_expert, init)
+  dex = {k: _sum_to_type_of(v, ex[k]) for k, v in dex.items()}
+  return _sum_to_type_of(dx_MD, x_MD), dex, None
+
+
+sorted_mlp.defvjp(_sorted_mlp_fwd, _sorted_mlp_bwd)

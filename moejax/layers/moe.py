@@ -117,11 +117,38 @@ def _take_rows_fwd(x_ND, idx_M, inv_NJ):
 
 def _take_rows_bwd(res, g_MD):
   _, inv_NJ = res
-  dx_NJD = jnp.take(g_MD, inv_NJ, axis=0, mode="fill", fill_value=0)
-  return jnp.sum(dx_NJD, 1), None, None
+  # One [N, D] gather per slot, summed: XLA fuses these into one pass (a [N, J, D] gather then sum does not).
+  dx_ND = sum(jnp.take(g_MD, inv_NJ[:, j], axis=0, mode="fill", fill_value=0) for j in range(inv_NJ.shape[1]))
+  return dx_ND, None, None
 
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
+def combine(y_MD: jax.Array, w_NK: jax.Array, pos_NK: jax.Array, row_src_M: jax.Array) -> jax.Array:
+  """y[n] = sum_k w[n, k] * y_M[pos[n, k]] (rows pos >= M read as zero), in one fused gather pass; the VJP
+  gathers the output gradient back to the rows through `row_src_M` (no scatter)."""
+  return sum(jnp.take(y_MD, pos_NK[:, k], axis=0, mode="fill", fill_value=0) * w_NK[:, k, None]
+             for k in range(pos_NK.shape[1]))
+
+
+def _combine_fwd(y_MD, w_NK, pos_NK, row_src_M):
+  return combine(y_MD, w_NK, pos_NK, row_src_M), (y_MD, w_NK, pos_NK, row_src_M)
+
+
+def _combine_bwd(res, g_ND):
+  y_MD, w_NK, pos_NK, row_src_M = res
+  N, K = w_NK.shape
+  row_w_M = jnp.take(w_NK.reshape(-1), row_src_M, mode="fill", fill_value=0)
+  row_token_M = jnp.where(row_src_M < N * K, row_src_M // K, N)
+  dy_MD = jnp.take(g_ND, row_token_M, axis=0, mode="fill", fill_value=0) * row_w_M[:, None]
+  dw_NK = jnp.stack([jnp.sum(g_ND * jnp.take(y_MD, pos_NK[:, k], axis=0, mode="fill", fill_value=0), -1)
+                     for k in range(K)], 1)
+  return dy_MD, dw_NK, None, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,6 +246,8 @@ def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax
       return y + ex["b_" + name].astype(dt)[:, None] if "b_" + name in ex else y
 
     x = x_MD.reshape(E, M // E, D)
+  elif backend == "sorted":  # the fused per-chunk expert MLP
+    return gmm.sorted_mlp(x_MD, ex, group_sizes_E, activation)
   else:
     e_M = gmm.row_experts(group_sizes_E, M) if "b_up" in ex else None
 
@@ -266,9 +295,7 @@ def dispatch_rows(x_ND: jax.Array, layout: Layout) -> jax.Array:
 
 
 def combine_rows(y_MD: jax.Array, layout: Layout) -> jax.Array:
-  N, K = layout.pos_NK.shape
-  y_AD = take_rows(y_MD, layout.pos_NK.reshape(-1), layout.row_src_M[:, None])
-  return jnp.einsum("NKD,NK->ND", y_AD.reshape(N, K, -1), layout.weight_NK.astype(y_MD.dtype))
+  return combine(y_MD, layout.weight_NK.astype(y_MD.dtype), layout.pos_NK, layout.row_src_M)
 
 
 def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation: str, backend: str) -> jax.Array:
