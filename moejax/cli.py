@@ -203,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
+  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle"):
+    # the benchmark owns every flag after its name, --help included
+    args, rest = parser.parse_args(argv[:2]), argv[2:]
+  else:
+    args, rest = parser.parse_known_args(argv)
   if args.cmd != "bench" and rest:
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   _quiet_env()
