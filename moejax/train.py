@@ -94,10 +94,6 @@ def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 
   return {"step": step_arr, "params": params, "opt_state": opt_state}
 
 
-def _is_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step(s: Setup):
   cfg, task, tx = s.cfg, s.task, s.tx
   base_key = jax.random.key(cfg.train.seed)
