@@ -226,20 +226,22 @@ def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray) -> np.ndarray:
 
 def compare(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path]) -> list[dict[str, Any]]:
   """Eval loss of each run at the last step all runs reached, and at the FLOPs budget all runs reached
-  (linear interpolation between eval points)."""
-  curves = {}
+  (linear interpolation between eval points). The columns name the loss compared (`ce_loss` for LMs: the
+  aux losses of MoE runs are left out, so dense and MoE runs compare on the same quantity)."""
+  curves, keys = {}, []
   for name, rows in runs.items():
-    key = loss_key(rows)
+    keys.append(key := loss_key(rows))
     steps, vals = series(rows, "eval", key)
     curves[name] = (steps, vals, cumulative_flops(dirs[name], steps))
+  lk = "eval_" + (keys[0] if len(set(keys)) == 1 else "loss")
   common_step = min(c[0][-1] for c in curves.values() if len(c[0]))
   common_flops = min(c[2][-1] for c in curves.values() if len(c[0]))
   table = []
   for name, (steps, vals, flops) in curves.items():
-    table.append({"run": name, "last_step": int(steps[-1]), "eval_loss@last": float(vals[-1]),
-                  f"eval_loss@step{common_step}": float(np.interp(common_step, steps, vals)),
+    table.append({"run": name, "last_step": int(steps[-1]), f"{lk}@last": float(vals[-1]),
+                  f"{lk}@step{common_step}": float(np.interp(common_step, steps, vals)),
                   "train_PFLOPs": float(flops[-1] / 1e15),
-                  f"eval_loss@{common_flops / 1e15:.3g}PFLOPs": float(np.interp(common_flops, flops, vals))})
+                  f"{lk}@{common_flops / 1e15:.3g}PFLOPs": float(np.interp(common_flops, flops, vals))})
   return table
 
 
