@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clip_helpers import random_clip_batch, tiny_clip_cfg
 
 from moejax import config, registry, sharding, upcycle
 from moejax.data import image_text, image_text_builder, tokenizer
@@ -12,24 +13,11 @@ from moejax.tasks import contrastive
 
 
 def tiny_cfg(data_dir: str = "", num_layers: int = 1, **over) -> config.ExperimentConfig:
-  tower = dict(vocab_size=256, d_model=32, num_layers=num_layers, num_heads=2, d_ff=64, activation="gelu",
-               norm="layer", bias=True, norm_eps=1e-5, max_seq_len=32)
-  cfg = config.ExperimentConfig(
-    task="clip",
-    clip=config.ClipConfig(vision=config.ModelConfig(**tower), text=config.ModelConfig(**tower), image_size=16,
-                           patch_size=4, embed_dim=16),
-    data=config.DataConfig(dataset="moejax_digits", tfds_dir=data_dir, batch_size=16))
-  return config.derive(cfg, over)
+  return tiny_clip_cfg(data_dir, num_layers, **over)
 
 
 def batch_for(cfg: config.ExperimentConfig, B: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  c = cfg.clip
-  images = rng.normal(size=(B, c.image_size, c.image_size, c.channels)).astype(np.float32)
-  tokens = rng.integers(1, c.text.vocab_size, size=(B, c.text.max_seq_len)).astype(np.int32)
-  for i, n in enumerate(rng.integers(3, c.text.max_seq_len, size=B)):
-    tokens[i, n:] = c.eos_id
-  return {"images": jnp.asarray(images), "tokens": jnp.asarray(tokens)}
+  return {k: jnp.asarray(v) for k, v in random_clip_batch(cfg, B, seed).items()}
 
 
 def perturbed_params(cfg: config.ExperimentConfig, seed: int = 0) -> dict:

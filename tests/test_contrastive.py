@@ -7,32 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clip_helpers import random_clip_batch, tiny_clip_cfg
 
 from moejax import config, sharding
 from moejax.tasks import contrastive
 
 
 def tiny_cfg(data_dir: str = "", **over) -> config.ExperimentConfig:
-  # One block per tower (MoE when a test turns experts on): compile time dominates these tests.
-  tower = dict(vocab_size=256, d_model=32, num_layers=1, num_heads=2, d_ff=64, activation="gelu", norm="layer",
-               bias=True, norm_eps=1e-5, max_seq_len=32, moe=config.MoEConfig(every=1, offset=0))
-  cfg = config.ExperimentConfig(
-    task="clip",
-    clip=config.ClipConfig(vision=config.ModelConfig(**{**tower, "vocab_size": 1}), text=config.ModelConfig(**tower),
-                           image_size=16, patch_size=4, embed_dim=16),
-    data=config.DataConfig(dataset="moejax_digits", tfds_dir=data_dir, batch_size=16))
-  return config.derive(cfg, over)
+  # One block per tower (MoE in it when a test turns experts on).
+  return tiny_clip_cfg(data_dir, 1, config.MoEConfig(every=1, offset=0), vision_vocab=1, **over)
 
 
-def random_batch(cfg: config.ExperimentConfig, B: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  c = cfg.clip
-  images = rng.normal(size=(B, c.image_size, c.image_size, c.channels)).astype(np.float32)
-  tokens = rng.integers(1, c.text.vocab_size, size=(B, c.text.max_seq_len)).astype(np.int32)
-  lengths = rng.integers(3, c.text.max_seq_len, size=B)
-  for i, n in enumerate(lengths):
-    tokens[i, n:] = c.eos_id  # EOS, then EOS padding
-  return {"images": images, "tokens": tokens}
+random_batch = random_clip_batch
 
 
 # ----------------------------------------------------------------------------------------------------------
