@@ -652,7 +652,16 @@ def test_bench_runs_small(tmp_path, capsys):
   from moejax.bench import upcycle as bench
 
   argv = ["--d-model", "32", "--heads", "4", "--layers", "2", "--d-ff", "64", "--vocab", "64",
-          "--experts", "4", "--drop", "0.5", "--repeats", "1", "--write", str(tmp_path / "b.md")]
-  assert bench.main(argv) == 0
+          "--experts", "4", "--drop", "0.5", "--repeats", "1", "--fresh-pages", "--write", str(tmp_path / "b.md")]
+  assert bench.main(argv) == 0  # --fresh-pages: leave this test process's allocator alone
   text = (tmp_path / "b.md").read_text()
   assert "| 4 | 0 | 0 |" in text and "| 4 | 0 | 0.5 |" in text and "moejax bench upcycle --d-model 32" in text
+  assert "allocator: glibc default" in text
+
+
+def test_bench_bytes_moved_floor():
+  from moejax.bench import upcycle as bench
+
+  # Copying 100 bytes moves 200; upcycling them into 350 moves 450.
+  assert bench.floor({"dense_bytes": 100, "moe_bytes": 350}) == pytest.approx(2.25)
+  assert bench.floor({"dense_bytes": 100, "moe_bytes": 100}) == pytest.approx(1.0)
