@@ -5,6 +5,11 @@ and renames it when complete, so a kill mid-save leaves the previous steps intac
 unreadable (a disk fault, a truncated copy) is moved to `<workdir>/checkpoints_damaged/` with a warning and the
 next-newest step is used: nothing is deleted. Restore takes abstract targets carrying shardings, so a state saved
 on one mesh restores onto any other (a different shape or device count).
+
+Params-only steps: a run's first checkpoint made by `moejax upcycle` or `moejax import-hf` holds `{step,
+params}` and no optimizer state (a `meta` item says so). Its optimizer state would be all zeros, twice the params'
+bytes for Adam (an E=8 upcycle of a 120M model: 3.3 GB of zeros), so it is not written; the trainer creates it
+when it starts from such a step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import orbax.checkpoint as ocp
 from moejax import config
 
 log = logging.getLogger("moejax")
+
+
+PARAMS_ONLY = ("step", "params")
 
 
 class DamagedCheckpoint(RuntimeError):
@@ -43,7 +51,7 @@ class Manager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()},
+                     "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 
   def all_steps(self) -> list[int]:
@@ -54,7 +62,10 @@ class Manager:
 
   def save(self, step: int, state: Any, cfg: config.ExperimentConfig, data_iter: Any | None = None,
            force: bool = False) -> bool:
+    """`state` is a full train state, or `{step, params}` for a params-only step (see the module doc)."""
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict(cfg))}
+    if "opt_state" not in state:
+      items["meta"] = ocp.args.JsonSave({"params_only": True})
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -66,7 +77,15 @@ class Manager:
     self._mngr.wait_until_finished()
     self._mngr.close()
 
+  def is_params_only(self, step: int) -> bool:
+    meta = self.directory / str(step) / "meta" / "metadata"
+    return meta.is_file() and bool(json.loads(meta.read_text()).get("params_only"))
+
   def restore_step(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    """The saved state laid out as `abstract_state` (a full train state's); a params-only step comes back as
+    `{step, params}`, its optimizer state the caller's to create."""
+    if self.is_params_only(step):
+      abstract_state = {k: abstract_state[k] for k in PARAMS_ONLY}
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     data_dir = self.directory / str(step) / "data"
     if data_iter is not None and data_dir.exists():

@@ -97,26 +97,28 @@ def cmd_report(args) -> int:
 
 def cmd_upcycle(args) -> int:
   """Upcycle a dense run's newest checkpoint into `--exp`'s MoE model and save it as step N (or 0) of a new run
-  in `--to`, with a fresh optimizer state; `moejax train EXP --workdir TO` then continues from it."""
+  in `--to`: the params and, when the run continues the dense step, the dense run's data position, but no
+  optimizer state (`moejax train EXP --workdir TO` starts a fresh one, as `init.upcycle_from` would)."""
   _start(args)
   import pathlib
 
   import jax
 
-  from moejax import checkpoint, config, registry, train, upcycle
+  from moejax import checkpoint, config, registry, train
 
   cfg = config.derive(registry.get(args.exp, args.overrides), {"init.upcycle_from": args.source})
   to = pathlib.Path(args.to)
   if (to / "checkpoints").is_dir() and any(p.name.isdigit() for p in (to / "checkpoints").iterdir()):
     raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
   s = train.setup(cfg)
-  params, step = upcycle.from_checkpoint(cfg, s.mesh, s.specs)
-  state = train.init_state(s, jax.random.key(cfg.train.seed), params, step)
+  data_it = train.train_iterator(s)
+  params, step = train.initial_params(s, data_it)  # also moves data_it to the dense run's position
+  state = train.params_only_state(s, params, step)
   if jax.process_index() == 0:
     to.mkdir(parents=True, exist_ok=True)
     (to / "config.json").write_text(config.to_json(cfg))
   mngr = checkpoint.Manager(to, keep=cfg.train.keep_checkpoints)
-  mngr.save(step, state, cfg, force=True)
+  mngr.save(step, state, cfg, data_it, force=True)  # params only: the trainer creates the optimizer state
   mngr.close()
   print(f"upcycled {args.source} -> {to}/checkpoints/{step} ({cfg.name}); continue with: "
         f"moejax train {args.exp} {' '.join(args.overrides)} --workdir {to}".rstrip())

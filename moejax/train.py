@@ -94,6 +94,12 @@ def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 
   return {"step": step_arr, "params": params, "opt_state": opt_state}
 
 
+def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
+  """`{step, params}`: what `moejax upcycle` and `moejax import-hf` save (no optimizer state; see checkpoint)."""
+  return {"step": jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"]),
+          "params": jax.device_put(params, s.param_shardings)}
+
+
 def make_train_step(s: Setup):
   cfg, task, tx = s.cfg, s.task, s.tx
   base_key = jax.random.key(cfg.train.seed)
@@ -216,7 +222,14 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-def _initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
+def train_iterator(s: Setup) -> Any:
+  """This process's shard of the training stream (endless), positioned at its start."""
+  cfg = s.cfg
+  return s.task.make_iterator(cfg, cfg.data.train_split, process_index=jax.process_index(),
+                              process_count=jax.process_count(), seed=cfg.data.shuffle_seed, repeat=True)
+
+
+def initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
   """Params to start from when no checkpoint of this run exists: upcycled from a dense run, or None (random).
   An upcycled run that continues the dense step also continues the dense run's data stream."""
   if not s.cfg.init.upcycle_from:
@@ -241,17 +254,16 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   train_step = make_train_step(s)
   eval_step = make_eval_step(s)
   mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints)
-  data_it = s.task.make_iterator(cfg, cfg.data.train_split, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), seed=cfg.data.shuffle_seed, repeat=True)
+  data_it = train_iterator(s)
   start_step, state = mngr.restore_latest(s.abstract_state, data_it)
+  key = jax.random.key(cfg.train.seed)
+  resumed = state is not None and "opt_state" in state
   if state is None:
-    key = jax.random.key(cfg.train.seed)
-    params, step0 = _initial_params(s, data_it)
+    params, step0 = initial_params(s, data_it)
     state = init_state(s, key, params, step0)
     start_step = step0
-    resumed = False
-  else:
-    resumed = True
+  elif not resumed:  # a params-only step (`moejax upcycle`, `moejax import-hf`): a fresh optimizer state
+    state = init_state(s, key, state["params"], start_step)
   # `train.steps` is the absolute last step. An upcycled run with `init.continue_step` starts at the dense
   # run's step and continues its LR schedule to the same end (Komatsuzaki et al. continue the original schedule).
   end_step = cfg.train.steps

@@ -316,6 +316,9 @@ def test_cli_import_then_export(tmp_path, capsys):
   _save(model, tmp_path / "hf")
   assert hf.cli_import(str(tmp_path / "hf"), str(tmp_path / "run"), ["mesh.expert=2", "train.steps=5"]) == 0
   assert (tmp_path / "run" / "checkpoints" / "0" / "state").is_dir()
+  from moejax import checkpoint
+
+  assert checkpoint.Manager(tmp_path / "run").is_params_only(0)  # no optimizer moments written
   exp = config.from_json((tmp_path / "run" / "config.json").read_text())
   assert exp.mesh.expert == 2 and exp.train.steps == 5 and exp.model.moe.num_experts == 4
   with pytest.raises(config.ConfigError, match="change the model's params"):

@@ -659,6 +659,20 @@ def test_bench_runs_small(tmp_path, capsys):
   assert "allocator: glibc default" in text
 
 
+def test_bench_end_to_end_small(tmp_path):
+  from moejax.bench import upcycle as bench
+
+  argv = ["--d-model", "32", "--heads", "4", "--layers", "2", "--d-ff", "64", "--vocab", "256",
+          "--experts", "4", "--repeats", "1", "--end-to-end"]
+  args = bench.parse(argv)
+  (row,) = bench.run_end_to_end(args, tmp_path)
+  assert row["experts"] == 4 and row["dense_ckpt_bytes"] > 0 and row["moe_ckpt_bytes"] > 0
+  assert min(row["cp_s"], row["orbax_copy_s"], row["upcycle_s"]) > 0
+  assert (tmp_path / "moe4_0" / "checkpoints").is_dir() and (tmp_path / "cp0").is_dir()
+  text = bench.table_end_to_end([row], "moejax bench upcycle --end-to-end", args)
+  assert "| 4 |" in text and "orbax restore + save" in text
+
+
 def test_bench_bytes_moved_floor():
   from moejax.bench import upcycle as bench
 

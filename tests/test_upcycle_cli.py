@@ -3,6 +3,7 @@ validation cross-entropy at its first step equals the dense model's (function pr
 checkpoint path), and training continues the dense step and data stream."""
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from moejax import checkpoint, cli, registry, train
@@ -23,9 +24,22 @@ def test_moejax_upcycle_cli_preserves_function_and_continues(dense_run, tmp_path
   to = tmp_path / "moe"
   assert cli.main(["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", "--to", str(to),
                    *TINY, "train.steps=8"]) == 0
-  assert checkpoint.Manager(to).all_steps() == [4]  # init.continue_step: the dense step carries over
+  mngr = checkpoint.Manager(to)
+  assert mngr.all_steps() == [4]  # init.continue_step: the dense step carries over
   cfg = checkpoint.read_config(to)
   assert cfg.init.upcycle_from == str(dense_run) and cfg.model.moe.num_experts == 8
+  # params only (no optimizer state written), and the dense run's data position travels with them
+  s = train.setup(cfg)
+  assert mngr.is_params_only(4) and not checkpoint.Manager(dense_run).is_params_only(4)
+  it_up = train.train_iterator(s)
+  saved = mngr.restore_step(4, s.abstract_state, it_up)
+  assert set(saved) == {"step", "params"} and int(saved["step"]) == 4
+  on_disk = ocp.PyTreeCheckpointer().metadata(to / "checkpoints" / "4" / "state").item_metadata
+  assert set(on_disk.keys()) == {"step", "params"}
+  it_dense = train.train_iterator(s)
+  checkpoint.restore_data_state(dense_run, it_dense)
+  np.testing.assert_array_equal(next(it_up)["tokens"], next(it_dense)["tokens"])
+  mngr.close()
   dense_eval = train.evaluate(dense_run)
   moe_eval = train.evaluate(to)
   np.testing.assert_allclose(moe_eval["ce_loss"], dense_eval["ce_loss"], rtol=1e-5)

@@ -288,8 +288,9 @@ def save_hf(params: dict, model_cfg: config.ModelConfig, path: str | os.PathLike
 
 def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) -> int:
   """`moejax import-hf PATH --to DIR [a.b=v ...]`: a workdir holding the imported model as step 0 of a run
-  (params + fresh optimizer state, sharded over the run's mesh while loading) and its resolved config. Then
-  `moejax upcycle --from DIR ...` makes it an MoE, or `moejax train NAME --workdir DIR` fine-tunes it.
+  (params only, sharded over the run's mesh while loading; training starts a fresh optimizer state) and its
+  resolved config. Then `moejax upcycle --from DIR ...` makes it an MoE, or `moejax train NAME --workdir DIR`
+  fine-tunes it.
   Overrides may change training, data and mesh settings, and model settings that keep the params' shapes."""
   from moejax import checkpoint, train
 
@@ -307,7 +308,7 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
   if changed:
     raise config.ConfigError(f"overrides {list(overrides)} change the model's params ({changed[:6]}): an "
                              "import keeps the checkpoint's architecture (upcycle it afterwards)")
-  state = train.init_state(s, jax.random.key(exp.train.seed), params=params)
+  state = train.params_only_state(s, params)  # the trainer creates the optimizer state (see checkpoint)
   root = pathlib.Path(to)
   if jax.process_index() == 0:
     root.mkdir(parents=True, exist_ok=True)
