@@ -102,6 +102,33 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+  """RoPE frequency scaling, for checkpoints trained to a longer context than their base RoPE saw.
+
+  none: plain RoPE. linear: every frequency divided by `factor` (position interpolation). llama3: Llama 3.1's
+  per-frequency rule: wavelengths longer than original_max_seq_len / low_freq_factor are divided by `factor`,
+  shorter than original_max_seq_len / high_freq_factor kept, and the band between interpolated smoothly.
+  """
+
+  type: str = "none"  # none | linear | llama3
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_seq_len: int = 8192
+
+  def __post_init__(self):
+    _check(self.type in ("none", "linear", "llama3"),
+           f"model.rope_scaling.type={self.type!r}: choose none, linear or llama3")
+    _check(self.factor > 0, f"model.rope_scaling.factor={self.factor} must be > 0")
+    if self.type == "llama3":
+      _check(0 < self.low_freq_factor < self.high_freq_factor,
+             f"model.rope_scaling: need 0 < low_freq_factor ({self.low_freq_factor}) < high_freq_factor "
+             f"({self.high_freq_factor})")
+      _check(self.original_max_seq_len > 0,
+             f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only transformer LM (pre-norm, RMSNorm, RoPE, GQA, SwiGLU or GELU MLPs)."""
 
@@ -115,6 +142,7 @@ class ModelConfig:
   activation: str = "swiglu"  # swiglu | gelu
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
+  rope_scaling: RopeScalingConfig = RopeScalingConfig()
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   qkv_bias: bool = False  # Qwen2-style biases on the q, k, v projections only

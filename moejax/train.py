@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import checkpoint, config, metrics, optim, sharding, tasks
+from moejax.layers import moe
 
 log = logging.getLogger("moejax")
 
@@ -135,10 +136,8 @@ def make_train_step(s: Setup):
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
     lr = s.lr_schedule(step)  # clocked by the global step (see optim.make)
     new_params = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), state["params"], updates)
-    if cfg.task == "lm" and cfg.model.moe.bias_balance_rate > 0 and "moe" in m:
-      from moejax.layers import moe
-
-      new_params = moe.update_router_bias(new_params, m["moe"], cfg.model)
+    if "moe" in m:  # aux-loss-free balancing, where a model (or CLIP tower) has moe.bias_balance_rate > 0
+      new_params = moe.balance_router_biases(new_params, m["moe"], cfg)
     grad_norm = optim.global_norm(grads)
     ok = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) if cfg.train.nan_guard else jnp.bool_(True)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

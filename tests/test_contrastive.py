@@ -212,3 +212,20 @@ def test_flops_moe_minus_dense_hand_computed():
   extra = 6 * 17 * ((2 - 1) * (D * F + F * D) + D * E)
   assert contrastive.flops_per_example(moe) - contrastive.flops_per_example(dense) == pytest.approx(extra)
   assert contrastive.units_per_example(dense) == 1 and contrastive.throughput_unit == "images"
+
+
+def test_train_step_balances_both_towers_router_biases():
+  """Aux-loss-free balancing in CLIP: one real train step moves each tower's router biases by its own rate
+  (the optimizer leaves them alone), in the direction that evens out that step's loads."""
+  from moejax import train
+
+  cfg = tiny_cfg(**{"clip.vision.moe.num_experts": 4, "clip.text.moe.num_experts": 4,
+                    "clip.vision.moe.bias_balance_rate": 0.01, "clip.text.moe.bias_balance_rate": 0.03})
+  s = train.setup(cfg)
+  state = train.init_state(s, jax.random.key(0))
+  new, m = train.make_train_step(s)(state, train.global_batch(random_batch(cfg, 16), s))
+  for tower, rate in (("vision", 0.01), ("text", 0.03)):
+    bias = np.asarray(new["params"][tower]["layers"]["0"]["moe"]["router"]["bias"])
+    load = np.asarray(m["moe"][f"{tower}/0"]["expert_load"])
+    np.testing.assert_allclose(bias, rate * np.sign(load.mean() - load), atol=1e-7)
+    assert np.abs(bias).max() == pytest.approx(rate)  # the loads were not all equal: something moved

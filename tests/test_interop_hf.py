@@ -113,6 +113,47 @@ def test_llama_gqa_matches_transformers(tmp_path, tied):
   assert cfg.rope_theta == 500.0
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_scaled_rope_matches_transformers(tmp_path, rope):
+  """Llama 3.1-style (and linear) RoPE scaling. head_dim 16 at base 1e4 has wavelengths 6 to 4e4 positions,
+  so with original_max_position_embeddings=128 all three bands of the llama3 rule are used."""
+  model = _build("LlamaForCausalLM", head_dim=16, rope_parameters=rope, max_position_embeddings=1024)
+  params, cfg = hf.load_hf(_save(model, tmp_path))
+  assert cfg.rope_scaling.type == rope["rope_type"] and cfg.rope_scaling.factor == rope["factor"]
+  tokens = _tokens(cfg.vocab_size, shape=(2, 48))
+  want = _hf_logits(model, tokens)
+  _close(_our_logits(params, cfg, tokens), want)
+  unscaled = dataclasses.replace(cfg, rope_scaling=config.RopeScalingConfig())
+  assert np.abs(_our_logits(params, unscaled, tokens) - want).max() > 100 * ATOL  # the test can tell
+  if rope["rope_type"] == "llama3":  # and out again: transformers reads our config.json the same way
+    assert hf.save_hf(params, cfg, tmp_path / "out") == "llama"
+    back = _load_back(tmp_path / "out")
+    assert back.config.rope_parameters["rope_type"] == "llama3"
+    _close(_hf_logits(back, tokens), want)
+
+
+def test_llama3_rope_frequencies_by_band():
+  from moejax.layers import attention
+
+  sc = config.RopeScalingConfig(type="llama3", factor=8.0, original_max_seq_len=128)
+  base = attention.rope_inv_freq(16, 1e4)
+  scaled = attention.rope_inv_freq(16, 1e4, sc)
+  wavelen = 2 * np.pi / base
+  long, short = wavelen > 128, wavelen < 32  # original / low_freq_factor, original / high_freq_factor
+  assert long.any() and short.any() and (~long & ~short).any()
+  np.testing.assert_allclose(scaled[long], base[long] / 8, rtol=1e-6)
+  np.testing.assert_array_equal(scaled[short], base[short])
+  mid = ~long & ~short
+  assert np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8)
+  with pytest.raises(config.ConfigError, match="rope_scaling.type='yarn'"):
+    config.RopeScalingConfig(type="yarn")
+
+
 def test_llama_explicit_head_dim(tmp_path):
   # head_dim * heads != hidden: wq is [D, H, K] with H*K = 64 > D = 32.
   params, cfg = _parity(_build("LlamaForCausalLM", head_dim=16), tmp_path)
@@ -388,8 +429,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("feature,changes", [
-  ("rope scaling", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}),
-  ("rope scaling", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+  ("rope scaling (rope_type='yarn')", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}),
+  ("rope scaling (rope_type='dynamic')", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
   ("hidden_act='gelu'", {"hidden_act": "gelu"}),
   ("attention_bias=True", {"attention_bias": True}),
 ])

@@ -191,6 +191,36 @@ def test_bias_balancing_selection_and_update():
     moe.update_router_bias(params, {"7": aux}, cfg)
 
 
+def _clip_exp(**over) -> config.ExperimentConfig:
+  tower = config.ModelConfig(d_model=16, d_ff=24, num_layers=1, moe=config.MoEConfig(num_experts=4, every=1, offset=0))
+  return config.derive(config.ExperimentConfig(task="clip", clip=config.ClipConfig(vision=tower, text=tower)), over)
+
+
+def test_bias_balancing_clip_towers_each_at_their_own_rate():
+  exp = _clip_exp(**{"clip.vision.moe.bias_balance_rate": 0.1, "clip.text.moe.bias_balance_rate": 0.25})
+  zeros = {"moe": {"router": {"bias": jnp.zeros(4)}}}
+  params = {"vision": {"layers": {"0": zeros}}, "text": {"layers": {"0": zeros}}}
+  aux = {"vision/0": {"expert_load": jnp.array([0.7, 0.1, 0.1, 0.1])},
+         "text/0": {"expert_load": jnp.array([0.1, 0.1, 0.1, 0.7])}}
+  new = moe.balance_router_biases(params, aux, exp)
+  np.testing.assert_allclose(new["vision"]["layers"]["0"]["moe"]["router"]["bias"], [-0.1, 0.1, 0.1, 0.1])
+  np.testing.assert_allclose(new["text"]["layers"]["0"]["moe"]["router"]["bias"], [0.25, 0.25, 0.25, -0.25])
+  # only the text tower balances: the vision biases stay where they are
+  exp = _clip_exp(**{"clip.text.moe.bias_balance_rate": 0.25})
+  new = moe.balance_router_biases(params, aux, exp)
+  np.testing.assert_array_equal(new["vision"]["layers"]["0"]["moe"]["router"]["bias"], 0.0)
+
+
+def test_bias_balancing_shared_backbone_averages_both_modalities():
+  exp = _clip_exp(**{"clip.shared_backbone": True, "clip.vision.moe.bias_balance_rate": 0.1})
+  params = {"vision": {}, "text": {}, "shared": {"layers": {"0": {"moe": {"router": {"bias": jnp.zeros(4)}}}}}}
+  # Averaged loads [0.4, 0.1, 0.15, 0.35] (mean 0.25): expert 3, under-used by images alone, is over the mean.
+  aux = {"vision/0": {"expert_load": jnp.array([0.7, 0.1, 0.1, 0.1])},
+         "text/0": {"expert_load": jnp.array([0.1, 0.1, 0.2, 0.6])}}
+  new = moe.balance_router_biases(params, aux, exp)
+  np.testing.assert_allclose(new["shared"]["layers"]["0"]["moe"]["router"]["bias"], [-0.1, 0.1, 0.1, -0.1])
+
+
 def test_aux_losses_change_the_gradients():
   x = _x()
 

@@ -46,21 +46,41 @@ def _unsupported(arch: str, feature: str, why: str = "") -> config.ConfigError:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _rope_theta(hf: dict, arch: str) -> float:
-  """RoPE base from either spelling: transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling`."""
-  rp = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling")
-  rope_type = rp.get("rope_type", rp.get("type", "default"))
-  if scaling:
-    rope_type = scaling.get("rope_type", scaling.get("type", rope_type))
-  if rope_type != "default":
-    raise _unsupported(arch, f"rope scaling (rope_type={rope_type!r})",
-                       "; only plain RoPE is implemented (layers/attention.py)")
+def _rope(hf: dict, arch: str) -> tuple[float, config.RopeScalingConfig]:
+  """RoPE base and scaling from either spelling: transformers 5's `rope_parameters`, or 4.x's `rope_theta` +
+  `rope_scaling`. Plain, linear and Llama-3 ("llama3") RoPE map to moejax; other scalings are an error."""
+  scaling = hf.get("rope_scaling") or {}
+  rp = {**(hf.get("rope_parameters") or {}), **scaling}
+  rope_type = (scaling.get("rope_type") or scaling.get("type") or rp.get("rope_type") or rp.get("type")
+               or "default")
   for d in (rp, hf):
     prf = d.get("partial_rotary_factor", 1.0)
     if prf not in (None, 1, 1.0):
       raise _unsupported(arch, f"partial_rotary_factor={prf}")
-  return float(rp.get("rope_theta", hf.get("rope_theta", _DEFAULTS[arch]["rope_theta"])))
+  theta = float(rp.get("rope_theta", hf.get("rope_theta", _DEFAULTS[arch]["rope_theta"])))
+  if rope_type == "default":
+    return theta, config.RopeScalingConfig()
+  if rope_type == "linear":
+    return theta, config.RopeScalingConfig(type="linear", factor=float(rp["factor"]))
+  if rope_type == "llama3":
+    return theta, config.RopeScalingConfig(
+      type="llama3", factor=float(rp["factor"]), low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
+      original_max_seq_len=int(rp.get("original_max_position_embeddings", 8192)))
+  raise _unsupported(arch, f"rope scaling (rope_type={rope_type!r})",
+                     "; plain, linear and llama3 RoPE are implemented (layers/attention.py)")
+
+
+def _rope_to_hf(cfg: config.ModelConfig) -> dict[str, Any]:
+  """`rope_parameters` (transformers >= 5) for cfg's RoPE; 4.x reads `rope_theta` and `rope_scaling`."""
+  sc = cfg.rope_scaling
+  if sc.type == "none":
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  out = {"rope_type": sc.type, "rope_theta": cfg.rope_theta, "factor": sc.factor}
+  if sc.type == "llama3":
+    out.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor,
+               original_max_position_embeddings=sc.original_max_seq_len)
+  return out
 
 
 def _sliding_window(hf: dict, arch: str) -> int | None:
@@ -94,7 +114,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32",
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise _unsupported(arch, f"{flag}=True")
-  theta = _rope_theta(hf, arch)
+  theta, rope_scaling = _rope(hf, arch)
   max_pos = int(hf.get("max_position_embeddings") or _DEFAULTS[arch]["max_position_embeddings"])
   window = _sliding_window(hf, arch)
   if window is not None and window < max_pos and (max_seq_len is None or max_seq_len > window):
@@ -130,6 +150,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32",
     vocab_size=int(hf["vocab_size"]), d_model=D, num_layers=int(hf["num_hidden_layers"]), num_heads=H,
     num_kv_heads=int(hf.get("num_key_value_heads") or H), head_dim=0 if head_dim * H == D else head_dim,
     d_ff=d_ff, activation="swiglu", max_seq_len=min(max_pos, max_seq_len or max_pos), rope_theta=theta,
+    rope_scaling=rope_scaling,
     norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS[arch]["rms_norm_eps"])),
     tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, norm="rms",
     param_dtype=param_dtype, compute_dtype=param_dtype, moe=moe)
@@ -193,10 +214,12 @@ def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32",
     "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head, "intermediate_size": cfg.d_ff,
     "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
     "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02, "attention_dropout": 0.0,
-    # Both spellings of the RoPE base: transformers >= 5 reads rope_parameters, 4.x reads rope_theta.
-    "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    # Both spellings of RoPE: transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
+    "rope_theta": cfg.rope_theta, "rope_parameters": _rope_to_hf(cfg),
     "use_cache": True, "dtype": dtype, "torch_dtype": dtype,
   }
+  if cfg.rope_scaling.type != "none":
+    out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
   if arch == "llama":
     out.update(attention_bias=False, mlp_bias=False)
   if arch in ("qwen2", "qwen2_moe"):

@@ -1,7 +1,8 @@
 """Multi-head attention with grouped-query heads and rotary embeddings.
 
 Params: `wq` [D, H, K], `wk`/`wv` [D, G, K] (G = kv heads), `wo` [H, K, D]. RoPE uses the split-halves
-("rotate_half") layout that Llama-family checkpoints use, so imported weights need no permutation.
+("rotate_half") layout that Llama-family checkpoints use, so imported weights need no permutation; its
+frequencies may be scaled for long context (`config.RopeScalingConfig`: linear, Llama 3.1's rule).
 Attention itself is `jax.nn.dot_product_attention` (XLA on CPU/TPU, cuDNN flash attention on GPU when asked).
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from moejax import sharding
+from moejax import config, sharding
 
 
 def specs(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
@@ -32,9 +34,28 @@ def specs(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=
   return p
 
 
-def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(K: int, theta: float, scaling: config.RopeScalingConfig | None = None) -> np.ndarray:
+  """[K/2] float32 rotation frequencies (radians per position) of RoPE with base `theta`, after `scaling`.
+  Computed in float64 numpy at trace time: a constant of the program."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, K, 2, dtype=np.float64) / K))
+  sc = scaling or config.RopeScalingConfig()
+  if sc.type == "linear":
+    inv_freq = inv_freq / sc.factor
+  elif sc.type == "llama3":
+    wavelen = 2 * np.pi / inv_freq
+    long_wavelen = sc.original_max_seq_len / sc.low_freq_factor  # above: slowed down by `factor`
+    short_wavelen = sc.original_max_seq_len / sc.high_freq_factor  # below: unchanged
+    smooth = (sc.original_max_seq_len / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    between = (1 - smooth) * inv_freq / sc.factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > long_wavelen, inv_freq / sc.factor,
+                        np.where(wavelen < short_wavelen, inv_freq, between))
+  return inv_freq.astype(np.float32)
+
+
+def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float,
+         scaling: config.RopeScalingConfig | None = None) -> jax.Array:
   K = x_BTHK.shape[-1]
-  inv_freq_k = 1.0 / (theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))  # [K/2]
+  inv_freq_k = jnp.asarray(rope_inv_freq(K, theta, scaling))  # [K/2]
   ang_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq_k
   cos = jnp.cos(jnp.concatenate([ang_BTk, ang_BTk], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([ang_BTk, ang_BTk], -1))[:, :, None, :]
@@ -45,7 +66,8 @@ def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None = 10000.0,
-          positions_BT: jax.Array | None = None, mask_BT: jax.Array | None = None) -> jax.Array:
+          rope_scaling: config.RopeScalingConfig | None = None, positions_BT: jax.Array | None = None,
+          mask_BT: jax.Array | None = None) -> jax.Array:
   """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None."""
   dt = x_BTD.dtype
   B, T, _ = x_BTD.shape
@@ -59,8 +81,8 @@ def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None =
   if rope_theta is not None:
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    q_BTHK = rope(q_BTHK, positions_BT, rope_theta)
-    k_BTGK = rope(k_BTGK, positions_BT, rope_theta)
+    q_BTHK = rope(q_BTHK, positions_BT, rope_theta, rope_scaling)
+    k_BTGK = rope(k_BTGK, positions_BT, rope_theta, rope_scaling)
   q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
   mask = None if mask_BT is None else mask_BT[:, None, None, :]  # [B, 1, 1, T] over keys
   o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, is_causal=causal)

@@ -80,23 +80,43 @@ def non_trainable(path: str) -> bool:
 def update_router_bias(params: dict, moe_aux_by_layer: dict, cfg: config.ModelConfig) -> dict:
   """DeepSeek-V3 aux-loss-free balancing: bias_e += rate * sign(mean_load - load_e) for every MoE layer.
 
-  `moe_aux_by_layer` is the decoder's `aux["moe"]`: {layer: aux}. A key "i" matches the one param path ending
-  in `layers/i/moe/router/bias`; a key "tower/i" must also start with "tower/".
+  `moe_aux_by_layer` is a model's `aux["moe"]`: {layer: aux}. A key "i" matches the one param path ending in
+  `layers/i/moe/router/bias`; a key "tower/i" (CLIP) the one that also starts with "tower/", or else
+  `shared/layers/i/...` (a shared backbone, which both modalities report on: their loads are averaged).
+  The rate is `cfg.moe.bias_balance_rate`.
   """
   rate = cfg.moe.bias_balance_rate
   if rate <= 0:
     return params
   flat = sharding.flatten(params)
+  loads: dict[str, list[jax.Array]] = {}
   for key, aux in moe_aux_by_layer.items():
     prefix, _, layer = str(key).rpartition("/")
-    hits = [p for p in flat if p.endswith(f"layers/{layer}/moe/router/bias") and p.startswith(prefix)]
+    ends = [p for p in flat if p.endswith(f"layers/{layer}/moe/router/bias")]
+    hits = [p for p in ends if p.startswith(prefix)] or [p for p in ends if p.startswith("shared/")]
     if len(hits) != 1:
       raise KeyError(f"update_router_bias: aux layer {key!r} matches {len(hits)} router/bias params {hits}; "
                      f"need exactly one (is moe.bias_balance_rate > 0 when the params were made?)")
-    load_E = aux["expert_load"].astype(jnp.float32)
-    bias = flat[hits[0]]
-    flat[hits[0]] = (bias + rate * jnp.sign(jnp.mean(load_E) - load_E)).astype(bias.dtype)
+    loads.setdefault(hits[0], []).append(aux["expert_load"].astype(jnp.float32))
+  for path, ls in loads.items():
+    load_E = sum(ls) / len(ls)
+    bias = flat[path]
+    flat[path] = (bias + rate * jnp.sign(jnp.mean(load_E) - load_E)).astype(bias.dtype)
   return sharding.unflatten(flat)
+
+
+def balance_router_biases(params: dict, moe_aux: dict, exp: config.ExperimentConfig) -> dict:
+  """`update_router_bias` for a whole experiment: the LM's layers, or each CLIP tower with its own rate (a
+  shared backbone's blocks use the vision tower's config, as they are built with it)."""
+  if exp.task != "clip":
+    return update_router_bias(params, moe_aux, exp.model)
+  c = exp.clip
+  if c.shared_backbone:
+    return update_router_bias(params, moe_aux, c.vision)
+  for tower, tower_cfg in (("vision", c.vision), ("text", c.text)):
+    params = update_router_bias(params, {k: v for k, v in moe_aux.items() if str(k).startswith(tower + "/")},
+                                tower_cfg)
+  return params
 
 
 # ----------------------------------------------------------------------------------------------------------

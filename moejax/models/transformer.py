@@ -56,7 +56,7 @@ def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: b
   """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers)."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
   x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
-                                  mask_BT=mask_BT)
+                                  rope_scaling=cfg.rope_scaling, mask_BT=mask_BT)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
