@@ -33,9 +33,10 @@ def _setup(cfg, mesh_cfg):
   return p, x, g, mesh, sharding.param_shardings(specs, mesh)
 
 
-def _run(p, x, g, cfg, remat=False):
+def _run(p, x, g, cfg, remat=False, rng=None):
   def f(p, x):
-    fn = jax.checkpoint(lambda p, x: moe.apply(p, x, cfg)) if remat else lambda p, x: moe.apply(p, x, cfg)
+    layer = lambda p, x: moe.apply(p, x, cfg, rng=rng, train=rng is not None)
+    fn = jax.checkpoint(layer) if remat else layer
     y, aux = fn(p, x)
     return jnp.sum(y * g) + aux["aux_loss"], (y, aux)
 
@@ -43,13 +44,13 @@ def _run(p, x, g, cfg, remat=False):
   return y, aux, grads
 
 
-def _compare(cfg, mesh_cfg, remat=False):
+def _compare(cfg, mesh_cfg, remat=False, rng=None):
   p, x, g, mesh, p_shard = _setup(cfg, mesh_cfg)
-  y0, aux0, grads0 = _run(p, x, g, cfg)
+  y0, aux0, grads0 = _run(p, x, g, cfg, rng=rng)
   p_sharded = jax.device_put(p, p_shard)  # experts split over `expert`, embed over `fsdp`, mlp over `tensor`
   x_sharded = jax.device_put(x, sharding.data_sharding(mesh, 3))
   with sharding.use_mesh(mesh):
-    y1, aux1, grads1 = _run(p_sharded, x_sharded, g, cfg, remat=remat)
+    y1, aux1, grads1 = _run(p_sharded, x_sharded, g, cfg, remat=remat, rng=rng)
   _close(y1, y0)
   for k in aux0:
     _close(aux1[k], aux0[k])
@@ -77,6 +78,15 @@ def test_expert2_tensor2_data2_equals_single_device():
 
 def test_expert_parallel_with_remat_equals_single_device():
   _compare(_cfg(dispatch="dropless"), config.MeshConfig(data=2, expert=4), remat=True)
+
+
+def test_router_jitter_under_expert_parallelism_equals_single_device():
+  """The jitter draw is made on the global batch, so the sharded layer routes exactly as one device does."""
+  cfg, rng = _cfg(dispatch="capacity", jitter=0.5), jax.random.PRNGKey(3)
+  aux = _compare(cfg, config.MeshConfig(data=2, expert=4), rng=rng)
+  p, x, g, _, _ = _setup(cfg, config.MeshConfig(data=2, expert=4))
+  no_jitter = _run(p, x, g, cfg)[1]
+  assert float(jnp.abs(aux["z_loss"] - no_jitter["z_loss"])) > 1e-4  # the jitter did something
 
 
 def test_expert_parallel_ragged_dot_backend():

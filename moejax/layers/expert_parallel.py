@@ -15,7 +15,8 @@ into sorted groups before its grouped matmul, so compute stays proportional to t
 exchange volume is E / k times the minimum.
 
 Router stats are averaged over the batch axes before the aux losses are formed, so the load-balance loss is
-that of the global batch and the layer equals its single-device self (outputs and gradients).
+that of the global batch and the layer equals its single-device self (outputs and gradients). Router jitter
+too: its multipliers are drawn on the global batch outside the shard_map and enter split like the tokens.
 """
 
 from __future__ import annotations
@@ -69,24 +70,20 @@ def plan(mesh: Mesh | None, num_experts: int, batch: int) -> Plan | None:
   return Plan(mesh, axis, ep, batch_axes)
 
 
-def shard(fn: Callable, ep: Plan, p: dict, x_BTD: jax.Array, rng: jax.Array | None):
-  """Run `fn(p_local, x_local, rng) -> (y_local, stats, dropped)` under one shard_map; stats averaged."""
+def shard(fn: Callable, ep: Plan, p: dict, x_BTD: jax.Array, noise_BTD: jax.Array | None):
+  """Run `fn(p_local, x_local, noise_local) -> (y_local, stats, dropped)` under one shard_map; stats averaged.
+  `noise_BTD` (router jitter multipliers, or None) is split over the token shards like `x_BTD`."""
   tokens = PartitionSpec(ep.batch_axes)
   p_specs = {"router": jax.tree.map(lambda _: PartitionSpec(), p["router"]),
              "experts": jax.tree.map(lambda _: PartitionSpec(ep.axis), p["experts"])}
 
-  def body(p_local, x_local, *maybe_rng):
-    r = None
-    if maybe_rng:  # a different jitter draw on every token shard
-      r = maybe_rng[0]
-      for a in ep.batch_axes:
-        r = jax.random.fold_in(r, lax.axis_index(a))
-    y, st, dropped = fn(p_local, x_local, r)
+  def body(p_local, x_local, *maybe_noise):
+    y, st, dropped = fn(p_local, x_local, maybe_noise[0] if maybe_noise else None)
     mean = lambda v: lax.pmean(v, ep.batch_axes)
     return y, jax.tree.map(mean, st), mean(dropped)
 
-  args = (p, x_BTD) + (() if rng is None else (rng,))
-  in_specs = (p_specs, tokens) + (() if rng is None else (PartitionSpec(),))
+  args = (p, x_BTD) + (() if noise_BTD is None else (noise_BTD,))
+  in_specs = (p_specs, tokens) + (() if noise_BTD is None else (tokens,))
   return jax.shard_map(body, mesh=ep.mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec(), PartitionSpec()),
                        check_vma=True)(*args)
 

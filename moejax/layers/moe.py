@@ -285,14 +285,15 @@ def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax
 # ----------------------------------------------------------------------------------------------------------
 
 
-def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, rng, train: bool, tile: int,
+def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GSD: jax.Array | None, tile: int,
           all_slots: bool = False) -> tuple[Layout, dict]:
-  """Router + layout for one shard of sequences. `all_slots` (expert-parallel dropless) lays token-choice
-  assignments into a fixed [E, G*S] buffer: room for every local token at every expert, so nothing drops."""
+  """Router + layout for one shard of sequences. `noise_GSD`: router jitter multipliers (None: no jitter).
+  `all_slots` (expert-parallel dropless) lays token-choice assignments into a fixed [E, G*S] buffer: room for
+  every local token at every expert, so nothing drops."""
   m = cfg.moe
   G, S, _ = x_GSD.shape
   E = m.num_experts
-  logits_GSE = router.logits(p_router["w"], x_GSD, jitter=m.jitter if train else 0.0, rng=rng)
+  logits_GSE = router.logits(p_router["w"], x_GSD, noise_GSD=noise_GSD)
   probs_GSE = jax.nn.softmax(logits_GSE, -1)
   if m.router == "expert_choice":
     routing = router.expert_choice(probs_GSE, router.expert_capacity(m.capacity_factor, S, E))
@@ -330,13 +331,13 @@ def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation:
   return take_rows(y_MD, pos_A, row_src_M[:, None]).reshape(L, Q, D)
 
 
-def _forward(p: dict, x_GSD: jax.Array, rng, *, cfg: config.ModelConfig, train: bool, backend: str,
+def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, *, cfg: config.ModelConfig, backend: str,
              ep: expert_parallel.Plan | None):
   """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh)."""
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
   all_slots = ep is not None and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
-  layout, st = route(p["router"], x_GSD, cfg, rng=rng, train=train, tile=gmm.tile_for(backend), all_slots=all_slots)
+  layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots)
   x_MD = dispatch_rows(x_GSD.reshape(G * S, D), layout)
   if ep is None:
     y_MD = experts_apply(p["experts"], x_MD, cfg.activation, layout.group_sizes_E, backend)
@@ -365,12 +366,17 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
-  fwd = functools.partial(_forward, cfg=cfg, train=train, backend=backend, ep=ep)
+  fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep)
   routed = {"router": p["router"], "experts": p["experts"]}
+  noise_BTD = None
+  if train and m.jitter > 0 and rng is not None:
+    # Drawn on the global batch (each device makes its own shard of it: threefry is partitionable), so a mesh
+    # with expert parallelism routes exactly as one device does.
+    noise_BTD = router.jitter_noise(rng, x_BTD.shape, m.jitter)
   if ep is None:
-    y_BTD, st, dropped = fwd(routed, x_BTD, rng)
+    y_BTD, st, dropped = fwd(routed, x_BTD, noise_BTD)
   else:
-    y_BTD, st, dropped = expert_parallel.shard(fwd, ep, routed, x_BTD, rng)
+    y_BTD, st, dropped = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD)
   aux = router.aux_from_stats(st, dropped, m)
   if "shared" in p:
     s_BTD = mlp.apply(p["shared"], x_BTD, cfg.activation)

@@ -38,11 +38,21 @@ class ExpertChoice(NamedTuple):
   weight_GEC: jax.Array  # float32 [G, E, C] their router probabilities (the combine weights)
 
 
-def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-  """Router logits in float32. Jitter multiplies the router input by U(1 - eps, 1 + eps) (Switch, sec. 2.4)."""
+def jitter_noise(rng: jax.Array, shape: tuple[int, ...], jitter: float) -> jax.Array:
+  """U(1 - eps, 1 + eps) multipliers for the router input (Switch, sec. 2.4)."""
+  return jax.random.uniform(rng, shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
+
+
+def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.Array | None = None,
+           noise_GSD: jax.Array | None = None) -> jax.Array:
+  """Router logits in float32. Jitter multiplies the router input by U(1 - eps, 1 + eps) (Switch, sec. 2.4):
+  drawn here from `rng`, or given as `noise_GSD` (the MoE layer draws it on the global batch, so that every
+  mesh layout routes with the same draw)."""
   x = x_GSD.astype(jnp.float32)
-  if jitter > 0 and rng is not None:
-    x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
+  if noise_GSD is not None:
+    x = x * noise_GSD
+  elif jitter > 0 and rng is not None:
+    x = x * jitter_noise(rng, x.shape, jitter)
   return jnp.einsum("GSD,DE->GSE", x, w_DE.astype(jnp.float32))
 
 
