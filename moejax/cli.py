@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
   x = sub.add_parser("export-hf", help="moejax workdir -> Hugging Face safetensors checkpoint")
   x.add_argument("workdir")
   x.add_argument("--to", required=True)
-  x.add_argument("--arch", default="auto", choices=["auto", "llama", "qwen2", "mixtral", "qwen2_moe"])
+  x.add_argument("--arch", default="auto", choices=["auto", "llama", "qwen2", "mixtral", "qwen2_moe", "clip"])
   x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="tensor dtype on disk")
   x.set_defaults(fn=cmd_export_hf)

@@ -111,3 +111,59 @@ def test_clip_experiment_and_errors(tmp_path):
   p.write_text(json.dumps(hf_cfg))
   with pytest.raises(config.ConfigError, match="vision_config.hidden_act='relu'"):
     hf.load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hf_embeds(model, images_BCHW, tokens_BT):
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(tokens_BT), pixel_values=torch.from_numpy(images_BCHW))
+  return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_image.numpy()
+
+
+@pytest.mark.parametrize("eos_token_id", [EOS, 2])
+def test_clip_export_round_trip_with_a_trained_patch_bias(tmp_path, eos_token_id):
+  """Import, give the patch embedding the bias CLIP lacks (as training would), export: transformers computes
+  the moejax model's embeddings and logits, text pooling included."""
+  from moejax.models import two_tower
+
+  _clip(eos_token_id, seed=2).save_pretrained(tmp_path / "in")
+  params, clip = hf.load_hf(tmp_path / "in")
+  params["vision"]["patch_embed"]["b"] = 0.3 * jax.random.normal(jax.random.key(0), (32,))
+  assert hf.save_clip_hf(params, clip, tmp_path / "out") == "clip"
+  back = transformers.CLIPModel.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  images_BCHW, tokens_BT = _inputs(2)
+  img, txt, logits = _hf_embeds(back, images_BCHW, tokens_BT)
+  want_img, want_txt = _encode(params, images_BCHW, tokens_BT, clip)
+  np.testing.assert_allclose(img, np.asarray(want_img), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(txt, np.asarray(want_txt), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits, np.asarray(two_tower.logits(params, want_img, want_txt)), atol=ATOL, rtol=0)
+  assert hf.load_hf(tmp_path / "out")[1] == clip  # and the config reads back as it was
+
+
+def test_clip_cli_import_then_export(tmp_path, capsys):
+  model = _clip(EOS, seed=3)
+  model.save_pretrained(tmp_path / "in")
+  assert hf.cli_import(str(tmp_path / "in"), str(tmp_path / "run")) == 0
+  assert hf.cli_export(str(tmp_path / "run"), str(tmp_path / "out")) == 0
+  out = capsys.readouterr().out
+  assert "exported step 0" in out and "as clip" in out
+  back = transformers.CLIPModel.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  images_BCHW, tokens_BT = _inputs(3)
+  for got, want in zip(_hf_embeds(back, images_BCHW, tokens_BT), _hf_embeds(model, images_BCHW, tokens_BT)):
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_clip_export_names_what_clip_cannot_hold(tmp_path):
+  from moejax import registry
+
+  up = registry.get("clip_up_tiny")  # MoE towers
+  with pytest.raises(config.ConfigError, match=r"clip.vision.moe.num_experts=\d+ \(CLIPModel has no experts\)"):
+    hf.save_clip_hf({}, up.clip, tmp_path / "x")
+  siglip = config.derive(registry.get("clip_dense_tiny"), {"clip.loss": "sigmoid"})
+  with pytest.raises(config.ConfigError, match="clip.loss='sigmoid'"):
+    hf.save_clip_hf({}, siglip.clip, tmp_path / "y")
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

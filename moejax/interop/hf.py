@@ -30,7 +30,7 @@ from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
 from moejax import config, sharding
-from moejax.interop import hf_lm
+from moejax.interop import hf_clip, hf_lm
 from moejax.models import transformer
 
 # Tensors some checkpoints carry that hold no weights (older Llama exports saved RoPE's inverse frequencies).
@@ -138,8 +138,6 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, *, param_dtype: s
   hf_cfg = read_config(path)
   arch = hf_cfg.get("model_type")
   if arch == "clip":
-    from moejax.interop import hf_clip
-
     with Reader(path) as reader:
       return hf_clip.load(reader, hf_cfg, mesh, param_dtype=param_dtype, place=load_entries)
   cfg = hf_lm.config_from_hf(hf_cfg, param_dtype=param_dtype, max_seq_len=max_seq_len)
@@ -166,8 +164,6 @@ def experiment_from_hf(path: str | os.PathLike, **load_kw) -> config.ExperimentC
   if (root / "tokenizer.json").is_file():
     data = config.DataConfig(tokenizer=f"bpe:{(root / 'tokenizer.json').resolve()}")
   if hf_cfg.get("model_type") == "clip":
-    from moejax.interop import hf_clip
-
     return config.ExperimentConfig(name=name, task="clip", clip=hf_clip.config_from_hf(hf_cfg, **load_kw),
                                    data=data)
   model = hf_lm.config_from_hf(hf_cfg, **load_kw)
@@ -205,7 +201,7 @@ class _ShardWriter:
   def add(self, name: str, x: np.ndarray) -> None:
     if name in self.buf or any(name in s for s in self.shards):
       raise ValueError(f"tensor {name!r} written twice")
-    x = np.ascontiguousarray(x.astype(self.dtype))
+    x = np.array(x, dtype=self.dtype, order="C")  # (np.ascontiguousarray would make a scalar 1-d)
     if self.buf and self.nbytes + x.nbytes > self.max:
       self._flush()
     self.buf[name] = x
@@ -281,6 +277,31 @@ def save_hf(params: dict, model_cfg: config.ModelConfig, path: str | os.PathLike
   return arch
 
 
+def save_clip_hf(params: dict, clip_cfg: config.ClipConfig, path: str | os.PathLike, *, dtype: str = "float32",
+                 max_shard_bytes: int = 4 << 30) -> str:
+  """Write a dense moejax two-tower model as a Hugging Face checkpoint that `CLIPModel.from_pretrained(path)`
+  loads (see `hf_clip.export_check` for what fits). Collective like `save_hf`; returns "clip"."""
+  from moejax.models import two_tower
+
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype={dtype!r}: choose {', '.join(_DTYPES)}")
+  hf_clip.export_check(clip_cfg)
+  _check_params(params, two_tower.specs(config.ExperimentConfig(task="clip", clip=clip_cfg)))
+  root = pathlib.Path(path)
+  write = jax.process_index() == 0
+  if write:
+    root.mkdir(parents=True, exist_ok=True)
+  writer = _ShardWriter(root, dtype, max_shard_bytes, write)
+  flat = sharding.flatten(params)
+  shapes = {p: tuple(np.shape(x)) for p, x in flat.items()}
+  for name, x in hf_clip.export_tensors(clip_cfg, shapes, lambda p: _to_host(flat[p]).astype(np.float32)):
+    writer.add(name, x)
+  writer.close()
+  if write:
+    (root / "config.json").write_text(json.dumps(hf_clip.config_to_hf(clip_cfg, dtype), indent=2))
+  return "clip"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The CLI's two commands (moejax import-hf / export-hf)
 # ----------------------------------------------------------------------------------------------------------
@@ -323,18 +344,26 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def cli_export(workdir: str, to: str, arch: str = "auto", dtype: str = "float32") -> int:
-  """`moejax export-hf DIR --to PATH [--arch ...]`: the newest checkpoint's params as a Hugging Face LM.
+  """`moejax export-hf DIR --to PATH [--arch ...]`: the newest checkpoint's params as a Hugging Face LM (or,
+  for a CLIP run, a CLIPModel).
   Params are restored FSDP-sharded over all devices and gathered one at a time while writing."""
-  from moejax import checkpoint
+  from moejax import checkpoint, tasks
 
   exp = checkpoint.read_config(workdir)
-  if exp.task != "lm":
-    raise config.ConfigError(f"export-hf writes decoder LMs; {workdir} holds a task={exp.task!r} run")
+  if exp.task not in ("lm", "clip"):
+    raise config.ConfigError(f"export-hf writes decoder LMs and CLIP; {workdir} holds a task={exp.task!r} run")
+  if exp.task == "clip":
+    if arch not in ("auto", "clip"):
+      raise config.ConfigError(f"--arch {arch}: {workdir} holds a CLIP run, which exports as clip")
+    hf_clip.export_check(exp.clip)  # before restoring anything
   mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1))
-  specs = transformer.specs(exp.model)
+  specs = tasks.get(exp.task).specs(exp)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs,
                           sharding.param_shardings(specs, mesh), is_leaf=sharding.is_spec)
   params, step = checkpoint.load_params(workdir, abstract)
-  written = save_hf(params, exp.model, to, arch, dtype=dtype)
+  if exp.task == "clip":
+    written = save_clip_hf(params, exp.clip, to, dtype=dtype)
+  else:
+    written = save_hf(params, exp.model, to, arch, dtype=dtype)
   print(f"exported step {step} of {workdir} as {written} to {to}")
   return 0

@@ -1,4 +1,4 @@
-"""CLIP (`CLIPModel`) -> the moejax two-tower model (models/two_tower.py, vit.py, text.py). Import only.
+"""CLIP (`CLIPModel`) <-> the moejax two-tower model (models/two_tower.py, vit.py, text.py).
 
 HF CLIP's encoder layer is our pre-LN block with LayerNorm, biases everywhere and a (quick-)GELU MLP:
   {vision,text}_model.encoder.layers.{i}.layer_norm1 / 2   -> {vision,text}/layers/{i}/attn_norm / mlp_norm
@@ -13,6 +13,11 @@ and around the blocks:
   text_model.final_layer_norm                              -> text/final_norm
   visual_projection / text_projection [J, D]               -> vision/proj/w, text/proj/w [D, J]
   logit_scale                                              -> logit_scale
+
+Export writes the same mapping back for a dense two-tower model that CLIP's architecture holds exactly
+(`export_check` names whatever does not fit: experts, SigLIP's logit bias, mean pooling, ...). A trained
+patch-embedding bias has no CLIP tensor of its own; it is folded into the patch positions' embeddings
+(every patch token gets both added), which is exact.
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ class _PatchEntry(hf_lm.Entry):
   def to_moejax(self, ws, shape):
     return ws[0].transpose(2, 3, 1, 0).reshape(shape)
 
+  def to_hf(self, x):
+    return [np.ascontiguousarray(x.reshape(self.patch, self.patch, self.channels, -1).transpose(3, 2, 0, 1))]
+
 
 @dataclasses.dataclass(frozen=True)
 class _ZerosEntry(hf_lm.Entry):
@@ -91,6 +99,9 @@ class _ZerosEntry(hf_lm.Entry):
 
   def to_moejax(self, ws, shape):
     return np.zeros(shape, np.float32)
+
+  def to_hf(self, x):
+    return []  # folded into vision/pos_embed by `export_tensors`
 
 
 _ATTN = {"wq": ("q_proj.weight", "linear", 1), "wk": ("k_proj.weight", "linear", 1),
@@ -168,3 +179,68 @@ def load(reader: Any, hf_cfg: dict, mesh: Any, *, param_dtype: str, place: Calla
     raise ValueError(f"CLIP checkpoint has tensors moejax's two-tower model does not hold: {extra[:8]} "
                      f"({len(extra)} in all)")
   return params, clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def export_check(c: config.ClipConfig) -> None:
+  """Raise `config.ConfigError` listing everything of `c` that a Hugging Face CLIPModel cannot hold."""
+  problems = []
+  for name, t in (("vision", c.vision), ("text", c.text)):
+    p = f"clip.{name}"
+    if t.moe.num_experts:
+      problems.append(f"{p}.moe.num_experts={t.moe.num_experts} (CLIPModel has no experts)")
+    if t.activation not in _ACTS:
+      problems.append(f"{p}.activation={t.activation!r} (needs gelu or quick_gelu)")
+    if t.norm != "layer" or not t.bias:
+      problems.append(f"{p}: norm={t.norm!r}, bias={t.bias} (CLIP needs LayerNorm and biases on every linear)")
+    if t.kv_heads != t.num_heads or t.dim_per_head * t.num_heads != t.d_model:
+      problems.append(f"{p}: heads must be num_heads x d_model/num_heads (no grouped or explicit head_dim)")
+  if c.shared_backbone:
+    problems.append("clip.shared_backbone=True (CLIP has two separate towers)")
+  if c.pool != "cls" or not c.pre_norm or not c.text_causal:
+    problems.append(f"clip.pool={c.pool!r}, pre_norm={c.pre_norm}, text_causal={c.text_causal} (CLIP: cls, "
+                    "True, True)")
+  if c.loss != "softmax":
+    problems.append(f"clip.loss={c.loss!r}: CLIP's logits have no learned bias (SigLIP's logit_bias)")
+  if c.text_pool == "eos" and c.eos_id == 2:
+    problems.append("clip.eos_id=2 with text_pool='eos': transformers reads eos_token_id=2 as 'pool at the "
+                    "highest token id'")
+  if problems:
+    raise config.ConfigError("cannot export to a Hugging Face CLIPModel: " + "; ".join(problems))
+
+
+def config_to_hf(c: config.ClipConfig, dtype: str = "float32") -> dict[str, Any]:
+  """ClipConfig (already `export_check`ed) -> a CLIPModel config.json dict."""
+
+  def tower(t: config.ModelConfig) -> dict[str, Any]:
+    return {"hidden_size": t.d_model, "intermediate_size": t.d_ff, "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads, "hidden_act": t.activation, "layer_norm_eps": t.norm_eps,
+            "attention_dropout": 0.0, "projection_dim": c.embed_dim}
+
+  # eos_token_id 2 is how transformers spells "pool at the highest token id" (see config_from_hf).
+  eos = 2 if c.text_pool == "argmax" else c.eos_id
+  text = {**tower(c.text), "vocab_size": c.text.vocab_size, "max_position_embeddings": c.text.max_seq_len,
+          "eos_token_id": eos, "bos_token_id": 0 if eos else 1, "pad_token_id": 1 if eos != 1 else 0}
+  vision = {**tower(c.vision), "image_size": c.image_size, "patch_size": c.patch_size,
+            "num_channels": c.channels}
+  return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
+          "logit_scale_init_value": math.log(1.0 / c.init_temperature), "text_config": text,
+          "vision_config": vision, "dtype": dtype, "torch_dtype": dtype}
+
+
+def export_tensors(c: config.ClipConfig, shapes: dict[str, tuple[int, ...]],
+                   get: Callable[[str], np.ndarray]) -> Any:
+  """The HF (name, host array) pairs of a two-tower model; `get(path)` fetches one moejax param to host."""
+  export_check(c)
+  for path, entry in plan(c, shapes).items():
+    x = get(path)
+    if path == "vision/pos_embed":  # fold the patch-embedding bias into the patch positions (row 0: CLS)
+      x = x.copy()
+      x[1:] += get("vision/patch_embed/b")
+    if path == "logit_scale":
+      x = x.reshape(())  # a scalar in CLIPModel
+    yield from zip(entry.hf, entry.to_hf(x))
