@@ -137,6 +137,24 @@ def test_scaled_rope_matches_transformers(tmp_path, rope):
     _close(_hf_logits(back, tokens), want)
 
 
+def test_llama31_config_json_spelling():
+  """Meta's Llama 3.1 config.json (transformers 4.x keys: rope_theta + rope_scaling) reads the same."""
+  from moejax.interop import hf_lm
+
+  hf_cfg = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+  cfg = hf_lm.config_from_hf(hf_cfg, max_seq_len=4096)
+  assert cfg.rope_theta == 500000.0 and cfg.max_seq_len == 4096
+  assert cfg.rope_scaling == config.RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0, original_max_seq_len=8192)
+  out = hf_lm.config_to_hf(cfg, "llama")
+  assert out["rope_scaling"]["rope_type"] == "llama3" and out["rope_parameters"]["factor"] == 8.0
+  assert hf_lm.config_from_hf(out) == dataclasses.replace(cfg, max_seq_len=4096)
+
+
 def test_llama3_rope_frequencies_by_band():
   from moejax.layers import attention
 
