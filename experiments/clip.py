@@ -75,7 +75,7 @@ def clip_up_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train clip_dense_tiny train.steps=300 --workdir runs/clip_dense_tiny   (first)
           moejax train clip_up_tiny --workdir runs/clip_up_tiny
-  Expect: step 600: contrastive loss 1.20, i2t / t2i R@1 61.1 / 80.0 %, zero-shot 40.6 %: at this tiny budget
+  Expect: step 600: contrastive loss 1.19, i2t / t2i R@1 61.3 / 80.5 %, zero-shot 40.9 %: at this tiny budget
           it trails the dense continuation (1.06, 66.7 / 85.5 %, 45.5 %) by ~5 R@1 points, one seed; the routers
           stay near uniform (entropy 2.07 of ln 8 = 2.08). scripts/clip_up_demo.sh, docs/results.md.
   """
@@ -93,8 +93,8 @@ def clip_sparse_scratch_tiny() -> config.ExperimentConfig:
   dense recipe for all 600 steps: what upcycling is measured against.
 
   Run:    moejax train clip_sparse_scratch_tiny --workdir runs/clip_sparse_scratch_tiny
-  Expect: step 600: contrastive loss 1.33, i2t / t2i R@1 55.9 / 76.4 %, zero-shot 37.2 %, 6.2 training TFLOPs:
-          behind both clip_up_tiny (1.20, 61.1 / 80.0 %, 5.4 TFLOPs incl. its dense parent) and the dense
+  Expect: step 600: contrastive loss 1.38, i2t / t2i R@1 57.9 / 66.8 %, zero-shot 38.2 %, 6.2 training TFLOPs:
+          behind both clip_up_tiny (1.19, 61.3 / 80.5 %, 5.4 TFLOPs incl. its dense parent) and the dense
           continuation (1.06, 66.7 / 85.5 %, 4.7 TFLOPs); one seed. scripts/clip_up_demo.sh, docs/results.md.
   """
   return config.derive(clip_dense_tiny(), _MOE)
