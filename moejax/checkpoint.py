@@ -175,10 +175,18 @@ def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, in
 def restore_data_state(path: str | pathlib.Path, data_iter: Any) -> bool:
   """Set `data_iter` to the data position saved with another run's checkpoint (an upcycled run that continues
   its dense parent's schedule also continues its data stream, so it sees new batches, as the parent would).
-  Returns False when that checkpoint has no data state."""
+  Returns False (and the stream starts over) when that checkpoint has no data state, or one written by a
+  different number of processes."""
   ckpt_dir, step = resolve_step_dir(path)
   data_dir = ckpt_dir / str(step) / "data"
   if not data_dir.exists():
+    return False
+  if not _data_state_fits_process_count(data_dir):
+    msg = (f"{path} was written by a different number of processes than this run's {jax.process_count()}: the "
+           "data pipeline starts from the beginning of its stream (each process reads its own shard of the data, "
+           "so positions do not carry over)")
+    if jax.process_index() == 0:
+      print(f"WARNING: {msg}", flush=True)
     return False
   ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).restore(
     data_dir, args=grain.checkpoint.CheckpointRestore(data_iter))

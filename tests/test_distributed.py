@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import checkpoint, config, distributed, metrics, registry, sharding, train
+from moejax import checkpoint, config, distributed, metrics, registry, sharding, train, upcycle
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "scripts" / "launch_local.sh"
@@ -669,3 +669,40 @@ def test_killed_process_stops_the_other_with_a_clear_error(tmp_path, victim):
   else:  # process 0 hosted the coordination service: JAX's runtime stops the survivor at once
     assert any("lost contact with the coordinator (process 0)" in x or "detected fatal errors" in x
                for x in lines), text
+
+
+@pytest.mark.slow
+def test_two_processes_upcycle_a_one_process_dense_run(tmp_path):
+  """`init.upcycle_from` across processes: a dense run trained by one process is upcycled by a 2-process run
+  whose expert axis spans both (each restores and upcycles only its shards), continuing the dense step. Its
+  data position cannot carry over from one process to two, so the stream starts over, with a warning. The
+  losses and final params equal one process replaying the same upcycled init and global batches."""
+  dense = tmp_path / "dense"
+  train.train(registry.get("lm_dense_tiny", TINY + ["train.steps=4", "train.checkpoint_every=4",
+                                                    "train.eval_every=100000"]), dense, progress=False)
+  wd = tmp_path / "moe"
+  p, log = _launch_real(wd, f"init.upcycle_from={dense}", "init.continue_step=True", "train.steps=8")
+  assert p.wait(timeout=900) == 0, log.read_text()
+  text = log.read_text()
+  assert "starting at step 4" in text and "the data pipeline starts from the beginning" in text, text
+  rows = [r for r in metrics.read_jsonl(wd) if r["split"] == "train"]
+  assert [r["step"] for r in rows] == [5, 6, 7, 8]
+  cfg = checkpoint.read_config(wd)
+  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  step_fn = train.make_train_step(s)
+  params, step0 = upcycle.from_checkpoint(cfg, s.mesh, s.specs)
+  assert step0 == 4
+  state = train.init_state(s, jax.random.key(cfg.train.seed), params, step0)
+  its = [s.task.make_iterator(cfg, cfg.data.train_split, process_index=i, process_count=2,
+                              seed=cfg.data.shuffle_seed, repeat=True) for i in range(2)]
+  losses = []
+  for _ in rows:
+    local = [next(it) for it in its]
+    state, m = step_fn(state, train.global_batch({k: np.concatenate([x[k] for x in local]) for k in local[0]}, s))
+    losses.append(float(m["loss"]))
+  np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=1e-5)
+  _, saved = checkpoint.Manager(wd, async_save=False).restore_latest(s.abstract_state)
+  a, b = _params_np(saved), _params_np(state)
+  assert any("experts" in k for k in a)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
