@@ -24,7 +24,9 @@ setup_venv() {  # $1: pip extras, e.g. "test,interop"
   local stamp=".venv/.moejax-installed-$extras-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+    # (setuptools' multi-line note on editable installs is dropped: it is about repos unlike this one)
+    .venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" \
+      | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' || true
     .venv/bin/python -c "import moejax, jax, flax, optax, orbax.checkpoint, grain, tensorflow_datasets, chex"
     touch "$stamp"
   fi
