@@ -107,6 +107,13 @@ def cmd_upcycle(args) -> int:
   from moejax import checkpoint, config, registry, train
 
   cfg = config.derive(registry.get(args.exp, args.overrides), {"init.upcycle_from": args.source})
+  if args.dry_run:
+    from moejax import upcycle
+
+    print(upcycle.dry_run(cfg))
+    return 0
+  if not args.to:
+    raise config.ConfigError("moejax upcycle needs --to DIR (or --dry-run to only show the plan)")
   to = pathlib.Path(args.to)
   if (to / "checkpoints").is_dir() and any(p.name.isdigit() for p in (to / "checkpoints").iterdir()):
     raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
@@ -178,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
   u.add_argument("--from", dest="source", required=True, help="dense run workdir or checkpoint step dir")
   u.add_argument("--exp", required=True, help="target MoE experiment")
   u.add_argument("overrides", nargs="*")
-  u.add_argument("--to", required=True, help="workdir to write the MoE checkpoint into")
+  u.add_argument("--to", help="workdir to write the MoE checkpoint into (required unless --dry-run)")
+  u.add_argument("--dry-run", action="store_true",
+                 help="print the plan (which params become experts, which are fresh) and sizes; write nothing")
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
@@ -202,24 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+def one_line(e: BaseException) -> str:
+  """An error as one line: a message listing problems ("header:\n  - a\n  - b") keeps all of them, joined
+  ("header: a; b"), so nothing the user needs is cut off."""
+  lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+  if not lines:
+    return type(e).__name__
+  return " ".join([lines[0], "; ".join(ln.removeprefix("- ").strip() for ln in lines[1:])]).strip()
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """(args, the benchmark's own flags). `a.b=v` overrides may come anywhere after the command, before or after
+  its flags (`moejax train NAME --workdir DIR train.steps=300`): argparse stops filling a positional list at the
+  first flag, so overrides it leaves over are appended to `args.overrides` here."""
   parser = build_parser()
   if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle"):
     # the benchmark owns every flag after its name, --help included
-    args, rest = parser.parse_args(argv[:2]), argv[2:]
-  else:
-    args, rest = parser.parse_known_args(argv)
-  if args.cmd != "bench" and rest:
+    return parser.parse_args(argv[:2]), argv[2:]
+  args, rest = parser.parse_known_args(argv)
+  if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+    args.overrides, rest = [*args.overrides, *rest], []
+  if rest:
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  return args, []
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, rest = parse(list(sys.argv[1:] if argv is None else argv))
   _quiet_env()
   try:
     if args.cmd == "bench":
       return cmd_bench(args, rest)
     return args.fn(args)
   except _user_errors() as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"moejax: error: {msg}", file=sys.stderr)
+    print(f"moejax: error: {one_line(e)}", file=sys.stderr)
     return 2
 
 

@@ -152,3 +152,26 @@ def test_tiny_twin_trains_two_steps(name, tmp_path):
   assert r["step"] == 2 and np.isfinite(r["eval"]["loss"])
 
 
+
+
+def test_overrides_may_follow_the_flags():
+  """`moejax train NAME --workdir DIR a.b=v` (the README's order) as well as overrides before the flags."""
+  from moejax import cli
+
+  args, _ = cli.parse(["train", "lm_dense_tiny", "a.b=1", "--workdir", "x", "train.steps=3", "--no-progress",
+                       "optim.lr=1e-3"])
+  assert args.overrides == ["a.b=1", "train.steps=3", "optim.lr=1e-3"] and args.workdir == "x" and args.no_progress
+  args, _ = cli.parse(["upcycle", "--from", "a", "--exp", "b", "m.x=1", "--dry-run", "m.y=2"])
+  assert args.overrides == ["m.x=1", "m.y=2"] and args.dry_run
+  with pytest.raises(SystemExit):  # a stray word is still an error
+    cli.parse(["train", "lm_dense_tiny", "--workdir", "x", "stray"])
+
+
+def test_one_line_errors_keep_every_listed_problem():
+  from moejax import cli
+
+  e = ValueError("cannot upcycle the dense model into the target:\n  - model.d_ff: dense 64 != target 48\n"
+                 "  - model.vocab_size: dense 256 != target 128\n")
+  assert cli.one_line(e) == ("cannot upcycle the dense model into the target: model.d_ff: dense 64 != target 48; "
+                             "model.vocab_size: dense 256 != target 128")
+  assert cli.one_line(KeyError()) == "KeyError" and cli.one_line(ValueError("plain")) == "plain"

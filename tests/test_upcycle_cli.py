@@ -2,11 +2,13 @@
 validation cross-entropy at its first step equals the dense model's (function preservation through the
 checkpoint path), and training continues the dense step and data stream."""
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax import checkpoint, cli, registry, train
+from moejax import checkpoint, cli, registry, sharding, train
+from moejax.models import transformer
 
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
         "data.batch_size=8", "train.eval_steps=2", "train.log_every=1", "optim.warmup_steps=2",
@@ -48,6 +50,28 @@ def test_moejax_upcycle_cli_preserves_function_and_continues(dense_run, tmp_path
   assert r["step"] == 8 and np.isfinite(r["eval"]["loss"])
   # a second upcycle into the same place is refused rather than mixed with the run
   assert cli.main(["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", "--to", str(to)]) == 2
+
+
+def test_moejax_upcycle_dry_run_shows_the_plan_and_writes_nothing(dense_run, tmp_path, capsys):
+  to = tmp_path / "moe"
+  argv = ["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", *TINY, "--dry-run"]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  # layers 1 and 3 are MoE (every other MLP): experts from the dense MLP, fresh routers; the rest copied
+  assert "layers/1/moe/experts/w_up" in out and "<- to_experts" in out and "layers/1/mlp/w_up" in out
+  assert "layers/1/moe/router/w" in out and "<- router" in out and "layers/0/moe" not in out
+  assert "params copied unchanged" in out and "the run starts at step 4 (init.continue_step)" in out
+  cfg = registry.get("lm_upcycle_tiny", TINY)
+  n_dense = sum(np.prod(s.shape) for s in jax.tree.leaves(transformer.specs(registry.get("lm_dense_tiny", TINY).model),
+                                                            is_leaf=sharding.is_spec))
+  n_moe = sum(np.prod(s.shape) for s in jax.tree.leaves(transformer.specs(cfg.model), is_leaf=sharding.is_spec))
+  assert f"{n_dense / 1e6:.2f}M params" in out and f"{n_moe / 1e6:.2f}M params" in out
+  assert not to.exists()
+  # the same checks as a real upcycle: an incompatible target is a one-line error, exit 2
+  assert cli.main([*argv, "model.d_ff=48"]) == 2  # (overrides may follow the flags)
+  assert "model.d_ff: dense 64 != target 48" in capsys.readouterr().err
+  assert cli.main(["upcycle", "--from", str(dense_run), "--exp", "lm_upcycle_tiny", *TINY]) == 2  # no --to
+  assert "needs --to DIR" in capsys.readouterr().err
 
 
 def test_init_upcycle_from_in_train_continues_data_stream(dense_run, tmp_path):

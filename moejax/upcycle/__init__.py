@@ -34,6 +34,7 @@ from moejax.upcycle.core import (
 )
 from moejax.upcycle.sharded import (
   check_experiment,
+  dry_run,
   from_checkpoint,
   model_pairs,
   place,
@@ -44,7 +45,7 @@ from moejax.upcycle.sharded import (
 
 __all__ = [
   "COPY", "ROUTER", "RULES", "TO_EXPERTS", "TO_SHARED", "ZEROS", "Action", "Rule", "SpecsFn", "Step", "Target",
-  "UpcycleError", "check_compatible", "check_experiment", "check_params", "describe", "drop_mask",
+  "UpcycleError", "check_compatible", "check_experiment", "check_params", "describe", "drop_mask", "dry_run",
   "from_checkpoint", "last_layers", "model_pairs", "num_dropped", "place", "plan", "upcycle",
   "upcycle_experiment", "upcycle_fn", "upcycle_params", "upcycle_sharded",
 ]

@@ -147,3 +147,34 @@ def from_checkpoint(exp: config.ExperimentConfig, mesh: Mesh, target_specs: Any 
   dense_params, step = checkpoint.load_params(src, abstract)
   params = upcycle_experiment(dense_params, dense_exp, exp, mesh, target_specs=target_specs)
   return params, (int(step) if exp.init.continue_step else 0)
+
+
+def dry_run(exp: config.ExperimentConfig) -> str:
+  """What `from_checkpoint(exp, ...)` would do, from the configs and shapes alone (nothing is restored or
+  computed): the plan (`describe`), param counts and bytes before and after, and the step the run starts at.
+  Raises the same errors a real upcycle would (incompatible configs, unmatched params)."""
+  import numpy as np
+
+  from moejax import checkpoint, tasks
+  from moejax.upcycle.core import describe, plan
+
+  src = exp.init.upcycle_from
+  if not src:
+    raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
+  dense_exp = checkpoint.read_config(src)
+  check_experiment(dense_exp, exp)
+  _, step = checkpoint.resolve_step_dir(src)
+  dense_specs, target_specs = tasks.get(dense_exp.task).specs(dense_exp), tasks.get(exp.task).specs(exp)
+  steps = plan(dense_specs, target_specs)
+
+  def size(specs):
+    leaves = jax.tree.leaves(specs, is_leaf=sharding.is_spec)
+    n = sum(int(np.prod(s.shape)) for s in leaves)
+    return n, sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in leaves)
+
+  (nd, bd), (nm, bm) = size(dense_specs), size(target_specs)
+  start = step if exp.init.continue_step else 0
+  return (f"{describe(steps)}\n"
+          f"dense {dense_exp.name} at step {step}: {nd / 1e6:.2f}M params ({bd / 1e6:.1f} MB) -> {exp.name}: "
+          f"{nm / 1e6:.2f}M params ({bm / 1e6:.1f} MB); the run starts at step {start}"
+          f"{' (init.continue_step)' if exp.init.continue_step else ''}")
