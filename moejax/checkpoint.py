@@ -88,17 +88,9 @@ class Manager:
       abstract_state = {k: abstract_state[k] for k in PARAMS_ONLY}
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     data_dir = self.directory / str(step) / "data"
-    if data_iter is not None and data_dir.exists():
-      if _data_state_fits_process_count(data_dir):
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-      else:
-        saved_n = sorted({f.stem.rsplit("-of-", 1)[-1] for f in data_dir.glob("process_*-of-*.json")})
-        msg = (f"checkpoint step {step} was written by {'/'.join(saved_n)} processes, this run has "
-               f"{jax.process_count()}: the model and optimizer state are restored, but the data pipeline starts "
-               f"over from the beginning of its stream (each process reads its own shard of the data, so "
-               f"positions do not carry over)")
-        if jax.process_index() == 0:
-          print(f"WARNING: {msg}", flush=True)
+    if data_iter is not None and data_dir.exists() and _data_state_fits_process_count(
+        data_dir, f"checkpoint step {step}", "the model and optimizer state are restored, but "):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
@@ -126,11 +118,19 @@ class Manager:
     self._mngr.reload()
 
 
-def _data_state_fits_process_count(data_dir: pathlib.Path) -> bool:
+def _data_state_fits_process_count(data_dir: pathlib.Path, source: str, kept: str = "") -> bool:
   """grain saves one `process_<i>-of-<n>.json` per process. A run with another process count (a resize) has no
-  position to take over, and must not mistake the step for a damaged one."""
+  position to take over, and must not mistake the step for a damaged one: it warns (naming `source` and what
+  is `kept`) and returns False, and the caller's data stream starts over."""
   saved = list(data_dir.glob("process_*-of-*.json"))
-  return not saved or (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
+  if not saved or (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+    return True
+  saved_n = sorted({f.stem.rsplit("-of-", 1)[-1] for f in saved})
+  if jax.process_index() == 0:
+    print(f"WARNING: {source} was written by {'/'.join(saved_n)} processes, this run has {jax.process_count()}: "
+          f"{kept}the data pipeline starts from the beginning of its stream (it starts over: each process reads "
+          "its own shard of the data, so positions do not carry over)", flush=True)
+  return False
 
 
 def read_config(path: str | pathlib.Path) -> config.ExperimentConfig:
@@ -179,14 +179,7 @@ def restore_data_state(path: str | pathlib.Path, data_iter: Any) -> bool:
   different number of processes."""
   ckpt_dir, step = resolve_step_dir(path)
   data_dir = ckpt_dir / str(step) / "data"
-  if not data_dir.exists():
-    return False
-  if not _data_state_fits_process_count(data_dir):
-    msg = (f"{path} was written by a different number of processes than this run's {jax.process_count()}: the "
-           "data pipeline starts from the beginning of its stream (each process reads its own shard of the data, "
-           "so positions do not carry over)")
-    if jax.process_index() == 0:
-      print(f"WARNING: {msg}", flush=True)
+  if not data_dir.exists() or not _data_state_fits_process_count(data_dir, str(path)):
     return False
   ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).restore(
     data_dir, args=grain.checkpoint.CheckpointRestore(data_iter))

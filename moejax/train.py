@@ -89,14 +89,14 @@ def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 
   """Fresh state; `params` (e.g. upcycled) replaces the random init. Everything is born sharded."""
   if params is None:
     params = sharding.create_params(key, s.specs, s.mesh)
-  params = jax.device_put(params, s.param_shardings)
-  opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(params)
-  step_arr = jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"])
-  return {"step": step_arr, "params": params, "opt_state": opt_state}
+  state = params_only_state(s, params, step)
+  state["opt_state"] = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(state["params"])
+  return state
 
 
 def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
-  """`{step, params}`: what `moejax upcycle` and `moejax import-hf` save (no optimizer state; see checkpoint)."""
+  """`{step, params}` on their shardings: what `moejax upcycle` and `moejax import-hf` save (no optimizer
+  state; see checkpoint), and what `init_state` adds a fresh optimizer state to."""
   return {"step": jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"]),
           "params": jax.device_put(params, s.param_shardings)}
 

@@ -234,8 +234,8 @@ def config_to_hf(c: config.ClipConfig, dtype: str = "float32") -> dict[str, Any]
 
 def export_tensors(c: config.ClipConfig, shapes: dict[str, tuple[int, ...]],
                    get: Callable[[str], np.ndarray]) -> Any:
-  """The HF (name, host array) pairs of a two-tower model; `get(path)` fetches one moejax param to host."""
-  export_check(c)
+  """The HF (name, host array) pairs of a two-tower model (`c` already `export_check`ed, as `hf.save_clip_hf`
+  does before writing anything); `get(path)` fetches one moejax param to host."""
   for path, entry in plan(c, shapes).items():
     x = get(path)
     if path == "vision/pos_embed":  # fold the patch-embedding bias into the patch positions (row 0: CLS)

@@ -17,7 +17,17 @@ from jax.sharding import Mesh
 
 from moejax import config, sharding
 from moejax.models import transformer
-from moejax.upcycle.core import RULES, Action, Rule, SpecsFn, check_compatible, check_params, upcycle_params
+from moejax.upcycle.core import (
+  RULES,
+  Action,
+  Rule,
+  SpecsFn,
+  check_compatible,
+  check_params,
+  describe,
+  plan,
+  upcycle_params,
+)
 
 
 def upcycle_fn(dense_cfg: config.ModelConfig, moe_cfg: config.ModelConfig, init_cfg: config.UpcycleConfig,
@@ -127,6 +137,17 @@ def upcycle_experiment(dense_params: Any, dense_exp: config.ExperimentConfig, ex
   return _jitted(target_specs, exp.init, mesh, rules, ignore)(place(dense_params, dense_specs, mesh), key)
 
 
+def _dense_source(exp: config.ExperimentConfig) -> tuple[config.ExperimentConfig, Any]:
+  """The dense run `exp.init.upcycle_from` names: its saved config (checked against `exp`) and param specs."""
+  from moejax import checkpoint, tasks
+
+  if not exp.init.upcycle_from:
+    raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
+  dense_exp = checkpoint.read_config(exp.init.upcycle_from)
+  check_experiment(dense_exp, exp)
+  return dense_exp, tasks.get(dense_exp.task).specs(dense_exp)
+
+
 def from_checkpoint(exp: config.ExperimentConfig, mesh: Mesh, target_specs: Any = None) -> tuple[dict, int]:
   """`exp.init.upcycle_from` (a dense run's workdir or step dir) -> (`exp`'s params on `mesh`, start step).
 
@@ -134,17 +155,12 @@ def from_checkpoint(exp: config.ExperimentConfig, mesh: Mesh, target_specs: Any 
   shardings on `mesh` (never whole on one device) and upcycled under jit. The start step is the dense
   checkpoint's when `init.continue_step` (the LR schedule continues), else 0. Optimizer state is the caller's
   to create fresh."""
-  from moejax import checkpoint, tasks
+  from moejax import checkpoint
 
-  src = exp.init.upcycle_from
-  if not src:
-    raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
-  dense_exp = checkpoint.read_config(src)
-  check_experiment(dense_exp, exp)
-  dense_specs = tasks.get(dense_exp.task).specs(dense_exp)
+  dense_exp, dense_specs = _dense_source(exp)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), dense_specs,
                           sharding.param_shardings(dense_specs, mesh), is_leaf=sharding.is_spec)
-  dense_params, step = checkpoint.load_params(src, abstract)
+  dense_params, step = checkpoint.load_params(exp.init.upcycle_from, abstract)
   params = upcycle_experiment(dense_params, dense_exp, exp, mesh, target_specs=target_specs)
   return params, (int(step) if exp.init.continue_step else 0)
 
@@ -153,24 +169,16 @@ def dry_run(exp: config.ExperimentConfig) -> str:
   """What `from_checkpoint(exp, ...)` would do, from the configs and shapes alone (nothing is restored or
   computed): the plan (`describe`), param counts and bytes before and after, and the step the run starts at.
   Raises the same errors a real upcycle would (incompatible configs, unmatched params)."""
-  import numpy as np
-
   from moejax import checkpoint, tasks
-  from moejax.upcycle.core import describe, plan
 
-  src = exp.init.upcycle_from
-  if not src:
-    raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
-  dense_exp = checkpoint.read_config(src)
-  check_experiment(dense_exp, exp)
-  _, step = checkpoint.resolve_step_dir(src)
-  dense_specs, target_specs = tasks.get(dense_exp.task).specs(dense_exp), tasks.get(exp.task).specs(exp)
+  dense_exp, dense_specs = _dense_source(exp)
+  _, step = checkpoint.resolve_step_dir(exp.init.upcycle_from)
+  target_specs = tasks.get(exp.task).specs(exp)
   steps = plan(dense_specs, target_specs)
 
   def size(specs):
-    leaves = jax.tree.leaves(specs, is_leaf=sharding.is_spec)
-    n = sum(int(np.prod(s.shape)) for s in leaves)
-    return n, sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in leaves)
+    leaves = jax.tree.leaves(sharding.shapes(specs))
+    return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
 
   (nd, bd), (nm, bm) = size(dense_specs), size(target_specs)
   start = step if exp.init.continue_step else 0
