@@ -3,7 +3,10 @@
 Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
 and renames it when complete, so a kill mid-save leaves the previous steps intact. A step that is present but
 unreadable (a disk fault, a truncated copy) is moved to `<workdir>/checkpoints_damaged/` with a warning and the
-next-newest step is used: nothing is deleted. Restore takes abstract targets carrying shardings, so a state saved
+next-newest step is used: nothing is deleted. In a multi-process run every process must have read a step for it
+to count as restored; otherwise all treat it as damaged. A step saved with a config that does not match the
+requested one is never "damaged": `restore_latest(..., cfg=...)` checks each step's saved config (resume.py) and
+its array shapes before reading it, and raises `CheckpointError` (a `ConfigError`: exit 2) with nothing moved. Restore takes abstract targets carrying shardings, so a state saved
 on one mesh restores onto any other (a different shape or device count).
 
 Params-only steps: a run's first checkpoint made by `moejax upcycle` or `moejax import-hf` holds `{step,
@@ -18,13 +21,16 @@ import json
 import logging
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from moejax import config
+from moejax import config, resume
 
 log = logging.getLogger("moejax")
 
@@ -36,6 +42,91 @@ class DamagedCheckpoint(RuntimeError):
   pass
 
 
+class CheckpointError(config.ConfigError):
+  """A checkpoint that cannot serve the request (none readable; saved for another model): exit 2, nothing moved."""
+
+
+def read_json(path: str | pathlib.Path) -> Any:
+  """A JSON file's content; a truncated or malformed file is a `ConfigError` naming it."""
+  p = pathlib.Path(path)
+  try:
+    return json.loads(p.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise config.ConfigError(f"{p} is not valid JSON ({e}); is the file truncated?") from None
+
+
+def step_numbers(workdir: str | pathlib.Path) -> list[int]:
+  """The step directories under `<workdir>/checkpoints`, by listing them (no orbax, nothing created)."""
+  d = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
+def step_config(step_dir: pathlib.Path) -> config.ExperimentConfig:
+  """The config saved with a step: `DamagedCheckpoint` if unreadable, `CheckpointError` if it is no config."""
+  f = step_dir / "config" / "metadata"
+  try:
+    data = json.loads(f.read_text())
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DamagedCheckpoint(f"{f}: {type(e).__name__}: {e}") from None
+  try:
+    return config.from_dict(config.ExperimentConfig, data)
+  except config.ConfigError as e:
+    raise CheckpointError(f"{f} holds a config this moejax does not accept ({e}); start over in a new --workdir"
+                          ) from None
+
+
+def _params_only(step_dir: pathlib.Path) -> bool:
+  meta = step_dir / "meta" / "metadata"
+  if not meta.exists():
+    return False
+  try:
+    return bool(json.loads(meta.read_text()).get("params_only"))
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+    raise DamagedCheckpoint(f"{meta}: {type(e).__name__}: {e}") from None
+
+
+def check_step(step_dir: pathlib.Path, cfg: config.ExperimentConfig, verb: str = "train") -> dict[str, Any]:
+  """Whether `cfg` may resume (`verb="train"`) or evaluate (`"eval"`) this step: the allowed config changes, or
+  `CheckpointError`/`ConfigError` naming the blocking ones; `DamagedCheckpoint` if its config is unreadable."""
+  saved = step_config(step_dir)
+  purpose = "params" if verb == "eval" or _params_only(step_dir) else "resume"
+  return resume.check(saved, cfg, purpose, str(step_dir), verb)
+
+
+def preflight(workdir: str | pathlib.Path, cfg: config.ExperimentConfig, verb: str = "train") -> dict[str, Any]:
+  """`check_step` on the newest step whose config is readable (unreadable ones are left for `restore_latest` to
+  handle); {} when the run has no checkpoint. Reads files only: call it before creating a `Manager`."""
+  for step in reversed(step_numbers(workdir)):
+    try:
+      return check_step(pathlib.Path(workdir) / "checkpoints" / str(step), cfg, verb)
+    except DamagedCheckpoint:
+      continue
+  return {}
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+  return tuple(out)
+
+
+def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {_key_names(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+
+def _agree(ok: bool) -> bool:
+  """True when every process has `ok`: a step counts as restored only if all processes read it."""
+  if jax.process_count() == 1:
+    return ok
+  flags = multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))
+  return bool(np.all(flags))
+
+
 def _dir(workdir: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(workdir).resolve() / "checkpoints"
 
@@ -43,13 +134,19 @@ def _dir(workdir: str | pathlib.Path) -> pathlib.Path:
 class Manager:
   """A thin wrapper over `ocp.CheckpointManager` with moejax's items and the damaged-step fallback."""
 
-  def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    """`read_only`: creates nothing, cleans nothing and never moves a damaged step (eval); use it as a context
+    manager (or call `close`) so orbax's background threads end on every exit path."""
     self.workdir = pathlib.Path(workdir).resolve()
     self.directory = _dir(workdir)
+    self.read_only = read_only
+    self.last_diff: dict[str, Any] = {}
+    self._closed = False
     self._mngr = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True, cleanup_tmp_directories=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
+                                           create=not read_only, cleanup_tmp_directories=not read_only,
+                                           read_only=read_only),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
@@ -74,8 +171,34 @@ class Manager:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._mngr.wait_until_finished()
+    finally:
+      self._mngr.close()
+
+  def __enter__(self) -> Manager:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def check_shapes(self, step: int, abstract_state: Any) -> None:
+    """The saved arrays' tree and shapes against `abstract_state`'s (read from orbax's metadata, no array data):
+    a difference is a `CheckpointError`, an unreadable metadata file a `DamagedCheckpoint`."""
+    try:
+      meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
+    except Exception as e:  # noqa: BLE001  orbax raises many types for an unreadable metadata file
+      raise DamagedCheckpoint(f"state metadata: {type(e).__name__}: {str(e)[:200]}") from None
+    want = _flat_shapes(abstract_state)
+    bad = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    if bad:
+      shown = ", ".join(f"{'/'.join(k)}: saved {saved.get(k)}, model {want.get(k)}" for k in bad[:4])
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} holds arrays that do not fit the model "
+                            f"({len(bad)} differ: {shown}); start over in a new --workdir")
 
   def is_params_only(self, step: int) -> bool:
     meta = self.directory / str(step) / "meta" / "metadata"
@@ -94,13 +217,42 @@ class Manager:
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any | None = None) -> tuple[int | None, Any]:
-    """Newest readable step -> (step, state). Unreadable steps are moved aside with a warning."""
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None = None,
+                     cfg: config.ExperimentConfig | None = None, verb: str = "train") -> tuple[int | None, Any]:
+    """Newest readable step -> (step, state); (None, None) when there is none.
+
+    With `cfg`, each step is first checked against it (`check_step`, then array shapes): a mismatch raises
+    `CheckpointError`/`ConfigError` and touches nothing; the allowed differences land in `self.last_diff`.
+    Only a step that cannot be read (on any process) counts as damaged: it is moved to `checkpoints_damaged/`,
+    or, in a read-only manager, skipped (and if none is readable, `CheckpointError` lists why)."""
+    skipped = []
     for step in reversed(self.all_steps()):
+      state, err, diff = None, None, {}
       try:
-        return step, self.restore_step(step, abstract_state, data_iter)
-      except Exception as e:  # orbax raises many types for a damaged step; all mean "unreadable"
-        self._quarantine(step, e)
+        abstract = abstract_state
+        if self.is_params_only(step):
+          abstract = {k: abstract_state[k] for k in PARAMS_ONLY}
+        diff = check_step(self.directory / str(step), cfg, verb) if cfg is not None else {}
+        self.check_shapes(step, abstract)
+        same_data = not any(k.startswith("data.") and k != "data.worker_count" for k in diff)
+        state = self.restore_step(step, abstract_state, data_iter if same_data else None)
+      except config.ConfigError:
+        raise
+      except Exception as e:  # noqa: BLE001  orbax raises many types for a damaged step; all mean "unreadable"
+        err = e
+      if _agree(err is None):
+        self.last_diff = diff
+        if skipped:
+          print(f"WARNING: {'; '.join(skipped)}; using step {step}", file=sys.stderr, flush=True)
+        return step, state
+      err = err or DamagedCheckpoint("another process could not read it")
+      if self.read_only:
+        skipped.append(f"checkpoint step {step} in {self.directory} is unreadable ({type(err).__name__}: "
+                       f"{str(err)[:200]})")
+      else:
+        self._quarantine(step, err)
+    if skipped:
+      raise CheckpointError("no readable checkpoint: " + "; ".join(skipped))
     return None, None
 
   def _quarantine(self, step: int, err: Exception) -> None:
@@ -112,8 +264,9 @@ class Manager:
         shutil.rmtree(dest)
       shutil.move(str(self.directory / str(step)), str(dest))
       msg += f"; moved to {dest}, falling back to the previous step"
-    log.warning(msg)
-    print(f"WARNING: {msg}", flush=True)
+    if jax.process_count() > 1:  # the others wait until process 0 has moved it
+      multihost_utils.sync_global_devices(f"moejax_quarantine_{step}")
+    print(f"WARNING: {msg}", flush=True)  # once (not also through the logger)
     # Re-scan so orbax forgets the step we moved.
     self._mngr.reload()
 
@@ -142,7 +295,10 @@ def read_config(path: str | pathlib.Path) -> config.ExperimentConfig:
     candidates = [p / "config.json"] + [p / "checkpoints" / str(s) / "config" / "metadata" for s in steps]
   for c in candidates:
     if c.is_file():
-      return config.from_dict(config.ExperimentConfig, json.loads(c.read_text()))
+      try:
+        return config.from_dict(config.ExperimentConfig, read_json(c))
+      except config.ConfigError as e:
+        raise config.ConfigError(f"{c}: {e}" if str(c) not in str(e) else str(e)) from None
   raise FileNotFoundError(f"no moejax config found under {p} (looked for {', '.join(map(str, candidates[:3]))})")
 
 
@@ -165,10 +321,15 @@ def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, in
   ckpt_dir, step = resolve_step_dir(path)
   restore_args = jax.tree.map(
     lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_params)
-  out = ocp.PyTreeCheckpointer().restore(
-    ckpt_dir / str(step) / "state",
-    args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
-                                partial_restore=True))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(
+        ckpt_dir / str(step) / "state",
+        args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
+                                    partial_restore=True))
+  except Exception as e:  # noqa: BLE001  unreadable or not this model's: either way this checkpoint cannot serve
+    raise CheckpointError(f"cannot read the params of checkpoint {ckpt_dir / str(step)} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
   return out["params"], step
 
 

@@ -1,7 +1,9 @@
 """`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf`.
 
-Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split) exits 2 with a
-one-line `moejax: error: ...` and no traceback; real failures keep their traceback.
+Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
+does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
+and no traceback, before anything is written; real failures keep their traceback. tests/test_cli_errors.py holds
+the table of bad inputs per verb.
 """
 
 from __future__ import annotations
@@ -13,9 +15,23 @@ import sys
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+  """What a user's input can cause: named files that are missing, unreadable, truncated or of the wrong kind
+  (OS, JSON and safetensors errors name the file), and config errors."""
+  from safetensors import SafetensorError
+
   from moejax import config, registry
 
-  return (config.ConfigError, registry.UnknownExperiment, FileNotFoundError)
+  return (config.ConfigError, registry.UnknownExperiment, OSError, json.JSONDecodeError, SafetensorError)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with moejax's one-line errors: `moejax: error: train: the following arguments are required: ...`
+  (no usage block), exit 2. The benchmarks' own parsers use it too."""
+
+  def error(self, message: str):
+    where = self.prog.removeprefix("moejax").strip()
+    sys.stderr.write(f"moejax: error: {where + ': ' if where else ''}{message}\n")
+    sys.exit(2)
 
 
 def _quiet_env() -> None:
@@ -62,10 +78,10 @@ def cmd_experiments(args) -> int:
 
 def cmd_train(args) -> int:
   _start(args)
-  from moejax import registry, train
+  from moejax import paths, registry, train
 
   cfg = registry.get(args.name, args.overrides)
-  workdir = args.workdir or os.path.join("runs", cfg.name)
+  workdir = paths.out_dir(args.workdir or os.path.join("runs", cfg.name), "--workdir")
   result = train.train(cfg, workdir, progress=not args.no_progress)
   import jax
 
@@ -75,20 +91,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  _start(args)
-  from moejax import checkpoint, config, registry, train
+  from moejax import checkpoint, config, paths, registry, train
 
-  cfg = registry.get(args.name, args.overrides) if args.name else checkpoint.read_config(args.workdir)
-  if args.name and args.overrides:
-    cfg = config.apply_overrides(cfg, args.overrides)
-  print(json.dumps(train.evaluate(args.workdir, cfg), indent=2))
+  workdir = paths.in_dir(args.workdir, "--workdir")
+  overrides = list(args.overrides)
+  if args.name and "=" in args.name and ".py:" not in args.name:  # `eval --workdir RUN a.b=v`: no NAME
+    args.name, overrides = None, [args.name, *overrides]
+  if not checkpoint.step_numbers(workdir):
+    raise checkpoint.CheckpointError(f"no checkpoint in {workdir} (is it a moejax run directory?)")
+  # NAME: that experiment (it must describe the run's model); none: the run's own config, with the overrides
+  cfg = registry.get(args.name, overrides) if args.name else config.apply_overrides(
+    checkpoint.read_config(workdir), overrides)
+  _start(args)
+  print(json.dumps(train.evaluate(workdir, cfg), indent=2))
   return 0
 
 
 def cmd_report(args) -> int:
-  from moejax import report
+  from moejax import paths, report
 
-  out = report.report(args.dirs, args.out)
+  dirs = [paths.in_dir(d, "run directory") for d in args.dirs]
+  out = report.report(dirs, paths.out_dir(args.out, "--out") if args.out else None)
   print(out["table"])
   for f in out["files"]:
     print("wrote", f)
@@ -99,13 +122,11 @@ def cmd_upcycle(args) -> int:
   """Upcycle a dense run's newest checkpoint into `--exp`'s MoE model and save it as step N (or 0) of a new run
   in `--to`: the params and, when the run continues the dense step, the dense run's data position, but no
   optimizer state (`moejax train EXP --workdir TO` starts a fresh one, as `init.upcycle_from` would)."""
-  _start(args)
-  import pathlib
-
   import jax
 
-  from moejax import checkpoint, config, registry, train
+  from moejax import checkpoint, config, paths, registry, train
 
+  paths.in_dir(args.source, "--from")
   cfg = config.derive(registry.get(args.exp, args.overrides), {"init.upcycle_from": args.source})
   if args.dry_run:
     from moejax import upcycle
@@ -114,9 +135,10 @@ def cmd_upcycle(args) -> int:
     return 0
   if not args.to:
     raise config.ConfigError("moejax upcycle needs --to DIR (or --dry-run to only show the plan)")
-  to = pathlib.Path(args.to)
-  if (to / "checkpoints").is_dir() and any(p.name.isdigit() for p in (to / "checkpoints").iterdir()):
+  to = paths.out_dir(args.to, "--to")
+  if checkpoint.step_numbers(to):
     raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
+  _start(args)
   s = train.setup(cfg)
   data_it = train.train_iterator(s)
   params, step = train.initial_params(s, data_it)  # also moves data_it to the dense run's position
@@ -124,9 +146,8 @@ def cmd_upcycle(args) -> int:
   if jax.process_index() == 0:
     to.mkdir(parents=True, exist_ok=True)
     (to / "config.json").write_text(config.to_json(cfg))
-  mngr = checkpoint.Manager(to, keep=cfg.train.keep_checkpoints)
-  mngr.save(step, state, cfg, data_it, force=True)  # params only: the trainer creates the optimizer state
-  mngr.close()
+  with checkpoint.Manager(to, keep=cfg.train.keep_checkpoints) as mngr:
+    mngr.save(step, state, cfg, data_it, force=True)  # params only: the trainer creates the optimizer state
   print(f"upcycled {args.source} -> {to}/checkpoints/{step} ({cfg.name}); continue with: "
         f"moejax train {args.exp} {' '.join(args.overrides)} --workdir {to}".rstrip())
   return 0
@@ -135,24 +156,38 @@ def cmd_upcycle(args) -> int:
 def cmd_bench(args, rest: list[str]) -> int:
   import importlib
 
+  from moejax import config
+
   mod = importlib.import_module(f"moejax.bench.{args.what}")
-  return mod.main(rest)
+  try:
+    return mod.main(rest)
+  except SystemExit as e:  # a benchmark's `raise SystemExit("message")` is bad input too
+    if isinstance(e.code, str):
+      raise config.ConfigError(f"bench {args.what}: {e.code}") from None
+    raise
 
 
 def cmd_import_hf(args) -> int:
+  from moejax import checkpoint, config, paths
   from moejax.interop import hf
 
-  return hf.cli_import(args.path, args.to, args.overrides)
+  paths.in_dir(args.path, "import-hf PATH")
+  to = paths.out_dir(args.to, "--to")
+  if checkpoint.step_numbers(to):
+    raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
+  return hf.cli_import(args.path, str(to), args.overrides)
 
 
 def cmd_export_hf(args) -> int:
+  from moejax import paths
   from moejax.interop import hf
 
-  return hf.cli_export(args.workdir, args.to, args.arch, dtype=args.dtype)
+  paths.in_dir(args.workdir, "export-hf WORKDIR")
+  return hf.cli_export(args.workdir, str(paths.out_dir(args.to, "--to")), args.arch, dtype=args.dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="moejax", description="Sparse Mixture-of-Experts training in JAX.")
+  p = Parser(prog="moejax", description="Sparse Mixture-of-Experts training in JAX.")
   sub = p.add_subparsers(dest="cmd", required=True)
 
   e = sub.add_parser("experiments", help="list registered experiments or show one fully resolved")

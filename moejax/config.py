@@ -9,9 +9,11 @@ config that exists is a config that is valid.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -200,6 +202,7 @@ class DataConfig:
 
   def __post_init__(self):
     _check(self.seq_len > 0 and self.batch_size > 0, f"data.seq_len and data.batch_size must be > 0, got {self}")
+    _check(self.worker_count >= 0, f"data.worker_count must be >= 0, got {self.worker_count}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +228,10 @@ class OptimConfig:
     _check(self.schedule in ("cosine", "constant", "linear"), f"optim.schedule={self.schedule!r} unknown")
     _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
     _check(self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1, "optim.warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+    _check(self.weight_decay >= 0 and self.clip_norm >= 0,
+           f"optim.weight_decay={self.weight_decay} and optim.clip_norm={self.clip_norm} must be >= 0")
+    _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0,
+           f"optim: need 0 <= b1 < 1, 0 <= b2 < 1 and eps > 0, got b1={self.b1}, b2={self.b2}, eps={self.eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +247,14 @@ class TrainConfig:
   # a dense schedule set `schedule_offset` to the dense run's step.
   schedule_steps: int = 0
   nan_guard: bool = True
+  # The NaN guard stops the run after this many consecutive skipped (non-finite) steps, counted on device every
+  # step whatever log_every is.
+  max_consecutive_skips: int = 20
 
   def __post_init__(self):
     _check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
-    for f in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+    _check(self.schedule_steps >= 0, f"train.schedule_steps must be >= 0, got {self.schedule_steps}")
+    for f in ("eval_every", "eval_steps", "checkpoint_every", "log_every", "keep_checkpoints", "max_consecutive_skips"):
       _check(getattr(self, f) >= 1, f"train.{f} must be >= 1, got {getattr(self, f)}")
 
 
@@ -397,10 +408,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
   if tp is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+    _check_number(float(value) if isinstance(value, float) else value, key)
     return float(value)
   if tp is int:
     if isinstance(value, bool) or not isinstance(value, int):
       raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    _check_number(value, key)
     return value
   if tp is bool:
     if not isinstance(value, bool):
@@ -419,6 +432,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
   return value
 
 
+def _check_number(value: Any, key: str) -> None:
+  """Every number in a config is finite and fits the int32 the trainer counts steps in: `optim.lr=1e999` parses
+  to inf and `train.steps=10**30` to an int no step counter holds."""
+  if isinstance(value, bool):
+    return
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f"{key}={value!r} is not a finite number")
+  if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+    raise ConfigError(f"{key}={value} is out of range: integers in a config must lie in [{INT_MIN}, {INT_MAX}]")
+  if isinstance(value, (tuple, list)):
+    for i, v in enumerate(value):
+      _check_number(v, f"{key}[{i}]")
+
+
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+def _replace_unchecked(dc: Any, **changes: Any) -> Any:
+  """`dataclasses.replace` without `__post_init__`: overrides are applied together and validated once after
+  (`validate`), so their order never matters (`moe.every=1 moe.offset=0` is fine either way)."""
+  new = copy.copy(dc)
+  for k, v in changes.items():
+    object.__setattr__(new, k, v)
+  return new
+
+
 def _set_path(root: Any, dotted: str, value: Any, full_key: str | None = None) -> Any:
   full_key = full_key or dotted
   head, _, rest = dotted.partition(".")
@@ -432,17 +471,39 @@ def _set_path(root: Any, dotted: str, value: Any, full_key: str | None = None) -
     new_child = _set_path(child, rest, value, full_key)
   else:
     new_child = _coerce(value, hints[head], full_key)
-  try:
-    return dataclasses.replace(root, **{head: new_child})
-  except ConfigError as e:
-    raise ConfigError(f"{full_key}={value!r}: {e}") from None
+  return _replace_unchecked(root, **{head: new_child})
 
 
 _ROOT: dict[str, Any] = {}  # the top-level config while an override is applied, for "did you mean" over all keys
 
 
+def validate(cfg: Any, overrides: Mapping[str, Any] | None = None, prefix: str = "") -> None:
+  """Check a whole config tree: every number finite and in range, then each section's `__post_init__`
+  (children first, as construction does). A failing section's message is prefixed with the overrides that
+  touched it (`model.moe.top_k=9: ...`)."""
+  overrides = overrides or {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(v):
+      validate(v, overrides, f"{prefix}{f.name}.")
+    else:
+      _check_number(v, prefix + f.name)
+  post = getattr(type(cfg), "__post_init__", None)
+  if post is None:
+    return
+  touched = [k for k in overrides if k.startswith(prefix) and (prefix or "." not in k)]
+  blame = ", ".join(f"{k}={overrides[k]!r}" for k in touched)
+  try:
+    post(cfg)
+  except ConfigError as e:
+    raise ConfigError(f"{blame}: {e}" if blame else str(e)) from None
+  except (ArithmeticError, TypeError, ValueError) as e:  # e.g. a division by a size set to 0
+    where = blame or prefix.rstrip(".") or "config"
+    raise ConfigError(f"{where}: invalid ({type(e).__name__}: {e})") from None
+
+
 def derive(base: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
-  """A new config with `{"a.b.c": value}` applied in order; the same path the CLI takes."""
+  """A new config with `{"a.b.c": value}` applied (the same path the CLI takes), then validated once."""
   cfg = base
   for key, value in overrides.items():
     _ROOT["cfg"] = base
@@ -450,6 +511,7 @@ def derive(base: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentCo
       cfg = _set_path(cfg, key, value)
     finally:
       _ROOT.clear()
+  validate(cfg, overrides)
   return cfg
 
 
@@ -492,6 +554,8 @@ def to_json(cfg: Any) -> str:
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
   """Rebuild a config from `to_dict` output, with the same type checks and unknown-key errors as overrides."""
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a JSON object, got {type(data).__name__}")
   hints = typing.get_type_hints(cls)
   names = set(_field_names(cls))
   kwargs = {}
@@ -501,7 +565,12 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
       hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
       raise ConfigError(f"unknown key {prefix + k!r}{hint}")
     kwargs[k] = _coerce(v, hints[k], prefix + k)
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (ArithmeticError, TypeError, ValueError) as e:
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: invalid ({type(e).__name__}: {e})") from None
 
 
 def from_json(text: str) -> ExperimentConfig:

@@ -15,6 +15,7 @@ import logging
 import math
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -24,12 +25,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import checkpoint, config, metrics, optim, sharding, tasks
+from moejax import checkpoint, config, metrics, optim, paths, resume, sharding, tasks
 from moejax.layers import moe
 
 log = logging.getLogger("moejax")
 
-MAX_CONSECUTIVE_SKIPS = 20
+MAX_CONSECUTIVE_SKIPS = 20  # the default of train.max_consecutive_skips
+
+
+@jax.jit
+def _count_skips(counts: dict, skipped: jax.Array) -> dict:
+  """On-device NaN-guard counters, updated every step: consecutive skips, total, and since the last log row."""
+  return {"consecutive": jnp.where(skipped > 0, counts["consecutive"] + 1, 0), "total": counts["total"] + skipped,
+          "since_log": counts["since_log"] + skipped}
 
 
 @dataclasses.dataclass
@@ -244,25 +252,44 @@ def initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
 def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
           progress: bool = True) -> dict[str, Any]:
   """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.check_local(workdir, "workdir")
+  config.validate(cfg)  # a config built in code gets the checks the CLI's gets
   is_main = jax.process_index() == 0
+  s = setup(cfg, mesh)
+  # Before anything is created, moved or written: the run's own config must allow this one (resume.py).
+  checkpoint.preflight(workdir, cfg)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(cfg))
-  s = setup(cfg, mesh)
   train_step = make_train_step(s)
   eval_step = make_eval_step(s)
   mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints)
-  data_it = train_iterator(s)
-  start_step, state = mngr.restore_latest(s.abstract_state, data_it)
+  try:
+    data_it = train_iterator(s)
+    start_step, state = mngr.restore_latest(s.abstract_state, data_it, cfg=cfg)
+  except BaseException:
+    mngr.close()
+    raise
   key = jax.random.key(cfg.train.seed)
   resumed = state is not None and "opt_state" in state
-  if state is None:
-    params, step0 = initial_params(s, data_it)
-    state = init_state(s, key, params, step0)
-    start_step = step0
-  elif not resumed:  # a params-only step (`moejax upcycle`, `moejax import-hf`): a fresh optimizer state
-    state = init_state(s, key, state["params"], start_step)
+  changed = mngr.last_diff if state is not None else {}
+  try:
+    if state is None:
+      params, step0 = initial_params(s, data_it)
+      state = init_state(s, key, params, step0)
+      start_step = step0
+    elif not resumed:  # a params-only step (`moejax upcycle`, `moejax import-hf`): a fresh optimizer state
+      state = init_state(s, key, state["params"], start_step)
+  except BaseException:
+    mngr.close()
+    raise
+  if is_main:  # only now: a restore that succeeded, or a fresh start
+    (workdir / "config.json").write_text(config.to_json(cfg))
+    if changed:
+      print(resume.record(workdir, start_step, changed), file=sys.stderr, flush=True)
+      old_steps, new_steps = (changed.get("train.steps") or (None, None))
+      if old_steps is not None and not cfg.train.schedule_steps and "train.schedule_steps" not in changed:
+        print(f"moejax: note: the LR schedule now decays over {new_steps} steps (was {old_steps}); set "
+              f"train.schedule_steps={old_steps} to keep the old one", file=sys.stderr, flush=True)
   # `train.steps` is the absolute last step. An upcycled run with `init.continue_step` starts at the dense
   # run's step and continues its LR schedule to the same end (Komatsuzaki et al. continue the original schedule).
   end_step = cfg.train.steps
@@ -277,18 +304,27 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
               f"in {workdir} (mesh {dict(s.mesh.shape)})")
   preempt = _Preemption()
   step = start_step
-  skips = 0
   last_eval: dict[str, float] = {}
   t_last, steps_since = None, 0
   status = "completed"
+  zero = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings["step"])
+  counts = {"consecutive": zero, "total": zero, "since_log": zero}
+  max_skips = cfg.train.max_consecutive_skips
+  pending = None  # the previous step's counters: read one step late, so the host never waits on the device
   try:
     while step < end_step:
       batch = global_batch(next(data_it), s)
       state, m = train_step(state, batch)
+      counts = _count_skips(counts, m["skipped"])
       step += 1
       steps_since += 1
+      if pending is not None:
+        _stop_if_too_many_skips(*pending, max_skips, mngr)
+      pending = (step, counts["consecutive"])
       if step % cfg.train.log_every == 0 or step == end_step or step == start_step + 1:
         host = jax.device_get(m)
+        host["skipped"] = int(counts["since_log"])  # every skipped step since the last row, not just this one
+        counts = dict(counts, since_log=zero)
         now = time.perf_counter()
         if t_last is None:  # the first logged interval includes compilation: do not report its speed
           rate = float("nan")
@@ -297,18 +333,16 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
         t_last, steps_since = now, 0
         host["throughput"] = {f"{unit}_per_s": rate * units_per_step, "mfu": rate * flops_per_step / peak}
         flat = writer.write(step, "train", host)
-        skips = skips + int(host["skipped"]) if host["skipped"] else 0
         bar.set_step(step, loss=f"{flat['loss']:.3f}", **{f"{unit}/s": f"{rate * units_per_step:,.0f}",
                                                           "MFU": f"{100 * rate * flops_per_step / peak:.1f}%"})
-        if skips >= MAX_CONSECUTIVE_SKIPS:
-          raise FloatingPointError(f"{skips} consecutive non-finite steps at step {step}; stopping. The last good "
-                                   f"checkpoint is in {mngr.directory}")
       if step % cfg.train.eval_every == 0 or step == end_step:
+        _stop_if_too_many_skips(*pending, max_skips, mngr)  # never evaluate or save a run the guard stops
         last_eval = run_eval(s, state["params"], eval_step)
         writer.write(step, "eval", last_eval)
         if is_main:
           bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
+        _stop_if_too_many_skips(*pending, max_skips, mngr)
         mngr.save(step, state, cfg, data_it)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
         t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
@@ -319,27 +353,44 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
         if is_main:
           bar.write(f"moejax: preempted: checkpointed step {step}; re-run the same command to resume")
         break
+    if pending is not None:
+      _stop_if_too_many_skips(*pending, max_skips, mngr)
   finally:
     mngr.close()
     bar.close()
     writer.close()
     preempt.restore()
-  result = {"status": status, "step": step, "eval": last_eval, "workdir": str(workdir)}
+  skipped_total = int(counts["total"])
+  if skipped_total and is_main:
+    bar.write(f"moejax: the NaN guard skipped {skipped_total} non-finite step(s) in this session")
+  result = {"status": status, "step": step, "eval": last_eval, "workdir": str(workdir),
+            "skipped_steps": skipped_total}
   if is_main:
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
   return {**result, "state": state}
 
 
+def _stop_if_too_many_skips(step: int, consecutive: jax.Array, max_skips: int, mngr: checkpoint.Manager) -> None:
+  n = int(consecutive)
+  if n >= max_skips:
+    raise FloatingPointError(f"{n} consecutive non-finite steps at step {step} (train.max_consecutive_skips="
+                             f"{max_skips}); stopping. The last good checkpoint is in {mngr.directory}")
+
+
 def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = None,
              mesh: Mesh | None = None) -> dict[str, float]:
-  """Eval the newest checkpoint in `workdir` (with its saved config unless `cfg` is given)."""
+  """Eval the newest checkpoint in `workdir` (with its saved config unless `cfg` is given, which must describe the
+  same model: resume.py). Reads only: a damaged step is skipped, never moved."""
+  workdir = paths.check_local(workdir, "workdir")
+  if not checkpoint.step_numbers(workdir):
+    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   cfg = cfg or checkpoint.read_config(workdir)
+  checkpoint.preflight(workdir, cfg, verb="eval")
   s = setup(cfg, mesh)
-  mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
-  step, state = mngr.restore_latest(s.abstract_state)
-  mngr.close()
+  with checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False, read_only=True) as mngr:
+    step, state = mngr.restore_latest(s.abstract_state, cfg=cfg, verb="eval")
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
+    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   out = run_eval(s, state["params"])
   out["step"] = step
   return out

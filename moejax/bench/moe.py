@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax import config, sharding
+from moejax import cli, config, sharding
 from moejax.layers import gmm, mlp, moe
 
 # name: (tokens, d_model, d_ff per expert, experts, top_k)
@@ -33,7 +33,7 @@ SEQ_LEN = 1024  # tokens are laid out as [tokens / SEQ_LEN, SEQ_LEN, D] (capacit
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="moejax bench moe", description=__doc__,
+  ap = cli.Parser(prog="moejax bench moe", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--configs", nargs="+", default=None, help=f"from {list(CPU_CONFIGS) + list(GPU_CONFIGS)}")
   ap.add_argument("--variants", nargs="+", default=["dropless/auto"],

@@ -7,13 +7,12 @@ ratio (e.g. an upcycled MoE against its dense parent): on a shared or noisy mach
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import numpy as np
 
-from moejax import config, metrics, registry, train
+from moejax import cli, config, metrics, registry, train
 
 
 def _synthetic_batch(s: train.Setup) -> dict:
@@ -60,7 +59,7 @@ class _Timer:
 
 
 def main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog="moejax bench train")
+  ap = cli.Parser(prog="moejax bench train")
   ap.add_argument("name")
   ap.add_argument("overrides", nargs="*")
   ap.add_argument("--steps", type=int, default=10)

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax import config, sharding, upcycle
+from moejax import cli, config, sharding, upcycle
 from moejax.models import transformer
 
 HEADING = "## moejax bench upcycle"
@@ -265,7 +265,7 @@ def write_section(path: str | pathlib.Path, body: str, append: bool = False) -> 
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="moejax bench upcycle", description=__doc__.split("\n")[0])
+  p = cli.Parser(prog="moejax bench upcycle", description=__doc__.split("\n")[0])
   p.add_argument("--d-model", type=int, default=768)
   p.add_argument("--layers", type=int, default=12)
   p.add_argument("--heads", type=int, default=12)

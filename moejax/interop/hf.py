@@ -43,7 +43,32 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   if not p.is_file():
     raise FileNotFoundError(f"{p} not found: a Hugging Face checkpoint directory holds config.json and "
                             "model.safetensors (or model.safetensors.index.json + shards)")
-  return json.loads(p.read_text())
+  return _read_json(p)
+
+
+def _read_json(p: pathlib.Path) -> Any:
+  try:
+    out = json.loads(p.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise config.ConfigError(f"{p} is not valid JSON ({e}); is the file truncated?") from None
+  if not isinstance(out, dict):
+    raise config.ConfigError(f"{p} holds a JSON {type(out).__name__}, not an object")
+  return out
+
+
+def _open_safetensors(f: pathlib.Path):
+  try:
+    return safe_open(str(f), framework="np")
+  except Exception as e:  # noqa: BLE001  safetensors' own error type, OSError, ...
+    raise config.ConfigError(f"{f} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]}); is it truncated?") from None
+
+
+class MissingTensor(config.ConfigError, KeyError):
+  """A tensor the config needs is not in the checkpoint: bad input (exit 2 at the CLI), and a KeyError."""
+
+  def __str__(self) -> str:  # KeyError quotes its message
+    return str(self.args[0])
 
 
 class Reader:
@@ -53,11 +78,13 @@ class Reader:
     root = pathlib.Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise config.ConfigError(f"{index} has no 'weight_map' object")
       self._where = {name: root / f for name, f in weight_map.items()}
     elif (root / "model.safetensors").is_file():
       self._where = {}
-      with safe_open(str(root / "model.safetensors"), framework="np") as f:
+      with _open_safetensors(root / "model.safetensors") as f:
         self._where = {name: root / "model.safetensors" for name in f.keys()}
     else:
       bins = sorted(p.name for p in root.glob("*.bin"))
@@ -75,10 +102,10 @@ class Reader:
 
   def _file(self, name: str):
     if name not in self._where:
-      raise KeyError(f"checkpoint is missing tensor {name!r}")
+      raise MissingTensor(f"checkpoint is missing tensor {name!r}")
     f = self._where[name]
     if f not in self._files:
-      self._files[f] = self._stack.enter_context(safe_open(str(f), framework="np"))
+      self._files[f] = self._stack.enter_context(_open_safetensors(f))
     return self._files[f]
 
   def names(self) -> list[str]:
@@ -93,7 +120,7 @@ class Reader:
   def get(self, name: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """One tensor as numpy, after checking its shape against `expect_shape` (error names the tensor)."""
     if expect_shape is not None and self.shape(name) != tuple(expect_shape):
-      raise ValueError(f"tensor {name!r} has shape {self.shape(name)}, expected {tuple(expect_shape)} from "
+      raise config.ConfigError(f"tensor {name!r} has shape {self.shape(name)}, expected {tuple(expect_shape)} from "
                        "config.json")
     self.used.add(name)
     return self._file(name).get_tensor(name)
@@ -149,7 +176,7 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, *, param_dtype: s
     # Tied checkpoints sometimes still carry lm_head.weight; HF ignores it then, and so do we.
     extra = reader.unused(lambda n: cfg.tie_embeddings and n == "lm_head.weight")
   if extra:
-    raise ValueError(f"{arch} checkpoint has tensors that config.json does not account for: {extra[:8]}"
+    raise config.ConfigError(f"{arch} checkpoint has tensors that config.json does not account for: {extra[:8]}"
                      f"{' ...' if len(extra) > 8 else ''} ({len(extra)} in all)")
   return params, cfg
 

@@ -176,7 +176,7 @@ def load(reader: Any, hf_cfg: dict, mesh: Any, *, param_dtype: str, place: Calla
   # position_ids is a buffer some transformers versions saved with the weights.
   extra = reader.unused(lambda n: n.endswith("embeddings.position_ids"))
   if extra:
-    raise ValueError(f"CLIP checkpoint has tensors moejax's two-tower model does not hold: {extra[:8]} "
+    raise config.ConfigError(f"CLIP checkpoint has tensors moejax's two-tower model does not hold: {extra[:8]} "
                      f"({len(extra)} in all)")
   return params, clip
 

@@ -1,0 +1,51 @@
+"""Checks on the directories a command reads or writes, made before anything is touched.
+
+Object-store URLs (`gs://bucket/run`, `s3://...`) are rejected with a one-line error: `pathlib` would turn
+`gs://bucket/run` into a local `./gs:/bucket/run`, and the trainer's metrics, TensorBoard and damaged-checkpoint
+handling write through the local file system. Mount the bucket (e.g. gcsfuse) and pass the mount point.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+from moejax import config
+
+# A URL scheme, or what `pathlib` leaves of one (`gs:/bucket`); two letters at least, so `C:/` is no scheme.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def check_local(path: str | os.PathLike, what: str = "path") -> pathlib.Path:
+  """`path` as a local `pathlib.Path`; an object-store URL is a `ConfigError` naming `what`."""
+  text = os.fspath(path)
+  m = _SCHEME.match(text)
+  if m:
+    raise config.ConfigError(f"{what} {text!r}: {m.group(1)}:// paths are not supported; use a local or mounted "
+                             "directory (e.g. a gcsfuse mount of the bucket)")
+  return pathlib.Path(text)
+
+
+def out_dir(path: str | os.PathLike, what: str = "--workdir") -> pathlib.Path:
+  """A directory a command will create or write into: it is a directory or does not exist yet, and its nearest
+  existing ancestor is a directory (`--to FILE/out` is an error here, not a `NotADirectoryError` later)."""
+  p = check_local(path, what)
+  if p.exists() and not p.is_dir():
+    raise config.ConfigError(f"{what} {str(p)!r} is an existing file, not a directory")
+  for parent in p.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise config.ConfigError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a directory")
+      break
+  return p
+
+
+def in_dir(path: str | os.PathLike, what: str = "--workdir") -> pathlib.Path:
+  """A directory a command reads: it exists and is a directory."""
+  p = check_local(path, what)
+  if not p.exists():
+    raise config.ConfigError(f"{what} {str(p)!r} does not exist")
+  if not p.is_dir():
+    raise config.ConfigError(f"{what} {str(p)!r} is a file, not a directory")
+  return p
