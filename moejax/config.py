@@ -322,6 +322,9 @@ class ClipConfig:
   eval_examples: int = 0  # retrieval / zero-shot eval on the first N validation images (0 = all)
 
   def __post_init__(self):
+    _check(self.image_size > 0 and self.patch_size > 0 and self.channels > 0 and self.embed_dim > 0,
+           f"clip.image_size={self.image_size}, clip.patch_size={self.patch_size}, clip.channels={self.channels} and "
+           f"clip.embed_dim={self.embed_dim} must be > 0")
     _check(self.image_size % self.patch_size == 0,
            f"clip.image_size={self.image_size} is not divisible by clip.patch_size={self.patch_size}")
     _check(self.pool in ("cls", "mean"), f"clip.pool={self.pool!r}: choose cls or mean")

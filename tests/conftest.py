@@ -12,3 +12,19 @@ os.environ.setdefault("MOEJAX_DATA_DIR", str(pathlib.Path(__file__).resolve().pa
 import absl.flags  # noqa: E402
 
 absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tmp_path_factory):
+  """A finished 2-step lm_dense_tiny run with checkpoints at steps 1 and 2, built once per session. Read it or
+  copy it; never change it."""
+  from run_helpers import TINY_LM
+
+  from moejax import registry, train
+
+  run = tmp_path_factory.mktemp("tiny_lm_run") / "run"
+  train.train(registry.get("lm_dense_tiny", list(TINY_LM)), run, progress=False)
+  return run
