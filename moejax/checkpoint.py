@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from moejax import config, resume
@@ -142,7 +143,17 @@ class Manager:
     self.read_only = read_only
     self.last_diff: dict[str, Any] = {}
     self._closed = False
-    self._mngr = ocp.CheckpointManager(
+    quiet = absl_logging.get_verbosity()
+    if read_only:  # orbax warns that a read-only manager neither saves nor prunes: that is the point
+      absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+      self._mngr = self._make(keep, async_save)
+    finally:
+      absl_logging.set_verbosity(quiet)
+
+  def _make(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    read_only = self.read_only
+    return ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save and not read_only,
                                            create=not read_only, cleanup_tmp_directories=not read_only,
@@ -188,11 +199,14 @@ class Manager:
   def check_shapes(self, step: int, abstract_state: Any) -> None:
     """The saved arrays' tree and shapes against `abstract_state`'s (read from orbax's metadata, no array data):
     a difference is a `CheckpointError`, an unreadable metadata file a `DamagedCheckpoint`."""
+    handler = ocp.StandardCheckpointHandler()
     try:
-      meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      meta = handler.metadata(self.directory / str(step) / "state")
       saved = _flat_shapes(meta.tree if hasattr(meta, "tree") else meta)
     except Exception as e:  # noqa: BLE001  orbax raises many types for an unreadable metadata file
       raise DamagedCheckpoint(f"state metadata: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+      handler.close()  # its async machinery must not outlive the call (noise at interpreter exit)
     want = _flat_shapes(abstract_state)
     bad = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
     if bad:

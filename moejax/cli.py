@@ -271,9 +271,26 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   return args, []
 
 
+def _drop_late_read_callbacks() -> None:
+  """A checkpoint read that fails part-way (a truncated file) abandons tensorstore reads whose completions later
+  reach an asyncio loop orbax has already closed; Python reports each as an "Exception ignored" traceback. They
+  carry nothing for the user (the failure itself is reported), so the CLI drops exactly those."""
+  default = sys.unraisablehook
+
+  def hook(u):
+    e = u.exc_value
+    if isinstance(e, RuntimeError) and "Event loop is closed" in str(e):
+      return
+    default(u)
+
+  if getattr(sys.unraisablehook, "__name__", "") != "hook":
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
   args, rest = parse(list(sys.argv[1:] if argv is None else argv))
   _quiet_env()
+  _drop_late_read_callbacks()
   try:
     if args.cmd == "bench":
       return cmd_bench(args, rest)

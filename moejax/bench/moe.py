@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -142,6 +143,8 @@ def main(argv: list[str]) -> int:
   unknown = [n for n in names if n not in every]
   if unknown:
     raise SystemExit(f"unknown config(s) {unknown}; choose from {list(every)}")
+  if args.iters < 1 or not args.capacity_factor > 0 or not math.isfinite(args.capacity_factor):
+    raise SystemExit(f"--iters={args.iters} must be >= 1 and --capacity-factor={args.capacity_factor} finite and > 0")
   for v in args.variants:
     d, _, b = v.partition("/")
     if d not in ("dropless", "capacity") or (b and b != "auto" and b not in gmm.BACKENDS):

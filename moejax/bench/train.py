@@ -65,6 +65,8 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--vs", help="a second experiment to time interleaved (same overrides)")
   args = ap.parse_args(argv)
+  if args.steps < 1:
+    raise SystemExit(f"--steps={args.steps} must be >= 1")
   timers = [_Timer(args.name, registry.get(args.name, args.overrides))]
   if args.vs:
     timers.append(_Timer(args.vs, registry.get(args.vs, args.overrides)))

@@ -1,0 +1,254 @@
+"""Bad input to every CLI verb: exit 2, exactly one stderr line `moejax: error: ...` naming the problem, no
+traceback, and nothing written (the test's directory, the current directory and the existing runs are unchanged).
+
+`CASES` is the table: to cover a new verb or a new mistake, add a `Case(id, argv, message)` row. `argv` may use
+these placeholders, built once per module (see `dirs`):
+  {run}      a finished 2-step lm_dense_tiny run (run_helpers.TINY_LM), checkpoints at steps 1 and 2
+  {hf}       that run exported as a Hugging Face Llama (config.json + model.safetensors)
+  {bad_json_run}  {run} with a truncated config.json
+  {bad_ckpt_run}  {run} with every checkpoint's array data truncated
+  {bad_json_hf}   {hf} with a truncated config.json
+  {bad_st_hf}     {hf} with a truncated model.safetensors
+  {file}     an existing regular file     {empty}  an existing empty directory
+  {new}      a path that does not exist yet (inside the test's own directory, which is also the cwd)
+`TINY` expands to the tiny config's overrides, so `["train", "lm_dense_tiny", TINY, ...]` names the same config
+as {run}. The cases run in-process through `cli.main` (fast); `SUBPROCESS` repeats a few as real `moejax`
+processes, which must print the same line and nothing else (no traceback, no orbax shutdown noise).
+"""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from run_helpers import TINY_LM, tree
+
+TINY = "<tiny>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  id: str
+  argv: tuple
+  message: str  # must appear in the one error line
+
+
+def _c(id_, *argv, msg):
+  return Case(id_, argv, msg)
+
+
+CASES = [
+  # experiments
+  _c("exp-unknown-name", "experiments", "show", "lm_dense_tinyy", msg="unknown experiment 'lm_dense_tinyy'; did you mean"),
+  _c("exp-no-name", "experiments", "show", msg="experiments show needs a NAME"),
+  _c("exp-bad-action", "experiments", "frobnicate", msg="invalid choice: 'frobnicate'"),
+  _c("exp-unknown-key", "experiments", "show", "lm_dense_tiny", "model.num_layer=2",
+     msg="unknown key 'model.num_layer'; did you mean 'model.num_layers'"),
+  _c("exp-not-key-value", "experiments", "show", "lm_dense_tiny", "model.num_layers",
+     msg="must look like key=value"),
+  _c("exp-int-as-str", "experiments", "show", "lm_dense_tiny", "train.steps=ten", msg="train.steps: expected int"),
+  _c("exp-int-as-float", "experiments", "show", "lm_dense_tiny", "model.moe.top_k=1.5",
+     msg="model.moe.top_k: expected int"),
+  _c("exp-bool-as-int", "experiments", "show", "lm_dense_tiny", "model.remat=1", msg="model.remat: expected bool"),
+  _c("exp-inf-float", "experiments", "show", "lm_dense_tiny", "optim.lr=1e999", msg="optim.lr=inf is not a finite"),
+  _c("exp-neg-inf-float", "experiments", "show", "lm_dense_tiny", "model.rope_theta=-1e999",
+     msg="model.rope_theta=-inf is not a finite"),
+  _c("exp-nan-word", "experiments", "show", "lm_dense_tiny", "optim.lr=nan", msg="optim.lr: expected float"),
+  _c("exp-huge-int", "experiments", "show", "lm_dense_tiny", "train.steps=" + "1" + "0" * 30,
+     msg="train.steps=1000000000000000000000000000000 is out of range"),
+  _c("exp-negative-steps", "experiments", "show", "lm_dense_tiny", "train.steps=-1", msg="train.steps must be >= 0"),
+  _c("exp-zero-lr", "experiments", "show", "lm_dense_tiny", "optim.lr=0", msg="optim.lr must be > 0"),
+  _c("exp-b2-out-of-range", "experiments", "show", "lm_dense_tiny", "optim.b2=1.0", msg="0 <= b2 < 1"),
+  _c("exp-top-k-too-big", "experiments", "show", "lm_dense_tiny", "model.moe.num_experts=4", "model.moe.top_k=5",
+     msg="moe.top_k=5 must be in [1, moe.num_experts=4]"),
+  _c("exp-bad-choice", "experiments", "show", "lm_dense_tiny", "model.moe.router=nope", msg="moe.router='nope' unknown"),
+  _c("exp-zero-patch", "experiments", "show", "clip_dense_tiny", "clip.patch_size=0", msg="clip.patch_size=0"),
+  _c("exp-tuple-inf", "experiments", "show", "clip_dense_tiny", "clip.image_std=[0.5, 1e999, 0.5]",
+     msg="clip.image_std[1]=inf is not a finite"),
+  _c("exp-file-missing", "experiments", "show", "{new}/x.py:foo", msg="does not exist"),
+  _c("no-verb", "frobnicate", msg="invalid choice: 'frobnicate'"),
+  # train
+  _c("train-unknown-name", "train", "lm_dens_tiny", "--workdir", "{new}", msg="did you mean 'lm_dense_tiny'"),
+  _c("train-no-name", "train", msg="the following arguments are required: name"),
+  _c("train-workdir-is-file", "train", "lm_dense_tiny", TINY, "--workdir", "{file}", msg="is an existing file"),
+  _c("train-workdir-under-file", "train", "lm_dense_tiny", TINY, "--workdir", "{file}/run", msg="is a file, not a dir"),
+  _c("train-object-store", "train", "lm_dense_tiny", TINY, "--workdir", "gs://bucket/run",
+     msg="gs:// paths are not supported"),
+  _c("train-inf-lr", "train", "lm_dense_tiny", TINY, "optim.lr=1e999", "--workdir", "{new}", msg="optim.lr=inf"),
+  _c("train-indivisible-batch", "train", "lm_dense_tiny", TINY, "data.batch_size=6", "mesh.data=4", "mesh.fsdp=2",
+     "--workdir", "{new}", msg="not divisible by the 8 data-parallel shards"),
+  _c("train-resume-model-changed", "train", "lm_dense_tiny", TINY, "model.d_ff=48", "--workdir", "{run}",
+     msg="model.d_ff (saved 64, requested 48)"),
+  _c("train-resume-other-experiment", "train", "lm_moe_tiny", "--workdir", "{run}", msg="model.moe.num_experts"),
+  _c("train-resume-data-changed", "train", "lm_dense_tiny", TINY, "data.seq_len=16", "--workdir", "{run}",
+     msg="data.seq_len (saved 32, requested 16)"),
+  _c("train-resume-seed-changed", "train", "lm_dense_tiny", TINY, "train.seed=1", "--workdir", "{run}",
+     msg="train.seed (saved 0, requested 1)"),
+  _c("train-bad-int-flag", "train", "lm_dense_tiny", "--num-processes", "two", msg="invalid int value: 'two'"),
+  # eval
+  _c("eval-missing-workdir", "eval", "--workdir", "{new}", msg="does not exist"),
+  _c("eval-workdir-is-file", "eval", "--workdir", "{file}", msg="is a file, not a directory"),
+  _c("eval-empty-workdir", "eval", "--workdir", "{empty}", msg="no checkpoint in"),
+  _c("eval-other-experiment", "eval", "lm_moe_tiny", "--workdir", "{run}", msg="will not evaluate it"),
+  _c("eval-override-changes-model", "eval", "--workdir", "{run}", "model.d_ff=48", msg="model.d_ff (saved 64"),
+  _c("eval-truncated-config", "eval", "--workdir", "{bad_json_run}", msg="config.json is not valid JSON"),
+  _c("eval-truncated-checkpoint", "eval", "--workdir", "{bad_ckpt_run}", msg="no readable checkpoint"),
+  _c("eval-object-store", "eval", "--workdir", "s3://bucket/run", msg="s3:// paths are not supported"),
+  _c("eval-no-workdir", "eval", msg="the following arguments are required: --workdir"),
+  # report
+  _c("report-missing-dir", "report", "{new}", msg="does not exist"),
+  _c("report-dir-is-file", "report", "{file}", msg="is a file, not a directory"),
+  _c("report-not-a-run", "report", "{empty}", msg="has no metrics.jsonl"),
+  _c("report-out-is-file", "report", "{run}", "--out", "{file}", msg="is an existing file"),
+  # upcycle
+  _c("upcycle-missing-from", "upcycle", "--from", "{new}", "--exp", "lm_moe_tiny", "--to", "{new}/to",
+     msg="--from"),
+  _c("upcycle-unknown-exp", "upcycle", "--from", "{run}", "--exp", "lm_moe_tinyy", "--to", "{new}",
+     msg="unknown experiment 'lm_moe_tinyy'"),
+  _c("upcycle-to-is-file", "upcycle", "--from", "{run}", "--exp", "lm_moe_tiny", "--to", "{file}",
+     msg="is an existing file"),
+  _c("upcycle-to-holds-a-run", "upcycle", "--from", "{run}", "--exp", "lm_moe_tiny", "--to", "{run}",
+     msg="already holds checkpoints"),
+  _c("upcycle-truncated-config", "upcycle", "--from", "{bad_json_run}", "--exp", "lm_moe_tiny", "--to", "{new}",
+     msg="config.json is not valid JSON"),
+  _c("upcycle-inf-override", "upcycle", "--from", "{run}", "--exp", "lm_moe_tiny", "init.router_std=1e999",
+     "--to", "{new}", msg="init.router_std=inf is not a finite"),
+  _c("upcycle-no-to", "upcycle", "--from", "{run}", "--exp", "lm_moe_tiny", msg="needs --to DIR"),
+  # bench
+  _c("bench-unknown", "bench", "nope", msg="invalid choice: 'nope'"),
+  _c("bench-moe-bad-int", "bench", "moe", "--iters", "ten", msg="bench moe: argument --iters: invalid int value"),
+  _c("bench-moe-zero-iters", "bench", "moe", "--iters", "0", msg="--iters=0 must be >= 1"),
+  _c("bench-moe-unknown-config", "bench", "moe", "--configs", "XL", msg="unknown config(s) ['XL']"),
+  _c("bench-train-unknown-exp", "bench", "train", "lm_dense_tinyy", msg="unknown experiment 'lm_dense_tinyy'"),
+  _c("bench-train-inf", "bench", "train", "lm_dense_tiny", "optim.lr=1e999", msg="optim.lr=inf"),
+  _c("bench-train-zero-steps", "bench", "train", "lm_dense_tiny", "--steps", "0", msg="--steps=0 must be >= 1"),
+  _c("bench-upcycle-bad-int", "bench", "upcycle", "--layers", "x", msg="argument --layers: invalid int value"),
+  # import-hf
+  _c("import-missing-path", "import-hf", "{new}", "--to", "{new}/to", msg="does not exist"),
+  _c("import-path-is-file", "import-hf", "{file}", "--to", "{new}", msg="is a file, not a directory"),
+  _c("import-not-hf", "import-hf", "{empty}", "--to", "{new}", msg="config.json not found"),
+  _c("import-to-is-file", "import-hf", "{hf}", "--to", "{file}", msg="is an existing file"),
+  _c("import-to-holds-a-run", "import-hf", "{hf}", "--to", "{run}", msg="already holds checkpoints"),
+  _c("import-truncated-config", "import-hf", "{bad_json_hf}", "--to", "{new}", msg="config.json is not valid JSON"),
+  _c("import-truncated-safetensors", "import-hf", "{bad_st_hf}", "--to", "{new}",
+     msg="model.safetensors is not a readable safetensors file"),
+  _c("import-object-store", "import-hf", "{hf}", "--to", "gs://bucket/x", msg="gs:// paths are not supported"),
+  _c("import-override-changes-params", "import-hf", "{hf}", "--to", "{new}", "model.d_ff=48",
+     msg="change the model's params"),
+  # export-hf
+  _c("export-missing-run", "export-hf", "{new}", "--to", "{new}/out", msg="does not exist"),
+  _c("export-to-under-file", "export-hf", "{run}", "--to", "{file}/out", msg="is a file, not a directory"),
+  _c("export-to-is-file", "export-hf", "{run}", "--to", "{file}", msg="is an existing file"),
+  _c("export-truncated-config", "export-hf", "{bad_json_run}", "--to", "{new}", msg="config.json is not valid JSON"),
+  _c("export-truncated-checkpoint", "export-hf", "{bad_ckpt_run}", "--to", "{new}", msg="cannot read the params"),
+  _c("export-bad-arch", "export-hf", "{run}", "--to", "{new}", "--arch", "gpt9", msg="invalid choice: 'gpt9'"),
+]
+# Run also as real processes: the one-line check without capsys, and orbax's threads must not print at exit.
+SUBPROCESS = ["eval-empty-workdir", "train-resume-model-changed", "eval-truncated-checkpoint",
+              "import-truncated-safetensors", "train-workdir-is-file"]
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_lm_run, tmp_path_factory):
+  from moejax import cli
+
+  root = tmp_path_factory.mktemp("cli_errors")
+  d = {"run": tiny_lm_run, "hf": root / "hf"}
+  assert cli.main(["export-hf", str(tiny_lm_run), "--to", str(d["hf"])]) == 0
+  d["bad_json_run"] = root / "bad_json_run"
+  shutil.copytree(tiny_lm_run, d["bad_json_run"])
+  _truncate(d["bad_json_run"] / "config.json")
+  d["bad_ckpt_run"] = root / "bad_ckpt_run"
+  shutil.copytree(tiny_lm_run, d["bad_ckpt_run"])
+  for f in (d["bad_ckpt_run"] / "checkpoints").glob("*/state/**/d/*"):
+    _truncate(f)
+  for name, f in (("bad_json_hf", "config.json"), ("bad_st_hf", "model.safetensors")):
+    d[name] = root / name
+    shutil.copytree(d["hf"], d[name])
+    _truncate(d[name] / f)
+  return d
+
+
+def _argv(case, d, tmp):
+  subs = {k: str(v) for k, v in d.items()}
+  subs.update(file=str(tmp / "a_file.txt"), empty=str(tmp / "empty"), new=str(tmp / "new"))
+  out = []
+  for a in case.argv:
+    out.extend(TINY_LM if a == TINY else [a.format(**subs)])
+  return out
+
+
+def _prepare(tmp):
+  (tmp / "a_file.txt").write_text("not a directory\n")
+  (tmp / "empty").mkdir()
+
+
+def _snapshot(d, tmp):
+  return {name: tree(p) for name, p in [*d.items(), ("tmp", tmp)]}
+
+
+def _error_line(rc, out, err, message):
+  assert rc == 2, (rc, out, err)
+  assert "Traceback" not in err + out, err
+  lines = [ln for ln in err.splitlines() if ln.strip()]
+  assert len(lines) == 1, f"want one stderr line, got {len(lines)}:\n{err}"
+  assert lines[0].startswith("moejax: error: "), lines[0]
+  assert message in lines[0], lines[0]
+  return lines[0]
+
+
+def _in_process(argv, capsys):
+  from moejax import cli
+
+  try:
+    rc = cli.main(argv)
+  except SystemExit as e:  # argparse
+    rc = e.code
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, dirs, tmp_path, monkeypatch, capsys):
+  _prepare(tmp_path)
+  monkeypatch.chdir(tmp_path)  # so a path mistaken for a local one (./gs:/bucket) would show up here
+  before = _snapshot(dirs, tmp_path)
+  rc, out, err = _in_process(_argv(case, dirs, tmp_path), capsys)
+  _error_line(rc, out, err, case.message)
+  assert _snapshot(dirs, tmp_path) == before, "the command wrote, moved or deleted something"
+
+
+def test_the_table_covers_every_verb():
+  from moejax import cli
+
+  verbs = set(cli.build_parser()._subparsers._group_actions[0].choices)
+  covered = {c.argv[0] for c in CASES}
+  assert verbs <= covered, f"verbs without bad-input rows: {sorted(verbs - covered)}"
+  assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_real_processes_print_the_same_one_line(dirs, tmp_path, capsys):
+  """`python -m moejax.cli` as users run it: exit 2, one stderr line identical to the in-process one."""
+  by_id = {c.id: c for c in CASES}
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  procs = {}
+  for i in SUBPROCESS:  # started together: their start-up (imports) overlaps
+    tmp = tmp_path / i
+    tmp.mkdir()
+    _prepare(tmp)
+    procs[i] = (tmp, _snapshot(dirs, tmp), subprocess.Popen(
+      [sys.executable, "-m", "moejax.cli", *_argv(by_id[i], dirs, tmp)], cwd=tmp, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  for i, (tmp, before, p) in procs.items():
+    out, err = p.communicate(timeout=300)
+    line = _error_line(p.returncode, out, err, by_id[i].message)
+    assert _snapshot(dirs, tmp) == before, i
+    rc2, out2, err2 = _in_process(_argv(by_id[i], dirs, tmp), capsys)
+    # the same line, up to the underlying library's details (which tensorstore read fails first may vary)
+    assert (rc2, err2.strip().split(" (")[0]) == (2, line.split(" (")[0]), i
