@@ -84,3 +84,52 @@ def test_every_experiment_has_a_docstring_with_run_command():
   for name in builtin:
     doc = registry.doc(name)
     assert "Run:" in doc and "Expect:" in doc, f"{name}: docstring needs 'Run:' and 'Expect:' lines"
+
+
+@pytest.mark.parametrize("overrides", [
+  ["model.moe.every=1", "model.moe.offset=0"],
+  ["model.moe.offset=0", "model.moe.every=1"],
+  ["model.moe.num_experts=0", "model.moe.top_k=0"],  # a dense model's top_k is not checked; in either order
+  ["model.moe.top_k=0", "model.moe.num_experts=0"],
+])
+def test_overrides_are_validated_together_in_any_order(overrides):
+  cfg = registry.get("lm_moe_tiny", overrides)
+  assert config.apply_overrides(registry.get("lm_moe_tiny"), overrides[::-1]) == cfg
+
+
+def test_a_failing_section_names_the_overrides_that_touched_it():
+  with pytest.raises(config.ConfigError) as e:
+    registry.get("lm_moe_tiny", ["model.moe.offset=5", "train.steps=3"])
+  assert str(e.value).startswith("model.moe.offset=5: moe.every=2, moe.offset=5"), str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+  ("optim.lr=1e999", "optim.lr=inf is not a finite number"),
+  ("optim.lr=-1e999", "optim.lr=-inf is not a finite number"),
+  ("model.norm_eps=1e400", "model.norm_eps=inf is not a finite number"),
+  ("model.moe.capacity_factor=1e999", "model.moe.capacity_factor=inf"),
+  ("clip.image_mean=[0.5, 1e999, 0.5]", "clip.image_mean[1]=inf"),
+  ("train.steps=" + "9" * 30, "train.steps=999999999999999999999999999999 is out of range"),
+  ("train.steps=2147483648", "out of range: integers in a config must lie in [-2147483648, 2147483647]"),
+  ("data.batch_size=-5", "data.seq_len and data.batch_size must be > 0"),
+  ("train.eval_steps=0", "train.eval_steps must be >= 1"),
+  ("optim.eps=0.0", "eps > 0"),
+])
+def test_non_finite_and_out_of_range_values_are_rejected(override, message):
+  with pytest.raises(config.ConfigError) as e:
+    registry.get("lm_dense_tiny", [override])
+  assert message in str(e.value), str(e.value)
+
+
+def test_saved_configs_and_code_built_configs_get_the_same_checks():
+  import json
+
+  d = config.to_dict(registry.get("lm_dense_tiny"))
+  d["optim"]["lr"] = float("inf")  # json.dumps writes Infinity, json.loads reads it back
+  with pytest.raises(config.ConfigError, match="optim.lr=inf is not a finite number"):
+    config.from_json(json.dumps(d))
+  built = config.ExperimentConfig(model=config.ModelConfig(rope_theta=float("inf")))  # no __post_init__ check
+  with pytest.raises(config.ConfigError, match="model.rope_theta=inf is not a finite number"):
+    config.validate(built)
+  with pytest.raises(config.ConfigError, match="train.steps=4294967296 is out of range"):
+    config.validate(config.ExperimentConfig(train=config.TrainConfig(steps=2**32)))
