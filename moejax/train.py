@@ -4,7 +4,9 @@ State is a plain dict `{"step", "params", "opt_state"}` whose shardings are fixe
 axes, optimizer state by what XLA derives from them) and donated on every step. Per step: RNG is
 `fold_in(seed, step)`, so a resumed run draws exactly what an uninterrupted one would; data-iterator state is
 checkpointed with the model, so it also sees the same batches. A non-finite loss or gradient skips the update
-(the NaN guard) and is reported; too many in a row stop the run with the last good checkpoint intact.
+(the NaN guard); skipped steps are counted on device every step (each metrics row says how many since the
+previous one) and `train.max_consecutive_skips` in a row stop the run with the last good checkpoint intact.
+Before anything is written, the requested config is checked against the run's saved one (resume.py).
 """
 
 from __future__ import annotations
