@@ -52,15 +52,18 @@ def block_specs(cfg: config.ModelConfig, i: int) -> dict:
 
 
 def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
-                train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers)."""
+                train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None,
+                causal_routing: bool | None = None) -> tuple[jax.Array, dict]:
+  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers).
+  `causal_routing` (default: `causal`): route as a decoder must, each token's output independent of later
+  tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
   x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
                                   rope_scaling=cfg.rope_scaling, mask_BT=mask_BT)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
-    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train)
+    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=causal if causal_routing is None else causal_routing, mask_BT=mask_BT)
   else:
     y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
@@ -101,12 +104,15 @@ def total_aux_loss(moe_aux: dict) -> jax.Array:
 
 
 def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
-            train: bool = False) -> tuple[jax.Array, dict]:
-  """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}."""
+            train: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}.
+
+  `mask_BT` (True = real token; None = all real) marks padding: padded keys are masked in attention, and padding
+  is kept out of routing (no capacity slots, no router statistics). Logits at padding are meaningless."""
   cd = DTYPES[cfg.compute_dtype]
   x_BTD = embed.lookup(params["embed"], tokens_BT, cd)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
-  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True)
+  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True, mask_BT=mask_BT)
   x_BTD = norm_apply(cfg, params["final_norm"], x_BTD)
   if cfg.tie_embeddings:
     logits_BTV = embed.attend(params["embed"], x_BTD)
