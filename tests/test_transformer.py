@@ -123,3 +123,40 @@ def test_every_experiment_resolves_and_eval_shapes(name):
 def test_paper_scale_dense_is_about_1b():
   cfg = registry.get("lm_dense_1b").model
   assert 1.0e9 < transformer.num_params(cfg) < 1.5e9
+
+
+STAT_KEYS = ("aux_loss", "load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped_fraction")
+
+
+def _stats_close(aux_a, aux_b, keys=STAT_KEYS):
+  assert aux_a.keys() == aux_b.keys()
+  for layer in aux_a:
+    for k in keys:
+      np.testing.assert_allclose(np.asarray(aux_a[layer][k]), np.asarray(aux_b[layer][k]), rtol=1e-5, atol=1e-6,
+                                 err_msg=f"layer {layer} {k}")
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_padding_stays_out_of_routing(dispatch):
+  """A right-padded batch with its mask routes its real tokens exactly as the unpadded batch: same router
+  statistics (load, aux losses, entropy), same logits; and what the padding holds changes nothing."""
+  cfg = _tiny(moe=config.MoEConfig(num_experts=4, every=1, offset=0, dispatch=dispatch, capacity_factor=1.0,
+                                   bias_balance_rate=0.1))
+  params = sharding.init_params(jax.random.key(0), transformer.specs(cfg))
+  fwd = jax.jit(lambda tok, m: transformer.forward(params, tok, cfg, mask_BT=m))
+  n, T = 10, 16
+  real = jax.random.randint(jax.random.key(1), (2, n), 0, cfg.vocab_size)
+  mask = jnp.arange(T)[None, :] < n
+  pad_a = jnp.concatenate([real, jnp.zeros((2, T - n), real.dtype)], 1)
+  pad_b = jnp.concatenate([real, jax.random.randint(jax.random.key(2), (2, T - n), 0, cfg.vocab_size)], 1)
+  la, aux_a = fwd(pad_a, jnp.broadcast_to(mask, (2, T)))
+  lb, aux_b = fwd(pad_b, jnp.broadcast_to(mask, (2, T)))
+  np.testing.assert_array_equal(np.asarray(la[:, :n]), np.asarray(lb[:, :n]))
+  _stats_close(aux_a["moe"], aux_b["moe"])
+  lu, aux_u = jax.jit(lambda tok: transformer.forward(params, tok, cfg))(real)
+  if dispatch == "dropless":
+    _stats_close(aux_a["moe"], aux_u["moe"])
+  else:  # a decoder's capacity is that of the full (padded) length, so drops (and later layers) may differ
+    _stats_close({"0": aux_a["moe"]["0"]}, {"0": aux_u["moe"]["0"]}, STAT_KEYS[:-1])
+  if dispatch == "dropless":
+    np.testing.assert_allclose(np.asarray(la[:, :n]), np.asarray(lu), atol=1e-5, rtol=1e-5)
