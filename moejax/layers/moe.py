@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -392,6 +393,13 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
   return combine_rows(y_MD, layout).reshape(G, S, D), st
 
 
+TOP1_RENORMALIZE_WARNING = (
+  "moe.top_k=1 with moe.renormalize=True: every combine weight is 1, so the router gets no gradient from the "
+  "task loss, only from the aux losses. Set moe.renormalize=False to scale each token's expert output by its "
+  "router probability, as Switch does (renormalized top-1 is what Mixtral's code computes at k=1, and what "
+  "keeps an upcycled top-1 model equal to its dense source at step 0).")
+
+
 def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
           train: bool = False, causal: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`.
@@ -409,6 +417,8 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
   if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, E):
     raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
+  if m.router == "token_choice" and m.top_k == 1 and m.renormalize:
+    warnings.warn(TOP1_RENORMALIZE_WARNING, stacklevel=2)
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
   fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)

@@ -86,6 +86,17 @@ def expert_capacity(capacity_factor: float, group_size: int, num_experts: int, k
   return max(1, min(group_size, math.ceil(capacity_factor * k * group_size / num_experts)))
 
 
+def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None) -> float:
+  """Average experts applied per token, for active params and FLOPs: top_k for token choice; for expert choice
+  E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S)."""
+  if moe.router != "expert_choice":
+    return float(moe.top_k)
+  if seq_len is None:
+    return float(moe.capacity_factor)
+  E = moe.num_experts
+  return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
+
+
 def expert_choice(probs_GSE: jax.Array, capacity: int, valid_GS: jax.Array | None = None) -> ExpertChoice:
   """Each expert's `capacity` best tokens of the group. Padding (`valid_GS` False) ranks below every real token
   (the caller drops such picks); exact ties go to tokens from (e * S) // E on for expert e (see token_choice)."""

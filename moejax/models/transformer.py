@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import config, sharding
-from moejax.layers import attention, embed, mlp, moe, norms
+from moejax.layers import attention, embed, mlp, moe, norms, router
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -122,15 +122,16 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
   return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
 
 
-def num_params(cfg: config.ModelConfig, active: bool = False) -> int:
-  """Total params, or params active per token (top-k of E experts) when `active`."""
+def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | None = None) -> int:
+  """Total params, or params active per token when `active`: top_k of E experts for token choice, the expert
+  choice capacity (router.experts_per_token, at `seq_len` when given) for expert choice."""
   total = 0
   for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
     n = 1
     for d in s.shape:
       n *= d
     if active and "/moe/experts/" in path:
-      n = n * cfg.moe.top_k // cfg.moe.num_experts
+      n = int(n * router.experts_per_token(cfg.moe, seq_len) // cfg.moe.num_experts)
     total += n
   return total
 
@@ -138,6 +139,6 @@ def num_params(cfg: config.ModelConfig, active: bool = False) -> int:
 def flops_per_token(cfg: config.ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate)."""
   # The input lookup is free; with tied embeddings the same table is the (costly) output projection.
-  n_active = num_params(cfg, active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  n_active = num_params(cfg, active=True, seq_len=seq_len) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len / 2  # causal: half the square
   return 6.0 * n_active + attn
