@@ -10,9 +10,11 @@ Param paths (stable; upcycling and checkpoint import rely on them; E experts, F 
 Dispatch. Every routed (token, slot) assignment gets a row in an expert buffer `[M, D]`, and the layer is two
 row gathers around the expert MLP: `x_M = x[row_token]`, `y_token = sum_k w_k * y_M[pos_k]`. Both gathers have
 a custom VJP that is again a gather (the plain transpose of a gather is a scatter-add, slow on CPU).
-- `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence; top-1
-  choices are placed before top-2 ones, so overflow drops the lower-priority choices first. The buffer is
-  `[E, G*C, D]` and the experts are one batched einsum. Dropped assignments contribute zero.
+- `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence. A decoder
+  (`causal`) ranks token-major, so a token's slot depends only on earlier tokens; an encoder places all top-1
+  choices before top-2 ones, so overflow drops the lower-priority choices first. The buffer is `[E, G*C, D]`
+  and the experts are one batched einsum. Dropped assignments contribute zero.
+- padding (`mask_BT`) is never dispatched: it takes no slot and is left out of the router statistics.
 - `dropless` (MegaBlocks, Gale et al. 2023): rows sorted by expert, each group padded to the gmm backend's
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
