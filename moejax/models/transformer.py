@@ -63,7 +63,8 @@ def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: b
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
-    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=causal if causal_routing is None else causal_routing, mask_BT=mask_BT)
+    routing_causal = causal if causal_routing is None else causal_routing
+    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=routing_causal, mask_BT=mask_BT)
   else:
     y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
