@@ -356,6 +356,11 @@ class ExperimentConfig:
 
   def __post_init__(self):
     _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")
+    # A decoder must not see the future; expert choice picks each expert's tokens from the whole sequence.
+    _check(self.task != "lm" or not self.model.moe.num_experts or self.model.moe.router == "token_choice",
+           f"model.moe.router={self.model.moe.router!r} is not causal: each expert picks its tokens from the whole "
+           f"sequence, so a decoder's earlier outputs would depend on later tokens; a causal LM (task='lm') needs "
+           f"model.moe.router='token_choice' (expert choice is for encoders, e.g. clip.vision.moe.router)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -337,3 +337,24 @@ def test_clip_up_targets_upcycle_from_their_dense_models(dense_name, target_name
                        dense_shapes)
   assert jax.tree.map(lambda s: s.shape, out) == jax.tree.map(lambda s: s.shape, target_specs,
                                                              is_leaf=sharding.is_spec)
+
+
+@pytest.mark.parametrize("moe_kw", [dict(dispatch="capacity", top_k=2, capacity_factor=0.5),
+                                    dict(router="expert_choice", capacity_factor=1.0)], ids=["capacity", "expert_choice"])
+def test_text_tower_padding_stays_out_of_routing(moe_kw):
+  """EOS-padded captions route exactly as the same captions cut at their EOS: padding takes no capacity slot
+  (an encoder sizes capacity by the real tokens), is never picked by an expert, and is not in any router
+  statistic, so pooled features and every MoE stat are equal."""
+  cfg = tiny_cfg(moe=config.MoEConfig(num_experts=4, every=1, offset=0, **moe_kw))
+  params = perturbed_params(cfg)
+  n = 9  # 8 caption tokens + EOS
+  cut = jax.random.randint(jax.random.key(3), (2, n), 1, cfg.clip.text.vocab_size).at[:, -1].set(cfg.clip.eos_id)
+  padded = jnp.concatenate([cut, jnp.full((2, 16 - n), cfg.clip.eos_id, cut.dtype)], 1)
+  enc = jax.jit(lambda tok: two_tower.encode_text(params, tok, cfg))
+  (fa, aux_a), (fb, aux_b) = enc(padded), enc(cut)
+  np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), atol=1e-5, rtol=1e-5)
+  for layer in aux_b["moe"]:
+    for k in ("aux_loss", "load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped_fraction"):
+      np.testing.assert_allclose(np.asarray(aux_a["moe"][layer][k]), np.asarray(aux_b["moe"][layer][k]),
+                                 rtol=1e-5, atol=1e-6, err_msg=f"{layer} {k}")
+  assert float(aux_b["moe"]["text/0"]["dropped_fraction"]) > 0 or moe_kw.get("router") == "expert_choice"

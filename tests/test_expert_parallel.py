@@ -33,9 +33,9 @@ def _setup(cfg, mesh_cfg):
   return p, x, g, mesh, sharding.param_shardings(specs, mesh)
 
 
-def _run(p, x, g, cfg, remat=False, rng=None):
+def _run(p, x, g, cfg, remat=False, rng=None, **layer_kw):
   def f(p, x):
-    layer = lambda p, x: moe.apply(p, x, cfg, rng=rng, train=rng is not None)
+    layer = lambda p, x: moe.apply(p, x, cfg, rng=rng, train=rng is not None, **layer_kw)
     fn = jax.checkpoint(layer) if remat else layer
     y, aux = fn(p, x)
     return jnp.sum(y * g) + aux["aux_loss"], (y, aux)
@@ -44,13 +44,13 @@ def _run(p, x, g, cfg, remat=False, rng=None):
   return y, aux, grads
 
 
-def _compare(cfg, mesh_cfg, remat=False, rng=None):
+def _compare(cfg, mesh_cfg, remat=False, rng=None, **layer_kw):
   p, x, g, mesh, p_shard = _setup(cfg, mesh_cfg)
-  y0, aux0, grads0 = _run(p, x, g, cfg, rng=rng)
+  y0, aux0, grads0 = _run(p, x, g, cfg, rng=rng, **layer_kw)
   p_sharded = jax.device_put(p, p_shard)  # experts split over `expert`, embed over `fsdp`, mlp over `tensor`
   x_sharded = jax.device_put(x, sharding.data_sharding(mesh, 3))
   with sharding.use_mesh(mesh):
-    y1, aux1, grads1 = _run(p_sharded, x_sharded, g, cfg, remat=remat, rng=rng)
+    y1, aux1, grads1 = _run(p_sharded, x_sharded, g, cfg, remat=remat, rng=rng, **layer_kw)
   _close(y1, y0)
   for k in aux0:
     _close(aux1[k], aux0[k])
@@ -66,6 +66,16 @@ def test_expert4_data2_equals_single_device(dispatch, router_name):
                       else 1.0), config.MeshConfig(data=2, expert=4))
   if dispatch == "capacity":
     assert float(aux["dropped_fraction"]) > 0  # drops must be the same as on one device, and there are some
+
+
+def test_causal_capacity_with_padding_equals_single_device():
+  """Decoder ranking (token-major) and padding under expert parallelism: shards hold different numbers of real
+  tokens, and the router stats (sums + counts) still combine to the single-device values."""
+  lengths = jnp.array([8, 3, 8, 5, 1, 8, 6, 2])
+  mask = jnp.arange(8)[None, :] < lengths[:, None]
+  aux = _compare(_cfg(dispatch="capacity", capacity_factor=0.75), config.MeshConfig(data=2, expert=4),
+                 causal=True, mask_BT=mask)
+  assert float(aux["dropped_fraction"]) > 0
 
 
 def test_expert2_fsdp4_equals_single_device():

@@ -6,13 +6,13 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
-
-import jax  # noqa: E402
+# Plain imports, not importorskip: the test command installs the interop extra, so a broken install must fail.
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from moejax import config  # noqa: E402
 from moejax.interop import hf  # noqa: E402

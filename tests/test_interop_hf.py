@@ -11,18 +11,18 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+# Plain imports, not importorskip: the test command installs the interop extra, so a broken install must fail.
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from moejax import config, sharding  # noqa: E402
-from moejax.interop import hf  # noqa: E402
+from moejax.interop import hf, hf_lm  # noqa: E402
 from moejax.models import transformer  # noqa: E402
 
 pytestmark = pytest.mark.interop
@@ -199,6 +199,46 @@ def test_mixtral_matches_transformers(tmp_path):
     for ours, theirs in (("w_gate", "w1"), ("w_up", "w3"), ("w_down", "w2")):
       want = saved[f"model.layers.1.block_sparse_moe.experts.{e}.{theirs}.weight"].T
       np.testing.assert_array_equal(np.asarray(ex[ours][e]), want)
+
+
+@pytest.mark.parametrize("arch", ["mixtral_1_layer", "qwen2_moe_2_moe_layers"])
+def test_aux_loss_matches_transformers(tmp_path, arch):
+  """The imported model's aux loss (mapped weight, z-loss 0) is what transformers adds to its training loss,
+  router_aux_loss_coef * aux_loss, on the same weights and a right-padded batch with its attention mask: exactly
+  for one MoE layer; with several, transformers pools the layers' token counts and probabilities into one term
+  (k at balance) where moejax sums per-layer terms, and ours equals coef * the mean of transformers' per-layer
+  terms (see docs/architecture.md, "Aux losses")."""
+  from transformers.models.mixtral import modeling_mixtral
+
+  if arch.startswith("mixtral"):
+    model = _build("MixtralForCausalLM", num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
+                   router_aux_loss_coef=0.02)
+  else:
+    model = _build("Qwen2MoeForCausalLM", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1],
+                   router_aux_loss_coef=0.02)
+  params, cfg = hf.load_hf(_save(model, tmp_path))
+  n_moe = sum(cfg.moe.is_moe_layer(i) for i in range(cfg.num_layers))
+  assert cfg.moe.z_loss_weight == 0.0
+  np.testing.assert_allclose(cfg.moe.load_balance_weight, 0.02 * 2 / n_moe)
+  tokens = _tokens(cfg.vocab_size, shape=(2, 12))
+  mask = np.ones((2, 12), np.int64)
+  mask[1, 7:] = 0  # the second sequence is padding after 7 tokens
+  with torch.no_grad():
+    out = model(torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask), output_router_logits=True)
+  want_pooled = 0.02 * float(out.aux_loss)
+  per_layer = [float(modeling_mixtral.load_balancing_loss_func((g,), 4, 2, torch.from_numpy(mask)))
+               for g in out.router_logits]
+  assert len(per_layer) == n_moe
+  _, aux = jax.jit(lambda p, t, m: transformer.forward(p, t, cfg, mask_BT=m))(params, jnp.asarray(tokens),
+                                                                              jnp.asarray(mask, bool))
+  got = float(aux["aux_loss"])
+  np.testing.assert_allclose(got, 0.02 * np.mean(per_layer), rtol=1e-5)
+  if n_moe == 1:
+    np.testing.assert_allclose(got, want_pooled, rtol=1e-5)
+  # Same pressure at balance: both are coef * k there (k = 2).
+  back = hf_lm.config_to_hf(cfg, hf_lm.export_arch(cfg), shared_width=40 if cfg.moe.num_shared_experts else 0)
+  np.testing.assert_allclose(back["router_aux_loss_coef"], 0.02)
 
 
 def _has_shared_experts() -> bool:

@@ -296,3 +296,31 @@ def test_moe_experiments_resolve_and_mixtral_eval_shape():
   logits = jax.eval_shape(lambda p, t: transformer.forward(p, t, cfg)[0], shapes,
                           jax.ShapeDtypeStruct((1, 16), jnp.int32))
   assert logits.shape == (1, 16, 32000)
+
+
+def test_layer_shapes_dtypes_and_no_retrace():
+  """chex: output and aux shapes / dtypes, and a jitted layer traces once for new values of the same shapes
+  (routing is data-dependent, but only through values: no shape or Python branch depends on them)."""
+  import chex
+
+  cfg = _cfg(dispatch="capacity", capacity_factor=0.75)
+  p = _params(cfg)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def layer(p, x, mask):
+    return moe.apply(p, x, cfg, mask_BT=mask)
+
+  for seed in range(3):
+    x = _x(seed=seed + 10)
+    mask = jnp.arange(16)[None, :] < jnp.array([[16], [9 + seed]])
+    y, aux = layer(p, x, mask)
+    chex.assert_shape(y, x.shape)
+    chex.assert_type(y, jnp.float32)
+    chex.assert_shape([aux[k] for k in ("aux_loss", "load_balance_loss", "z_loss", "dropped_fraction",
+                                        "router_entropy")], ())
+    chex.assert_shape(aux["expert_load"], (4,))
+    chex.assert_tree_all_finite((y, aux))
+    # padding is not routed: its routed output is exactly zero (no shared experts here)
+    np.testing.assert_array_equal(np.asarray(y)[~np.asarray(mask)], 0.0)
+  chex.clear_trace_counter()

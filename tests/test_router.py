@@ -1,5 +1,7 @@
 """Router invariants: top-k weights, Switch load-balance normalization, expert-choice capacities, z-loss."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,77 @@ def test_jitter_only_with_rng():
   noisy = router.logits(w, x, jitter=0.1, rng=jax.random.PRNGKey(2))
   assert not np.allclose(np.asarray(noisy), np.asarray(base))
   assert noisy.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("router_name,kw", [("token_choice", dict(top_k=2, dispatch="capacity")),
+                                            ("token_choice", dict(top_k=1, dispatch="dropless")),
+                                            ("expert_choice", dict())])
+def test_zero_initialised_router_spreads_tokens_at_step0(router_name, kw):
+  """Exact ties do not all go to experts 0..k-1 (lax.top_k's lowest-index rule): a zero router spreads the
+  tokens evenly and, at capacity factor 1, drops nothing."""
+  from moejax import sharding
+  from moejax.layers import moe
+
+  cfg = config.ModelConfig(d_model=16, d_ff=24, moe=config.MoEConfig(num_experts=4, router=router_name,
+                                                                     capacity_factor=1.0, renormalize=False, **kw))
+  p = sharding.init_params(jax.random.key(0), moe.specs(cfg))
+  p["router"]["w"] = jnp.zeros_like(p["router"]["w"])
+  _, aux = moe.apply(p, jax.random.normal(jax.random.key(1), (2, 16, 16)), cfg)
+  np.testing.assert_allclose(np.asarray(aux["expert_load"]), 0.25, rtol=1e-6)
+  assert float(aux["dropped_fraction"]) == 0.0
+  tc = router.token_choice(jnp.full((1, 8, 4), 0.25), 2, renormalize=True)
+  np.testing.assert_array_equal(np.bincount(np.asarray(tc.expert_GSK).reshape(-1), minlength=4), [4, 4, 4, 4])
+  ec = router.expert_choice(jnp.full((1, 8, 4), 0.25), 2)
+  assert sorted(np.asarray(ec.token_GEC).reshape(-1).tolist()) == list(range(8))
+
+
+def test_top1_renormalize_warns_and_starves_the_router():
+  """top_k=1 + renormalize: the combine weight is 1 and the task loss gives the router no gradient (hence the
+  warning); without renormalize (Switch) the router learns from the task loss."""
+  from moejax import sharding
+  from moejax.layers import moe
+
+  x = jax.random.normal(jax.random.key(1), (1, 8, 16))
+
+  def router_grad(renormalize):
+    cfg = config.ModelConfig(d_model=16, d_ff=24, moe=config.MoEConfig(
+      num_experts=4, top_k=1, renormalize=renormalize, load_balance_weight=0.0, z_loss_weight=0.0))
+    p = sharding.init_params(jax.random.key(0), moe.specs(cfg))
+    return jax.grad(lambda p: jnp.sum(moe.apply(p, x, cfg)[0] ** 2))(p)["router"]["w"]
+
+  with pytest.warns(UserWarning, match="top_k=1 with moe.renormalize=True"):
+    g = router_grad(True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    g_switch = router_grad(False)
+  # d(p / p) = 0 up to rounding: float32 leaves ~1e-7 of p/p's derivative, against O(1) for Switch's weight p.
+  assert float(jnp.abs(g).max()) < 1e-4 * float(jnp.abs(g_switch).max())
+
+
+def test_expert_choice_active_params_and_flops_use_its_capacity():
+  """Expert choice applies E * C / S experts per token on average (C = ceil(cf * S / E)), not top_k: at cf=2 a
+  model costs what top-2 token choice costs."""
+  from moejax.models import transformer, two_tower
+
+  def lm(**kw):
+    return config.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                              moe=config.MoEConfig(num_experts=8, every=1, offset=0, **kw))
+
+  ec, tc2 = lm(router="expert_choice", top_k=1, capacity_factor=2.0), lm(top_k=2)
+  assert router.experts_per_token(ec.moe, 64) == 2.0
+  assert router.experts_per_token(config.MoEConfig(num_experts=8, router="expert_choice", capacity_factor=1.0), 12) \
+    == 8 * 2 / 12  # C = ceil(12 / 8) = 2
+  assert transformer.num_params(ec, active=True) == transformer.num_params(tc2, active=True)
+  assert transformer.flops_per_token(ec, 64) == transformer.flops_per_token(tc2, 64)
+  assert transformer.flops_per_token(ec, 64) > transformer.flops_per_token(lm(top_k=1), 64)
+  over = {"clip.vision.moe.num_experts": 4, "clip.vision.moe.offset": 0, "clip.vision.moe.every": 1}
+  base = config.derive(config.ExperimentConfig(task="clip"), over)  # 64 + 1 vision tokens
+  ec_clip = config.derive(base, {"clip.vision.moe.router": "expert_choice", "clip.vision.moe.capacity_factor": 2.0,
+                                 "clip.vision.moe.top_k": 1})
+  n_img = 65
+  k_eff = 4 * router.expert_capacity(2.0, n_img, 4) / n_img
+  assert k_eff > 1.9
+  assert two_tower.flops_per_example(ec_clip) > two_tower.flops_per_example(
+    config.derive(base, {"clip.vision.moe.top_k": 1}))
+  assert two_tower.num_params(ec_clip, active=True) > two_tower.num_params(
+    config.derive(base, {"clip.vision.moe.top_k": 1}), active=True)

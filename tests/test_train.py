@@ -175,3 +175,98 @@ def test_one_line_errors_keep_every_listed_problem():
   assert cli.one_line(e) == ("cannot upcycle the dense model into the target: model.d_ff: dense 64 != target 48; "
                              "model.vocab_size: dense 256 != target 128")
   assert cli.one_line(KeyError()) == "KeyError" and cli.one_line(ValueError("plain")) == "plain"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradient accumulation: what it preserves and what it changes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _one_device():
+  return sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
+
+
+def _steps(cfg, batch, n=3):
+  """`n` train steps on the same batch from the same init; -> (params, per-step metrics)."""
+  s = train.setup(cfg, _one_device())
+  state = train.init_state(s, jax.random.key(0))
+  step = train.make_train_step(s)
+  ms = []
+  for _ in range(n):
+    state, m = step(state, jax.device_put(batch, s.batch_sharding))
+    ms.append(jax.tree.map(np.asarray, m))
+  return _params_np(state), ms
+
+
+def _lm_batch(cfg, seed=0):
+  return {"tokens": np.random.default_rng(seed).integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1))
+          .astype(np.int32)}
+
+
+def test_grad_accum_dense_equals_one_big_batch():
+  """Dense LM: accum=2 over two half-batches is the same step as one full batch (loss, gradient, params)."""
+  cfg = _cfg("optim.warmup_steps=0")
+  batch = _lm_batch(cfg)
+  p1, m1 = _steps(cfg, batch)
+  p2, m2 = _steps(config.derive(cfg, {"optim.grad_accum": 2}), batch)
+  for a, b in zip(m1, m2):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+  _assert_trees_close(p1, p2, atol=1e-5)
+
+
+def _half_grad_stats(task_loss, params, halves):
+  """Mean over micro-batches of (loss metrics, gradients), computed directly: what accumulation promises."""
+  outs = [jax.value_and_grad(task_loss, has_aux=True)(params, h) for h in halves]
+  grads = jax.tree.map(lambda *g: sum(g) / len(g), *[g for (_, _), g in outs])
+  metrics = [m for (_, m), _ in outs]
+  return grads, metrics
+
+
+def _grad_norm(g):
+  return float(np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(g))))
+
+
+def test_grad_accum_moe_forms_load_balance_per_micro_batch():
+  """MoE LM, accum=2: the cross-entropy part is the full batch's, but the load-balance loss is formed per
+  micro-batch (the mean of the halves' f_e . P_e products, not the product of the full batch's means), so the
+  step follows the mean of the halves' gradients, not the full batch's."""
+  from moejax.tasks import lm
+
+  cfg = _cfg("optim.warmup_steps=0", "model.moe.num_experts=4", "model.moe.offset=0", "model.moe.every=1",
+             "model.moe.load_balance_weight=1.0")
+  cfg2 = config.derive(cfg, {"optim.grad_accum": 2})
+  batch = _lm_batch(cfg)
+  _, (m2, *_) = _steps(cfg2, batch, n=1)
+  params = train.init_state(train.setup(cfg, _one_device()), jax.random.key(0))["params"]
+  loss = jax.jit(lambda p, b: lm.loss_fn(p, b, cfg, rng=None, train=True))
+  halves = [{"tokens": batch["tokens"][i * 4:(i + 1) * 4]} for i in range(2)]
+  g_half, m_half = _half_grad_stats(loss, params, halves)
+  (_, m_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, batch)
+  np.testing.assert_allclose(m2["aux_loss"], np.mean([m["aux_loss"] for m in m_half]), rtol=1e-5)
+  np.testing.assert_allclose(m2["ce_loss"], m_full["ce_loss"], rtol=1e-5)
+  np.testing.assert_allclose(m2["grad_norm"], _grad_norm(g_half), rtol=1e-5)
+  assert abs(float(m_full["aux_loss"]) - float(m2["aux_loss"])) > 1e-4  # the difference is real here
+  assert abs(_grad_norm(g_full) - _grad_norm(g_half)) > 1e-4 * _grad_norm(g_full)
+
+
+def test_grad_accum_clip_shrinks_negatives_to_the_micro_batch():
+  """CLIP, accum=2: each micro-batch's contrastive loss scores its B/2 pairs against B/2 - 1 negatives, not
+  B - 1: the step is the mean of the halves' losses and gradients, not the full batch's."""
+  from clip_helpers import random_clip_batch, tiny_clip_cfg
+
+  from moejax.tasks import contrastive
+
+  cfg = tiny_clip_cfg(**{"optim.warmup_steps": 0, "data.batch_size": 8})
+  cfg2 = config.derive(cfg, {"optim.grad_accum": 2})
+  batch = random_clip_batch(cfg, 8)
+  _, (m2, *_) = _steps(cfg2, batch, n=1)
+  params = train.init_state(train.setup(cfg, _one_device()), jax.random.key(0))["params"]
+  loss = jax.jit(lambda p, b: contrastive.loss_fn(p, b, cfg, rng=None, train=True))
+  halves = [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+  g_half, m_half = _half_grad_stats(loss, params, halves)
+  (_, m_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, batch)
+  np.testing.assert_allclose(m2["contrastive_loss"], np.mean([m["contrastive_loss"] for m in m_half]), rtol=1e-5)
+  np.testing.assert_allclose(m2["grad_norm"], _grad_norm(g_half), rtol=1e-5)
+  # Fewer negatives: the halves' loss is lower (log 4 vs log 8 at chance).
+  assert float(m2["contrastive_loss"]) < float(m_full["contrastive_loss"]) - 0.1

@@ -95,6 +95,21 @@ def _sliding_window(hf: dict, arch: str) -> int | None:
   return int(window)
 
 
+# Aux-loss semantics differ (see router.aux_from_stats and docs/architecture.md, "Aux losses"): moejax sums one
+# load-balance term per MoE layer, 1.0 at balance; transformers' Mixtral / Qwen2-MoE form one term over all MoE
+# layers' tokens pooled, k (top_k) at balance, and add router_aux_loss_coef times it (when output_router_logits
+# is on). Equal pressure: weight * L * 1 = coef * k at balance, so weight = coef * k / L; for one MoE layer the
+# two losses are then equal exactly. transformers has no router z-loss: imports get z_loss_weight = 0.
+def aux_weight_from_hf(coef: float, top_k: int, num_moe_layers: int) -> float:
+  """transformers' router_aux_loss_coef -> moejax moe.load_balance_weight (same pressure)."""
+  return coef * top_k / max(num_moe_layers, 1)
+
+
+def aux_coef_to_hf(weight: float, top_k: int, num_moe_layers: int) -> float:
+  """moejax moe.load_balance_weight -> transformers' router_aux_loss_coef (the inverse of aux_weight_from_hf)."""
+  return weight * max(num_moe_layers, 1) / top_k
+
+
 def config_from_hf(hf: dict, *, param_dtype: str = "float32",
                    max_seq_len: int | None = None) -> config.ModelConfig:
   """config.json (as a dict) -> ModelConfig. `max_seq_len` caps the context; a checkpoint trained with
@@ -126,10 +141,11 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32",
   moe = config.MoEConfig()
   d_ff = int(hf["intermediate_size"])
   if arch == "mixtral":
-    moe = config.MoEConfig(num_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+    k, L = int(hf["num_experts_per_tok"]), int(hf["num_hidden_layers"])
+    moe = config.MoEConfig(num_experts=int(hf["num_local_experts"]), top_k=k,
                            every=1, offset=0, renormalize=True, dispatch="dropless",
-                           jitter=float(hf.get("router_jitter_noise") or 0.0),
-                           load_balance_weight=float(hf.get("router_aux_loss_coef", 0.02)))
+                           jitter=float(hf.get("router_jitter_noise") or 0.0), z_loss_weight=0.0,
+                           load_balance_weight=aux_weight_from_hf(float(hf.get("router_aux_loss_coef", 0.001)), k, L))
   elif arch == "qwen2_moe" and int(hf.get("num_experts", 0)) > 0:
     L, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step", 1))
     dense = set(hf.get("mlp_only_layers") or ())
@@ -139,12 +155,15 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32",
       pattern = {"layers": sparse}
     shared = int(hf.get("shared_expert_intermediate_size") or 0)
     if sparse:
-      moe = config.MoEConfig(num_experts=int(hf["num_experts"]), top_k=int(hf["num_experts_per_tok"]),
+      k = int(hf["num_experts_per_tok"])
+      moe = config.MoEConfig(num_experts=int(hf["num_experts"]), top_k=k,
                              d_ff=int(hf["moe_intermediate_size"]),
                              renormalize=bool(hf.get("norm_topk_prob")),
                              dispatch="dropless", num_shared_experts=1 if shared else 0, shared_d_ff=shared,
                              shared_gate=bool(shared),
-                             load_balance_weight=float(hf.get("router_aux_loss_coef", 0.001)), **pattern)
+                             z_loss_weight=0.0, **pattern,
+                             load_balance_weight=aux_weight_from_hf(float(hf.get("router_aux_loss_coef", 0.001)),
+                                                                    k, len(sparse)))
   qkv_bias = arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
   return config.ModelConfig(
     vocab_size=int(hf["vocab_size"]), d_model=D, num_layers=int(hf["num_hidden_layers"]), num_heads=H,
@@ -208,6 +227,7 @@ def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32",
   """ModelConfig -> config.json dict for `arch` (already checked by `export_arch`). `shared_width`: the shared
   expert's hidden width as the params have it (0 = no shared expert)."""
   m = cfg.moe
+  n_moe = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
   out: dict[str, Any] = {
     "architectures": [_CLASS[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
     "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -228,14 +248,16 @@ def config_to_hf(cfg: config.ModelConfig, arch: str, dtype: str = "float32",
   if arch == "mixtral":
     out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
                intermediate_size=cfg.expert_d_ff, sliding_window=None, router_jitter_noise=m.jitter,
-               router_aux_loss_coef=m.load_balance_weight, output_router_logits=False)
+               router_aux_loss_coef=aux_coef_to_hf(m.load_balance_weight, m.top_k, n_moe),
+               output_router_logits=False)
   if arch == "qwen2_moe":
     out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=cfg.expert_d_ff,
                norm_topk_prob=m.renormalize, decoder_sparse_step=1,
                mlp_only_layers=[i for i in range(cfg.num_layers) if not m.is_moe_layer(i)],
                # Qwen2-MoE always has a shared expert; without one we write a width-1 expert of zeros.
                shared_expert_intermediate_size=shared_width or 1, qkv_bias=True,
-               router_aux_loss_coef=m.load_balance_weight, output_router_logits=False)
+               router_aux_loss_coef=aux_coef_to_hf(m.load_balance_weight, m.top_k, n_moe),
+               output_router_logits=False)
   return out
 
 

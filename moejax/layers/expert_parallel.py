@@ -70,22 +70,27 @@ def plan(mesh: Mesh | None, num_experts: int, batch: int) -> Plan | None:
   return Plan(mesh, axis, ep, batch_axes)
 
 
-def shard(fn: Callable, ep: Plan, p: dict, x_BTD: jax.Array, noise_BTD: jax.Array | None):
-  """Run `fn(p_local, x_local, noise_local) -> (y_local, stats, dropped)` under one shard_map; stats averaged.
-  `noise_BTD` (router jitter multipliers, or None) is split over the token shards like `x_BTD`."""
+def shard(fn: Callable, ep: Plan, p: dict, x_BTD: jax.Array, noise_BTD: jax.Array | None,
+          mask_BT: jax.Array | None = None):
+  """Run `fn(p_local, x_local, noise_local, mask_local) -> (y_local, stats)` under one shard_map; the stats
+  (sums and counts, see router.stats) are averaged, which keeps their ratios those of the global batch even
+  when shards hold different numbers of real tokens. `noise_BTD` (router jitter multipliers) and `mask_BT`
+  (real tokens), each possibly None, are split over the token shards like `x_BTD`."""
   tokens = PartitionSpec(ep.batch_axes)
   p_specs = {"router": jax.tree.map(lambda _: PartitionSpec(), p["router"]),
              "experts": jax.tree.map(lambda _: PartitionSpec(ep.axis), p["experts"])}
+  extra = [a for a in (noise_BTD, mask_BT) if a is not None]
 
-  def body(p_local, x_local, *maybe_noise):
-    y, st, dropped = fn(p_local, x_local, maybe_noise[0] if maybe_noise else None)
-    mean = lambda v: lax.pmean(v, ep.batch_axes)
-    return y, jax.tree.map(mean, st), mean(dropped)
+  def body(p_local, x_local, *rest):
+    it = iter(rest)
+    noise = next(it) if noise_BTD is not None else None
+    mask = next(it) if mask_BT is not None else None
+    y, st = fn(p_local, x_local, noise, mask)
+    return y, jax.tree.map(lambda v: lax.pmean(v, ep.batch_axes), st)
 
-  args = (p, x_BTD) + (() if noise_BTD is None else (noise_BTD,))
-  in_specs = (p_specs, tokens) + (() if noise_BTD is None else (tokens,))
-  return jax.shard_map(body, mesh=ep.mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec(), PartitionSpec()),
-                       check_vma=True)(*args)
+  in_specs = (p_specs, tokens) + (tokens,) * len(extra)
+  return jax.shard_map(body, mesh=ep.mesh, in_specs=in_specs, out_specs=(tokens, PartitionSpec()),
+                       check_vma=True)(p, x_BTD, *extra)
 
 
 def exchange(x_ERD: jax.Array, valid_ER: jax.Array | None, ep: Plan,

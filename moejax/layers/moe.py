@@ -10,9 +10,11 @@ Param paths (stable; upcycling and checkpoint import rely on them; E experts, F 
 Dispatch. Every routed (token, slot) assignment gets a row in an expert buffer `[M, D]`, and the layer is two
 row gathers around the expert MLP: `x_M = x[row_token]`, `y_token = sum_k w_k * y_M[pos_k]`. Both gathers have
 a custom VJP that is again a gather (the plain transpose of a gather is a scatter-add, slow on CPU).
-- `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence; top-1
-  choices are placed before top-2 ones, so overflow drops the lower-priority choices first. The buffer is
-  `[E, G*C, D]` and the experts are one batched einsum. Dropped assignments contribute zero.
+- `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence. A decoder
+  (`causal`) ranks token-major, so a token's slot depends only on earlier tokens; an encoder places all top-1
+  choices before top-2 ones, so overflow drops the lower-priority choices first. The buffer is `[E, G*C, D]`
+  and the experts are one batched einsum. Dropped assignments contribute zero.
+- padding (`mask_BT`) is never dispatched: it takes no slot and is left out of the router statistics.
 - `dropless` (MegaBlocks, Gale et al. 2023): rows sorted by expert, each group padded to the gmm backend's
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -181,7 +184,8 @@ class Layout(NamedTuple):
   weight_NK: jax.Array  # float32 [N, K]: combine weights
   row_src_M: jax.Array  # int32 [M]: the assignment n*K + k in each row; N*K for empty rows
   group_sizes_E: jax.Array | None  # int32 [E] padded group sizes (sorted rows), or None: a fixed [E, M/E] buffer
-  dropped: jax.Array  # float32 scalar: fraction of assignments (tokens, for expert choice) dropped
+  dropped: jax.Array  # float32 scalar: assignments (tokens, for expert choice) dropped, padding not counted
+  routed: jax.Array  # float32 scalar: assignments (tokens, for expert choice) routed, padding not counted
 
 
 def _ranks(e_GA: jax.Array, E: int) -> jax.Array:
@@ -208,43 +212,68 @@ def sorted_layout(e_A: jax.Array, E: int, tile: int) -> tuple[jax.Array, jax.Arr
   return pos_A, padded_E.astype(jnp.int32), M
 
 
-def capacity_layout(e_GA: jax.Array, E: int, C: int) -> tuple[jax.Array, jax.Array]:
+def capacity_layout(e_GA: jax.Array, E: int, C: int, limit_G: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Fixed buffer [E, G, C]: assignment a of group g goes to row e*G*C + g*C + rank, or is dropped (row M)
-  when C earlier assignments of the group chose e. Returns (pos_GA, kept_GA)."""
+  when C (or `limit_G[g]` <= C) earlier assignments of the group chose e; e == E is no assignment (padding).
+  Returns (pos_GA, kept_GA)."""
   G = e_GA.shape[0]
   rank_GA = _ranks(e_GA, E)
-  kept_GA = (rank_GA < C) & (e_GA < E)
+  kept_GA = (rank_GA < (C if limit_G is None else jnp.minimum(limit_G, C)[:, None])) & (e_GA < E)
   g_G1 = jnp.arange(G, dtype=jnp.int32)[:, None]
   pos_GA = jnp.where(kept_GA, e_GA * (G * C) + g_G1 * C + rank_GA, E * G * C).astype(jnp.int32)
   return pos_GA, kept_GA
 
 
-def token_choice_layout(tc: router.TokenChoice, E: int, dispatch: str, capacity: int, tile: int) -> Layout:
+def token_choice_layout(tc: router.TokenChoice, E: int, dispatch: str, capacity: int, tile: int, *,
+                        token_major: bool = False, limit_G: jax.Array | None = None,
+                        valid_GS: jax.Array | None = None) -> Layout:
+  """Rows for token-choice assignments. Padding (`valid_GS` False) is not dispatched at all. Capacity ranks the
+  assignments of a sequence either token-major (`token_major`: token 0's choices, then token 1's, ...: a
+  token's slot depends only on earlier tokens, as a decoder needs) or slot-major (all top-1 choices, then all
+  top-2, ...: top-1 priority, GShard/Switch, for encoders). `limit_G`: per-sequence slots in use (<= capacity)."""
   G, S, K = tc.expert_GSK.shape
+  expert_GSK = tc.expert_GSK if valid_GS is None else jnp.where(valid_GS[..., None], tc.expert_GSK, E)
+  routed = jnp.sum((expert_GSK < E).astype(jnp.float32))
   if dispatch == "dropless":
-    pos_A, sizes_E, M = sorted_layout(tc.expert_GSK.reshape(-1), E, tile)
+    pos_A, sizes_E, M = sorted_layout(expert_GSK.reshape(-1), E, tile)
     pos_NK, dropped = pos_A.reshape(G * S, K), jnp.zeros((), jnp.float32)
+  elif token_major:
+    pos_GA, kept_GA = capacity_layout(expert_GSK.reshape(G, S * K), E, capacity, limit_G)
+    pos_NK = pos_GA.reshape(G * S, K)
+    sizes_E, M = None, E * G * capacity
+    dropped = routed - jnp.sum(kept_GA.astype(jnp.float32))
   else:
-    # Slot-major order within each sequence (all top-1 choices, then all top-2, ...): top-1 gets priority.
-    e_GA = jnp.swapaxes(tc.expert_GSK, 1, 2).reshape(G, K * S)
-    pos_GA, kept_GA = capacity_layout(e_GA, E, capacity)
+    e_GA = jnp.swapaxes(expert_GSK, 1, 2).reshape(G, K * S)
+    pos_GA, kept_GA = capacity_layout(e_GA, E, capacity, limit_G)
     pos_NK = jnp.swapaxes(pos_GA.reshape(G, K, S), 1, 2).reshape(G * S, K)
     sizes_E, M = None, E * G * capacity
-    dropped = 1.0 - jnp.mean(kept_GA.astype(jnp.float32))
-  return Layout(pos_NK, tc.weight_GSK.reshape(G * S, K), _row_sources(pos_NK.reshape(-1), M), sizes_E, dropped)
+    dropped = routed - jnp.sum(kept_GA.astype(jnp.float32))
+  return Layout(pos_NK, tc.weight_GSK.reshape(G * S, K), _row_sources(pos_NK.reshape(-1), M), sizes_E, dropped,
+                routed)
 
 
-def expert_choice_layout(ec: router.ExpertChoice, S: int) -> Layout:
-  """Buffer [E, G, C] filled exactly; token n's slots are the E experts (pos M where e did not pick n)."""
+def expert_choice_layout(ec: router.ExpertChoice, S: int, limit_G: jax.Array | None = None,
+                         valid_GS: jax.Array | None = None) -> Layout:
+  """Buffer [E, G, C]; token n's slots are the E experts (pos M where e did not pick n). Picks past
+  `limit_G[g]` or of padding are left out (their rows stay empty)."""
   G, E, C = ec.token_GEC.shape
   N, M = G * S, E * G * C
-  n_EGC = jnp.swapaxes(ec.token_GEC, 0, 1) + (jnp.arange(G, dtype=jnp.int32) * S)[None, :, None]
+  keep_GEC = jnp.ones(ec.token_GEC.shape, bool)
+  if limit_G is not None:
+    keep_GEC &= jnp.arange(C)[None, None, :] < limit_G[:, None, None]
+  if valid_GS is not None:
+    keep_GEC &= jnp.take_along_axis(valid_GS, ec.token_GEC.reshape(G, E * C), 1).reshape(G, E, C)
+  n_EGC = jnp.swapaxes(jnp.where(keep_GEC, ec.token_GEC + (jnp.arange(G, dtype=jnp.int32) * S)[:, None, None], N),
+                       0, 1)
   e_EGC = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[:, None, None], n_EGC.shape)
   rows_EGC = jnp.arange(M, dtype=jnp.int32).reshape(E, G, C)
-  pos_NE = jnp.full((N, E), M, jnp.int32).at[n_EGC, e_EGC].set(rows_EGC)
-  weight_NE = jnp.zeros((N, E), ec.weight_GEC.dtype).at[n_EGC, e_EGC].set(jnp.swapaxes(ec.weight_GEC, 0, 1))
-  dropped = jnp.mean(jnp.all(pos_NE == M, -1).astype(jnp.float32))  # tokens no expert picked
-  return Layout(pos_NE, weight_NE, (n_EGC * E + e_EGC).reshape(-1), None, dropped)
+  pos_NE = jnp.full((N, E), M, jnp.int32).at[n_EGC, e_EGC].set(rows_EGC, mode="drop")
+  weight_NE = jnp.zeros((N, E), ec.weight_GEC.dtype).at[n_EGC, e_EGC].set(jnp.swapaxes(ec.weight_GEC, 0, 1),
+                                                                           mode="drop")
+  v_N = jnp.ones((N,), bool) if valid_GS is None else valid_GS.reshape(N)
+  dropped = jnp.sum((jnp.all(pos_NE == M, -1) & v_N).astype(jnp.float32))  # real tokens no expert picked
+  row_src_M = jnp.where(n_EGC < N, n_EGC * E + e_EGC, N * E).reshape(-1)
+  return Layout(pos_NE, weight_NE, row_src_M, None, dropped, jnp.sum(v_N.astype(jnp.float32)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,27 +315,36 @@ def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax
 
 
 def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GSD: jax.Array | None, tile: int,
-          all_slots: bool = False) -> tuple[Layout, dict]:
+          all_slots: bool = False, causal: bool = False, valid_GS: jax.Array | None = None) -> tuple[Layout, dict]:
   """Router + layout for one shard of sequences. `noise_GSD`: router jitter multipliers (None: no jitter).
   `all_slots` (expert-parallel dropless) lays token-choice assignments into a fixed [E, G*S] buffer: room for
-  every local token at every expert, so nothing drops."""
+  every local token at every expert, so nothing drops. `causal`: capacity ranks token-major (a decoder).
+  `valid_GS` (True = real token): padding takes no slot and stays out of the router statistics; an encoder
+  (not `causal`) then sizes each sequence's capacity by its real tokens, so padding changes nothing at all.
+  A decoder keeps the capacity of the full length: it must not depend on how many tokens follow."""
   m = cfg.moe
   G, S, _ = x_GSD.shape
   E = m.num_experts
   logits_GSE = router.logits(p_router["w"], x_GSD, noise_GSD=noise_GSD)
   probs_GSE = jax.nn.softmax(logits_GSE, -1)
+  n_G = None if valid_GS is None or causal else jnp.sum(valid_GS.astype(jnp.float32), 1)
   if m.router == "expert_choice":
-    routing = router.expert_choice(probs_GSE, router.expert_capacity(m.capacity_factor, S, E))
-    layout = expert_choice_layout(routing, S)
+    C = router.expert_capacity(m.capacity_factor, S, E)
+    limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * n_G / E).astype(jnp.int32)
+    routing = router.expert_choice(probs_GSE, C, valid_GS)
+    layout = expert_choice_layout(routing, S, limit_G, valid_GS)
   else:
     routing = router.token_choice(probs_GSE, m.top_k, m.renormalize, p_router.get("bias"))
     if all_slots:
       flat = router.TokenChoice(*(a.reshape(1, G * S, -1) for a in routing))
-      layout = token_choice_layout(flat, E, "capacity", G * S, tile)
+      valid = None if valid_GS is None else valid_GS.reshape(1, G * S)
+      layout = token_choice_layout(flat, E, "capacity", G * S, tile, valid_GS=valid)
     else:
-      layout = token_choice_layout(routing, E, m.dispatch, router.expert_capacity(m.capacity_factor, S, E, m.top_k),
-                                   tile)
-  return layout, router.stats(logits_GSE, probs_GSE, routing)
+      C = router.expert_capacity(m.capacity_factor, S, E, m.top_k)
+      limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * m.top_k * n_G / E).astype(jnp.int32)
+      layout = token_choice_layout(routing, E, m.dispatch, C, tile, token_major=causal, limit_G=limit_G,
+                                   valid_GS=valid_GS)
+  return layout, router.stats(logits_GSE, probs_GSE, routing, valid_GS)
 
 
 def dispatch_rows(x_ND: jax.Array, layout: Layout) -> jax.Array:
@@ -331,13 +369,16 @@ def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation:
   return take_rows(y_MD, pos_A, row_src_M[:, None]).reshape(L, Q, D)
 
 
-def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, *, cfg: config.ModelConfig, backend: str,
-             ep: expert_parallel.Plan | None):
-  """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh)."""
+def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: jax.Array | None, *,
+             cfg: config.ModelConfig, backend: str, ep: expert_parallel.Plan | None, causal: bool):
+  """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh).
+  Returns (y, router stats with the drop counts "dropped" / "routed" added)."""
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
   all_slots = ep is not None and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
-  layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots)
+  layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots,
+                     causal=causal, valid_GS=valid_GS)
+  st = dict(st, dropped=layout.dropped, routed=layout.routed)
   x_MD = dispatch_rows(x_GSD.reshape(G * S, D), layout)
   if ep is None:
     y_MD = experts_apply(p["experts"], x_MD, cfg.activation, layout.group_sizes_E, backend)
@@ -351,22 +392,38 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, *, cfg: con
       valid_ER = None
       fn = lambda x, v: experts_apply(p["experts"], x.reshape(-1, D), cfg.activation, None, backend).reshape(x.shape)
     y_MD = expert_parallel.exchange(x_MD.reshape(E, M // E, D), valid_ER, ep, fn).reshape(M, D)
-  return combine_rows(y_MD, layout).reshape(G, S, D), st, layout.dropped
+  return combine_rows(y_MD, layout).reshape(G, S, D), st
+
+
+TOP1_RENORMALIZE_WARNING = (
+  "moe.top_k=1 with moe.renormalize=True: every combine weight is 1, so the router gets no gradient from the "
+  "task loss, only from the aux losses. Set moe.renormalize=False to scale each token's expert output by its "
+  "router probability, as Switch does (renormalized top-1 is what Mixtral's code computes at k=1, and what "
+  "keeps an upcycled top-1 model equal to its dense source at step 0).")
 
 
 def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
-          train: bool = False) -> tuple[jax.Array, dict]:
-  """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`."""
+          train: bool = False, causal: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`.
+
+  `causal` (a decoder): a token's output must not depend on later tokens, so capacity ranks token-major and
+  expert-choice routing is refused. `mask_BT` (True = real token): padding is not routed (its routed output is
+  zero), takes no capacity and stays out of every router statistic (loads, aux losses, bias balancing)."""
   m = cfg.moe
+  if causal and m.router == "expert_choice":
+    raise config.ConfigError("moe.router='expert_choice' is not causal (each expert picks its tokens from the "
+                             "whole sequence, later ones included); a decoder needs moe.router='token_choice'")
   if x_BTD.ndim != 3 or x_BTD.shape[-1] != cfg.d_model:
     raise ValueError(f"moe.apply: x must be [B, T, d_model={cfg.d_model}], got {x_BTD.shape}")
   E = p["experts"]["w_up"].shape[0]
   if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, E):
     raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
+  if m.router == "token_choice" and m.top_k == 1 and m.renormalize:
+    warnings.warn(TOP1_RENORMALIZE_WARNING, stacklevel=2)
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
-  fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep)
+  fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)
   routed = {"router": p["router"], "experts": p["experts"]}
   noise_BTD = None
   if train and m.jitter > 0 and rng is not None:
@@ -374,10 +431,10 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
     # with expert parallelism routes exactly as one device does.
     noise_BTD = router.jitter_noise(rng, x_BTD.shape, m.jitter)
   if ep is None:
-    y_BTD, st, dropped = fwd(routed, x_BTD, noise_BTD)
+    y_BTD, st = fwd(routed, x_BTD, noise_BTD, mask_BT)
   else:
-    y_BTD, st, dropped = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD)
-  aux = router.aux_from_stats(st, dropped, m)
+    y_BTD, st = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD, mask_BT)
+  aux = router.aux_from_stats(st, st["dropped"] / jnp.maximum(st["routed"], 1.0), m)
   if "shared" in p:
     s_BTD = mlp.apply(p["shared"], x_BTD, cfg.activation)
     if "shared_gate" in p:

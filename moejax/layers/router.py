@@ -56,12 +56,23 @@ def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.A
   return jnp.einsum("GSD,DE->GSE", x, w_DE.astype(jnp.float32))
 
 
+def _tie_rotation(n: int, m: int, shift) -> jax.Array:
+  """[n, m] int32: row i lists 0..m-1 rotated left by shift(i) (a per-row permutation)."""
+  return (jnp.arange(m, dtype=jnp.int32)[None, :] + jnp.asarray(shift, jnp.int32)[:, None]) % m
+
+
 def token_choice(probs_GSE: jax.Array, k: int, renormalize: bool, bias_E: jax.Array | None = None) -> TokenChoice:
-  E = probs_GSE.shape[-1]
+  """Top-k experts per token, best first. Exact ties go to experts s, s+1, ... (mod E) for the token at position
+  s, not to the lowest index (what `lax.top_k` alone does): a zero-initialised router then spreads the tokens
+  evenly at step 0 instead of sending all of them to experts 0..k-1. Choices between unequal scores are not
+  changed, and the rule depends on the position only, so it is causal and the same under expert parallelism."""
+  G, S, E = probs_GSE.shape
   if not 1 <= k <= E:
     raise ValueError(f"top_k={k} must be in [1, num_experts={E}]")
   scores = probs_GSE if bias_E is None else probs_GSE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-  _, expert_GSK = jax.lax.top_k(scores, k)
+  rot_SE = _tie_rotation(S, E, jnp.arange(S))
+  _, j_GSK = jax.lax.top_k(jnp.take_along_axis(scores, jnp.broadcast_to(rot_SE, scores.shape), -1), k)
+  expert_GSK = jnp.take_along_axis(jnp.broadcast_to(rot_SE, (G, S, E)), j_GSK, -1)
   weight_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
   if renormalize:
     weight_GSK = weight_GSK / jnp.sum(weight_GSK, -1, keepdims=True)
@@ -75,41 +86,70 @@ def expert_capacity(capacity_factor: float, group_size: int, num_experts: int, k
   return max(1, min(group_size, math.ceil(capacity_factor * k * group_size / num_experts)))
 
 
-def expert_choice(probs_GSE: jax.Array, capacity: int) -> ExpertChoice:
-  weight_GEC, token_GEC = jax.lax.top_k(jnp.swapaxes(probs_GSE, 1, 2), capacity)
+def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None) -> float:
+  """Average experts applied per token, for active params and FLOPs: top_k for token choice; for expert choice
+  E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S)."""
+  if moe.router != "expert_choice":
+    return float(moe.top_k)
+  if seq_len is None:
+    return float(moe.capacity_factor)
+  E = moe.num_experts
+  return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
+
+
+def expert_choice(probs_GSE: jax.Array, capacity: int, valid_GS: jax.Array | None = None) -> ExpertChoice:
+  """Each expert's `capacity` best tokens of the group. Padding (`valid_GS` False) ranks below every real token
+  (the caller drops such picks); exact ties go to tokens from (e * S) // E on for expert e (see token_choice)."""
+  G, S, E = probs_GSE.shape
+  scores_GES = jnp.swapaxes(probs_GSE if valid_GS is None else jnp.where(valid_GS[..., None], probs_GSE, -1.0), 1, 2)
+  rot_ES = _tie_rotation(E, S, jnp.arange(E) * S // E)
+  _, j_GEC = jax.lax.top_k(jnp.take_along_axis(scores_GES, jnp.broadcast_to(rot_ES, scores_GES.shape), -1), capacity)
+  token_GEC = jnp.take_along_axis(jnp.broadcast_to(rot_ES, (G, E, S)), j_GEC, -1)
+  weight_GEC = jnp.take_along_axis(jnp.swapaxes(probs_GSE, 1, 2), token_GEC, -1)
   return ExpertChoice(token_GEC.astype(jnp.int32), weight_GEC)
 
 
-def assignment_fraction(routing: TokenChoice | ExpertChoice, num_experts: int) -> jax.Array:
-  """f_e: fraction of routed (token, expert) assignments per expert, before any capacity drop. Sums to 1."""
-  if isinstance(routing, ExpertChoice):
-    return jnp.full((num_experts,), 1.0 / num_experts, jnp.float32)
-  counts_E = jnp.sum(jax.nn.one_hot(routing.expert_GSK, num_experts, dtype=jnp.float32), (0, 1, 2))
-  return counts_E / routing.expert_GSK.size
-
-
-def stats(logits_GSE: jax.Array, probs_GSE: jax.Array, routing: TokenChoice | ExpertChoice) -> dict:
-  """Per-shard means that combine across devices by averaging (equal shard sizes); see `aux_from_stats`."""
+def stats(logits_GSE: jax.Array, probs_GSE: jax.Array, routing: TokenChoice | ExpertChoice,
+          valid_GS: jax.Array | None = None) -> dict:
+  """Router statistics as sums over the real tokens (`valid_GS`; None: all), with their counts, so shards and
+  padded batches combine exactly: sums and counts average across devices alike and `aux_from_stats` divides.
+  Padding never reaches them. f_e counts routed (token, expert) assignments before any capacity drop."""
   E = logits_GSE.shape[-1]
+  v_GS = jnp.ones(logits_GSE.shape[:2], jnp.float32) if valid_GS is None else valid_GS.astype(jnp.float32)
+  n_tok = jnp.sum(v_GS)
+  if isinstance(routing, ExpertChoice):  # every expert takes the same number of tokens: f_e = 1/E
+    load_E = jnp.full((E,), n_tok / E, jnp.float32)
+  else:
+    load_E = jnp.sum(jax.nn.one_hot(routing.expert_GSK, E, dtype=jnp.float32) * v_GS[..., None, None], (0, 1, 2))
+  ent_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), -1)
   return {
-    "load": assignment_fraction(routing, E),
-    "prob": jnp.mean(probs_GSE, (0, 1)),
-    "z": jnp.mean(jax.nn.logsumexp(logits_GSE, -1) ** 2),
-    "entropy": jnp.mean(-jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), -1)),
+    "load": load_E,
+    "prob": jnp.sum(probs_GSE * v_GS[..., None], (0, 1)),
+    "z": jnp.sum(jax.nn.logsumexp(logits_GSE, -1) ** 2 * v_GS),
+    "entropy": jnp.sum(ent_GS * v_GS),
+    "tokens": n_tok,
   }
 
 
 def aux_from_stats(st: dict, dropped_fraction: jax.Array, moe: config.MoEConfig) -> dict:
-  """The aux dict of the MoE contract, from (globally averaged) router stats."""
+  """The aux dict of the MoE contract, from router stats (`stats`, summed or averaged alike over shards).
+
+  Semantics (see docs/architecture.md, "Aux losses"): one load-balance term per MoE layer, 1.0 at uniform
+  routing whatever top_k is; the decoder *sums* the layers' `aux_loss`, so `moe.load_balance_weight` is the
+  weight of each layer's term. (transformers' Mixtral / Qwen2-MoE form one term over all layers' tokens
+  pooled, k at balance; `interop/hf_lm.py` maps `router_aux_loss_coef` = weight * num_moe_layers / k.)"""
   E = st["load"].shape[0]
+  tokens = jnp.maximum(st["tokens"], 1e-9)
+  load_E = st["load"] / jnp.maximum(jnp.sum(st["load"]), 1e-9)
+  prob_E = st["prob"] / tokens
   # f_e is a count (no gradient); the gradient reaches the router through P_e, as in Switch.
-  lb = E * jnp.sum(jax.lax.stop_gradient(st["load"]) * st["prob"])
-  z = st["z"]
+  lb = E * jnp.sum(jax.lax.stop_gradient(load_E) * prob_E)
+  z = st["z"] / tokens
   return {
     "aux_loss": (moe.load_balance_weight * lb + moe.z_loss_weight * z).astype(jnp.float32),
     "load_balance_loss": lb.astype(jnp.float32),
     "z_loss": z.astype(jnp.float32),
-    "expert_load": jax.lax.stop_gradient(st["load"]).astype(jnp.float32),
+    "expert_load": jax.lax.stop_gradient(load_E).astype(jnp.float32),
     "dropped_fraction": jax.lax.stop_gradient(dropped_fraction).astype(jnp.float32),
-    "router_entropy": jax.lax.stop_gradient(st["entropy"]).astype(jnp.float32),
+    "router_entropy": jax.lax.stop_gradient(st["entropy"] / tokens).astype(jnp.float32),
   }

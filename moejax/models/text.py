@@ -12,7 +12,10 @@ Captions are encoded as `tokens + [EOS]` and padded with EOS (`clip.eos_id`). Po
   "eos"     the first EOS position (what HF's CLIP does when `eos_token_id` is set);
   "argmax"  the highest id (OpenAI CLIP: its end-of-text id is the largest in the vocab).
 Keys after the pooled position are masked as padding; with the (default) causal mask they could not reach the
-pooled token anyway, so the mask matters only for `clip.text_causal=False`.
+pooled token anyway, so the attention mask matters only for `clip.text_causal=False`. MoE layers route with the
+same mask: padding takes no capacity and stays out of the router statistics and bias balancing. Routing is
+not causal here (top-1-priority capacity, expert choice allowed): only the pooled token is read out, and it
+sees every real token anyway.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def apply(p: dict, tokens_BT: jax.Array, cfg: config.ClipConfig, *, rng: jax.Arr
   idx_B = pool_index(tokens_BT, cfg)
   mask_BT = jnp.arange(T)[None, :] <= idx_B[:, None]  # real tokens and the pooled EOS; later ones are padding
   x_BTD, moe_aux = transformer.run_blocks(layers, x_BTD, block_cfg, rng=rng, train=train, causal=cfg.text_causal,
+                                          causal_routing=False,
                                           use_rope=False, mask_BT=mask_BT)
   x_BTD = transformer.norm_apply(t, p["final_norm"], x_BTD)
   pooled_BD = jnp.take_along_axis(x_BTD, idx_B[:, None, None], axis=1)[:, 0]

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import config, sharding
-from moejax.layers import attention, embed, mlp, moe, norms
+from moejax.layers import attention, embed, mlp, moe, norms, router
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,15 +52,19 @@ def block_specs(cfg: config.ModelConfig, i: int) -> dict:
 
 
 def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
-                train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers)."""
+                train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None,
+                causal_routing: bool | None = None) -> tuple[jax.Array, dict]:
+  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers).
+  `causal_routing` (default: `causal`): route as a decoder must, each token's output independent of later
+  tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
   x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
                                   rope_scaling=cfg.rope_scaling, mask_BT=mask_BT)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
-    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train)
+    routing_causal = causal if causal_routing is None else causal_routing
+    y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=routing_causal, mask_BT=mask_BT)
   else:
     y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
@@ -101,12 +105,15 @@ def total_aux_loss(moe_aux: dict) -> jax.Array:
 
 
 def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
-            train: bool = False) -> tuple[jax.Array, dict]:
-  """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}."""
+            train: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}.
+
+  `mask_BT` (True = real token; None = all real) marks padding: padded keys are masked in attention, and padding
+  is kept out of routing (no capacity slots, no router statistics). Logits at padding are meaningless."""
   cd = DTYPES[cfg.compute_dtype]
   x_BTD = embed.lookup(params["embed"], tokens_BT, cd)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
-  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True)
+  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True, mask_BT=mask_BT)
   x_BTD = norm_apply(cfg, params["final_norm"], x_BTD)
   if cfg.tie_embeddings:
     logits_BTV = embed.attend(params["embed"], x_BTD)
@@ -116,15 +123,16 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
   return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
 
 
-def num_params(cfg: config.ModelConfig, active: bool = False) -> int:
-  """Total params, or params active per token (top-k of E experts) when `active`."""
+def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | None = None) -> int:
+  """Total params, or params active per token when `active`: top_k of E experts for token choice, the expert
+  choice capacity (router.experts_per_token, at `seq_len` when given) for expert choice."""
   total = 0
   for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
     n = 1
     for d in s.shape:
       n *= d
     if active and "/moe/experts/" in path:
-      n = n * cfg.moe.top_k // cfg.moe.num_experts
+      n = int(n * router.experts_per_token(cfg.moe, seq_len) // cfg.moe.num_experts)
     total += n
   return total
 
@@ -132,6 +140,6 @@ def num_params(cfg: config.ModelConfig, active: bool = False) -> int:
 def flops_per_token(cfg: config.ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate)."""
   # The input lookup is free; with tied embeddings the same table is the (costly) output projection.
-  n_active = num_params(cfg, active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  n_active = num_params(cfg, active=True, seq_len=seq_len) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len / 2  # causal: half the square
   return 6.0 * n_active + attn

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import config, sharding
+from moejax.layers import router
 from moejax.models import text, transformer, vit
 
 # CLIP clips the learned inverse temperature at 100 so training cannot make the logits arbitrarily sharp.
@@ -113,19 +114,20 @@ def logits(params: dict, img_BJ: jax.Array, txt_CJ: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _active_size(path: str, shape: tuple[int, ...], moe_cfg: config.MoEConfig) -> float:
+def _active_size(path: str, shape: tuple[int, ...], moe_cfg: config.MoEConfig, seq_len: int | None = None) -> float:
   n = float(np.prod(shape)) if shape else 1.0
   if "/moe/experts/" in path and moe_cfg.num_experts:
-    n *= moe_cfg.top_k / moe_cfg.num_experts
+    n *= router.experts_per_token(moe_cfg, seq_len) / moe_cfg.num_experts
   return n
 
 
 def num_params(cfg: config.ExperimentConfig, active: bool = False) -> int:
-  """Total params, or params active per token (top-k of E experts) when `active`."""
+  """Total params, or params active per token when `active` (top-k of E experts; expert choice: its capacity)."""
   total = 0.0
   for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
     moe_cfg = cfg.clip.text.moe if path.startswith("text/") else cfg.clip.vision.moe
-    total += _active_size(path, s.shape, moe_cfg) if active else float(np.prod(s.shape) if s.shape else 1)
+    n_tok = cfg.clip.text.max_seq_len if path.startswith("text/") else vit.num_tokens(cfg.clip)
+    total += _active_size(path, s.shape, moe_cfg, n_tok) if active else float(np.prod(s.shape) if s.shape else 1)
   return int(round(total))
 
 
@@ -135,7 +137,8 @@ def _block_flops_per_token(cfg: config.ExperimentConfig, tower: str) -> float:
   t = getattr(c, tower)
   layers = specs(cfg)["shared" if c.shared_backbone else tower]["layers"]
   flat = sharding.flatten(layers, is_leaf=sharding.is_spec)
-  return 6.0 * sum(_active_size(p, s.shape, t.moe) for p, s in flat.items() if p.rsplit("/", 1)[-1].startswith("w"))
+  n_tok = c.text.max_seq_len if tower == "text" else vit.num_tokens(c)
+  return 6.0 * sum(_active_size(p, s.shape, t.moe, n_tok) for p, s in flat.items() if p.rsplit("/", 1)[-1].startswith("w"))
 
 
 def flops_per_example(cfg: config.ExperimentConfig) -> float:
