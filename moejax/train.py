@@ -246,6 +246,7 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts."""
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
+  getattr(tasks.get(cfg.task), "check", lambda c: None)(cfg)  # bad data names fail before anything is written
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json(cfg))
@@ -307,7 +308,8 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
         last_eval = run_eval(s, state["params"], eval_step)
         writer.write(step, "eval", last_eval)
         if is_main:
-          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
+                                                      if isinstance(v, (int, float))))
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
         mngr.save(step, state, cfg, data_it)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
