@@ -22,6 +22,7 @@ source's default (`builders.DEFAULT_EVAL_SPLIT`: the task set is evaluated on `t
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -87,14 +88,25 @@ class _Subset:
   def __getitem__(self, i: int) -> Any:
     return self._source[self._indices[i]]
 
+  def __getitems__(self, idx: Sequence[int]) -> list[Any]:
+    return self._source.__getitems__([self._indices[i] for i in idx])
+
 
 def open_source(name: str, split: str, data_cfg: config.DataConfig) -> Any:
   """A random-access source of `name`'s records for the role `split`; a task source keeps only `data.tasks`."""
-  src = builders.data_source(name, source_split(name, split, data_cfg), builders.resolve_data_dir(data_cfg.tfds_dir))
+  data_dir, split = builders.resolve_data_dir(data_cfg.tfds_dir), source_split(name, split, data_cfg)
+  src = builders.data_source(name, split, data_dir)
   if is_task_source(name) and data_cfg.tasks:
-    keep = {t.encode() for t in data_cfg.tasks}
-    src = _Subset(src, [i for i in range(len(src)) if src[i]["task"] in keep])
+    src = _Subset(src, _task_indices(name, split, data_dir, tuple(sorted(data_cfg.tasks))))
   return src
+
+
+@functools.lru_cache(maxsize=16)
+def _task_indices(name: str, split: str, data_dir: str, keep: tuple[str, ...]) -> tuple[int, ...]:
+  """Record indices of the chosen tasks (reads every record's label once per process: ~2 s for 24k records)."""
+  src = builders.data_source(name, split, data_dir)
+  labels = [r["task"].decode() for r in src.__getitems__(list(range(len(src))))]
+  return tuple(i for i, t in enumerate(labels) if t in keep)
 
 
 class _TokenizeMasked(grain.transforms.Map):

@@ -103,8 +103,7 @@ def task_examples(name: str, cfg: config.ExperimentConfig) -> list[tuple[str, by
   """(task, prompt, answer): the first `data.task_eval_examples` of each chosen task, in the split's order."""
   source = mixture.open_source(name, cfg.data.eval_split, cfg.data)
   per_task: dict[str, list[tuple[str, bytes, bytes]]] = {}
-  for i in range(len(source)):
-    r = source[i]
+  for r in source.__getitems__(list(range(len(source)))):
     t = r["task"].decode()
     if len(per_task.setdefault(t, [])) < cfg.data.task_eval_examples:
       per_task[t].append((t, r["prompt"], r["answer"]))
