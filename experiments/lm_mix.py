@@ -40,8 +40,7 @@ def lm_moe_mix_tiny() -> config.ExperimentConfig:
   Expect: after 400 steps (seed 0; 20.7 min on 2 CPU cores shared with other jobs, load average ~19; not timed
           idle), eval loss per domain (nats/token): pydoc 1.924, pycode 2.206, tasks (answer
           tokens) 2.212; mixed stream 2.147. Exact match on 64 test examples per task: addition 0, sort 0,
-          reverse 0, lookup 0.109 (chance is ~0.1): at this size and step count the tasks are not learned, only
-          their answer format. Expert load per domain (docs/img/lm_moe_mix_tiny_domain_expert_load.png): pydoc
+          reverse 0, lookup 0.109 (chance is ~0.1): at this size and step count the tasks are not learned. Expert load per domain (docs/img/lm_moe_mix_tiny_domain_expert_load.png): pydoc
           and pycode route alike, the tasks differently (layer 1: experts 1 and 3 take 0.20 and 0.23 of task
           tokens vs 0.06 and 0.09 of pydoc's; layer 3: expert 0 0.20 vs 0.08).
   """
