@@ -199,10 +199,35 @@ class DataConfig:
   batch_size: int = 16  # global batch, in sequences
   shuffle_seed: int = 0
   worker_count: int = 0  # grain workers; 0 = in-process (fastest on 2 cores)
+  # Several sources with weights, e.g. {"moejax_pydoc": 0.4, "moejax_pycode": 0.4, "moejax_tasks": 0.2} (a dict
+  # or pairs): packed windows are drawn from each in proportion to its weight (grain's IterDataset.mix), and eval
+  # reports every source on its own (data/mixture.py). Empty -> the single `dataset`. A weight of 0 keeps a
+  # source out of training but in the per-source eval.
+  mixture: tuple[tuple[str, float], ...] = ()
+  tasks: tuple[str, ...] = ()  # which moejax_tasks tasks a task source yields; () -> all (data/tasks.py)
+  answer_only_loss: bool = True  # task sources: the loss covers the answer (+ EOS), not the prompt
+  task_eval_examples: int = 128  # per task, from the task source's eval split, scored by exact match
 
   def __post_init__(self):
     _check(self.seq_len > 0 and self.batch_size > 0, f"data.seq_len and data.batch_size must be > 0, got {self}")
     _check(self.worker_count >= 0, f"data.worker_count must be >= 0, got {self.worker_count}")
+    _check(self.task_eval_examples >= 0, f"data.task_eval_examples must be >= 0, got {self.task_eval_examples}")
+    names = [n for n, _ in self.mixture]
+    _check(all(isinstance(n, str) and n for n in names), f"data.mixture: source names must be non-empty, got {names}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _check(not dup, f"data.mixture names {dup} more than once")
+    for n, w in self.mixture:
+      _check(w >= 0 and w == w and w != float("inf"), f"data.mixture: weight of {n!r} is {w}; weights must be "
+             "finite and >= 0")
+    _check(not self.mixture or sum(w for _, w in self.mixture) > 0,
+           f"data.mixture: all weights are 0 ({dict(self.mixture)}); give at least one source a weight > 0")
+    if self.tasks:
+      from moejax.data import tasks  # numpy only; no cycle
+
+      try:
+        tasks.check_names(self.tasks)
+      except tasks.UnknownTask as e:
+        raise ConfigError(f"data.tasks: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,13 +431,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       return None
     raise ConfigError(f"{key}: expected None, got {value!r}")
   if origin is tuple:
+    if isinstance(value, Mapping) and len(args) == 2 and typing.get_origin(args[0]) is tuple:
+      value = list(value.items())  # {"name": weight} for a tuple of pairs (data.mixture)
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{key}: expected a tuple, got {type(value).__name__} {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
       return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if args and len(args) != len(value):
       raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value))) if args else tuple(value)
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
   if tp is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")

@@ -2,8 +2,9 @@
 expert-load heatmaps (MoE layers x experts, over steps), and a markdown summary table.
 
 `moejax report DIR [DIR ...] [--out OUT]` writes `loss.png`, `expert_load.png` (when a run has MoE layers),
-`retrieval.png` (when eval rows carry retrieval / zero-shot metrics, i.e. CLIP runs) and `report.md` into OUT
-(default: the first DIR).
+`retrieval.png` (when eval rows carry retrieval / zero-shot metrics, i.e. CLIP runs), for mixture runs
+`domain_loss.png`, `task_accuracy.png` and `domain_expert_load.png` (MoE: expert load per domain per layer),
+and `report.md` into OUT (default: the first DIR).
 """
 
 from __future__ import annotations
@@ -168,6 +169,69 @@ def expert_load_heatmap(rows: list[dict], out: pathlib.Path, title: str = "") ->
   return out
 
 
+_DOMAIN_LOAD_KEY = re.compile(r"^(.+)/moe/(.+)/expert_load$")
+
+
+def domain_keys(rows: list[dict], suffix: str) -> list[str]:
+  """Per-source eval keys ending in `/suffix` (`moejax_pycode/ce_loss`, `moejax_tasks/sort/exact_match`, ...)."""
+  keys = dict.fromkeys(k for r in rows if r.get("split") == "eval" for k in r
+                       if k.endswith("/" + suffix) and "/moe/" not in k)
+  return list(keys)
+
+
+def domain_expert_loads(rows: list[dict]) -> tuple[int, list[str], list[str], np.ndarray]:
+  """(step, sources, MoE layers, loads [S, L, E]) from the last eval row with per-source expert loads."""
+  ev = [r for r in rows if r.get("split") == "eval" and any(_DOMAIN_LOAD_KEY.match(k) for k in r)]
+  if not ev:
+    return 0, [], [], np.zeros((0, 0, 0))
+  last = ev[-1]
+  found = [(m.group(1), m.group(2)) for k in last if (m := _DOMAIN_LOAD_KEY.match(k))]
+  sources = list(dict.fromkeys(s for s, _ in found))
+  layers = sorted(dict.fromkeys(layer for _, layer in found),
+                  key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+  E = len(last[f"{sources[0]}/moe/{layers[0]}/expert_load"])
+  loads = np.full((len(sources), len(layers), E), np.nan)
+  for i, src in enumerate(sources):
+    for j, layer in enumerate(layers):
+      v = last.get(f"{src}/moe/{layer}/expert_load")
+      if v is not None:
+        loads[i, j] = v
+  return int(last["step"]), sources, layers, loads
+
+
+def domain_expert_load_heatmap(rows: list[dict], out: pathlib.Path, title: str = "") -> pathlib.Path | None:
+  """One panel per MoE layer: domains (rows) x experts (columns), colour and number = the fraction of the
+  domain's routed tokens that go to the expert, at the last eval. Rows that differ = experts specialise by
+  domain; identical rows = they do not."""
+  step, sources, layers, loads = domain_expert_loads(rows)
+  if not sources:
+    return None
+  plt = _plt()
+  S, L, E = loads.shape
+  fig, axes = plt.subplots(1, L, figsize=(0.6 * E * L + 2.5, 0.5 * S + 1.8), dpi=120, squeeze=False)
+  vmax = max(2.0 / E, float(np.nanmax(loads)))
+  im = None
+  for j, layer in enumerate(layers):
+    ax = axes[0, j]
+    im = ax.imshow(loads[:, j, :], aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    for i in range(S):
+      for e in range(E):
+        v = loads[i, j, e]
+        ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if v < 0.6 * vmax else "black")
+    ax.set_xticks(range(E))
+    ax.set_xlabel("expert", fontsize=8)
+    ax.set_yticks(range(S))
+    ax.set_yticklabels(sources if j == 0 else [""] * S, fontsize=8)
+    ax.set_title(f"layer {layer}", fontsize=9)
+  fig.suptitle(title or f"expert load per domain at step {step} (uniform = {1 / E:.3f})", fontsize=10)
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="load")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, bbox_inches="tight")
+  plt.close(fig)
+  return out
+
+
 def summary(rows: list[dict]) -> dict[str, Any]:
   ev = [r for r in rows if r.get("split") == "eval"]
   tr = [r for r in rows if r.get("split") == "train"]
@@ -179,6 +243,8 @@ def summary(rows: list[dict]) -> dict[str, Any]:
         out[f"eval_{k}"] = last[k]
     for k, v in last.items():
       if k.startswith(("zero_shot", "zeroshot", "i2t", "t2i")):
+        out[k] = v
+      elif k.endswith(("/ce_loss", "/exact_match")) and "/moe/" not in k:  # per-source eval of a mixture
         out[k] = v
   speeds = [r.get("throughput/tokens_per_s") or r.get("throughput/images_per_s") for r in tr[1:]]
   speeds = [s for s in speeds if isinstance(s, (int, float)) and np.isfinite(s)]
@@ -245,6 +311,31 @@ def compare(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path]) -> list[
   return table
 
 
+def domain_table(sums: dict[str, dict[str, Any]]) -> str:
+  """Markdown: one row per per-source metric (`moejax_pycode/ce_loss`, ...), one column per run; "" if none."""
+  keys = list(dict.fromkeys(k for sm in sums.values() for k in sm if "/" in k))
+  if not keys:
+    return ""
+  return markdown_table([{"metric": k, **{n: sm.get(k, "") for n, sm in sums.items()}} for k in keys])
+
+
+def _domain_plots(runs: dict[str, list[dict]], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Mixture runs: eval loss per domain, exact match per task (over steps), expert load per domain per layer."""
+  files = []
+  all_rows = [r for rows in runs.values() for r in rows]
+  for suffix, fname, title in (("ce_loss", "domain_loss.png", "eval loss per domain (nats/token)"),
+                               ("exact_match", "task_accuracy.png", "exact match per task (teacher forced)")):
+    p = metric_curves(runs, domain_keys(all_rows, suffix), out_dir / fname, title=title)
+    if p:
+      files.append(p)
+  for name, rows in runs.items():
+    fname = "domain_expert_load.png" if len(runs) == 1 else f"domain_expert_load_{name}.png"
+    p = domain_expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load per domain")
+    if p:
+      files.append(p)
+  return files
+
+
 def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None) -> dict[str, Any]:
   dirs = [pathlib.Path(d) for d in dirs]
   out_dir = pathlib.Path(out) if out else dirs[0]
@@ -265,7 +356,12 @@ def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None
     p = expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load")
     if p:
       files.append(p)
-  table = markdown_table([{"run": n, **summary(r)} for n, r in runs.items()])
+  files.extend(_domain_plots(runs, out_dir))
+  sums = {n: summary(r) for n, r in runs.items()}
+  table = markdown_table([{"run": n, **{k: v for k, v in sm.items() if "/" not in k}} for n, sm in sums.items()])
+  per_domain = domain_table(sums)
+  if per_domain:
+    table += "\n\nPer domain (last eval):\n\n" + per_domain
   if len(runs) > 1:
     table += "\n\n" + markdown_table(compare(runs, dict(zip(runs, dirs))))
   (out_dir / "report.md").write_text(table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n")

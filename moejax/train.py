@@ -257,6 +257,7 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   workdir = paths.check_local(workdir, "workdir")
   config.validate(cfg)  # a config built in code gets the checks the CLI's gets
   is_main = jax.process_index() == 0
+  getattr(tasks.get(cfg.task), "check", lambda c: None)(cfg)  # bad data names fail before anything is written
   s = setup(cfg, mesh)
   # Before anything is created, moved or written: the run's own config must allow this one (resume.py).
   checkpoint.preflight(workdir, cfg)
@@ -342,7 +343,8 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
         last_eval = run_eval(s, state["params"], eval_step)
         writer.write(step, "eval", last_eval)
         if is_main:
-          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
+                                                      if isinstance(v, (int, float))))
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
         _stop_if_too_many_skips(*pending, max_skips, mngr)
         mngr.save(step, state, cfg, data_it)

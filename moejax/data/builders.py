@@ -21,13 +21,17 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from moejax.data import corpus
+from moejax.data import corpus, pycode, tasks
 
 # name -> "module:Class". The class's TFDS name (snake_case of the class name) must equal the key.
 BUNDLED: dict[str, str] = {
   "moejax_pydoc": "moejax.data.builders:MoejaxPydoc",
   "moejax_digits": "moejax.data.image_text_builder:MoejaxDigits",
+  "moejax_pycode": "moejax.data.builders:MoejaxPycode",
+  "moejax_tasks": "moejax.data.builders:MoejaxTasks",
 }
+# The split a source is evaluated on when it has no split named `data.eval_split` (a mixture's sources differ).
+DEFAULT_EVAL_SPLIT: dict[str, str] = {"moejax_tasks": "test"}
 
 FILE_FORMAT = "array_record"  # random access for grain; needs no TensorFlow
 ENV_DATA_DIR = "MOEJAX_DATA_DIR"
@@ -65,6 +69,50 @@ class MoejaxPydoc(BundledBuilder):
   def _generate_examples(self, split: str):
     for name, text in corpus.documents(split):
       yield name, {"text": text, "title": name}
+
+
+class MoejaxPycode(BundledBuilder):
+  """The running Python's standard library source, one document per module, domain = top-level package; see
+  `pycode.py`. Which Python built it is in the description (`built_by`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "One document per non-test stdlib module; ~5% held out by module-name hash."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text(),
+                                           "domain": tfds.features.Text()})
+    return info(self, features, f"Python standard library source (Lib/, tests excluded), built by "
+                f"{pycode.built_by()} from {pycode.stdlib_dir()}; one document per module, domain = top-level "
+                "package.", homepage="https://github.com/python/cpython/tree/main/Lib")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in pycode.SPLITS}
+
+  def _generate_examples(self, split: str):
+    for name, dom, text in pycode.documents(split):
+      yield name, {"text": text, "title": name, "domain": dom}
+
+
+class MoejaxTasks(BundledBuilder):
+  """Seeded exact-match tasks (addition, sort, reverse, lookup) as prompt -> answer records; see `tasks.py`.
+  `text` is prompt + answer (what a plain LM pipeline reads); the mixture pipeline masks the loss to the answer."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": f"Tasks {', '.join(tasks.NAMES)}; seed {tasks.DEFAULT_SEED}; sizes {tasks.SPLIT_SIZES}."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in ("text", "prompt", "answer", "task")})
+    return info(self, features, "Synthetic exact-match tasks (seeded): multi-digit addition, sorting digits, "
+                "reversing a string, key-value lookup; train / calibration / test disjoint by prompt.")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in tasks.SPLITS}
+
+  def _generate_examples(self, split: str):
+    for i, (task, prompt, answer) in enumerate(tasks.examples(split)):
+      yield f"{i:06d}", {"text": prompt + answer, "prompt": prompt, "answer": answer, "task": task}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,3 +231,8 @@ def data_source(name: str, split: str, data_dir: str) -> Any:
     raise ValueError(f"data set {name!r} in {data_dir!r} is stored as {builder.info.file_format.value!r}; grain "
                      f"needs random access: rebuild it with --file_format={FILE_FORMAT}")
   return builder.as_data_source(split=split)
+
+
+def split_names(name: str, data_dir: str) -> list[str]:
+  """The splits a data set has (bundled sets are built first if needed)."""
+  return sorted(_prepared_builder(name, data_dir).info.splits.keys())

@@ -64,6 +64,8 @@ class _Tokenize(grain.transforms.Map):
 
 class _PackIterator(grain.DatasetIterator):
   """Concatenates the parent's 1-D token arrays and cuts them into consecutive windows of `length` tokens.
+  A parent yielding [2, T] arrays (tokens, loss mask: the mixture pipeline) gets both cut alike and emitted as
+  `{"tokens", "loss_mask"}`.
 
   State = (parent state before the oldest document still in the buffer, tokens of it already emitted): restoring
   re-reads that document and skips the emitted prefix, so the next window is exactly the one that would have
@@ -82,19 +84,21 @@ class _PackIterator(grain.DatasetIterator):
       state = self._parent.get_state()
       ids_T = next(self._parent)  # StopIteration ends the stream; the short tail is dropped
       self._docs.append((state, ids_T))
-      self._available += len(ids_T)
-    window_L = np.empty(self._length, np.int32)
+      self._available += ids_T.shape[-1]
+    window_L = np.empty(self._docs[0][1].shape[:-1] + (self._length,), np.int32)
     filled = 0
     while filled < self._length:
       ids_T = self._docs[0][1]
-      take = min(self._length - filled, len(ids_T) - self._offset)
-      window_L[filled:filled + take] = ids_T[self._offset:self._offset + take]
+      take = min(self._length - filled, ids_T.shape[-1] - self._offset)
+      window_L[..., filled:filled + take] = ids_T[..., self._offset:self._offset + take]
       filled += take
       self._offset += take
-      if self._offset == len(ids_T):
+      if self._offset == ids_T.shape[-1]:
         self._docs.popleft()
         self._offset = 0
     self._available -= self._length
+    if window_L.ndim == 2:
+      return {"tokens": window_L[0], "loss_mask": window_L[1]}
     return {"tokens": window_L}
 
   def get_state(self) -> dict[str, Any]:

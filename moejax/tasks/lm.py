@@ -33,9 +33,15 @@ def loss_fn(params: Any, batch: dict, cfg: config.ExperimentConfig, *, rng: jax.
   tokens = batch["tokens"]  # [B, T+1]
   inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
   logits_BTV, aux = transformer.forward(params, inputs_BT, cfg.model, rng=rng, train=train)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  hit_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32)
+  if "loss_mask" in batch:  # mixtures: task windows count only their answer tokens (data/mixture.py)
+    mask_BT = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    n = jnp.maximum(mask_BT.sum(), 1.0)
+    ce, acc = (ce_BT * mask_BT).sum() / n, (hit_BT * mask_BT).sum() / n
+  else:
+    ce, acc = ce_BT.mean(), hit_BT.mean()
   loss = ce + aux["aux_loss"]
-  acc = jnp.mean((jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32))
   metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"], "accuracy": acc}
   if aux["moe"]:
     metrics["moe"] = aux["moe"]
@@ -48,13 +54,31 @@ def make_iterator(cfg: config.ExperimentConfig, split: str, *, process_index: in
   if vocab > cfg.model.vocab_size:
     raise config.ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
                              f"{cfg.model.vocab_size}")
+  if cfg.data.mixture:
+    from moejax.data import mixture
+
+    return mixture.make_iterator(cfg.data, split, process_index=process_index, process_count=process_count,
+                                 seed=seed, repeat=repeat)
   return lm_data.make_iterator(cfg.data, split, process_index=process_index, process_count=process_count,
                                seed=seed, repeat=repeat)
 
 
-def evaluate(params: Any, cfg: config.ExperimentConfig, mesh: Any = None) -> dict[str, float]:
-  del params, cfg, mesh  # perplexity comes from the mean eval loss, which the trainer computes
-  return {}
+def check(cfg: config.ExperimentConfig) -> None:
+  """Checks that need the disk, run before a run writes anything: every mixture source exists."""
+  if cfg.data.mixture:
+    from moejax.data import mixture
+
+    mixture.check_sources(cfg.data)
+
+
+def evaluate(params: Any, cfg: config.ExperimentConfig, mesh: Any = None) -> dict[str, Any]:
+  """Per-source eval for mixtures (loss, token accuracy, expert load; exact match for task sources: see
+  tasks/lm_eval.py); nothing extra for one source (perplexity comes from the trainer's mean eval loss)."""
+  if not cfg.data.mixture:
+    return {}
+  from moejax.tasks import lm_eval
+
+  return lm_eval.evaluate_sources(params, cfg, mesh)
 
 
 def units_per_example(cfg: config.ExperimentConfig) -> int:
