@@ -158,21 +158,20 @@ def test_upcycle_nnx_model_function_preserving_then_trains():
     logits, aux = nnx.capture(m, moejax.flax.AuxLoss)(tokens)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean() + moejax.flax.sum_named(aux)
 
-  grads = nnx.grad(loss_fn)(model)
-  g = grads["layers"][1]["mlp"]
-  assert float(jnp.max(jnp.abs(g["router"]["w"][...]))) > 0
-  touched = jnp.sum(jnp.max(jnp.abs(g["experts"]["w_down"][...]), axis=(1, 2)) > 0)
-  assert int(touched) >= 2  # top-2: at least two experts got tokens and gradient
-
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
   @nnx.jit
   def step(m, o):
     loss, gr = nnx.value_and_grad(loss_fn)(m)
     o.update(m, gr)
-    return loss
+    return loss, gr
 
-  losses = [float(step(model, opt)) for _ in range(3)]
+  loss0, grads = step(model, opt)
+  g = grads["layers"][1]["mlp"]
+  assert float(jnp.max(jnp.abs(g["router"]["w"][...]))) > 0
+  touched = jnp.sum(jnp.max(jnp.abs(g["experts"]["w_down"][...]), axis=(1, 2)) > 0)
+  assert int(touched) >= 2  # top-2: at least two experts got tokens and gradient
+  losses = [float(loss0)] + [float(step(model, opt)[0]) for _ in range(3)]
   assert losses[-1] < losses[0]
   for layer in model.layers:
     assert _expert_spread(layer.mlp.experts["w_up"][...]) > 1e-4  # the experts now differ
@@ -182,8 +181,9 @@ class LinenMlp(nn.Module):
   d_ff: int
 
   @nn.compact
-  def __call__(self, x):
-    return nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.d_ff)(x)))
+  def __call__(self, x):  # big_vision's MlpBlock: Dense_0 is up, Dense_1 is down (in creation order)
+    h = nn.gelu(nn.Dense(self.d_ff)(x))
+    return nn.Dense(x.shape[-1])(h)
 
 
 class LinenBlock(nn.Module):
@@ -230,9 +230,6 @@ def test_upcycle_linen_params_function_preserving_then_trains():
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     return ce + moejax.flax.sum_named(st["intermediates"])
 
-  g = jax.grad(loss_fn)(params)["block_1"]["mlp"]
-  assert float(jnp.max(jnp.abs(g["router"]["w"]))) > 0
-  assert int(jnp.sum(jnp.max(jnp.abs(g["experts"]["w_up"]), axis=(1, 2)) > 0)) >= 2
   tx = optax.adam(1e-2)
   opt_state = tx.init(params)
 
@@ -240,9 +237,13 @@ def test_upcycle_linen_params_function_preserving_then_trains():
   def step(p, s):
     loss, gr = jax.value_and_grad(loss_fn)(p)
     upd, s = tx.update(gr, s, p)
-    return optax.apply_updates(p, upd), s, loss
+    return optax.apply_updates(p, upd), s, gr
 
-  for _ in range(3):
+  params, opt_state, grads = step(params, opt_state)
+  g = grads["block_1"]["mlp"]
+  assert float(jnp.max(jnp.abs(g["router"]["w"]))) > 0
+  assert int(jnp.sum(jnp.max(jnp.abs(g["experts"]["w_up"]), axis=(1, 2)) > 0)) >= 2
+  for _ in range(2):
     params, opt_state, _ = step(params, opt_state)
   assert _expert_spread(params["block_1"]["mlp"]["experts"]["w_up"]) > 1e-4
 
@@ -283,9 +284,12 @@ def test_upcycle_bad_input_one_line_errors_name_the_path():
   msg = err(lambda: moejax.flax.upcycle(NNXLM(nnx.Rngs(0)), select=r"layers/\d+/mlp",
                                         moe={"num_experts": 2, "top_k": 4}))
   assert "layers/0/mlp" in msg and "top_k=4" in msg
-  bad = moejax.flax.MLPLayout(gate="up_proj", up="gate_proj", down="up_proj")  # down kernel [D, F], not [F, D]
+  bad = moejax.flax.MLPLayout(gate="up_proj", up="gate_proj", down="up_proj")
   msg = err(lambda: moejax.flax.upcycle(NNXLM(nnx.Rngs(0)), select=r"layers/0/mlp", moe=m_cfg, mlp=bad))
-  assert "layers/0/mlp" in msg and "[8, 16]" in msg
+  assert "layers/0/mlp" in msg and "down_proj/kernel [16, 8]" in msg  # a param the layout leaves unread
+  odd = {"mlp": {"Dense_0": {"kernel": jnp.zeros((8, 16))}, "Dense_1": {"kernel": jnp.zeros((12, 8))}}}
+  msg = err(lambda: moejax.flax.upcycle(odd, select="mlp", moe=m_cfg))
+  assert "mlp/Dense_1/kernel is [12, 8]" in msg and "[16, 8]" in msg
   gelu_exact = moejax.flax.MLPLayout(up="Dense_0", down="Dense_1", activation="gelu")
   params = LinenLM().init(jax.random.key(0), _tokens())["params"]
   moejax.flax.upcycle(params, select="block_0/mlp", moe=m_cfg, mlp=gelu_exact)  # Linen: no module to check
