@@ -115,7 +115,9 @@ def train(model, steps: int, data, lr: float, log_every: int, label: str) -> lis
     ce, metrics = train_step(model, optimizer, inputs, targets)
     losses.append(float(ce))
     if (step + 1) % log_every == 0 or step + 1 == steps:
-      print(f"[{label}] step {step + 1:4d}  loss {float(ce):.3f} nats/byte", flush=True)
+      window = losses[-log_every:]
+      print(f"[{label}] step {step + 1:4d}  loss {np.mean(window):.3f} nats/byte (mean of the last {len(window)} "
+            "steps)", flush=True)
       for layer, load in moejax.flax.collect(metrics, "expert_load").items():
         print(f"         {layer:14s} expert load " + " ".join(f"{v:.2f}" for v in np.asarray(load)))
   return losses

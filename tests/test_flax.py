@@ -320,7 +320,7 @@ def test_wrong_activation_is_caught_at_upcycling():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_moejax_transformer_state_both_ways():
+def test_moejax_transformer_state_both_ways(tmp_path):
   cfg = config.ModelConfig(vocab_size=32, d_model=D, num_layers=2, num_heads=2, d_ff=F,
                            moe=config.MoEConfig(num_experts=E, top_k=2))
   specs = transformer.specs(cfg)
@@ -345,6 +345,14 @@ def test_moejax_transformer_state_both_ways():
   init_shapes = jax.tree.map(jnp.shape, moejax.flax.linen.params(lin.init(jax.random.key(0), tokens)))
   assert init_shapes == jax.tree.map(jnp.shape, params)
   jax.tree.map(np.testing.assert_array_equal, moejax.flax.linen.params(variables), params)
+
+  exp = config.ExperimentConfig(model=cfg)  # a moejax run's step 0 from the Flax module, and back
+  moejax.flax.save_run(model, exp, tmp_path / "run")
+  again = moejax.flax.load_run(tmp_path / "run")
+  assert again.cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, again.params(), model.params())
+  with pytest.raises(FileExistsError):
+    moejax.flax.save_run(model, exp, tmp_path / "run")
 
 # ----------------------------------------------------------------------------------------------------------
 # The example script
