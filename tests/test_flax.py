@@ -217,6 +217,10 @@ def test_upcycle_linen_params_function_preserving_then_trains():
   m_cfg = config.MoEConfig(num_experts=E, top_k=2)
   params = moejax.flax.upcycle(dense_params, select=r"block_1/mlp", moe=m_cfg)
   assert "Dense_0" in dense_params["block_1"]["mlp"]  # the input tree is left as it was
+  boxed = jax.tree.map(lambda v: nn.LogicallyPartitioned(v, names=(None,) * v.ndim), dense_params)
+  boxed_out = moejax.flax.upcycle({"params": boxed}, select=r"block_1/mlp", moe=m_cfg)["params"]
+  assert boxed_out["block_1"]["mlp"]["experts"]["w_up"].names == ("expert", "embed", "mlp")  # boxed in, boxed out
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(boxed_out), params)
   moe_model = LinenLM(m_cfg)
   want_shapes = jax.tree.map(jnp.shape, nn.unbox(moe_model.init(jax.random.key(0), tokens)["params"]))
   assert jax.tree.map(jnp.shape, params) == want_shapes
