@@ -316,8 +316,12 @@ def test_wrong_activation_is_caught_at_upcycling():
   with pytest.raises(moejax.flax.FlaxUpcycleError, match="'mlp' differs"):
     moejax.flax.upcycle(Net(nnx.Rngs(0)), select="mlp", moe=config.MoEConfig(num_experts=E, top_k=2),
                         mlp=moejax.flax.MLPLayout(up="fc1", down="fc2", activation="gelu"))
-  net = moejax.flax.upcycle(Net(nnx.Rngs(0)), select="mlp", moe=config.MoEConfig(num_experts=E, top_k=2))
+  mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  with jax.set_mesh(mesh):  # upcycled under a mesh: the new params are placed by moejax's rules
+    net = moejax.flax.upcycle(Net(nnx.Rngs(0)), select="mlp", moe=config.MoEConfig(num_experts=E, top_k=2))
   assert net.mlp.cfg.activation == "gelu_tanh" and net.mlp.cfg.bias  # fc_gelu picked by its names
+  w = net.mlp.experts["w_up"][...]
+  assert w.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor") and w.sharding.mesh == mesh
 
 # ----------------------------------------------------------------------------------------------------------
 # moejax's own decoder, both ways
