@@ -96,6 +96,9 @@ def current_mesh() -> Any:
   mesh = sharding.active_mesh()
   if mesh is not None:
     return mesh
+  concrete = jax.sharding.get_mesh()
+  if not concrete.empty:
+    return concrete
   abstract = jax.sharding.get_abstract_mesh()
   return None if abstract.empty else abstract
 
