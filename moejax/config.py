@@ -141,7 +141,7 @@ class ModelConfig:
   num_kv_heads: int = 0  # 0 -> num_heads (no grouping)
   head_dim: int = 0  # 0 -> d_model // num_heads
   d_ff: int = 512
-  activation: str = "swiglu"  # swiglu | gelu
+  activation: str = "swiglu"  # swiglu | gelu | gelu_tanh (jax.nn.gelu's default) | quick_gelu
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
   rope_scaling: RopeScalingConfig = RopeScalingConfig()
@@ -163,8 +163,8 @@ class ModelConfig:
     if not self.head_dim:
       _check(self.d_model % self.num_heads == 0,
              f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim")
-    _check(self.activation in ("swiglu", "gelu", "quick_gelu"),
-           f"model.activation={self.activation!r}: choose swiglu, gelu or quick_gelu")
+    _check(self.activation in ("swiglu", "gelu", "gelu_tanh", "quick_gelu"),
+           f"model.activation={self.activation!r}: choose swiglu, gelu, gelu_tanh or quick_gelu")
     _check(self.norm in ("rms", "layer"), f"model.norm={self.norm!r}: choose rms or layer")
     for f in ("param_dtype", "compute_dtype"):
       v = getattr(self, f)

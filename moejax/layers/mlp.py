@@ -30,6 +30,8 @@ def hidden(h_gate: jax.Array | None, h_up: jax.Array, activation: str) -> jax.Ar
     return jax.nn.silu(h_gate) * h_up
   if activation == "quick_gelu":  # OpenAI CLIP
     return h_up * jax.nn.sigmoid(1.702 * h_up)
+  if activation == "gelu_tanh":  # the tanh approximation: jax.nn.gelu's default, so flax's nn.gelu / nnx.gelu
+    return jax.nn.gelu(h_up, approximate=True)
   return jax.nn.gelu(h_up, approximate=False)
 
 
