@@ -46,6 +46,7 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   batch_sharding: NamedSharding
+  hooks: Any = None  # fine-tuning (moejax.peft.trainer.Hooks): its own state, train and eval steps
 
 
 def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
@@ -62,6 +63,10 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+  if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
+    from moejax.peft import trainer as peft_trainer
+
+    return peft_trainer.setup(cfg, mesh)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   check_batch(cfg, mesh)
   task = tasks.get(cfg.task)
@@ -87,6 +92,8 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
 
 def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 0) -> dict:
   """Fresh state; `params` (e.g. upcycled) replaces the random init. Everything is born sharded."""
+  if s.hooks:
+    return s.hooks.init_state(s, key, params, step)
   if params is None:
     params = sharding.create_params(key, s.specs, s.mesh)
   state = params_only_state(s, params, step)
@@ -102,6 +109,8 @@ def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
 
 
 def make_train_step(s: Setup):
+  if s.hooks:
+    return s.hooks.make_train_step(s)
   cfg, task, tx = s.cfg, s.task, s.tx
   base_key = jax.random.key(cfg.train.seed)
   A = cfg.optim.grad_accum
@@ -151,6 +160,8 @@ def make_train_step(s: Setup):
 
 
 def make_eval_step(s: Setup):
+  if s.hooks:
+    return s.hooks.make_eval_step(s)
   cfg, task = s.cfg, s.task
 
   def eval_step(params, batch):
@@ -255,6 +266,8 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints)
   data_it = train_iterator(s)
   start_step, state = mngr.restore_latest(s.abstract_state, data_it)
+  if s.hooks and state is not None:
+    s.hooks.check_restored(s, state)  # a fine-tuning run resumes only on the base it started from
   key = jax.random.key(cfg.train.seed)
   resumed = state is not None and "opt_state" in state
   if state is None:
