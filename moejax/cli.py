@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|merge`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split) exits 2 with a
 one-line `moejax: error: ...` and no traceback; real failures keep their traceback.
@@ -145,6 +145,15 @@ def cmd_import_hf(args) -> int:
   return hf.cli_import(args.path, args.to, args.overrides)
 
 
+def cmd_merge(args) -> int:
+  _start(args)
+  from moejax.peft import merge
+
+  to, step = merge.merge_run(args.workdir, args.to)
+  print(f"merged {args.workdir} (step {step}) -> {to}/checkpoints/{step}; export with: moejax export-hf {to} --to DIR")
+  return 0
+
+
 def cmd_export_hf(args) -> int:
   from moejax.interop import hf
 
@@ -200,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("--to", required=True)
   i.add_argument("overrides", nargs="*")
   i.set_defaults(fn=cmd_import_hf)
+
+  mg = sub.add_parser("merge", help="fold a fine-tuning run's adapters into its base: an ordinary run dir")
+  mg.add_argument("--workdir", required=True, help="the fine-tuning run (peft.method lora | spiel_ag | spiel_ma)")
+  mg.add_argument("--to", required=True, help="new run dir for the merged model")
+  _add_distributed_flags(mg)
+  mg.set_defaults(fn=cmd_merge)
 
   x = sub.add_parser("export-hf", help="moejax workdir -> Hugging Face safetensors checkpoint")
   x.add_argument("workdir")
