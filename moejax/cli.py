@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle (extra flags go to the benchmark)")
-  b.add_argument("what", choices=["moe", "train", "upcycle"])
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | peft (extra flags go to the benchmark)")
+  b.add_argument("what", choices=["moe", "train", "upcycle", "peft"])
   b.set_defaults(fn=None)
 
   i = sub.add_parser("import-hf", help="Hugging Face safetensors checkpoint -> moejax workdir")
@@ -240,7 +240,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   its flags (`moejax train NAME --workdir DIR train.steps=300`): argparse stops filling a positional list at the
   first flag, so overrides it leaves over are appended to `args.overrides` here."""
   parser = build_parser()
-  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle"):
+  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle", "peft"):
     # the benchmark owns every flag after its name, --help included
     return parser.parse_args(argv[:2]), argv[2:]
   args, rest = parser.parse_known_args(argv)

@@ -11,14 +11,14 @@ import pytest
 
 from moejax import checkpoint, cli, config, registry, sharding, train
 from moejax.models import transformer
-from moejax.peft import lora, merge, spiel
+from moejax.peft import lora, spiel
 from moejax.peft import targets as targets_lib
 
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
         "data.batch_size=8", "train.eval_steps=1", "train.log_every=1", "optim.warmup_steps=2",
         "train.eval_every=100", "train.checkpoint_every=100"]
 MOE = ["model.moe.num_experts=4", "model.moe.every=2"]
-FAST_SELECT = ["peft.reselection_interval=4", "peft.selection_accum_steps=2", "peft.match_lora_rank=2"]
+FAST_SELECT = ["peft.selection_accum_steps=2", "peft.reselection_interval=4", "peft.match_lora_rank=2"]
 
 
 def _one():
@@ -89,7 +89,6 @@ def test_lora_merge_is_factored_lora_and_merged_run_is_the_adapted_model(dense_b
   from moejax.peft import trainer
 
   # the factored form x @ W + (alpha / r) (x @ A) @ B, per target view, equals x @ merge(W)
-  x = jax.random.normal(jax.random.key(1), (5, 32))
   scale = cfg.peft.lora_alpha / cfg.peft.lora_rank
   for p in ("layers/0/mlp/w_down", "layers/1/attn/wq", "layers/1/attn/wo"):
     t, node = s.hooks.targets[p], targets_lib.get(r["state"]["params"]["lora"], p)
@@ -99,7 +98,6 @@ def test_lora_merge_is_factored_lora_and_merged_run_is_the_adapted_model(dense_b
     factored = xr @ w3 + scale * (xr @ node["a"][0]) @ node["b"][0]
     np.testing.assert_allclose(xr @ t.to3(lora.merge(t, targets_lib.get(s.hooks.base, p), node, scale))[0],
                                factored, atol=1e-5)
-  del x
   # moejax merge writes an ordinary run whose forward pass is the adapted one
   assert cli.main(["merge", "--workdir", str(tmp_path / "ft"), "--to", str(tmp_path / "merged")]) == 0
   mcfg = checkpoint.read_config(tmp_path / "merged")

@@ -292,7 +292,7 @@ def make_train_step(s):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {"step": step + 1, "params": keep(new_params, params),
                  "opt_state": keep(targets_lib.nest(new_opt), state["opt_state"]), "peft": keep(aux, state["peft"])}
-    m = {k: v for k, v in m.items() if k != "moe"}  # the base's routers are frozen: no bias balancing
+    # (the base's routers are frozen: no aux-loss-free bias balancing; the MoE metrics are still reported)
     m = dict(m, grad_norm=grad_norm, lr=lr, skipped=(~ok).astype(jnp.int32))
     return new_state, m
 
