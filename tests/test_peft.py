@@ -197,10 +197,10 @@ def test_drop_and_grow_invariants_random(seed):
     assert not changed[keep].any()
 
 
-def test_only_adapters_change_base_bit_identical_and_resume_exact(moe_base, tmp_path):
-  cfg = _cfg(moe_base, "spiel_ag", *FAST_SELECT, "train.steps=8", "train.checkpoint_every=4", "optim.lr=1e-2",
-             moe=True)
-  before = _np(checkpoint.load_params(moe_base, train.setup(cfg, _one()).hooks.base)[0])
+def test_only_adapters_change_base_bit_identical_and_resume_exact(tmp_path):
+  base = _write_base(tmp_path / "base")
+  cfg = _cfg(base, "spiel_ag", *FAST_SELECT, "train.steps=8", "train.checkpoint_every=4", "optim.lr=1e-2")
+  before = _np(checkpoint.load_params(base, train.setup(cfg, _one()).hooks.base)[0])
   r = train.train(cfg, tmp_path / "a", mesh=_one(), progress=False)
   s = train.setup(cfg, _one())
   assert _np(s.hooks.base).keys() == before.keys()
@@ -228,25 +228,34 @@ def test_only_adapters_change_base_bit_identical_and_resume_exact(moe_base, tmp_
     np.testing.assert_array_equal(v, _np(r["state"])[k], err_msg=k)
   # the same path now holding another base: resuming is refused
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "8")
-  other = _write_base(tmp_path / "other", MOE, seed=1)
-  shutil.rmtree(moe_base / "checkpoints")
-  shutil.copytree(other / "checkpoints", moe_base / "checkpoints")
-  try:
-    with pytest.raises(config.ConfigError, match="refusing to resume on a different base"):
-      train.train(cfg, tmp_path / "b", mesh=_one(), progress=False)
-  finally:
-    shutil.rmtree(moe_base / "checkpoints")
-    _write_base(moe_base, MOE)
+  shutil.rmtree(base / "checkpoints")
+  _write_base(base, seed=1)
+  with pytest.raises(config.ConfigError, match="refusing to resume on a different base"):
+    train.train(cfg, tmp_path / "b", mesh=_one(), progress=False)
 
 
-@pytest.mark.parametrize("method", ["spiel_ag", "spiel_ma", "lora"])
+def _canonical_candidates(flat):
+  """SpIEL-AG's candidate lists in index order: candidates tied in |g| to float rounding may be listed in either
+  order by a sharded top-k; the statistics per index must agree."""
+  out = dict(flat)
+  for k in flat:
+    if "/cand/" in k and k.endswith("/idx"):
+      order = np.argsort(flat[k], axis=-1)
+      for n in ("idx", "g", "g2", "n"):
+        key = k[:-len("idx")] + n
+        out[key] = np.take_along_axis(flat[key], order, axis=-1)
+  return out
+
+
+@pytest.mark.parametrize("method", ["spiel_ag", pytest.param("spiel_ma", marks=pytest.mark.slow),
+                                    pytest.param("lora", marks=pytest.mark.slow)])
 def test_sharded_equals_single_device(moe_base, method):
   cfg = _cfg(moe_base, method, *FAST_SELECT, "peft.lora_rank=2", "optim.lr=1e-2", moe=True)
   mesh8 = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, expert=2))
   one, eight = train.setup(cfg, _one()), train.setup(cfg, mesh8)
-  a, b = _np(_run(one, 7)), _np(_run(eight, 7))
+  a, b = _canonical_candidates(_np(_run(one, 7))), _canonical_candidates(_np(_run(eight, 7)))
   for k in a:
-    if k.endswith("indices") or k.endswith("idx") or k.endswith("base_hash"):
+    if k.endswith(("indices", "idx", "base_hash")):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     else:
       np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
