@@ -312,5 +312,5 @@ def test_train_merge_export_hf_from_the_cli(dense_base, tmp_path):
   ours, _ = transformer.forward(trainer.merged_params(s, s.hooks.base, state["params"]), tokens, cfg.model)
   model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
   with torch.no_grad():
-    theirs = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
