@@ -15,6 +15,15 @@ Every `reselection_interval` steps (20), after `selection_accum_steps` (5) steps
 An index that is dropped and immediately regrown keeps its slot, value and moments (as the reference code);
 the count per target is constant, and indices stay unique.
 
+Departures from the reference code (AlanAnsell/peft, `sft` tuner), and why:
+- Statistics come from the `selection_accum_steps` steps right before each reselection (steps kR .. kR+4, 0-based,
+  for a reselection after step kR+5); the reference's hook starts one step earlier after the first phase
+  (6 samples), which we read as an off-by-one. One sample per optimizer step (the reference: per micro-batch).
+- AdamW's epsilon is added to sqrt(v_hat) as optax does (the reference adds it before the bias correction), so
+  SpIEL at density 1 without reselection is exactly the trainer's full fine-tuning (tested).
+- The adapted forward pass merges W + delta densely (no sparse-dense matmul kernel in XLA), so within a step the
+  dense dW of each target exists transiently for both methods; nothing dense is kept between steps.
+
 All functions work on one expert (`[k]` arrays) and are vmapped over E by the callers.
 """
 
