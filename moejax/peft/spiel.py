@@ -16,8 +16,8 @@ An index that is dropped and immediately regrown keeps its slot, value and momen
 the count per target is constant, and indices stay unique.
 
 Departures from the reference code (AlanAnsell/peft, `sft` tuner), and why:
-- Statistics come from the `selection_accum_steps` steps right before each reselection (steps kR .. kR+4, 0-based,
-  for a reselection after step kR+5); the reference's hook starts one step earlier after the first phase
+- Statistics come from the `selection_accum_steps` steps right before each reselection (0-based steps kR .. kR+4;
+  the reselection follows the last of them); the reference's hook starts one step earlier after the first phase
   (6 samples), which we read as an off-by-one. One sample per optimizer step (the reference: per micro-batch).
 - AdamW's epsilon is added to sqrt(v_hat) as optax does (the reference adds it before the bias correction), so
   SpIEL at density 1 without reselection is exactly the trainer's full fine-tuning (tested).
