@@ -11,7 +11,8 @@ Every `reselection_interval` steps (20), after `selection_accum_steps` (5) steps
             v = mean g^2, and the bias-correction clock set so the next update uses t = samples (the reference
             code's `age`); every other index keeps its own clock (Adam's correction is per element here).
   spiel_ma: grown by the SM3 optimizer's statistics, row_acc[r] * col_acc[c] over indices not in use (the
-            reference code's `sm3` selection): no dense gradient ever; SM3 is the deltas' optimizer.
+            reference code's `sm3` selection): no dense gradient ever; SM3 is the deltas' optimizer (no weight
+            decay, as the reference's SM3; optim.weight_decay applies to LoRA and SpIEL-AG).
 An index that is dropped and immediately regrown keeps its slot, value and moments (as the reference code);
 the count per target is constant, and indices stay unique.
 
