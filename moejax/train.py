@@ -353,6 +353,8 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   mngr.close()
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}")
+  if s.hooks:
+    s.hooks.check_restored(s, state)
   out = run_eval(s, state["params"])
   out["step"] = step
   return out
