@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|merge`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -178,6 +178,15 @@ def cmd_import_hf(args) -> int:
   return hf.cli_import(args.path, str(to), args.overrides)
 
 
+def cmd_merge(args) -> int:
+  _start(args)
+  from moejax.peft import merge
+
+  to, step = merge.merge_run(args.workdir, args.to)
+  print(f"merged {args.workdir} (step {step}) -> {to}/checkpoints/{step}; export with: moejax export-hf {to} --to DIR")
+  return 0
+
+
 def cmd_export_hf(args) -> int:
   from moejax import paths
   from moejax.interop import hf
@@ -226,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle (extra flags go to the benchmark)")
-  b.add_argument("what", choices=["moe", "train", "upcycle"])
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | peft (extra flags go to the benchmark)")
+  b.add_argument("what", choices=["moe", "train", "upcycle", "peft"])
   b.set_defaults(fn=None)
 
   i = sub.add_parser("import-hf", help="Hugging Face safetensors checkpoint -> moejax workdir")
@@ -235,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("--to", required=True)
   i.add_argument("overrides", nargs="*")
   i.set_defaults(fn=cmd_import_hf)
+
+  mg = sub.add_parser("merge", help="fold a fine-tuning run's adapters into its base: an ordinary run dir")
+  mg.add_argument("--workdir", required=True, help="the fine-tuning run (peft.method lora | spiel_ag | spiel_ma)")
+  mg.add_argument("--to", required=True, help="new run dir for the merged model")
+  _add_distributed_flags(mg)
+  mg.set_defaults(fn=cmd_merge)
 
   x = sub.add_parser("export-hf", help="moejax workdir -> Hugging Face safetensors checkpoint")
   x.add_argument("workdir")
@@ -260,7 +275,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   its flags (`moejax train NAME --workdir DIR train.steps=300`): argparse stops filling a positional list at the
   first flag, so overrides it leaves over are appended to `args.overrides` here."""
   parser = build_parser()
-  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle"):
+  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle", "peft"):
     # the benchmark owns every flag after its name, --help included
     return parser.parse_args(argv[:2]), argv[2:]
   args, rest = parser.parse_known_args(argv)

@@ -294,11 +294,57 @@ class UpcycleConfig:
   drop_ratio: float = 0.0  # Drop-Upcycling: fraction of each expert's hidden units re-initialized
   continue_step: bool = False  # continue the dense run's step counter (and so its LR schedule)
   seed: int = 0
+  # Fine-tuning (peft.method != none): the frozen base, a run directory (its newest step) or an import-hf run.
+  # The issue's `init.from`; `from` is a Python keyword, so the field is spelled peft_from.
+  peft_from: str = ""
 
   def __post_init__(self):
     _check(self.router_init in ("normal", "zeros"), f"init.router_init={self.router_init!r}: normal or zeros")
     _check(0.0 <= self.drop_ratio <= 1.0, f"init.drop_ratio must be in [0, 1], got {self.drop_ratio}")
     _check(self.router_std >= 0 and self.expert_noise_std >= 0, "init.router_std, init.expert_noise_std >= 0")
+
+
+PEFT_METHODS = ("none", "lora", "spiel_ag", "spiel_ma")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning of a frozen base (`init.peft_from`): LoRA, or SpIEL sparse fine-tuning
+  (Ansell et al. 2024) that grows indices by accumulated gradients (spiel_ag) or SM3 statistics (spiel_ma).
+
+  `targets` are regexes over param paths (fullmatch); MoE experts' weights [E, D, F] are adapted per expert.
+  SpIEL's tunable count per target (per expert) is `density` x its size, or, when `match_lora_rank` > 0, exactly
+  the count of a rank-`match_lora_rank` LoRA on it (equal-budget comparisons).
+  """
+
+  method: str = "none"  # none | lora | spiel_ag | spiel_ma
+  targets: tuple[str, ...] = (r"layers/\d+/attn/w[qkvo]", r"layers/\d+/(mlp|moe/experts)/w_(gate|up|down)")
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  density: float = 0.01
+  match_lora_rank: int = 0
+  reselect: bool = True  # False: the initial (random) indices are kept (an ablation; tests)
+  reselection_interval: int = 20  # steps between reselections (the reference code's setting)
+  selection_accum_steps: int = 5  # steps of gradient statistics before each reselection (SpIEL-AG)
+  drop_fraction: float = 0.2  # after the first reselection (which replaces everything): drop_fraction * decay(t/T)
+  drop_schedule: str = "linear"  # linear: 1 - t/T | cosine: (1 + cos(pi t/T)) / 2
+  sm3_eps: float = 1e-8  # SpIEL-MA's SM3 optimizer (the reference code's)
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.method in PEFT_METHODS, f"peft.method={self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}")
+    _check(self.lora_rank >= 1 and self.lora_alpha > 0, f"peft.lora_rank={self.lora_rank} must be >= 1 and "
+           f"peft.lora_alpha={self.lora_alpha} > 0")
+    _check(0.0 < self.density <= 1.0, f"peft.density={self.density} must be in (0, 1]")
+    _check(self.match_lora_rank >= 0, f"peft.match_lora_rank={self.match_lora_rank} must be >= 0")
+    _check(1 <= self.selection_accum_steps < self.reselection_interval,
+           f"need 1 <= peft.selection_accum_steps ({self.selection_accum_steps}) < peft.reselection_interval "
+           f"({self.reselection_interval})")
+    _check(0.0 <= self.drop_fraction <= 1.0, f"peft.drop_fraction={self.drop_fraction} must be in [0, 1]")
+    _check(self.drop_schedule in ("linear", "cosine"),
+           f"peft.drop_schedule={self.drop_schedule!r}: choose linear or cosine")
+    _check(self.sm3_eps > 0, f"peft.sm3_eps={self.sm3_eps} must be > 0")
+    _check(bool(self.targets) or self.method == "none", "peft.targets is empty")
 
 
 def _tower(**kw) -> ModelConfig:
@@ -378,6 +424,7 @@ class ExperimentConfig:
   mesh: MeshConfig = MeshConfig()
   init: UpcycleConfig = UpcycleConfig()
   clip: ClipConfig = ClipConfig()  # used when task == "clip"
+  peft: PeftConfig = PeftConfig()  # fine-tuning a frozen base (see moejax/peft)
 
   def __post_init__(self):
     _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")

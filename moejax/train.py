@@ -56,6 +56,7 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   batch_sharding: NamedSharding
+  hooks: Any = None  # fine-tuning (moejax.peft.trainer.Hooks): its own state, train and eval steps
 
 
 def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
@@ -72,6 +73,10 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+  if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
+    from moejax.peft import trainer as peft_trainer
+
+    return peft_trainer.setup(cfg, mesh)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   check_batch(cfg, mesh)
   task = tasks.get(cfg.task)
@@ -97,6 +102,8 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
 
 def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 0) -> dict:
   """Fresh state; `params` (e.g. upcycled) replaces the random init. Everything is born sharded."""
+  if s.hooks:
+    return s.hooks.init_state(s, key, params, step)
   if params is None:
     params = sharding.create_params(key, s.specs, s.mesh)
   state = params_only_state(s, params, step)
@@ -112,6 +119,8 @@ def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
 
 
 def make_train_step(s: Setup):
+  if s.hooks:
+    return s.hooks.make_train_step(s)
   cfg, task, tx = s.cfg, s.task, s.tx
   base_key = jax.random.key(cfg.train.seed)
   A = cfg.optim.grad_accum
@@ -161,6 +170,8 @@ def make_train_step(s: Setup):
 
 
 def make_eval_step(s: Setup):
+  if s.hooks:
+    return s.hooks.make_eval_step(s)
   cfg, task = s.cfg, s.task
 
   def eval_step(params, batch):
@@ -269,6 +280,8 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   try:
     data_it = train_iterator(s)
     start_step, state = mngr.restore_latest(s.abstract_state, data_it, cfg=cfg)
+    if s.hooks and state is not None:
+      s.hooks.check_restored(s, state)  # a fine-tuning run resumes only on the base it started from
   except BaseException:
     mngr.close()
     raise
@@ -395,6 +408,8 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
     step, state = mngr.restore_latest(s.abstract_state, cfg=cfg, verb="eval")
   if state is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
+  if s.hooks:
+    s.hooks.check_restored(s, state)
   out = run_eval(s, state["params"])
   out["step"] = step
   return out

@@ -1,0 +1,207 @@
+"""SpIEL sparse fine-tuning (Ansell et al. 2024): a delta of k values at k unique flat indices per target (per
+expert), W' = W + scatter(indices, values), with periodic drop-and-grow.
+
+Every `reselection_interval` steps (20), after `selection_accum_steps` (5) steps of statistics, the
+`drop(t)` fraction of each target's deltas with the smallest |value| is dropped and as many new indices grown:
+  drop(t) = 1 at the first reselection (step `selection_accum_steps`), then drop_fraction * (1 - t/T)
+            (linear) or drop_fraction * (1 + cos(pi t/T)) / 2 (cosine); no reselection after T.
+  spiel_ag: grown by |accumulated gradient| among k candidates, the top-|g| elements of the first gradient of
+            the phase (the reference code's candidate set). The dense gradient is read only during phases.
+            Grown indices start at 0 with Adam moments seeded from the phase's statistics: m = mean g,
+            v = mean g^2, and the bias-correction clock set so the next update uses t = samples (the reference
+            code's `age`); every other index keeps its own clock (Adam's correction is per element here).
+  spiel_ma: grown by the SM3 optimizer's statistics, row_acc[r] * col_acc[c] over indices not in use (the
+            reference code's `sm3` selection): no dense gradient ever; SM3 is the deltas' optimizer (no weight
+            decay, as the reference's SM3; optim.weight_decay applies to LoRA and SpIEL-AG).
+An index that is dropped and immediately regrown keeps its slot, value and moments (as the reference code);
+the count per target is constant, and indices stay unique.
+
+Departures from the reference code (AlanAnsell/peft, `sft` tuner), and why:
+- Statistics come from the `selection_accum_steps` steps right before each reselection (0-based steps kR .. kR+4;
+  the reselection follows the last of them); the reference's hook starts one step earlier after the first phase
+  (6 samples), which we read as an off-by-one. One sample per optimizer step (the reference: per micro-batch).
+- AdamW's epsilon is added to sqrt(v_hat) as optax does (the reference adds it before the bias correction), so
+  SpIEL at density 1 without reselection is exactly the trainer's full fine-tuning (tested).
+- The adapted forward pass merges W + delta densely (no sparse-dense matmul kernel in XLA), so within a step the
+  dense dW of each target exists transiently for both methods; nothing dense is kept between steps.
+
+All functions work on one expert (`[k]` arrays) and are vmapped over E by the callers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import config, sharding
+from moejax.peft import lora
+from moejax.peft import targets as targets_lib
+
+
+def count(t: targets_lib.Target, pc: config.PeftConfig) -> int:
+  """Tunable params per expert: a rank-r LoRA's count (when peft.match_lora_rank = r) or density x size."""
+  if pc.match_lora_rank:
+    k = lora.count(t, pc.match_lora_rank) // t.experts
+  else:
+    k = int(round(pc.density * t.size))
+  return max(1, min(k, t.size))
+
+
+def _random_indices(t: targets_lib.Target, k: int):
+  def init(key, shape, dtype):
+    del shape
+    keys = jax.random.split(key, t.experts)
+    return jax.vmap(lambda kk: jax.random.choice(kk, t.size, (k,), replace=False))(keys).astype(dtype)
+  return init
+
+
+def specs(t: targets_lib.Target, pc: config.PeftConfig) -> dict:
+  k, ax = count(t, pc), (t.expert_axis, None)
+  return {"values": sharding.param(sharding.zeros, (t.experts, k), ax),
+          "indices": sharding.param(_random_indices(t, k), (t.experts, k), ax, jnp.int32)}
+
+
+def merge(t: targets_lib.Target, w: jax.Array, p: dict) -> jax.Array:
+  w_EN = t.to3(w).reshape(t.experts, t.size).astype(jnp.float32)
+  w_EN = jax.vmap(lambda row, i, v: row.at[i].add(v))(w_EN, p["indices"], p["values"].astype(jnp.float32))
+  return t.from3(w_EN).astype(w.dtype)
+
+
+def gather(t: targets_lib.Target, g: jax.Array, indices_Ek: jax.Array) -> jax.Array:
+  """The gradient at the indices (the scatter-add's transpose)."""
+  return jnp.take_along_axis(t.to3(g).reshape(t.experts, t.size), indices_Ek, axis=1)
+
+
+def drop_fraction(completed: jax.Array, pc: config.PeftConfig, total_steps: int) -> jax.Array:
+  t = completed.astype(jnp.float32) / max(total_steps, 1)
+  decay = 1.0 - t if pc.drop_schedule == "linear" else 0.5 * (1.0 + jnp.cos(math.pi * t))
+  return jnp.where(completed == pc.selection_accum_steps, 1.0, pc.drop_fraction * decay)
+
+
+def is_reselection(completed: jax.Array, pc: config.PeftConfig, total_steps: int) -> jax.Array:
+  """After the step that brings the count of completed steps to `completed`."""
+  return (jnp.bool_(pc.reselect) & (completed % pc.reselection_interval == pc.selection_accum_steps)
+          & (completed <= total_steps))
+
+
+def in_phase(step: jax.Array, pc: config.PeftConfig, total_steps: int) -> jax.Array:
+  """Whether the gradient of step `step` (0-based) feeds the next reselection's statistics (SpIEL-AG)."""
+  return jnp.bool_(pc.reselect) & (step % pc.reselection_interval < pc.selection_accum_steps) & (step < total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizers on the deltas
+# ----------------------------------------------------------------------------------------------------------
+
+
+def adamw(p, g, st, lr, oc: config.OptimConfig):
+  """AdamW with a per-element bias-correction clock `age` (steps seen). Weight decay pulls the deltas (or LoRA
+  factors) to 0, i.e. the adapted weights towards the pretrained ones. Same arithmetic as optax.adamw."""
+  age = st["age"] + 1.0
+  m = oc.b1 * st["m"] + (1.0 - oc.b1) * g
+  v = oc.b2 * st["v"] + (1.0 - oc.b2) * (g * g)
+  m_hat = m / (1.0 - oc.b1 ** age)
+  v_hat = v / (1.0 - oc.b2 ** age)
+  u = m_hat / (jnp.sqrt(v_hat) + oc.eps)
+  if oc.weight_decay:
+    u = u + oc.weight_decay * p
+  return p - lr * u, {"m": m, "v": v, "age": jnp.broadcast_to(age, st["age"].shape)}
+
+
+def adamw_state_specs(shape: tuple[int, ...], axes, per_element: bool) -> dict:
+  zero = sharding.zeros
+  return {"m": sharding.param(zero, shape, axes), "v": sharding.param(zero, shape, axes),
+          "age": sharding.param(zero, shape if per_element else (), axes if per_element else ())}
+
+
+def sm3(values_k, g_k, row_R, col_C, indices_k, cols: int, lr, eps: float):
+  """SM3 (Anil et al. 2019) on the deltas, as the reference code's SpIEL-MA: one accumulator per row and per
+  column of the dense weight, never a dense gradient."""
+  r, c = indices_k // cols, indices_k % cols
+  u = jnp.minimum(row_R[r], col_C[c]) + g_k * g_k
+  row_R = row_R.at[r].max(u)
+  col_C = col_C.at[c].max(u)
+  return values_k - lr * g_k * jax.lax.rsqrt(u + eps), row_R, col_C
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SpIEL-AG statistics and drop-and-grow
+# ----------------------------------------------------------------------------------------------------------
+
+
+def accumulate(cand: dict, g_N: jax.Array, start: jax.Array) -> dict:
+  """Add this step's dense gradient to the candidates' statistics; at a phase's first step the candidates are
+  re-picked as the k largest |g| (k = the tunable count)."""
+  k = cand["idx"].shape[0]
+
+  def fresh():
+    _, idx = jax.lax.top_k(jnp.abs(g_N), k)
+    gi = g_N[idx]
+    return {"idx": idx.astype(jnp.int32), "g": gi, "g2": gi * gi, "n": jnp.ones_like(gi)}
+
+  def add():
+    gi = g_N[cand["idx"]]
+    return {"idx": cand["idx"], "g": cand["g"] + gi, "g2": cand["g2"] + gi * gi, "n": cand["n"] + 1.0}
+
+  return jax.lax.cond(start, fresh, add)
+
+
+def _rank(x: jax.Array) -> jax.Array:
+  """rank[i] = position of i in a stable ascending sort of x."""
+  order = jnp.argsort(x, stable=True)
+  return jnp.zeros_like(order).at[order].set(jnp.arange(x.shape[0], dtype=order.dtype))
+
+
+def grow_ag(values, indices, opt: dict, cand: dict, n_drop: jax.Array, size: int):
+  """One target-expert's drop-and-grow by accumulated gradients. Returns (values, indices, opt)."""
+  k = values.shape[0]
+  oob = size  # scatters to this index are dropped
+  rank = _rank(jnp.abs(values))  # the smallest |value| first; ties by slot
+  dropped = rank < n_drop
+  remaining = jnp.zeros(size, bool).at[jnp.where(dropped, oob, indices)].set(True, mode="drop")
+  outgoing = jnp.zeros(size, bool).at[jnp.where(dropped, indices, oob)].set(True, mode="drop")
+  valid = ~remaining[cand["idx"]] & (cand["n"] > 0)
+  score = jnp.where(valid, jnp.abs(cand["g"]), -jnp.inf)
+  crank = _rank(-score)  # the best candidate first
+  grown = valid & (crank < n_drop)
+  incoming = jnp.zeros(size, bool).at[jnp.where(grown, cand["idx"], oob)].set(True, mode="drop")
+  new = grown & ~outgoing[cand["idx"]]  # regrown dropped indices keep their slot
+  m = jnp.sum(new)
+  free = dropped & ~incoming[indices]
+  slots = jnp.argsort(jnp.where(free, rank, k + rank), stable=True)  # freed slots, smallest |value| first
+  picks = jnp.argsort(jnp.where(new, crank, k + crank), stable=True)  # new candidates, best first
+  tgt = jnp.where(jnp.arange(k) < m, slots, k)
+  n = jnp.maximum(cand["n"][picks], 1.0)
+  put = lambda x, v: x.at[tgt].set(v.astype(x.dtype), mode="drop")
+  values = put(values, jnp.zeros_like(values))
+  indices = put(indices, cand["idx"][picks])
+  opt = {"m": put(opt["m"], cand["g"][picks] / n), "v": put(opt["v"], cand["g2"][picks] / n),
+         "age": put(opt["age"], n - 1.0)}
+  return values, indices, opt
+
+
+def grow_ma(values, indices, row_R, col_C, n_drop: jax.Array):
+  """One target-expert's drop-and-grow by SM3 statistics; indices come back sorted (values with them)."""
+  k = values.shape[0]
+  rows, cols = row_R.shape[0], col_C.shape[0]
+  rank = _rank(jnp.abs(values))
+  score = (row_R[:, None] * col_C[None, :]).reshape(rows * cols)
+  score = score.at[indices].set(-jnp.inf)  # only indices not in use (the dropped ones included) may grow
+  top, cand = jax.lax.top_k(score, k)
+  j = jnp.arange(k)
+  m = jnp.sum((j < n_drop) & jnp.isfinite(top))
+  slots = jnp.argsort(rank)  # slot holding the j-th smallest |value|
+  tgt = jnp.where(j < m, slots, k)
+  values = values.at[tgt].set(0.0, mode="drop")
+  indices = indices.at[tgt].set(cand.astype(indices.dtype), mode="drop")
+  order = jnp.argsort(indices)
+  return values[order], indices[order]
+
+
+def base_hash(text: str) -> np.ndarray:
+  import hashlib
+
+  return np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32).copy()
