@@ -1,5 +1,6 @@
-"""The README's examples run as written (the ones that need no prior run): every `moejax experiments ...` line and
-the `llama_moe` experiment snippet, with only its Hugging Face path pointed at a tiny Llama this test makes."""
+"""The README's examples run as written (the ones that need no prior run): every `moejax experiments ...` line,
+the `llama_moe` experiment snippet, with only its Hugging Face path pointed at a tiny Llama this test makes, and the
+five-line Flax upcycling snippet (run from the repository root, as the README does)."""
 
 import json
 import pathlib
@@ -48,7 +49,8 @@ def test_readme_experiments_line_runs(line, capsys):
 
 def test_readme_llama_moe_snippet_derives_its_config(tmp_path):
   """The README's `llama_moe` sets moe.every=1 before moe.offset=0; validating each override alone rejected it."""
-  transformers = pytest.importorskip("transformers")
+  import transformers  # the interop extra is part of the test command: missing is a failure, not a skip
+
   hf_dir = tmp_path / "llama"
   transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64
@@ -64,3 +66,19 @@ def test_readme_llama_moe_snippet_derives_its_config(tmp_path):
   assert all(cfg.model.moe.is_moe_layer(i) for i in range(cfg.model.num_layers))
   assert (cfg.model.d_model, cfg.model.num_kv_heads, cfg.train.steps) == (32, 2, 1000)
   assert cfg.init.upcycle_from == "runs/llama"
+
+
+def test_readme_flax_snippet_runs(monkeypatch):
+  import sys
+
+  import numpy as np
+
+  (snippet,) = [b for b in _blocks("python") if "moejax.flax.upcycle(" in b]
+  monkeypatch.chdir(README.parent)
+  monkeypatch.syspath_prepend(str(README.parent))  # `from examples... import Decoder`, as from the repo root
+  namespace = {}
+  exec(compile(snippet, "README.md", "exec"), namespace)
+  logits, loss_extra = namespace["logits"], namespace["loss_extra"]
+  assert logits.shape == (2, 64, 256) and np.isfinite(np.asarray(logits)).all()
+  assert np.isfinite(float(loss_extra)) and float(loss_extra) > 0  # the upcycled layers' aux losses were collected
+  assert "examples.flax_nnx_upcycle" in sys.modules
