@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split) exits 2 with a
 one-line `moejax: error: ...` and no traceback; real failures keep their traceback.
@@ -151,6 +151,12 @@ def cmd_export_hf(args) -> int:
   return hf.cli_export(args.workdir, args.to, args.arch, dtype=args.dtype)
 
 
+def cmd_generate(args) -> int:
+  from moejax.inference import cli as inference_cli
+
+  return inference_cli.cmd_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="moejax", description="Sparse Mixture-of-Experts training in JAX.")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -191,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle (extra flags go to the benchmark)")
-  b.add_argument("what", choices=["moe", "train", "upcycle"])
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer (extra flags go to the benchmark)")
+  b.add_argument("what", choices=["moe", "train", "upcycle", "infer"])
   b.set_defaults(fn=None)
 
   i = sub.add_parser("import-hf", help="Hugging Face safetensors checkpoint -> moejax workdir")
@@ -208,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="tensor dtype on disk")
   x.set_defaults(fn=cmd_export_hf)
+
+  from moejax.inference import cli as inference_cli
+
+  inference_cli.add_parser(sub).set_defaults(fn=cmd_generate)
   return p
 
 
@@ -225,7 +235,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   its flags (`moejax train NAME --workdir DIR train.steps=300`): argparse stops filling a positional list at the
   first flag, so overrides it leaves over are appended to `args.overrides` here."""
   parser = build_parser()
-  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle"):
+  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle", "infer"):
     # the benchmark owns every flag after its name, --help included
     return parser.parse_args(argv[:2]), argv[2:]
   args, rest = parser.parse_known_args(argv)

@@ -1,0 +1,107 @@
+"""The decoder forward with a KV cache: `prefill` (a whole right-padded prompt) and `decode` (new tokens at
+per-sequence positions). Same params, same math as `models/transformer.forward`; the training path is untouched.
+
+MoE layers run with dropless dispatch whatever the training config said: a decode step routes B tokens (often
+fewer than the experts), and capacity dispatch would drop tokens depending on what else is in the batch.
+Expert-choice routing cannot decode causally (an expert picks its tokens among the whole sequence, future
+tokens included), so such a model is rejected with a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moejax import config, sharding
+from moejax.inference import cache as kv_cache
+from moejax.layers import attention, embed, mlp, moe
+from moejax.models import transformer
+
+
+def inference_config(cfg: config.ModelConfig) -> config.ModelConfig:
+  """The config the decoder runs with: MoE dispatch forced to dropless; expert-choice models rejected."""
+  m = cfg.moe
+  if not m.num_experts:
+    return cfg
+  if m.router == "expert_choice":
+    raise config.ConfigError(
+      "model.moe.router='expert_choice' cannot generate: each expert picks its top tokens among the whole "
+      "sequence, so a token's routing depends on tokens after it (a decoder must never see the future); "
+      "generate with a token_choice model (e.g. moe.router=token_choice, upcycled from the same dense run)")
+  if m.dispatch != "dropless":
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(m, dispatch="dropless"))
+  return cfg
+
+
+def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cfg: config.ModelConfig, *,
+           prefill: bool) -> tuple[jax.Array, dict]:
+  h = transformer.norm_apply(cfg, p["attn_norm"], x_BTD)
+  q_BTHK, k_BTGK, v_BTGK = attention.project(p["attn"], h, rope_theta=cfg.rope_theta,
+                                             rope_scaling=cfg.rope_scaling, positions_BT=positions_BT)
+  q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
+  if prefill:
+    # The prompt attends to itself (causal): with right padding a real token never sees a pad. Its keys and
+    # values fill slots 0..P-1 of the cache.
+    o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True)
+    k_all = jax.lax.dynamic_update_slice(cache_l["k"], k_BTGK.astype(cache_l["k"].dtype), (0, 0, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache_l["v"], v_BTGK.astype(cache_l["v"].dtype), (0, 0, 0, 0))
+  else:
+    k_all = kv_cache.write(cache_l["k"], k_BTGK, positions_BT)
+    v_all = kv_cache.write(cache_l["v"], v_BTGK, positions_BT)
+    S = k_all.shape[1]
+    # Query at position t sees slots 0..t of its own sequence; later slots are stale or empty.
+    mask_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions_BT[:, :, None]
+    o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_all.astype(q_BTHK.dtype), v_all.astype(q_BTHK.dtype),
+                                          mask=mask_BTS[:, None])
+  k_all = sharding.constrain(k_all, kv_cache.AXES)
+  v_all = sharding.constrain(v_all, kv_cache.AXES)
+  x_BTD = x_BTD + attention.output(p["attn"], o_BTHK)
+  x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
+  h = transformer.norm_apply(cfg, p["mlp_norm"], x_BTD)
+  if "moe" in p:
+    y, _ = moe.apply(p["moe"], h, cfg, rng=None, train=False)
+  else:
+    y = mlp.apply(p["mlp"], h, cfg.activation)
+  x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
+  return x_BTD, {"k": k_all, "v": v_all}
+
+
+def _logits(params: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
+  x_BTD = transformer.norm_apply(cfg, params["final_norm"], x_BTD)
+  if cfg.tie_embeddings:
+    logits_BTV = embed.attend(params["embed"], x_BTD)
+  else:
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(x_BTD.dtype))
+  return sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+
+
+def _run(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict, cfg: config.ModelConfig, *,
+         prefill: bool) -> tuple[jax.Array, dict]:
+  cd = transformer.DTYPES[cfg.compute_dtype]
+  x_BTD = sharding.constrain(embed.lookup(params["embed"], tokens_BT, cd), ("batch", "seq", "act_embed"))
+  new_cache = {}
+  for i in range(cfg.num_layers):
+    x_BTD, new_cache[str(i)] = _block(params["layers"][str(i)], x_BTD, cache[str(i)], positions_BT, cfg,
+                                      prefill=prefill)
+  return x_BTD, new_cache
+
+
+def prefill(params: dict, tokens_BP: jax.Array, lengths_B: jax.Array, cache: dict,
+            cfg: config.ModelConfig) -> tuple[jax.Array, dict]:
+  """Right-padded prompts `[B, P]` with true lengths `[B]` -> (logits at each prompt's last token [B, V], cache
+  holding slots 0..P-1). Only the B last positions go through the output projection."""
+  B, P = tokens_BP.shape
+  positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  x_BPD, cache = _run(params, tokens_BP, positions_BP, cache, cfg, prefill=True)
+  last_B11 = jnp.clip(lengths_B - 1, 0, P - 1).astype(jnp.int32)[:, None, None]
+  x_B1D = jnp.take_along_axis(x_BPD, last_B11, axis=1)
+  return _logits(params, x_B1D, cfg)[:, 0], cache
+
+
+def decode(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict,
+           cfg: config.ModelConfig) -> tuple[jax.Array, dict]:
+  """New tokens `[B, T]` (T = 1 in the loop) at per-sequence positions -> (logits [B, T, V], updated cache)."""
+  x_BTD, cache = _run(params, tokens_BT, positions_BT.astype(jnp.int32), cache, cfg, prefill=False)
+  return _logits(params, x_BTD, cfg), cache
