@@ -99,6 +99,9 @@ def cmd_generate(args) -> int:
   for i, x in enumerate(ids):
     if len(x) == 0:
       raise config.ConfigError(f"prompt {i} encodes to no tokens")
+    if int(x.max()) >= cfg.vocab_size:
+      raise config.ConfigError(f"prompt {i} has token id {int(x.max())} but the model's vocab_size is "
+                               f"{cfg.vocab_size} (data.tokenizer={exp.data.tokenizer!r} does not fit the model)")
     if len(x) + args.max_new_tokens > cfg.max_seq_len:
       raise config.ConfigError(f"prompt {i} ({len(x)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                                f"the model's max_seq_len={cfg.max_seq_len}")
