@@ -94,6 +94,25 @@ def decode_fn(params: dict, st: State, steps: jax.Array, s: sampling.Sampling, s
   return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
 
 
+@functools.lru_cache(maxsize=32)
+def _programs(cfg: config.ModelConfig, mesh: Mesh | None) -> tuple[Any, Any, collections.Counter]:
+  """The jitted prefill and decode loop for one (model config, mesh), shared by every Engine over them (a new
+  Engine on other params of the same model compiles nothing). The mesh is part of the key because the model
+  code reads it while tracing (`sharding.constrain`, the MoE layer's expert-parallel plan). `traces` counts
+  traces of each program: it grows by one per new (batch, prompt bucket, cache length), never per token."""
+  traces: collections.Counter = collections.Counter()
+
+  def counted(name, fn):
+    def wrapped(*a, **kw):
+      traces[name] += 1  # runs only while tracing
+      return fn(*a, **kw)
+    return wrapped
+
+  prefill = jax.jit(counted("prefill", functools.partial(prefill_fn, cfg=cfg)), static_argnames=("max_len",))
+  decode = jax.jit(counted("decode", functools.partial(decode_fn, cfg=cfg)), donate_argnums=(1,))
+  return prefill, decode, traces
+
+
 class Engine:
   """Generation for one model: `generate(prompts, ...)` -> the new tokens of each prompt.
 
@@ -109,18 +128,7 @@ class Engine:
     self.mesh = mesh
     self.stop = Stop(jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
     self.max_len = max_len  # fixed cache length (else bucketed from the request)
-    self.traces: collections.Counter = collections.Counter()
-    cfg_ = self.cfg
-
-    def counted(name, fn):
-      def wrapped(*a, **kw):
-        self.traces[name] += 1  # runs only while tracing: a compile counter
-        return fn(*a, **kw)
-      return wrapped
-
-    self._prefill = jax.jit(counted("prefill", functools.partial(prefill_fn, cfg=cfg_)),
-                            static_argnames=("max_len",))
-    self._decode = jax.jit(counted("decode", functools.partial(decode_fn, cfg=cfg_)), donate_argnums=(1,))
+    self._prefill, self._decode, self.traces = _programs(self.cfg, mesh)
 
   # -- shapes ------------------------------------------------------------------------------------------------
 
