@@ -237,20 +237,24 @@ def projection(batches: Sequence[int], context: int = 1024, hw: dict = H100) -> 
   lines = [f"Projection (analytic, not measured) on one {hw['name']}; decode at {context} tokens of context, "
            "step time = max(FLOPs / peak, bytes read / bandwidth).", "",
            "| model | params (total / active) | batch | dense ms/step | upcycled ms/step | upcycled / dense | "
-           "bound (dense, upcycled) |", "|---|---:|---:|---:|---:|---:|---|"]
+           f"bound (dense, upcycled) | prefill of {context} tokens: upcycled / dense |",
+           "|---|---:|---:|---:|---:|---:|---|---:|"]
   for name, dense in PROJECTED.items():
     moe = dataclasses.replace(dense, moe=_MOE8)
     sizes = (f"{transformer.num_params(dense) / 1e6:.0f}M / {transformer.num_params(moe) / 1e6:.0f}M, "
              f"{transformer.num_params(moe, active=True) / 1e6:.0f}M active")
     for b in batches:
-      t, bound = [], []
+      t, bound, pre = [], [], []
       for cfg in (dense, moe):
         w, kv = step_bytes(cfg, b, context)
         tf, tb = step_flops(cfg, b, context) / hw["flops"], (w + kv) / hw["bw"]
         t.append(max(tf, tb))
         bound.append("compute" if tf > tb else "memory")
+        # prefill: b * context tokens at mean context / 2, every expert read once
+        pre.append(max(context * step_flops(cfg, b, context // 2) / hw["flops"],
+                       step_bytes(cfg, b * context, context)[0] / hw["bw"]))
       lines.append(f"| {name} | {sizes} | {b} | {1e3 * t[0]:.2f} | {1e3 * t[1]:.2f} | {t[1] / t[0]:.2f}x | "
-                   f"{bound[0]}, {bound[1]} |")
+                   f"{bound[0]}, {bound[1]} | {pre[1] / pre[0]:.2f}x |")
   return "\n".join(lines) + "\n"
 
 
