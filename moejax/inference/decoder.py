@@ -35,6 +35,21 @@ def inference_config(cfg: config.ModelConfig) -> config.ModelConfig:
   return cfg
 
 
+SMALL_STEP_ROWS = 128  # routed rows per decode step below which CPU decoding uses ragged_dot (see decode_config)
+
+
+def decode_config(cfg: config.ModelConfig, tokens: int) -> config.ModelConfig:
+  """The config for a decode step of `tokens` tokens. On CPU, `auto` picks the sorted grouped matmul, whose
+  per-expert loops cost a fixed ~15 ms per MoE layer per step on a 2-core machine; for a few routed rows
+  (< SMALL_STEP_ROWS) `ragged_dot` (on CPU a masked product over every expert: E x the FLOPs of a few rows) is
+  several times faster (measured: docs/benchmarks.md). Accelerators keep `auto` (ragged_dot there anyway)."""
+  m = cfg.moe
+  if (m.num_experts and m.gmm_backend == "auto" and jax.default_backend() == "cpu"
+      and tokens * m.top_k < SMALL_STEP_ROWS):
+    return dataclasses.replace(cfg, moe=dataclasses.replace(m, gmm_backend="ragged_dot"))
+  return cfg
+
+
 def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cfg: config.ModelConfig, *,
            prefill: bool) -> tuple[jax.Array, dict]:
   h = transformer.norm_apply(cfg, p["attn_norm"], x_BTD)
