@@ -95,8 +95,14 @@ def load(name: str) -> Model:
     return Model(p.name, exp.model, eng.params, _val_loss(p))
   if name in PRESETS:
     return Model(name, PRESETS[name], _random_params(PRESETS[name]))
+  import difflib
+
   from moejax import registry
 
+  if name not in registry.names():
+    close = difflib.get_close_matches(name, [*PRESETS, *registry.names()], n=3)
+    raise config.ConfigError(f"{name!r} is not a run directory (with checkpoints/), a preset ({', '.join(PRESETS)}) "
+                             f"or a registered experiment" + (f"; did you mean {' or '.join(close)}?" if close else ""))
   exp = registry.get(name)
   if exp.task != "lm":
     raise config.ConfigError(f"{name!r} is a {exp.task!r} experiment; bench infer needs a decoder LM")
