@@ -99,7 +99,7 @@ def load(name: str) -> Model:
 
   from moejax import registry
 
-  if name not in registry.names():
+  if ":" not in name and name not in registry.names():
     close = difflib.get_close_matches(name, [*PRESETS, *registry.names()], n=3)
     raise config.ConfigError(f"{name!r} is not a run directory (with checkpoints/), a preset ({', '.join(PRESETS)}) "
                              f"or a registered experiment" + (f"; did you mean {' or '.join(close)}?" if close else ""))
