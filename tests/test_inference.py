@@ -21,8 +21,9 @@ CONFIGS = {
                                        config.RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0,
                                                                 high_freq_factor=4.0, original_max_seq_len=16)}),
   # Capacity dispatch in the training config: the decoder must still route dropless.
+  # E=8 > B*k=6 rows per decode step of the 3-sequence tests: the gathered-experts decode path is the one checked.
   "moe_shared": config.ModelConfig(**{**TINY, "num_kv_heads": 2}, moe=config.MoEConfig(
-    num_experts=4, top_k=2, every=1, offset=0, dispatch="capacity", capacity_factor=0.5, num_shared_experts=1,
+    num_experts=8, top_k=2, every=1, offset=0, dispatch="capacity", capacity_factor=0.5, num_shared_experts=1,
     shared_d_ff=24, shared_gate=True)),
 }
 

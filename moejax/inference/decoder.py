@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from moejax import config, sharding
 from moejax.inference import cache as kv_cache
-from moejax.layers import attention, embed, mlp, moe
+from moejax.layers import attention, embed, mlp, moe, router
 from moejax.models import transformer
 
 
@@ -50,6 +50,44 @@ def decode_config(cfg: config.ModelConfig, tokens: int) -> config.ModelConfig:
   return cfg
 
 
+def gathered_moe(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
+  """The MoE MLP for a few tokens (B*T*k < E): gather each assignment's expert weights and apply them as a
+  batched mat-vec, so a step reads only the experts its tokens chose (the memory-bound decode regime), instead
+  of a grouped matmul sized for many tokens. Same routing as `moe.apply` (router.logits -> softmax ->
+  token_choice with the selection bias), same expert math (`mlp.hidden`), shared experts as there."""
+  m = cfg.moe
+  B, T, D = x_BTD.shape
+  dt = x_BTD.dtype
+  x_ND = x_BTD.reshape(B * T, D)
+  logits_1NE = router.logits(p["router"]["w"], x_ND[None])
+  tc = router.token_choice(jax.nn.softmax(logits_1NE, -1), m.top_k, m.renormalize, p["router"].get("bias"))
+  e_NK, w_NK = tc.expert_GSK[0], tc.weight_GSK[0]
+  ex = p["experts"]
+
+  def lin(x_NKI, name):
+    y = jnp.einsum("NKI,NKIO->NKO", x_NKI, jnp.take(ex["w_" + name], e_NK, axis=0).astype(dt))
+    return y + jnp.take(ex["b_" + name], e_NK, axis=0).astype(dt) if "b_" + name in ex else y
+
+  x_NKD = jnp.broadcast_to(x_ND[:, None], (B * T, m.top_k, D))
+  h_NKF = mlp.hidden(lin(x_NKD, "gate") if "w_gate" in ex else None, lin(x_NKD, "up"), cfg.activation)
+  y_ND = jnp.sum(lin(h_NKF, "down") * w_NK[..., None].astype(dt), axis=1)
+  y_BTD = y_ND.reshape(B, T, D)
+  if "shared" in p:
+    s_BTD = mlp.apply(p["shared"], x_BTD, cfg.activation)
+    if "shared_gate" in p:
+      s_BTD = s_BTD * jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, p["shared_gate"]["w"].astype(dt)))
+    y_BTD = y_BTD + s_BTD
+  return y_BTD
+
+
+def _gather_experts(x_BTD: jax.Array, cfg: config.ModelConfig) -> bool:
+  """Few routed rows and no expert-parallel mesh: read only the chosen experts."""
+  B, T, _ = x_BTD.shape
+  mesh = sharding.active_mesh()
+  ep = mesh is not None and any(mesh.shape[a] > 1 for a in ("expert",))
+  return not ep and B * T * cfg.moe.top_k < cfg.moe.num_experts
+
+
 def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cfg: config.ModelConfig, *,
            prefill: bool) -> tuple[jax.Array, dict]:
   h = transformer.norm_apply(cfg, p["attn_norm"], x_BTD)
@@ -75,7 +113,9 @@ def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cf
   x_BTD = x_BTD + attention.output(p["attn"], o_BTHK)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = transformer.norm_apply(cfg, p["mlp_norm"], x_BTD)
-  if "moe" in p:
+  if "moe" in p and not prefill and _gather_experts(h, cfg):
+    y = gathered_moe(p["moe"], h, cfg)
+  elif "moe" in p:
     y, _ = moe.apply(p["moe"], h, cfg, rng=None, train=False)
   else:
     y = mlp.apply(p["mlp"], h, cfg.activation)
