@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|merge`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -195,6 +195,15 @@ def cmd_export_hf(args) -> int:
   return hf.cli_export(args.workdir, str(paths.out_dir(args.to, "--to")), args.arch, dtype=args.dtype)
 
 
+def cmd_generate(args) -> int:
+  from moejax.inference import cli as inference_cli
+
+  return inference_cli.cmd_generate(args)
+
+
+BENCHES = ("moe", "train", "upcycle", "infer", "peft")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = Parser(prog="moejax", description="Sparse Mixture-of-Experts training in JAX.")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -235,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | peft (extra flags go to the benchmark)")
-  b.add_argument("what", choices=["moe", "train", "upcycle", "peft"])
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft (extra flags go to the benchmark)")
+  b.add_argument("what", choices=BENCHES)
   b.set_defaults(fn=None)
 
   i = sub.add_parser("import-hf", help="Hugging Face safetensors checkpoint -> moejax workdir")
@@ -258,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                  help="tensor dtype on disk")
   x.set_defaults(fn=cmd_export_hf)
+
+  from moejax.inference import cli as inference_cli
+
+  inference_cli.add_parser(sub).set_defaults(fn=cmd_generate)
   return p
 
 
@@ -275,7 +288,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   its flags (`moejax train NAME --workdir DIR train.steps=300`): argparse stops filling a positional list at the
   first flag, so overrides it leaves over are appended to `args.overrides` here."""
   parser = build_parser()
-  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("moe", "train", "upcycle", "peft"):
+  if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
     # the benchmark owns every flag after its name, --help included
     return parser.parse_args(argv[:2]), argv[2:]
   args, rest = parser.parse_known_args(argv)

@@ -65,10 +65,11 @@ def rope(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float,
   return (x32 * cos + rotated * sin).astype(x_BTHK.dtype)
 
 
-def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None = 10000.0,
-          rope_scaling: config.RopeScalingConfig | None = None, positions_BT: jax.Array | None = None,
-          mask_BT: jax.Array | None = None) -> jax.Array:
-  """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None."""
+def project(p: dict, x_BTD: jax.Array, *, rope_theta: float | None = 10000.0,
+            rope_scaling: config.RopeScalingConfig | None = None,
+            positions_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q [B, T, H, K], k and v [B, T, G, K]: the projections (+ biases) and RoPE at `positions_BT`
+  (default 0..T-1). Shared by `apply` and the KV-cache decoder (`moejax/inference`)."""
   dt = x_BTD.dtype
   B, T, _ = x_BTD.shape
   q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, p["wq"].astype(dt))
@@ -83,10 +84,23 @@ def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None =
       positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
     q_BTHK = rope(q_BTHK, positions_BT, rope_theta, rope_scaling)
     k_BTGK = rope(k_BTGK, positions_BT, rope_theta, rope_scaling)
+  return q_BTHK, k_BTGK, v_BTGK
+
+
+def output(p: dict, o_BTHK: jax.Array) -> jax.Array:
+  y_BTD = jnp.einsum("BTHK,HKD->BTD", o_BTHK, p["wo"].astype(o_BTHK.dtype))
+  if "bo" in p:
+    y_BTD += p["bo"].astype(o_BTHK.dtype)
+  return y_BTD
+
+
+def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None = 10000.0,
+          rope_scaling: config.RopeScalingConfig | None = None, positions_BT: jax.Array | None = None,
+          mask_BT: jax.Array | None = None) -> jax.Array:
+  """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None."""
+  q_BTHK, k_BTGK, v_BTGK = project(p, x_BTD, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                                   positions_BT=positions_BT)
   q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
   mask = None if mask_BT is None else mask_BT[:, None, None, :]  # [B, 1, 1, T] over keys
   o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, is_causal=causal)
-  y_BTD = jnp.einsum("BTHK,HKD->BTD", o_BTHK, p["wo"].astype(dt))
-  if "bo" in p:
-    y_BTD += p["bo"].astype(dt)
-  return y_BTD
+  return output(p, o_BTHK)

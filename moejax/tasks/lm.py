@@ -1,4 +1,4 @@
-"""Language modelling: next-token cross-entropy (+ MoE aux losses), perplexity, greedy generation.
+"""Language modelling: next-token cross-entropy (+ MoE aux losses), perplexity, greedy generation (KV cache).
 
 The task contract the trainer relies on (shared with tasks/contrastive.py):
   specs(cfg) -> param spec tree
@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from moejax import config
@@ -90,10 +91,10 @@ def flops_per_example(cfg: config.ExperimentConfig) -> float:
 
 
 def generate(params: Any, prompt_BT: jax.Array, cfg: config.ModelConfig, num_tokens: int) -> jax.Array:
-  """Greedy decoding by re-running the prefix (no KV cache yet; fine for the tiny demo models)."""
-  tokens = prompt_BT
-  fwd = jax.jit(lambda p, t: transformer.forward(p, t, cfg)[0][:, -1])
-  for _ in range(num_tokens):
-    nxt = jnp.argmax(fwd(params, tokens), -1)[:, None].astype(tokens.dtype)
-    tokens = jnp.concatenate([tokens, nxt], axis=1)
-  return tokens
+  """Greedy continuation of equal-length prompts by `num_tokens` tokens -> [B, T + num_tokens] (no EOS stop).
+  A thin wrapper over the KV-cache engine (`moejax.inference.engine.Engine`), which does sampling, EOS,
+  ragged prompts and meshes."""
+  from moejax.inference import engine
+
+  new = engine.Engine(params, cfg).generate(np.asarray(prompt_BT), max_new_tokens=num_tokens)
+  return jnp.concatenate([jnp.asarray(prompt_BT), jnp.asarray(np.stack(new)).astype(prompt_BT.dtype)], axis=1)
