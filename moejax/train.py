@@ -19,6 +19,7 @@ import pathlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -118,6 +119,26 @@ def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
           "params": jax.device_put(params, s.param_shardings)}
 
 
+def accumulated_grads(lossf: Callable, params: Any, batch: Any, rng: jax.Array, A: int) -> tuple[Any, Any]:
+  """Gradient of `lossf(params, batch, rng) -> (loss, metrics)` and its metrics. With `A` > 1 the batch is split
+  into A micro-batches of B/A (micro-batch i gets `fold_in(rng, i)`): the gradients are averaged in float32 and
+  the metrics meaned (so, e.g., a load-balance loss is formed per micro-batch)."""
+  grad_fn = jax.value_and_grad(lossf, has_aux=True)
+  if A == 1:
+    (_, m), g = grad_fn(params, batch, rng)
+    return g, m
+  micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
+
+  def body(carry, b):
+    g_acc, i = carry
+    (_, m), g = grad_fn(params, b, jax.random.fold_in(rng, i))
+    return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32) / A, g_acc, g), i + 1), m
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (g, _), ms = jax.lax.scan(body, (zeros, 0), micro)
+  return g, jax.tree.map(lambda x: jnp.mean(x, 0), ms)
+
+
 def make_train_step(s: Setup):
   if s.hooks:
     return s.hooks.make_train_step(s)
@@ -126,26 +147,8 @@ def make_train_step(s: Setup):
   A = cfg.optim.grad_accum
 
   def grads_and_metrics(params, batch, rng):
-    def lossf(p, b, r):
-      return task.loss_fn(p, b, cfg, rng=r, train=True)
-
-    grad_fn = jax.value_and_grad(lossf, has_aux=True)
-    if A == 1:
-      (_, m), g = grad_fn(params, batch, rng)
-      return g, m
-    micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
-
-    def body(carry, xs):
-      g_acc, i = carry
-      b = xs
-      (_, m), g = grad_fn(params, b, jax.random.fold_in(rng, i))
-      g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) / A, g_acc, g)
-      return (g_acc, i + 1), m
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (g, _), ms = jax.lax.scan(body, (zeros, 0), micro)
-    g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
-    return g, jax.tree.map(lambda x: jnp.mean(x, 0), ms)
+    g, m = accumulated_grads(lambda p, b, r: task.loss_fn(p, b, cfg, rng=r, train=True), params, batch, rng, A)
+    return jax.tree.map(lambda x, p: x.astype(p.dtype), g, params), m
 
   def train_step(state, batch):
     step = state["step"]

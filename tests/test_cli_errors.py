@@ -161,6 +161,13 @@ CASES = [
   _c("bench-train-unknown-exp", "bench", "train", "lm_dense_tinyy", msg="unknown experiment 'lm_dense_tinyy'"),
   _c("bench-train-inf", "bench", "train", "lm_dense_tiny", "optim.lr=1e999", msg="optim.lr=inf"),
   _c("bench-train-zero-steps", "bench", "train", "lm_dense_tiny", "--steps", "0", msg="--steps=0 must be >= 1"),
+  _c("bench-infer-bad-int", "bench", "infer", "lm_dense_tiny", "--prompt-len", "x",
+     msg="bench infer: argument --prompt-len: invalid int value"),
+  _c("bench-infer-bad-batch", "bench", "infer", "lm_dense_tiny", "--batch", "1,x", msg="give comma-separated integers"),
+  _c("bench-infer-zero-batch", "bench", "infer", "lm_dense_tiny", "--batch", "0", msg="must be >= 1"),
+  _c("bench-infer-no-model", "bench", "infer", msg="bench infer needs a model"),
+  _c("bench-peft-zero-rank", "bench", "peft", "--rank", "0", msg="--rank=0 must be >= 1"),
+  _c("bench-peft-bad-int", "bench", "peft", "--steps", "x", msg="bench peft: argument --steps: invalid int value"),
   _c("bench-upcycle-bad-int", "bench", "upcycle", "--layers", "x", msg="argument --layers: invalid int value"),
   # import-hf
   _c("import-missing-path", "import-hf", "{new}", "--to", "{new}/to", msg="does not exist"),

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 # Plain imports, not importorskip: the test command installs the interop extra, so a broken install must fail.
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from hf_helpers import randomize  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from moejax import config, sharding  # noqa: E402
@@ -32,25 +33,11 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
 
 
-def _randomize(model, seed: int):
-  """Weights ~ N(0, 1/fan_in) so activations and router logits are O(1); norm scales near 1; biases small."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-  return model.eval()
-
-
 def _build(cls_name: str, seed: int = 0, **kw):
   cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
   cfg = cfg_cls(**{**SMALL, **kw})
   torch.manual_seed(seed)
-  return _randomize(getattr(transformers, cls_name)(cfg), seed)
+  return randomize(getattr(transformers, cls_name)(cfg), seed)
 
 
 def _tokens(vocab: int, seed: int = 0, shape=(2, 11)) -> np.ndarray:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import config, sharding
+from moejax import cli, config, sharding
 from moejax.inference import engine
 from moejax.models import transformer
 
@@ -301,7 +301,7 @@ def ratio_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="moejax bench infer", description=__doc__,
+  p = cli.Parser(prog="moejax bench infer", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("model", nargs="?", help=f"run directory, preset ({', '.join(PRESETS)}) or experiment name")
   p.add_argument("--vs", help="a second model, measured in the same run (ratios printed)")

@@ -9,14 +9,13 @@ Memory: adapter bytes (deltas + indices / LoRA factors), optimizer bytes, SpIEL-
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 import time
 
 import jax
 
-from moejax import checkpoint, config, registry, sharding, train
+from moejax import checkpoint, cli, config, registry, sharding, train
 from moejax.bench import train as bench_train
 from moejax.peft import trainer as peft_trainer
 
@@ -25,18 +24,9 @@ def _bytes(tree) -> int:
   return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-class _Timer:
-  def __init__(self, name: str, cfg: config.ExperimentConfig):
-    self.name, self.cfg = name, cfg
-    self.s = train.setup(cfg)
-    self.step = train.make_train_step(self.s)
-    self.state = train.init_state(self.s, jax.random.key(0))
-    self.batch = bench_train._synthetic_batch(self.s)
-    self.total, self.n = 0.0, 0
-    t = time.perf_counter()
-    self.state, m = self.step(self.state, self.batch)
-    jax.block_until_ready(m)
-    self.compile_s = time.perf_counter() - t
+class _Timer(bench_train._Timer):
+  """`bench train`'s timer (setup, one compile step), run `steps` steps per call, with memory columns."""
+  total, n = 0.0, 0
 
   def run(self, steps: int) -> None:
     t = time.perf_counter()
@@ -57,13 +47,16 @@ class _Timer:
 
 
 def main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog="moejax bench peft")
+  ap = cli.Parser(prog="moejax bench peft")
   ap.add_argument("base", nargs="?", default="lm_dense_tiny")
   ap.add_argument("overrides", nargs="*")
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--steps", type=int, default=40, help="a multiple of peft.reselection_interval (20)")
   ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
   args = ap.parse_args(argv)
+  for flag, v in (("--rank", args.rank), ("--steps", args.steps)):
+    if v < 1:
+      raise SystemExit(f"{flag}={v} must be >= 1")
   base_cfg = registry.get(args.base, args.overrides)
   with tempfile.TemporaryDirectory() as tmp:
     d = pathlib.Path(tmp) / "base"

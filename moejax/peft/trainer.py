@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import checkpoint, config, optim, sharding, tasks
+from moejax import checkpoint, config, optim, sharding, tasks, train
 from moejax.peft import lora, spiel
 from moejax.peft import targets as targets_lib
 
@@ -124,8 +124,6 @@ def aux_specs(cfg: config.ExperimentConfig, tg: dict[str, targets_lib.Target], i
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None):
-  from moejax import train
-
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   train.check_batch(cfg, mesh)
   task = tasks.get(cfg.task)
@@ -200,23 +198,8 @@ def make_train_step(s):
 
   def dense_grads(base, eff, batch, rng):
     """Gradient of the loss wrt each merged target weight W' (dense: XLA forms dW in the backward pass anyway)."""
-    def lossf(e, b, r):
-      return task.loss_fn(targets_lib.replace(base, e), b, cfg, rng=r, train=True)
-
-    grad_fn = jax.value_and_grad(lossf, has_aux=True)
-    if A == 1:
-      (_, m), g = grad_fn(eff, batch, rng)
-      return g, m
-    micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
-
-    def body(carry, b):
-      g_acc, i = carry
-      (_, m), g = grad_fn(eff, b, jax.random.fold_in(rng, i))
-      return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32) / A, g_acc, g), i + 1), m
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), eff)
-    (g, _), ms = jax.lax.scan(body, (zeros, 0), micro)
-    return g, jax.tree.map(lambda x: jnp.mean(x, 0), ms)
+    lossf = lambda e, b, r: task.loss_fn(targets_lib.replace(base, e), b, cfg, rng=r, train=True)
+    return train.accumulated_grads(lossf, eff, batch, rng, A)
 
   def train_step(state, base, batch):
     step = state["step"]
