@@ -149,30 +149,64 @@ def accumulate(cand: dict, g_N: jax.Array, start: jax.Array) -> dict:
   return jax.lax.cond(start, fresh, add)
 
 
+def _sort_key(x: jax.Array) -> jax.Array:
+  """int32 keys in the order `jnp.sort` puts float32 x in (-0.0 = 0.0, NaNs equal and last)."""
+  x = jnp.where(x == 0, 0.0, jnp.where(jnp.isnan(x), jnp.nan, x)).astype(jnp.float32)
+  i = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _argsort(x: jax.Array) -> jax.Array:
+  """`jnp.argsort(x, stable=True)` of a 1-D float32 x, by single-operand int32 sorts where the sizes allow.
+
+  XLA:CPU sorts one int32 operand ~7x faster than a (key, iota) pair with jnp's float comparator, and drop-and-
+  grow sorts every expert's k deltas several times: the (key, slot) pairs are packed into one int32 as
+  `lo * n + slot`, lo = the key's first position in the sorted keys (equal keys share it, so ties go by slot)."""
+  n = x.shape[0]
+  if n * n >= 2**31:
+    return jnp.argsort(x, stable=True).astype(jnp.int32)
+  key = _sort_key(x)
+  lo = jnp.searchsorted(jnp.sort(key), key, side="left", method="scan_unrolled").astype(jnp.int32)
+  return jnp.sort(lo * n + jnp.arange(n, dtype=jnp.int32)) % n
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
 def _rank(x: jax.Array) -> jax.Array:
   """rank[i] = position of i in a stable ascending sort of x."""
-  order = jnp.argsort(x, stable=True)
-  return jnp.zeros_like(order).at[order].set(jnp.arange(x.shape[0], dtype=order.dtype))
+  return _inverse(_argsort(x))
+
+
+def _partition(order: jax.Array, first: jax.Array) -> jax.Array:
+  """`order` with its entries where first[order] first, each part in its order: a stable sort by the key
+  where(first, rank, k + rank) without sorting (rank = the inverse of order)."""
+  f = first[order]
+  pos = jnp.where(f, jnp.cumsum(f) - 1, jnp.sum(f) + jnp.cumsum(~f) - 1)
+  return jnp.zeros_like(order).at[pos].set(order)
 
 
 def grow_ag(values, indices, opt: dict, cand: dict, n_drop: jax.Array, size: int):
   """One target-expert's drop-and-grow by accumulated gradients. Returns (values, indices, opt)."""
   k = values.shape[0]
   oob = size  # scatters to this index are dropped
-  rank = _rank(jnp.abs(values))  # the smallest |value| first; ties by slot
+  order = _argsort(jnp.abs(values))  # the smallest |value| first; ties by slot
+  rank = _inverse(order)
   dropped = rank < n_drop
   remaining = jnp.zeros(size, bool).at[jnp.where(dropped, oob, indices)].set(True, mode="drop")
   outgoing = jnp.zeros(size, bool).at[jnp.where(dropped, indices, oob)].set(True, mode="drop")
   valid = ~remaining[cand["idx"]] & (cand["n"] > 0)
   score = jnp.where(valid, jnp.abs(cand["g"]), -jnp.inf)
-  crank = _rank(-score)  # the best candidate first
+  corder = _argsort(-score)  # the best candidate first
+  crank = _inverse(corder)
   grown = valid & (crank < n_drop)
   incoming = jnp.zeros(size, bool).at[jnp.where(grown, cand["idx"], oob)].set(True, mode="drop")
   new = grown & ~outgoing[cand["idx"]]  # regrown dropped indices keep their slot
   m = jnp.sum(new)
   free = dropped & ~incoming[indices]
-  slots = jnp.argsort(jnp.where(free, rank, k + rank), stable=True)  # freed slots, smallest |value| first
-  picks = jnp.argsort(jnp.where(new, crank, k + crank), stable=True)  # new candidates, best first
+  slots = _partition(order, free)  # freed slots, smallest |value| first
+  picks = _partition(corder, new)  # new candidates, best first
   tgt = jnp.where(jnp.arange(k) < m, slots, k)
   n = jnp.maximum(cand["n"][picks], 1.0)
   put = lambda x, v: x.at[tgt].set(v.astype(x.dtype), mode="drop")
