@@ -197,6 +197,23 @@ def test_drop_and_grow_invariants_random(seed):
     assert not changed[keep].any()
 
 
+def test_int_sort_ranks_equal_stable_float_argsort():
+  """Drop-and-grow's int32-sort ranking is jnp.argsort(stable=True): ties by position, -0.0 = 0.0, NaN last."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 257)).astype(np.float32)
+  u = rng.random(x.shape)
+  x[u < 0.3], x[(u > 0.3) & (u < 0.35)] = 0.0, -0.0
+  x[u > 0.8] = x[u > 0.8].round()
+  x[u > 0.97], x[(u > 0.95) & (u < 0.96)], x[(u > 0.93) & (u < 0.94)] = np.nan, np.inf, -np.inf
+  for row in jnp.asarray(x):
+    for y in (row, jnp.abs(row), -row):
+      np.testing.assert_array_equal(spiel._argsort(y), jnp.argsort(y, stable=True))
+      np.testing.assert_array_equal(spiel._rank(y), jnp.argsort(jnp.argsort(y, stable=True), stable=True))
+  order, first = jnp.asarray(rng.permutation(257), jnp.int32), jnp.asarray(rng.random(257) < 0.4)
+  rank = spiel._inverse(order)
+  np.testing.assert_array_equal(spiel._partition(order, first), jnp.argsort(jnp.where(first, rank, 257 + rank), stable=True))
+
+
 def test_only_adapters_change_base_bit_identical_and_resume_exact(tmp_path):
   base = _write_base(tmp_path / "base")
   cfg = _cfg(base, "spiel_ag", *FAST_SELECT, "train.steps=8", "train.checkpoint_every=4", "optim.lr=1e-2")

@@ -221,17 +221,17 @@ def grow_ma(values, indices, row_R, col_C, n_drop: jax.Array):
   """One target-expert's drop-and-grow by SM3 statistics; indices come back sorted (values with them)."""
   k = values.shape[0]
   rows, cols = row_R.shape[0], col_C.shape[0]
-  rank = _rank(jnp.abs(values))
+  slots = _argsort(jnp.abs(values))  # slot holding the j-th smallest |value|
   score = (row_R[:, None] * col_C[None, :]).reshape(rows * cols)
   score = score.at[indices].set(-jnp.inf)  # only indices not in use (the dropped ones included) may grow
   top, cand = jax.lax.top_k(score, k)
   j = jnp.arange(k)
   m = jnp.sum((j < n_drop) & jnp.isfinite(top))
-  slots = jnp.argsort(rank)  # slot holding the j-th smallest |value|
   tgt = jnp.where(j < m, slots, k)
   values = values.at[tgt].set(0.0, mode="drop")
   indices = indices.at[tgt].set(cand.astype(indices.dtype), mode="drop")
-  order = jnp.argsort(indices)
+  pos = jnp.searchsorted(jnp.sort(indices), indices, method="scan_unrolled")  # indices are unique
+  order = _inverse(pos.astype(jnp.int32))
   return values[order], indices[order]
 
 
