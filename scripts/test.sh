@@ -6,6 +6,6 @@ setup_venv "test,interop,bpe"
 if [ "$#" -gt 0 ]; then
   exec python -m pytest "$@"
 fi
-python -m ruff check moejax tests experiments
+python -m ruff check moejax tests experiments examples scripts
 python -m pytest -q -m "not slow" -p no:cacheprovider --durations=25
 python -m pytest -q -m "slow" -p no:cacheprovider --durations=15
