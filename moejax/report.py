@@ -328,9 +328,16 @@ def _domain_plots(runs: dict[str, list[dict]], out_dir: pathlib.Path) -> list[pa
     p = metric_curves(runs, domain_keys(all_rows, suffix), out_dir / fname, title=title)
     if p:
       files.append(p)
+  return files + _per_run(runs, out_dir, "domain_expert_load", domain_expert_load_heatmap, "expert load per domain")
+
+
+def _per_run(runs: dict[str, list[dict]], out_dir: pathlib.Path, stem: str, plot, what: str) -> list[pathlib.Path]:
+  """One picture per run (`stem.png` for a single run, `stem_NAME.png` for several); runs with nothing to show
+  get none."""
+  files = []
   for name, rows in runs.items():
-    fname = "domain_expert_load.png" if len(runs) == 1 else f"domain_expert_load_{name}.png"
-    p = domain_expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load per domain")
+    fname = f"{stem}.png" if len(runs) == 1 else f"{stem}_{name}.png"
+    p = plot(rows, out_dir / fname, title=f"{name}: {what}")
     if p:
       files.append(p)
   return files
@@ -351,11 +358,7 @@ def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None
   p = metric_curves(runs, RETRIEVAL_KEYS, out_dir / "retrieval.png")
   if p:
     files.append(p)
-  for name, rows in runs.items():
-    fname = "expert_load.png" if len(runs) == 1 else f"expert_load_{name}.png"
-    p = expert_load_heatmap(rows, out_dir / fname, title=f"{name}: expert load")
-    if p:
-      files.append(p)
+  files.extend(_per_run(runs, out_dir, "expert_load", expert_load_heatmap, "expert load"))
   files.extend(_domain_plots(runs, out_dir))
   sums = {n: summary(r) for n, r in runs.items()}
   table = markdown_table([{"run": n, **{k: v for k, v in sm.items() if "/" not in k}} for n, sm in sums.items()])
