@@ -115,8 +115,11 @@ def _over_chunks(row0: jax.Array, n: jax.Array, sizes: list[int], body, carry):
   carry = lax.fori_loop(0, n_big, lambda i, c: body(row0 + i * big, big, c), carry)
   row, n = row0 + n_big * big, n - n_big * big
   for s in sizes[1:]:
-    take = (n >= s).astype(jnp.int32)  # 0 or 1: a loop, not a cond, so the carry is updated in place
-    carry = lax.fori_loop(0, take, lambda _, c, r=row, s=s: body(r, s, c), carry)
+    # 0 or 1 trips: a loop, not a cond, so the carry is updated in place. The row goes through the loop index:
+    # a body that does not depend on it is loop-invariant, and XLA would hoist its products out of the loop
+    # and run them for every group, taken or not.
+    take = (n >= s).astype(jnp.int32)
+    carry = lax.fori_loop(0, take, lambda i, c, r=row, s=s: body(r + i * s, s, c), carry)
     row, n = row + take * s, n - take * s
   return carry
 
@@ -246,10 +249,13 @@ def _hidden(pre: jax.Array, gated: bool, activation: str) -> jax.Array:
 def sorted_mlp(x_MD: jax.Array, ex: dict, group_sizes_E: jax.Array, activation: str) -> jax.Array:
   """`y[rows of e] = MLP_e(x[rows of e])` with the stacked expert params `ex` (w_up/w_down[/w_gate][, b_*]), the
   same math as `mlp.apply`. Group sizes must be multiples of TILE; rows past the groups are left zero."""
-  return _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation)[0]
+  return _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre=False)[0]
 
 
-def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
+def _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre: bool):
+  """(y [M, D], the pre-activations [M, P] or None). A forward-only program (no VJP) runs with `keep_pre`
+  False: the pre-activation buffer is a loop carry, which XLA cannot drop, so it would be zero-filled and
+  written (two passes over [M, 2F]) for nothing."""
   M, D = x_MD.shape
   E, _, F = ex["w_up"].shape
   gated = "w_gate" in ex
@@ -267,12 +273,16 @@ def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
       pre = _bias(b_in, jnp.dot(lax.dynamic_slice_in_dim(x_MD, row, rows, 0), w_in))
       y_rD = _bias(b_out, jnp.dot(_hidden(pre, gated, activation), w_out))
       return (lax.dynamic_update_slice_in_dim(y_MD, y_rD, row, 0),
-              lax.dynamic_update_slice_in_dim(pre_MP, pre, row, 0))
+              None if pre_MP is None else lax.dynamic_update_slice_in_dim(pre_MP, pre, row, 0))
 
     return _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, carry)
 
-  init = (_zeros_varying_like((M, D), dt, *refs), _zeros_varying_like((M, P), dt, *refs))
-  y_MD, pre_MP = lax.fori_loop(0, E, per_expert, init)
+  init = (_zeros_varying_like((M, D), dt, *refs), _zeros_varying_like((M, P), dt, *refs) if keep_pre else None)
+  return lax.fori_loop(0, E, per_expert, init)
+
+
+def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
+  y_MD, pre_MP = _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre=True)
   return y_MD, (x_MD, ex, group_sizes_E, pre_MP)
 
 
