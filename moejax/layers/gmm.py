@@ -39,6 +39,7 @@ BACKENDS = ("ragged_dot", "sorted", "dense")
 TILE = 32
 CHUNK = 128
 CHUNK_BWD = 128
+CHUNK_BWD_DW = 512
 CHUNK_DW = 1024
 
 
@@ -296,7 +297,7 @@ def _sorted_mlp_bwd(activation, res, dy_MD):
   gated = "w_gate" in ex
   biased = "b_up" in ex
   P = pre_MP.shape[1]
-  sizes = _sizes_or_error(M, CHUNK_BWD)
+  sizes = _sizes_or_error(M, max(CHUNK_BWD, CHUNK_BWD_DW))
   starts_E = group_starts(group_sizes_E)
   refs = (x_MD, dy_MD, group_sizes_E, *jax.tree.leaves(ex))
   dt = x_MD.dtype
@@ -309,20 +310,31 @@ def _sorted_mlp_bwd(activation, res, dy_MD):
 
     def body(row, rows, carry):
       dx_MD, acc = carry
-      sl = lambda a: lax.dynamic_slice_in_dim(a, row, rows, 0)
-      x, dy, pre = sl(x_MD), sl(dy_MD), sl(pre_MP)
-      dh = jnp.dot(dy, w_outT)
-      if gated:  # VJP of the two halves separately: the VJP of a slice would pad and add [rows, 2F] arrays
-        h, h_vjp = jax.vjp(lambda g, u: mlp.hidden(g, u, activation), pre[:, :F], pre[:, F:])
-        dpre = jnp.concatenate(h_vjp(dh), 1)
-      else:
-        h, h_vjp = jax.vjp(lambda u: mlp.hidden(None, u, activation), pre)
-        (dpre,) = h_vjp(dh)
+      sl = lambda a, r, n: lax.dynamic_slice_in_dim(a, r, n, 0)
+      piece = min(rows, CHUNK_BWD)
+      dpres, hs = [], []
+      for j in range(rows // piece):  # activation VJP and dx per CHUNK_BWD rows, while they are in cache
+        r = row + j * piece
+        dy, pre = sl(dy_MD, r, piece), sl(pre_MP, r, piece)
+        dh = jnp.dot(dy, w_outT)
+        if gated:  # VJP of the two halves separately: the VJP of a slice would pad and add [rows, 2F] arrays
+          h, h_vjp = jax.vjp(lambda g, u: mlp.hidden(g, u, activation), pre[:, :F], pre[:, F:])
+          dpre = jnp.concatenate(h_vjp(dh), 1)
+        else:
+          h, h_vjp = jax.vjp(lambda u: mlp.hidden(None, u, activation), pre)
+          (dpre,) = h_vjp(dh)
+        dx_MD = lax.dynamic_update_slice_in_dim(dx_MD, jnp.dot(dpre, w_inT).astype(dt), r, 0)
+        dpres.append(dpre)
+        hs.append(h)
+      dpre, h = (jnp.concatenate(a, 0) if len(a) > 1 else a[0] for a in (dpres, hs))
+      x, dy = sl(x_MD, row, rows), sl(dy_MD, row, rows)
+      # XLA:CPU does not fuse the add into a dot: each product is followed by a read-add-write of the [D, 2F]
+      # / [F, D] accumulators, so the weight-gradient products contract CHUNK_BWD_DW rows at a time.
       acc = {"in": acc["in"] + lax.dot_general(x, dpre, tn, preferred_element_type=jnp.float32),
              "out": acc["out"] + lax.dot_general(h, dy, tn, preferred_element_type=jnp.float32),
              **({"b_in": acc["b_in"] + jnp.sum(dpre, 0, dtype=jnp.float32),
                  "b_out": acc["b_out"] + jnp.sum(dy, 0, dtype=jnp.float32)} if biased else {})}
-      return lax.dynamic_update_slice_in_dim(dx_MD, jnp.dot(dpre, w_inT).astype(dt), row, 0), acc
+      return dx_MD, acc
 
     shapes = {"in": (D, P), "out": (F, D), **({"b_in": (P,), "b_out": (D,)} if biased else {})}
     acc = {k: _zeros_varying_like(v, jnp.float32, *refs) for k, v in shapes.items()}
