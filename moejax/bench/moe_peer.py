@@ -15,6 +15,7 @@ a column is only printed for a block that computes what moejax's does. moejax ->
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import jax
@@ -29,12 +30,22 @@ _IMPL = {"hf-eager": "eager", "hf-grouped": "grouped_mm", "hf-compile": "grouped
 TOL = 1e-4  # float32, a whole block (relative to the largest magnitude of each tensor)
 
 
+def _import_torch():
+  """torch with its OpenMP threads sleeping between calls: by default they spin-wait after each op, and in a
+  process that interleaves torch and XLA calls on a few cores the spinning slows down the next XLA call (a
+  jax matmul right after a torch call: +19% with spinning, +6% without, 2 cores). Set before torch is imported."""
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  import torch
+
+  return torch
+
+
 def available() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 def _block(p: dict, cfg: config.ModelConfig, impl: str):
-  import torch
+  torch = _import_torch()
   from transformers.models.mixtral import configuration_mixtral, modeling_mixtral
 
   D, F, m = cfg.d_model, cfg.expert_d_ff, cfg.moe
@@ -77,7 +88,7 @@ def _check(name: str, got, want) -> None:
 def peer_fns(names: list[str], p: dict, cfg: config.ModelConfig, x_GSD: jax.Array, g_GSD: jax.Array,
              ) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]], dict[str, str]]:
   """(forward fns, forward+backward fns, {peer: why it was left out}) for the peers that run and check out."""
-  import torch
+  torch = _import_torch()
 
   def loss(p, x):
     return jnp.sum(moe.apply(p, x, cfg)[0] * g_GSD)
