@@ -12,9 +12,10 @@ padding and come out zero). Backends:
   chunk of each size CHUNK/2, ..., TILE. Every product is a plain `dot` on contiguous rows. The loops have
   dynamic trip counts, so the backward pass is a custom VJP made of the same chunked products.
   For the MoE layer the whole expert MLP runs per chunk (`sorted_mlp`): gate and up as one [D, 2F] product,
-  the activation and the down product while the chunk is in cache; its backward does the activation VJP, dx
-  and the weight gradients per chunk too. Small chunks win on this memory-bound CPU (the measurements are in
-  docs/benchmarks.md).
+  the activation and the down product while the chunk is in cache; its backward does the activation VJP and dx
+  per chunk and the weight gradients per 4 chunks (the accumulator's read-add-write is paid per product).
+  Small chunks win on this memory-bound CPU (the measurements are in docs/benchmarks.md). A forward-only
+  program keeps no pre-activations; only the custom VJP's forward writes them for the backward.
 - `dense`: every row times every expert, then a select (E x the FLOPs). Small reference / fallback.
 
 `auto` picks `ragged_dot` on GPU/TPU and `sorted` on CPU.
@@ -35,7 +36,9 @@ BACKENDS = ("ragged_dot", "sorted", "dense")
 # Row padding of each group for `sorted`, and its chunk sizes (rows per product) for the forward, the backward
 # and the plain gmm's weight gradient. Measured on a 2-core AVX-512 CPU (docs/benchmarks.md): 32-row padding
 # wastes ~1-3% at E=8..32; 128-row chunks keep a chunk's activations in L2 and beat 512/1024-row ones by
-# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows).
+# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows). In sorted_mlp's backward the
+# weight-gradient products contract CHUNK_BWD_DW rows (XLA:CPU does not fuse the accumulator add into the dot:
+# 512 rows pay a quarter of 128 rows' accumulator traffic; expert MLP fwd+bwd at M 1.29-1.33x -> 1.12-1.13x).
 TILE = 32
 CHUNK = 128
 CHUNK_BWD = 128
