@@ -158,6 +158,7 @@ CASES = [
   _c("bench-moe-bad-int", "bench", "moe", "--iters", "ten", msg="bench moe: argument --iters: invalid int value"),
   _c("bench-moe-zero-iters", "bench", "moe", "--iters", "0", msg="--iters=0 must be >= 1"),
   _c("bench-moe-unknown-config", "bench", "moe", "--configs", "XL", msg="unknown config(s) ['XL']"),
+  _c("bench-moe-unknown-peer", "bench", "moe", "--peers", "hf-nope", msg="--peers ['hf-nope']: want auto, none"),
   _c("bench-train-unknown-exp", "bench", "train", "lm_dense_tinyy", msg="unknown experiment 'lm_dense_tinyy'"),
   _c("bench-train-inf", "bench", "train", "lm_dense_tiny", "optim.lr=1e999", msg="optim.lr=inf"),
   _c("bench-train-zero-steps", "bench", "train", "lm_dense_tiny", "--steps", "0", msg="--steps=0 must be >= 1"),

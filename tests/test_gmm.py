@@ -31,7 +31,8 @@ def small_tiles(monkeypatch):
   monkeypatch.setattr(gmm, "TILE", 4)
   monkeypatch.setattr(gmm, "CHUNK", 16)
   monkeypatch.setattr(gmm, "CHUNK_DW", 32)
-  monkeypatch.setattr(gmm, "CHUNK_BWD", 32)
+  monkeypatch.setattr(gmm, "CHUNK_BWD", 16)
+  monkeypatch.setattr(gmm, "CHUNK_BWD_DW", 32)  # a 32-row weight-gradient chunk = two 16-row backward pieces
 
 
 SIZES = [8, 0, 36, 4, 20]  # multiples of TILE=4: empty group, one tile, 2 big chunks + remainder pieces
@@ -127,3 +128,55 @@ def test_sorted_mlp_matches_per_group_mlp(activation, bias, small_tiles):
   want = jax.grad(lambda ex, x: jnp.sum(reference(ex, x) * g), argnums=(0, 1))(ex, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     _close(a, b)
+
+
+def _expert_params(key, E, D, F):
+  ks = jax.random.split(key, 3)
+  return {"w_gate": jax.random.normal(ks[0], (E, D, F)), "w_up": jax.random.normal(ks[1], (E, D, F)),
+          "w_down": jax.random.normal(ks[2], (E, F, D))}
+
+
+def _per_group_mlp(ex, x, sizes):
+  from moejax.layers import mlp
+
+  outs, row = [], 0
+  for e, n in enumerate(sizes):
+    outs.append(mlp.apply({k: v[e] for k, v in ex.items()}, x[row:row + n], "swiglu"))
+    row += n
+  return jnp.concatenate(outs + [jnp.zeros((x.shape[0] - row, x.shape[1]))])
+
+
+def test_sorted_mlp_forward_only_program_equals_vjp_path(small_tiles):
+  # Without a VJP, sorted_mlp runs a forward that keeps no pre-activations; it must compute what the custom
+  # VJP's forward does, and its compiled program must not hold the [M, 2F] residual buffer.
+  M, D, F = 76, 6, 5
+  kx, kw = jax.random.split(jax.random.PRNGKey(4))
+  ex, x = _expert_params(kw, len(SIZES), D, F), jax.random.normal(kx, (M, D))
+  sizes = jnp.array(SIZES, jnp.int32)
+  fwd_only = jax.jit(lambda ex, x, s: gmm.sorted_mlp(x, ex, s, "swiglu"))
+  with_res = jax.jit(lambda ex, x, s: gmm._sorted_mlp_fwd(x, ex, s, "swiglu"))
+  y, (_, _, _, pre) = with_res(ex, x, sizes)
+  _close(fwd_only(ex, x, sizes), y, 1e-6)
+  assert pre.shape == (M, 2 * F)
+  residual = f"f32[{M},{2 * F}]"
+  assert residual in with_res.lower(ex, x, sizes).compile().as_text()
+  assert residual not in fwd_only.lower(ex, x, sizes).compile().as_text()
+
+
+def test_sorted_mlp_default_tiles_remainders_and_empty_experts():
+  # The real TILE / CHUNK / CHUNK_BWD_DW: groups that are not multiples of any chunk (every remainder size),
+  # empty experts first, between and last, and padding rows after the groups. Output and every gradient.
+  T, C, W = gmm.TILE, gmm.CHUNK, gmm.CHUNK_BWD_DW
+  sizes = [0, W + C + C // 2 + T, T, 0, 3 * T, 0]
+  M, D, F = sum(sizes) + 2 * T, 8, 4
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(5), 3)
+  ex, x = _expert_params(kw, len(sizes), D, F), jax.random.normal(kx, (M, D))
+  g = jax.random.normal(kg, (M, D)).at[sum(sizes):].set(0.0)
+  s = jnp.array(sizes, jnp.int32)
+  _close(jax.jit(lambda ex, x: gmm.sorted_mlp(x, ex, s, "swiglu"))(ex, x), _per_group_mlp(ex, x, sizes))
+  got = jax.jit(jax.grad(lambda ex, x: jnp.sum(gmm.sorted_mlp(x, ex, s, "swiglu") * g), argnums=(0, 1)))(ex, x)
+  want = jax.grad(lambda ex, x: jnp.sum(_per_group_mlp(ex, x, sizes) * g), argnums=(0, 1))(ex, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(a, b)
+  for k in ("w_gate", "w_up", "w_down"):  # empty experts get zero gradients
+    assert np.all(np.asarray(got[0][k])[[0, 3, 5]] == 0)

@@ -8,6 +8,8 @@ input and every param. Ratios < 1 are possible on CPU: see docs/benchmarks.md.
   moejax bench moe                                  # S, M, M-fg in float32, dropless with the platform default
   moejax bench moe --configs M M-fg --variants dropless/sorted dropless/ragged_dot capacity/sorted
   moejax bench moe --gpu                            # scaled bf16 set (needs an accelerator)
+  moejax bench moe --peers hf-eager hf-compile      # transformers' Mixtral block beside it (default: every peer
+                                                    # when the interop extra is installed; --peers none: skip)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import cli, config, sharding
+from moejax.bench import moe_peer
 from moejax.layers import gmm, mlp, moe, router
 
 # name: (tokens, d_model, d_ff per expert, experts, top_k)
@@ -49,6 +52,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   ap.add_argument("--fwd-only", action="store_true")
   ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to print MFU")
   ap.add_argument("--json", default="", help="also write the results here")
+  ap.add_argument("--peers", nargs="+", default=["auto"],
+                  help=f"transformers' Mixtral block on the same weights, checked then timed: auto (all when torch "
+                       f"+ transformers are installed), none, or some of {list(moe_peer.PEERS)}")
   return ap.parse_args(argv)
 
 
@@ -90,6 +96,7 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
                                argnums=(0, 1)))
   fwd = {"dense": lambda: dense_fwd(dense_p, x_ND)}
   bwd = {"dense": lambda: dense_bwd(dense_p, x_ND)}
+  peer_cfg = None
   for v in variants:
     dispatch, _, backend = v.partition("/")
     cfg = _model_cfg(D, F, E, k, dtype, dispatch, backend or "auto", args.router, args.capacity_factor)
@@ -103,6 +110,14 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
     b = jax.jit(jax.grad(loss, argnums=(0, 1)))
     fwd[v] = lambda f=f, p=p: f(p, x)
     bwd[v] = lambda b=b, p=p: b(p, x)
+    peer_cfg = peer_cfg or (cfg, p)
+  peers = _peers(args)
+  if peers and peer_cfg and args.router == "token_choice" and dt == jnp.float32:
+    pf, pb, skipped = moe_peer.peer_fns(peers, peer_cfg[1], peer_cfg[0], x, g)
+    fwd.update(pf)
+    bwd.update(pb)
+    for k, why in skipped.items():
+      print(f"{name}: peer {k} left out: {why}")
   t_fwd = _time_interleaved(fwd, args.iters, args.stat)
   t_bwd = {} if args.fwd_only else _time_interleaved(bwd, args.iters, args.stat)
   # forward FLOPs of the routed experts (= the dense floor's); expert choice applies ~capacity_factor experts
@@ -112,7 +127,8 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
   rows = []
   for v in fwd:
     row = {"config": name, "shape": shape, "dtype": dtype, "variant": v,
-           "backend": v if v == "dense" else gmm.resolve(v.partition("/")[2] or "auto"),
+           "backend": v if v == "dense" else "transformers" if v in moe_peer.PEERS else
+           gmm.resolve(v.partition("/")[2] or "auto"),
            "fwd_ms": 1e3 * t_fwd[v], "fwd_ratio": t_fwd[v] / t_fwd["dense"],
            "fwd_tflops": useful / t_fwd[v] / 1e12}
     if t_bwd:
@@ -122,6 +138,14 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
   return rows
 
 
+def _peers(args) -> list[str]:
+  if args.peers == ["none"]:
+    return []
+  if args.peers == ["auto"]:
+    return list(moe_peer.PEERS) if moe_peer.available() else []
+  return args.peers
+
+
 def _print_table(rows: list[dict], peak: float) -> None:
   head = f"{'config':6} {'variant':22} {'fwd ms':>9} {'x dense':>8} {'fwd+bwd ms':>11} {'x dense':>8} {'TFLOP/s':>8}"
   if peak:
@@ -129,7 +153,7 @@ def _print_table(rows: list[dict], peak: float) -> None:
   print(head)
   print("-" * len(head))
   for r in rows:
-    label = r["variant"] if r["variant"] == "dense" else f"{r['variant']} [{r['backend']}]"
+    label = r["variant"] if r["variant"] in ("dense", *moe_peer.PEERS) else f"{r['variant']} [{r['backend']}]"
     line = f"{r['config']:6} {label:22} {r['fwd_ms']:9.1f} {r['fwd_ratio']:8.2f}"
     if "fwdbwd_ms" in r:
       line += f" {r['fwdbwd_ms']:11.1f} {r['fwdbwd_ratio']:8.2f} {r['fwdbwd_tflops']:8.2f}"
@@ -153,6 +177,11 @@ def main(argv: list[str]) -> int:
     if d not in ("dropless", "capacity") or (b and b != "auto" and b not in gmm.BACKENDS):
       raise SystemExit(f"variant {v!r}: want dispatch/backend with dispatch in dropless|capacity and backend "
                        f"in auto|{'|'.join(gmm.BACKENDS)}")
+  bad = [n for n in args.peers if n not in ("auto", "none", *moe_peer.PEERS)]
+  if bad or (len(args.peers) > 1 and {"auto", "none"} & set(args.peers)):
+    raise SystemExit(f"--peers {args.peers}: want auto, none, or some of {list(moe_peer.PEERS)}")
+  if set(args.peers) & set(moe_peer.PEERS) and not moe_peer.available():
+    raise SystemExit("--peers needs torch and transformers (pip install 'moejax[interop]')")
   dev = jax.devices()[0]
   load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
   print(f"moejax bench moe: jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "

@@ -12,9 +12,10 @@ padding and come out zero). Backends:
   chunk of each size CHUNK/2, ..., TILE. Every product is a plain `dot` on contiguous rows. The loops have
   dynamic trip counts, so the backward pass is a custom VJP made of the same chunked products.
   For the MoE layer the whole expert MLP runs per chunk (`sorted_mlp`): gate and up as one [D, 2F] product,
-  the activation and the down product while the chunk is in cache; its backward does the activation VJP, dx
-  and the weight gradients per chunk too. Small chunks win on this memory-bound CPU (the measurements are in
-  docs/benchmarks.md).
+  the activation and the down product while the chunk is in cache; its backward does the activation VJP and dx
+  per chunk and the weight gradients per 4 chunks (the accumulator's read-add-write is paid per product).
+  Small chunks win on this memory-bound CPU (the measurements are in docs/benchmarks.md). A forward-only
+  program keeps no pre-activations; only the custom VJP's forward writes them for the backward.
 - `dense`: every row times every expert, then a select (E x the FLOPs). Small reference / fallback.
 
 `auto` picks `ragged_dot` on GPU/TPU and `sorted` on CPU.
@@ -35,10 +36,13 @@ BACKENDS = ("ragged_dot", "sorted", "dense")
 # Row padding of each group for `sorted`, and its chunk sizes (rows per product) for the forward, the backward
 # and the plain gmm's weight gradient. Measured on a 2-core AVX-512 CPU (docs/benchmarks.md): 32-row padding
 # wastes ~1-3% at E=8..32; 128-row chunks keep a chunk's activations in L2 and beat 512/1024-row ones by
-# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows).
+# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows). In sorted_mlp's backward the
+# weight-gradient products contract CHUNK_BWD_DW rows (XLA:CPU does not fuse the accumulator add into the dot:
+# 512 rows pay a quarter of 128 rows' accumulator traffic; expert MLP fwd+bwd at M 1.29-1.33x -> 1.12-1.13x).
 TILE = 32
 CHUNK = 128
 CHUNK_BWD = 128
+CHUNK_BWD_DW = 512
 CHUNK_DW = 1024
 
 
@@ -115,8 +119,11 @@ def _over_chunks(row0: jax.Array, n: jax.Array, sizes: list[int], body, carry):
   carry = lax.fori_loop(0, n_big, lambda i, c: body(row0 + i * big, big, c), carry)
   row, n = row0 + n_big * big, n - n_big * big
   for s in sizes[1:]:
-    take = (n >= s).astype(jnp.int32)  # 0 or 1: a loop, not a cond, so the carry is updated in place
-    carry = lax.fori_loop(0, take, lambda _, c, r=row, s=s: body(r, s, c), carry)
+    # 0 or 1 trips: a loop, not a cond, so the carry is updated in place. The row goes through the loop index:
+    # a body that does not depend on it is loop-invariant, and XLA would hoist its products out of the loop
+    # and run them for every group, taken or not.
+    take = (n >= s).astype(jnp.int32)
+    carry = lax.fori_loop(0, take, lambda i, c, r=row, s=s: body(r + i * s, s, c), carry)
     row, n = row + take * s, n - take * s
   return carry
 
@@ -246,10 +253,13 @@ def _hidden(pre: jax.Array, gated: bool, activation: str) -> jax.Array:
 def sorted_mlp(x_MD: jax.Array, ex: dict, group_sizes_E: jax.Array, activation: str) -> jax.Array:
   """`y[rows of e] = MLP_e(x[rows of e])` with the stacked expert params `ex` (w_up/w_down[/w_gate][, b_*]), the
   same math as `mlp.apply`. Group sizes must be multiples of TILE; rows past the groups are left zero."""
-  return _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation)[0]
+  return _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre=False)[0]
 
 
-def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
+def _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre: bool):
+  """(y [M, D], the pre-activations [M, P] or None). A forward-only program (no VJP) runs with `keep_pre`
+  False: the pre-activation buffer is a loop carry, which XLA cannot drop, so it would be zero-filled and
+  written (two passes over [M, 2F]) for nothing."""
   M, D = x_MD.shape
   E, _, F = ex["w_up"].shape
   gated = "w_gate" in ex
@@ -267,12 +277,16 @@ def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
       pre = _bias(b_in, jnp.dot(lax.dynamic_slice_in_dim(x_MD, row, rows, 0), w_in))
       y_rD = _bias(b_out, jnp.dot(_hidden(pre, gated, activation), w_out))
       return (lax.dynamic_update_slice_in_dim(y_MD, y_rD, row, 0),
-              lax.dynamic_update_slice_in_dim(pre_MP, pre, row, 0))
+              None if pre_MP is None else lax.dynamic_update_slice_in_dim(pre_MP, pre, row, 0))
 
     return _over_chunks(starts_E[e], group_sizes_E[e], sizes, body, carry)
 
-  init = (_zeros_varying_like((M, D), dt, *refs), _zeros_varying_like((M, P), dt, *refs))
-  y_MD, pre_MP = lax.fori_loop(0, E, per_expert, init)
+  init = (_zeros_varying_like((M, D), dt, *refs), _zeros_varying_like((M, P), dt, *refs) if keep_pre else None)
+  return lax.fori_loop(0, E, per_expert, init)
+
+
+def _sorted_mlp_fwd(x_MD, ex, group_sizes_E, activation):
+  y_MD, pre_MP = _mlp_forward(x_MD, ex, group_sizes_E, activation, keep_pre=True)
   return y_MD, (x_MD, ex, group_sizes_E, pre_MP)
 
 
@@ -286,7 +300,7 @@ def _sorted_mlp_bwd(activation, res, dy_MD):
   gated = "w_gate" in ex
   biased = "b_up" in ex
   P = pre_MP.shape[1]
-  sizes = _sizes_or_error(M, CHUNK_BWD)
+  sizes = _sizes_or_error(M, max(CHUNK_BWD, CHUNK_BWD_DW))
   starts_E = group_starts(group_sizes_E)
   refs = (x_MD, dy_MD, group_sizes_E, *jax.tree.leaves(ex))
   dt = x_MD.dtype
@@ -299,20 +313,31 @@ def _sorted_mlp_bwd(activation, res, dy_MD):
 
     def body(row, rows, carry):
       dx_MD, acc = carry
-      sl = lambda a: lax.dynamic_slice_in_dim(a, row, rows, 0)
-      x, dy, pre = sl(x_MD), sl(dy_MD), sl(pre_MP)
-      dh = jnp.dot(dy, w_outT)
-      if gated:  # VJP of the two halves separately: the VJP of a slice would pad and add [rows, 2F] arrays
-        h, h_vjp = jax.vjp(lambda g, u: mlp.hidden(g, u, activation), pre[:, :F], pre[:, F:])
-        dpre = jnp.concatenate(h_vjp(dh), 1)
-      else:
-        h, h_vjp = jax.vjp(lambda u: mlp.hidden(None, u, activation), pre)
-        (dpre,) = h_vjp(dh)
+      sl = lambda a, r, n: lax.dynamic_slice_in_dim(a, r, n, 0)
+      piece = min(rows, CHUNK_BWD)
+      dpres, hs = [], []
+      for j in range(rows // piece):  # activation VJP and dx per CHUNK_BWD rows, while they are in cache
+        r = row + j * piece
+        dy, pre = sl(dy_MD, r, piece), sl(pre_MP, r, piece)
+        dh = jnp.dot(dy, w_outT)
+        if gated:  # VJP of the two halves separately: the VJP of a slice would pad and add [rows, 2F] arrays
+          h, h_vjp = jax.vjp(lambda g, u: mlp.hidden(g, u, activation), pre[:, :F], pre[:, F:])
+          dpre = jnp.concatenate(h_vjp(dh), 1)
+        else:
+          h, h_vjp = jax.vjp(lambda u: mlp.hidden(None, u, activation), pre)
+          (dpre,) = h_vjp(dh)
+        dx_MD = lax.dynamic_update_slice_in_dim(dx_MD, jnp.dot(dpre, w_inT).astype(dt), r, 0)
+        dpres.append(dpre)
+        hs.append(h)
+      dpre, h = (jnp.concatenate(a, 0) if len(a) > 1 else a[0] for a in (dpres, hs))
+      x, dy = sl(x_MD, row, rows), sl(dy_MD, row, rows)
+      # XLA:CPU does not fuse the add into a dot: each product is followed by a read-add-write of the [D, 2F]
+      # / [F, D] accumulators, so the weight-gradient products contract CHUNK_BWD_DW rows at a time.
       acc = {"in": acc["in"] + lax.dot_general(x, dpre, tn, preferred_element_type=jnp.float32),
              "out": acc["out"] + lax.dot_general(h, dy, tn, preferred_element_type=jnp.float32),
              **({"b_in": acc["b_in"] + jnp.sum(dpre, 0, dtype=jnp.float32),
                  "b_out": acc["b_out"] + jnp.sum(dy, 0, dtype=jnp.float32)} if biased else {})}
-      return lax.dynamic_update_slice_in_dim(dx_MD, jnp.dot(dpre, w_inT).astype(dt), row, 0), acc
+      return dx_MD, acc
 
     shapes = {"in": (D, P), "out": (F, D), **({"b_in": (P,), "b_out": (D,)} if biased else {})}
     acc = {k: _zeros_varying_like(v, jnp.float32, *refs) for k, v in shapes.items()}

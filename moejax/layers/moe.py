@@ -165,10 +165,12 @@ def _combine_bwd(res, g_ND):
   N, K = w_NK.shape
   row_w_M = jnp.take(w_NK.reshape(-1), row_src_M, mode="fill", fill_value=0)
   row_token_M = jnp.where(row_src_M < N * K, row_src_M // K, N)
-  dy_MD = jnp.take(g_ND, row_token_M, axis=0, mode="fill", fill_value=0) * row_w_M[:, None]
-  dw_NK = jnp.stack([jnp.sum(g_ND * jnp.take(y_MD, pos_NK[:, k], axis=0, mode="fill", fill_value=0), -1)
-                     for k in range(K)], 1)
-  return dy_MD, dw_NK, None, None
+  g_MD = jnp.take(g_ND, row_token_M, axis=0, mode="fill", fill_value=0)
+  # dw[n, k] = <g[n], y[pos[n, k]]>, computed row by row in buffer order (one sequential pass over y beside the
+  # gathered g that dy needs anyway) and then gathered as scalars: no K gathers of [N, D] rows of y.
+  dw_M = jnp.sum(g_MD * y_MD, -1)
+  dw_NK = jnp.take(dw_M, pos_NK, mode="fill", fill_value=0)
+  return g_MD * row_w_M[:, None], dw_NK, None, None
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)
