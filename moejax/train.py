@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import checkpoint, config, metrics, optim, paths, resume, sharding, tasks
+from moejax import checkpoint, config, metrics, optim, paths, precision, resume, sharding, tasks
 from moejax.layers import moe
 
 log = logging.getLogger("moejax")
@@ -74,6 +74,7 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+  precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
   if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
     from moejax.peft import trainer as peft_trainer
 

@@ -118,7 +118,7 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
   if cfg.tie_embeddings:
     logits_BTV = embed.attend(params["embed"], x_BTD)
   else:
-    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(cd))
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(cd), preferred_element_type=jnp.float32)
   logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
   return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
 
