@@ -153,6 +153,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  # With remat: what each block keeps for the backward pass (models/transformer.py REMAT_POLICIES): full (only
+  # the block's input), dots, dots_no_batch, save_moe (the expert MLP's output).
+  remat_policy: str = "full"
+  attention_impl: str = "auto"  # auto | xla | cudnn | einsum (layers/attention.py)
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -169,6 +173,10 @@ class ModelConfig:
     for f in ("param_dtype", "compute_dtype"):
       v = getattr(self, f)
       _check(v in ("float32", "bfloat16", "float16"), f"model.{f}={v!r}: choose float32, bfloat16 or float16")
+    _check(self.remat_policy in ("full", "dots", "dots_no_batch", "save_moe"),
+           f"model.remat_policy={self.remat_policy!r}: choose full, dots, dots_no_batch or save_moe")
+    _check(self.attention_impl in ("auto", "xla", "cudnn", "einsum"),
+           f"model.attention_impl={self.attention_impl!r}: choose auto, xla, cudnn or einsum")
     for i in self.moe.layers:
       _check(0 <= i < self.num_layers, f"model.moe.layers has {i}, outside [0, model.num_layers={self.num_layers})")
 
@@ -275,9 +283,14 @@ class TrainConfig:
   # The NaN guard stops the run after this many consecutive skipped (non-finite) steps, counted on device every
   # step whatever log_every is.
   max_consecutive_skips: int = 20
+  # (N, M): a jax.profiler trace of steps N..M (1-based, inclusive) into <workdir>/profile (TensorBoard / XProf /
+  # Perfetto read it). () = no trace.
+  profile_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     _check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
+    _check(not self.profile_steps or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]),
+           f"train.profile_steps={list(self.profile_steps)}: give [N, M] with 1 <= N <= M (trace steps N..M), or []")
     _check(self.schedule_steps >= 0, f"train.schedule_steps must be >= 0, got {self.schedule_steps}")
     for f in ("eval_every", "eval_steps", "checkpoint_every", "log_every", "keep_checkpoints", "max_consecutive_skips"):
       _check(getattr(self, f) >= 1, f"train.{f} must be >= 1, got {getattr(self, f)}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from moejax import config
 
 
-def _towers(cfg: config.ExperimentConfig) -> list[tuple[str, config.ModelConfig]]:
+def towers(cfg: config.ExperimentConfig) -> list[tuple[str, config.ModelConfig]]:
   if cfg.task == "clip":
     return [("clip.vision", cfg.clip.vision), ("clip.text", cfg.clip.text)]
   return [("model", cfg.model)]
@@ -33,7 +33,7 @@ def _towers(cfg: config.ExperimentConfig) -> list[tuple[str, config.ModelConfig]
 
 def check_train(cfg: config.ExperimentConfig) -> None:
   """Raise `config.ConfigError` for a dtype policy training must not run with (see the module docstring)."""
-  for where, m in _towers(cfg):
+  for where, m in towers(cfg):
     for field in ("param_dtype", "compute_dtype"):
       if getattr(m, field) == "float16":
         raise config.ConfigError(

@@ -12,7 +12,7 @@ from moejax.models import transformer
 # A tiny MoE decoder: bf16 must pass through attention, dense and expert MLPs and the router.
 TINY_MOE = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
             "model.d_ff": 64, "model.max_seq_len": 32, "model.moe.num_experts": 4, "model.moe.top_k": 2,
-            "model.moe.every": 2, "model.moe.offset": 1, "data.seq_len": 32, "data.batch_size": 8,
+            "model.moe.every": 2, "model.moe.offset": 1, "model.moe.gmm_backend": "dense", "data.seq_len": 32, "data.batch_size": 8,
             "optim.lr": 3e-3, "optim.warmup_steps": 5, "train.steps": 50, "mesh.data": 1}
 
 
