@@ -68,7 +68,7 @@ class MoEConfig:
   renormalize: bool = True  # Mixtral renormalizes the top-k weights; Switch / vmoe do not
   dispatch: str = "dropless"  # dropless | capacity
   capacity_factor: float = 1.25  # capacity dispatch and expert-choice routing
-  gmm_backend: str = "auto"  # auto | ragged_dot | sorted | dense  (see layers/gmm.py)
+  gmm_backend: str = "auto"  # auto | ragged_dot | sorted | dense | megablox  (see layers/gmm.py)
   jitter: float = 0.0  # multiplicative router-input noise while training (Switch)
   router_init_std: float = 0.02
   load_balance_weight: float = 0.01
@@ -87,8 +87,8 @@ class MoEConfig:
            f"moe.router={self.router!r} unknown; choose 'token_choice' or 'expert_choice'")
     _check(self.dispatch in ("dropless", "capacity"),
            f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
-    _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense"),
-           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted or dense")
+    _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense", "megablox"),
+           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted, dense or megablox")
     _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
     _check(self.every >= 1 and 0 <= self.offset < self.every,
            f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
