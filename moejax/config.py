@@ -77,6 +77,12 @@ class MoEConfig:
   num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek-MoE / Qwen-MoE)
   shared_d_ff: int = 0  # hidden width of the shared expert(s) together; 0 -> num_shared_experts * d_ff
   shared_gate: bool = False  # Qwen-MoE scales the shared output by sigmoid(x @ w)
+  # Expert parallelism's token exchange (layers/expert_parallel.py, layers/ragged_ep.py): fixed [E, R] blocks by
+  # all_to_all (any backend), or ragged (lax.ragged_all_to_all, GPU/TPU only: exactly the routed rows, dropless
+  # token choice). ep_buffer_factor: the ragged receive buffer in multiples of the local assignments (0 = the
+  # expert-axis size, which never drops).
+  ep_exchange: str = "fixed"
+  ep_buffer_factor: float = 0.0
 
   def __post_init__(self):
     _check(self.num_experts >= 0, f"moe.num_experts must be >= 0, got {self.num_experts}")
@@ -90,6 +96,11 @@ class MoEConfig:
     _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense", "megablox"),
            f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted, dense or megablox")
     _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+    _check(self.ep_exchange in ("fixed", "ragged"), f"moe.ep_exchange={self.ep_exchange!r}: choose fixed or ragged")
+    _check(self.ep_buffer_factor >= 0, f"moe.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = never drop)")
+    _check(self.ep_exchange != "ragged" or (self.dispatch == "dropless" and self.router == "token_choice"),
+           f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and moe.router='token_choice' (got "
+           f"{self.dispatch!r}, {self.router!r}); capacity and expert-choice layouts are fixed-size already")
     _check(self.every >= 1 and 0 <= self.offset < self.every,
            f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
     _check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import checkpoint, config, metrics, optim, paths, precision, profiling, resume, sharding, tasks
-from moejax.layers import attention, moe
+from moejax.layers import attention, moe, ragged_ep
 
 log = logging.getLogger("moejax")
 
@@ -77,6 +77,7 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
   precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
   for where, m in precision.towers(cfg):
     attention.check_impl(m.attention_impl, f"{where}.attention_impl")
+    ragged_ep.check(m.moe, f"{where}.moe")
   if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
     from moejax.peft import trainer as peft_trainer
 

@@ -2,11 +2,14 @@
 `lax.ragged_all_to_all` in numpy (XLA:CPU cannot run the collective): rows reach the devices holding their
 experts, are grouped by local expert, come back to their places; drops are exactly the rows a small buffer cuts."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_expert_parallel as tep
 
-from moejax.layers import ragged_ep
+from moejax import config, registry, sharding, train
+from moejax.layers import moe, ragged_ep
 
 P, E, M = 4, 8, 24  # 4 devices, 2 experts each, 24 routed rows per device
 L = E // P
@@ -83,3 +86,45 @@ def test_capacity_rule():
   assert ragged_ep.capacity(100, 8, 0.0) == 800
   assert ragged_ep.capacity(100, 8, 1.5) == 150
   assert ragged_ep.capacity(100, 8, 20.0) == 800  # never more than can arrive
+
+
+def test_ragged_layer_lowers_on_8_devices_and_cpu_training_refuses_it():
+  """The whole layer (forward and backward) with moe.ep_exchange=ragged traces and lowers under the expert-parallel
+  shard_map: shapes, dtypes and shard_map axis types agree, and the program holds the ragged collectives (the
+  numbers need a GPU: tests/test_gpu.py). Training on CPU stops before anything runs, naming the fix."""
+  cfg = config.ModelConfig(d_model=16, d_ff=24, moe=config.MoEConfig(num_experts=8, top_k=2, ep_exchange="ragged",
+                                                                      gmm_backend="ragged_dot"))
+  specs = moe.specs(cfg)
+  p = sharding.init_params(jax.random.PRNGKey(0), specs)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 16))
+  mesh = sharding.make_mesh(config.MeshConfig(data=2, expert=4))
+  p = jax.device_put(p, sharding.param_shardings(specs, mesh))
+  x = jax.device_put(x, sharding.data_sharding(mesh, 3))
+
+  def loss(p, x):
+    y, aux = moe.apply(p, x, cfg)
+    return jnp.sum(y ** 2) + aux["aux_loss"]
+
+  with sharding.use_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(p, x).as_text()
+  assert text.count("ragged_all_to_all") >= 4  # there and back, forward and backward
+  with pytest.raises(config.ConfigError, match="ep_exchange='ragged' needs a GPU or TPU"):
+    train.setup(registry.get("lm_moe_tiny", ["model.moe.ep_exchange=ragged", "mesh.expert=4"]))
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.0])
+def test_ragged_layer_equals_single_device_with_an_emulated_collective(monkeypatch, factor):
+  """The whole layer with moe.ep_exchange=ragged on 8 CPU devices (expert=4 x data=2), the collective emulated by
+  all_gathers: outputs, aux and gradients equal the single-device layer (no drops at factor 0); a 1x buffer under
+  skewed routing drops rows and counts them."""
+  monkeypatch.setattr(ragged_ep, "RAGGED_ALL_TO_ALL", ragged_ep.emulated_ragged_all_to_all)
+  cfg = tep._cfg(ep_exchange="ragged", gmm_backend="ragged_dot", ep_buffer_factor=factor)
+  if factor == 0:
+    aux = tep._compare(cfg, config.MeshConfig(data=2, expert=4))
+    assert float(aux["dropped_fraction"]) == 0.0
+  else:
+    p, x, g, mesh, p_shard = tep._setup(cfg, config.MeshConfig(data=2, expert=4))
+    p["router"]["w"] = p["router"]["w"].at[:, :2].add(5.0)  # experts 0, 1 (device 0) take most tokens
+    with sharding.use_mesh(mesh):
+      _, aux, _ = tep._run(jax.device_put(p, p_shard), jax.device_put(x, sharding.data_sharding(mesh, 3)), g, cfg)
+    assert float(aux["dropped_fraction"]) > 0

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moejax import config
+
 
 class Exchange(NamedTuple):
   """Device `me`'s side of one ragged exchange (all [P] int32 unless noted)."""
@@ -39,6 +41,14 @@ class Exchange(NamedTuple):
   recv_offsets: jax.Array  # where j's rows start in my buffer
   local_sizes_PL: jax.Array  # [P, L] rows of each of my experts from each source (before any cut)
   dropped: jax.Array  # int32 scalar: my rows that did not fit at their receiver
+
+
+def check(moe_cfg, where: str = "model.moe", platform: str | None = None) -> None:
+  """Before a run starts: XLA:CPU has no ragged-all-to-all."""
+  platform = platform or jax.default_backend()
+  if moe_cfg.ep_exchange == "ragged" and platform == "cpu":
+    raise config.ConfigError(f"{where}.ep_exchange='ragged' needs a GPU or TPU: XLA:CPU does not implement "
+                             f"ragged-all-to-all; use {where}.ep_exchange=fixed")
 
 
 def capacity(assignments: int, ep_size: int, buffer_factor: float) -> int:
@@ -80,6 +90,39 @@ def regroup(ex: Exchange, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return perm, valid, sizes_L
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name: str):
+  """`lax.ragged_all_to_all`'s result built from all_gathers and a gather (P x the traffic): for the tests, which
+  run the whole ragged layer on CPU devices with it, and as a definition of what the collective does."""
+  del recv_sizes  # implied by the senders' sizes
+  me = lax.axis_index(axis_name)
+  all_x = lax.all_gather(operand, axis_name)  # [P, M, D]
+  in_off = lax.all_gather(input_offsets, axis_name)[:, me]  # [P]: where source j's rows for me start in j's operand
+  size = lax.all_gather(send_sizes, axis_name)[:, me]
+  out_off = lax.all_gather(output_offsets, axis_name)[:, me]
+  r = jnp.arange(output.shape[0], dtype=jnp.int32)[:, None]
+  hit_RP = (r >= out_off[None]) & (r < (out_off + size)[None])
+  src = jnp.argmax(hit_RP, 1)
+  row = jnp.clip(in_off[src] + r[:, 0] - out_off[src], 0, operand.shape[0] - 1)
+  got = all_x[src, row]
+  return jnp.where(jnp.any(hit_RP, 1)[:, None], got, output)
+
+
+RAGGED_ALL_TO_ALL = lax.ragged_all_to_all  # the tests swap in `emulated_ragged_all_to_all` on CPU
+
+
+def _zeros_varying(shape, ref: jax.Array) -> jax.Array:
+  """Zeros typed as varying over the shard_map axes `ref` varies over: a collective's output buffer must carry the
+  type its result has (each device receives different rows), or the backward pass's types disagree."""
+  aval = jax.typeof(ref)
+  mat = getattr(aval, "mat", None)
+  axes = tuple(sorted(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ()))
+  z = jnp.zeros(shape, ref.dtype)
+  if not axes:
+    return z
+  return lax.pcast(z, axes, to="varying") if hasattr(lax, "pcast") else lax.pvary(z, axes)
+
+
 def exchange(x_MD: jax.Array, sizes_E: jax.Array, axis: str, ep_size: int, buffer_factor: float,
              fn: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Rows `x_MD` sorted by global expert (`sizes_E` each, padding after) -> (`fn(rows_of_my_experts, sizes_L)`
@@ -91,7 +134,7 @@ def exchange(x_MD: jax.Array, sizes_E: jax.Array, axis: str, ep_size: int, buffe
   me = lax.axis_index(axis)
   sizes_PE = lax.all_gather(sizes_E.astype(jnp.int32), axis)  # [P, E]
   ex = plan(sizes_PE, me, L, cap)
-  buf = lax.ragged_all_to_all(x_MD, jnp.zeros((cap, D), x_MD.dtype), ex.input_offsets, ex.send_sizes,
+  buf = RAGGED_ALL_TO_ALL(x_MD, _zeros_varying((cap, D), x_MD), ex.input_offsets, ex.send_sizes,
                               ex.output_offsets, ex.recv_sizes, axis_name=axis)
   perm, valid, sizes_L = regroup(ex, cap)
   y_grouped = fn(buf[perm], sizes_L)  # [cap, D]; rows past the groups come back zero
@@ -99,6 +142,6 @@ def exchange(x_MD: jax.Array, sizes_E: jax.Array, axis: str, ep_size: int, buffe
   y_buf = jnp.where(valid[:, None], y_buf, 0)
   # Back: I send each source j its rows (at recv_offsets[j]) to where j took them from (its input offset for me).
   back_off = lax.all_to_all(ex.input_offsets, axis, 0, 0, tiled=True)
-  y_MD = lax.ragged_all_to_all(y_buf, jnp.zeros((M, D), y_buf.dtype), ex.recv_offsets, ex.recv_sizes,
+  y_MD = RAGGED_ALL_TO_ALL(y_buf, _zeros_varying((M, D), y_buf), ex.recv_offsets, ex.recv_sizes,
                                back_off, ex.send_sizes, axis_name=axis)
   return y_MD, ex.dropped
