@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh --cpu-smoke   # the same steps at toy sizes on CPU, no install: checks the script itself
 #
 # Env: GPU_CHECK_OUT (default runs/gpu_check) gets one log per step; GPU_CHECK_STEPS (default 10) timed steps;
-# GPU_CHECK_BATCH (default 8 sequences of 2048 tokens); GPU_CHECK_SKIP_INSTALL=1 skips pip.
+# GPU_CHECK_BATCH (default 8 sequences of 2048 tokens); GPU_CHECK_SKIP_INSTALL=1 skips pip; GPU_CHECK_OVERRIDES adds
+# config overrides to both training runs (e.g. "model.attention_impl=xla model.remat=False").
 # The figures it prints go to docs/benchmarks.md ("GPU check"), with the device it names.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,7 +64,7 @@ step tests "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs
 # 2. Training throughput: lm_dense_1b (24 x 2048, GQA 16/8, fp32 master params, bf16 compute, cuDNN attention via
 # attention_impl=auto) and its twin with 8 experts top-2 in every other MLP (the upcycling layout, as bench infer's
 # gpu_1b_e8), ragged_dot grouped matmuls (gmm_backend=auto). Remat keeps the matmul outputs (dots_no_batch).
-COMMON=("${SIZE[@]}" model.remat=True model.remat_policy=dots_no_batch mesh.data=-1 mesh.fsdp=1)
+COMMON=("${SIZE[@]}" model.remat=True model.remat_policy=dots_no_batch mesh.data=-1 mesh.fsdp=1 ${GPU_CHECK_OVERRIDES:-})
 MOE=(model.moe.num_experts=8 model.moe.top_k=2 model.moe.every=2 model.moe.offset=1)
 step train_dense moejax bench train lm_dense_1b "${COMMON[@]}" --steps "$STEPS"
 step train_moe moejax bench train lm_dense_1b "${COMMON[@]}" "${MOE[@]}" --steps "$STEPS"
