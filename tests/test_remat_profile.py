@@ -70,3 +70,18 @@ def test_profile_steps_writes_a_trace_of_those_steps(tmp_path):
 
 def test_no_profile_steps_writes_no_trace(tiny_lm_run):
   assert not (tiny_lm_run / "profile").exists()
+
+
+def test_issue19_compute_knobs_may_change_on_resume_and_eval():
+  """Profiling, remat policy, attention kernel and the expert-parallel exchange change how a run computes, not
+  what its checkpoint holds: resume and eval accept them; a changed dtype policy still blocks a resume."""
+  from moejax import resume
+
+  base = registry.get("lm_moe_tiny")
+  new = config.derive(base, {"train.profile_steps": [3, 4], "model.remat_policy": "dots",
+                             "model.attention_impl": "einsum", "model.moe.ep_exchange": "ragged"})
+  diff = resume.differences(base, new)
+  assert len(diff) == 4
+  assert resume.blocking(diff, "resume") == [] and resume.blocking(diff, "params") == []
+  bf16 = resume.differences(base, config.derive(base, {"model.compute_dtype": "bfloat16"}))
+  assert resume.blocking(bf16, "resume") == ["model.compute_dtype"]
