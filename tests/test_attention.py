@@ -88,7 +88,7 @@ def test_document_mask_isolates_documents():
 
 
 def _tiny(**kw):
-  return config.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
+  return config.ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
                             max_seq_len=32, **kw)
 
 

@@ -1,13 +1,12 @@
 """Accelerator grouped-matmul backends on CPU: Pallas megablox (interpret mode) against the per-group loop and
-the dense backend (values, gradients, padding rows), in the MoE layer against its reference, and `auto`'s choice
-per platform. (`ragged_dot` is held to the same references in test_gmm.py and test_moe.py.)"""
+the dense backend (values, gradients, padding rows), and `auto`'s choice per platform. (`ragged_dot` is held to the
+same references in test_gmm.py and test_moe.py; the MoE layer reaches every backend through the same `gmm.gmm`.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_gmm
-import test_moe
 
 from moejax.layers import gmm
 
@@ -31,12 +30,6 @@ def test_megablox_matches_loop_reference_and_dense_grads():
   test_gmm._close(gw, rw)
   assert np.all(np.isfinite(np.asarray(gx))) and np.all(np.asarray(gx)[sum(sizes):] == 0)
   assert np.all(np.asarray(gw)[1] == 0)
-
-
-def test_moe_layer_with_megablox_matches_reference():
-  cfg = test_moe._cfg(dispatch="dropless", gmm_backend="megablox")
-  *_, aux, _ = test_moe._check_against_reference(cfg)
-  assert float(aux["dropped_fraction"]) == 0.0
 
 
 def test_auto_backend_per_platform():

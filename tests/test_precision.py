@@ -9,10 +9,10 @@ import pytest
 from moejax import config, registry, sharding, train
 from moejax.models import transformer
 
-# A tiny MoE decoder: bf16 must pass through attention, dense and expert MLPs and the router.
-TINY_MOE = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
+# A one-block MoE decoder: bf16 must pass through attention, the expert MLPs and the router.
+TINY_MOE = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1,
             "model.d_ff": 64, "model.max_seq_len": 32, "model.moe.num_experts": 4, "model.moe.top_k": 2,
-            "model.moe.every": 2, "model.moe.offset": 1, "model.moe.gmm_backend": "dense", "data.seq_len": 32, "data.batch_size": 8,
+            "model.moe.every": 1, "model.moe.offset": 0, "model.moe.gmm_backend": "dense", "data.seq_len": 32, "data.batch_size": 8,
             "optim.lr": 3e-3, "optim.warmup_steps": 5, "train.steps": 50, "mesh.data": 1}
 
 
@@ -70,15 +70,17 @@ def test_bf16_compute_runs_matmuls_in_bf16_and_islands_in_fp32():
   """The jaxpr of the loss: matmuls take bf16 operands; the router's and the logits' products come out float32."""
   cfg = config.derive(registry.get("lm_moe_tiny"), {**TINY_MOE, "model.compute_dtype": "bfloat16"})
 
-  params = sharding.init_params(jax.random.key(0), transformer.specs(cfg.model))
+  params = jax.eval_shape(lambda: sharding.init_params(jax.random.key(0), transformer.specs(cfg.model)))
   tokens = jnp.zeros((2, 8), jnp.int32)
   jaxpr = jax.make_jaxpr(lambda p: transformer.forward(p, tokens, cfg.model))(params)
   dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   ins = [tuple(str(v.aval.dtype) for v in e.invars) for e in dots]
   assert ("bfloat16", "bfloat16") in ins  # the bulk of the compute
   assert ("float32", "float32") in ins  # the router
-  logits, _ = transformer.forward(params, tokens, cfg.model)
-  assert logits.dtype == jnp.float32
+  assert jaxpr.out_avals[0].dtype == jnp.float32  # the logits
+  # The output projection takes bf16 operands and accumulates in float32 (no bf16 rounding before the loss).
+  assert any(str(e.outvars[0].aval.dtype) == "float32" and ins_ == ("bfloat16", "bfloat16")
+             for e, ins_ in zip(dots, ins))
 
 
 def _eqns(jaxpr):

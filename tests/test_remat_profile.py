@@ -14,8 +14,9 @@ POLICIES = ("full", "dots", "dots_no_batch", "save_moe")
 
 
 def _cfg(**kw):
-  return config.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
-                            max_seq_len=32, moe=config.MoEConfig(num_experts=4, every=2, offset=1, gmm_backend="dense"),
+  # One MoE block (dense grouped matmul: the cheapest to compile; save_moe needs an MoE layer).
+  return config.ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
+                            max_seq_len=32, moe=config.MoEConfig(num_experts=4, every=1, offset=0, gmm_backend="dense"),
                             **kw)
 
 
@@ -37,18 +38,19 @@ def test_every_remat_policy_gives_the_same_loss_and_grads():
     logits, aux = transformer.forward(p, tokens, cfg)
     return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"]
 
-  vg = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  l0, g0 = vg(params, _cfg())
-  for name in POLICIES:
-    cfg = _cfg(remat=True, remat_policy=name)
+  cfgs = [_cfg()] + [_cfg(remat=True, remat_policy=name) for name in POLICIES]
+  for name, cfg in zip(POLICIES, cfgs[1:]):
     eqns = list(_remat_eqns(jax.make_jaxpr(lambda p, cfg=cfg: loss(p, cfg))(params).jaxpr))
     assert len(eqns) == cfg.num_layers, name  # one checkpoint per block, with the named policy
     if name != "save_moe":  # save_only_these_names builds a new function per call
       assert all(e.params["policy"] is transformer.remat_policy(name) for e in eqns), name
-    l1, g1 = vg(params, cfg)
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  # One program for all five (one compile): no remat, then each policy.
+  outs = jax.jit(lambda p: [jax.value_and_grad(loss)(p, cfg) for cfg in cfgs])(params)
+  (l0, g0), rest = outs[0], outs[1:]
+  for name, (l1, g1) in zip(POLICIES, rest):
+    np.testing.assert_allclose(l1, l0, rtol=1e-6, err_msg=name)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=name)
 
 
 def test_remat_policies_are_distinct():
@@ -60,7 +62,8 @@ def test_remat_policies_are_distinct():
 
 
 def test_profile_steps_writes_a_trace_of_those_steps(tmp_path):
-  cfg = registry.get("lm_dense_tiny", [*TINY_LM, "train.steps=3", "train.profile_steps=[2,3]"])
+  cfg = registry.get("lm_dense_tiny", [*TINY_LM, "train.steps=3", "train.profile_steps=[2,3]",
+                                       "train.checkpoint_every=100"])
   train.train(cfg, tmp_path / "run", progress=False)
   traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
