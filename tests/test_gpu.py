@@ -66,7 +66,8 @@ def test_moe_layer_bf16_auto_matches_dense_backend():
 
 
 def test_bf16_train_steps_on_gpu_keep_fp32_state_and_learn():
-  cfg = registry.get("lm_moe_tiny", ["model.compute_dtype=bfloat16", "data.batch_size=8", "data.seq_len=64"])
+  cfg = registry.get("lm_moe_tiny", ["model.compute_dtype=bfloat16", "data.batch_size=8", "data.seq_len=64",
+                                   "optim.warmup_steps=2"])
   s = train.setup(cfg)
   step = train.make_train_step(s)
   state = train.init_state(s, jax.random.key(0))
