@@ -68,7 +68,7 @@ class MoEConfig:
   renormalize: bool = True  # Mixtral renormalizes the top-k weights; Switch / vmoe do not
   dispatch: str = "dropless"  # dropless | capacity
   capacity_factor: float = 1.25  # capacity dispatch and expert-choice routing
-  gmm_backend: str = "auto"  # auto | ragged_dot | sorted | dense  (see layers/gmm.py)
+  gmm_backend: str = "auto"  # auto | ragged_dot | sorted | dense | megablox  (see layers/gmm.py)
   jitter: float = 0.0  # multiplicative router-input noise while training (Switch)
   router_init_std: float = 0.02
   load_balance_weight: float = 0.01
@@ -77,6 +77,12 @@ class MoEConfig:
   num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek-MoE / Qwen-MoE)
   shared_d_ff: int = 0  # hidden width of the shared expert(s) together; 0 -> num_shared_experts * d_ff
   shared_gate: bool = False  # Qwen-MoE scales the shared output by sigmoid(x @ w)
+  # Expert parallelism's token exchange (layers/expert_parallel.py, layers/ragged_ep.py): fixed [E, R] blocks by
+  # all_to_all (any backend), or ragged (lax.ragged_all_to_all, GPU/TPU only: exactly the routed rows, dropless
+  # token choice). ep_buffer_factor: the ragged receive buffer in multiples of the local assignments (0 = the
+  # expert-axis size, which never drops).
+  ep_exchange: str = "fixed"
+  ep_buffer_factor: float = 0.0
 
   def __post_init__(self):
     _check(self.num_experts >= 0, f"moe.num_experts must be >= 0, got {self.num_experts}")
@@ -87,9 +93,14 @@ class MoEConfig:
            f"moe.router={self.router!r} unknown; choose 'token_choice' or 'expert_choice'")
     _check(self.dispatch in ("dropless", "capacity"),
            f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
-    _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense"),
-           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted or dense")
+    _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense", "megablox"),
+           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted, dense or megablox")
     _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+    _check(self.ep_exchange in ("fixed", "ragged"), f"moe.ep_exchange={self.ep_exchange!r}: choose fixed or ragged")
+    _check(self.ep_buffer_factor >= 0, f"moe.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = never drop)")
+    _check(self.ep_exchange != "ragged" or (self.dispatch == "dropless" and self.router == "token_choice"),
+           f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and moe.router='token_choice' (got "
+           f"{self.dispatch!r}, {self.router!r}); capacity and expert-choice layouts are fixed-size already")
     _check(self.every >= 1 and 0 <= self.offset < self.every,
            f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
     _check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,
@@ -153,6 +164,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: bool = False
+  # With remat: what each block keeps for the backward pass (models/transformer.py REMAT_POLICIES): full (only
+  # the block's input), dots, dots_no_batch, save_moe (the expert MLP's output).
+  remat_policy: str = "full"
+  attention_impl: str = "auto"  # auto | xla | cudnn | einsum (layers/attention.py)
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
@@ -169,6 +184,10 @@ class ModelConfig:
     for f in ("param_dtype", "compute_dtype"):
       v = getattr(self, f)
       _check(v in ("float32", "bfloat16", "float16"), f"model.{f}={v!r}: choose float32, bfloat16 or float16")
+    _check(self.remat_policy in ("full", "dots", "dots_no_batch", "save_moe"),
+           f"model.remat_policy={self.remat_policy!r}: choose full, dots, dots_no_batch or save_moe")
+    _check(self.attention_impl in ("auto", "xla", "cudnn", "einsum"),
+           f"model.attention_impl={self.attention_impl!r}: choose auto, xla, cudnn or einsum")
     for i in self.moe.layers:
       _check(0 <= i < self.num_layers, f"model.moe.layers has {i}, outside [0, model.num_layers={self.num_layers})")
 
@@ -275,9 +294,14 @@ class TrainConfig:
   # The NaN guard stops the run after this many consecutive skipped (non-finite) steps, counted on device every
   # step whatever log_every is.
   max_consecutive_skips: int = 20
+  # (N, M): a jax.profiler trace of steps N..M (1-based, inclusive) into <workdir>/profile (TensorBoard / XProf /
+  # Perfetto read it). () = no trace.
+  profile_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     _check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
+    _check(not self.profile_steps or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]),
+           f"train.profile_steps={list(self.profile_steps)}: give [N, M] with 1 <= N <= M (trace steps N..M), or []")
     _check(self.schedule_steps >= 0, f"train.schedule_steps must be >= 0, got {self.schedule_steps}")
     for f in ("eval_every", "eval_steps", "checkpoint_every", "log_every", "keep_checkpoints", "max_consecutive_skips"):
       _check(getattr(self, f) >= 1, f"train.{f} must be >= 1, got {getattr(self, f)}")

@@ -37,12 +37,15 @@ SAFE_ON_RESUME = (
   "mesh.",
   "init.",
   "model.remat", "model.moe.gmm_backend",
+  "model.remat_policy", "model.attention_impl", "model.moe.ep_exchange", "train.profile_steps",
 )
 # What a checkpoint's params are: their shapes and what they mean.
 MODEL_SCOPE = ("task", "model.", "clip.", "data.tokenizer")
 # Model keys that change how the model is computed, not what it computes.
 COMPUTE_ONLY = ("model.remat", "model.moe.gmm_backend", "clip.vision.remat", "clip.text.remat",
-                "clip.vision.moe.gmm_backend", "clip.text.moe.gmm_backend")
+                "clip.vision.moe.gmm_backend", "clip.text.moe.gmm_backend",
+                # how attention, remat and the expert-parallel exchange run, not what they compute (issue 19)
+                "model.remat_policy", "model.attention_impl", "model.moe.ep_exchange")
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

@@ -28,8 +28,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import checkpoint, config, metrics, optim, paths, resume, sharding, tasks
-from moejax.layers import moe
+from moejax import checkpoint, config, metrics, optim, paths, precision, profiling, resume, sharding, tasks
+from moejax.layers import attention, moe, ragged_ep
 
 log = logging.getLogger("moejax")
 
@@ -74,6 +74,10 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+  precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
+  for where, m in precision.towers(cfg):
+    attention.check_impl(m.attention_impl, f"{where}.attention_impl")
+    ragged_ep.check(m.moe, f"{where}.moe")
   if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
     from moejax.peft import trainer as peft_trainer
 
@@ -330,12 +334,15 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   counts = {"consecutive": zero, "total": zero, "since_log": zero}
   max_skips = cfg.train.max_consecutive_skips
   pending = None  # the previous step's counters: read one step late, so the host never waits on the device
+  trace = profiling.StepTrace(cfg.train.profile_steps, workdir, enabled=is_main)
   try:
     while step < end_step:
       batch = global_batch(next(data_it), s)
+      trace.before(step + 1)
       state, m = train_step(state, batch)
       counts = _count_skips(counts, m["skipped"])
       step += 1
+      trace.after(step, (state, m))
       steps_since += 1
       if pending is not None:
         _stop_if_too_many_skips(*pending, max_skips, mngr)
@@ -376,6 +383,7 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
     if pending is not None:
       _stop_if_too_many_skips(*pending, max_skips, mngr)
   finally:
+    trace.close()
     mngr.close()
     bar.close()
     writer.close()

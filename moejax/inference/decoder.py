@@ -97,7 +97,7 @@ def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cf
   if prefill:
     # The prompt attends to itself (causal): with right padding a real token never sees a pad. Its keys and
     # values fill slots 0..P-1 of the cache.
-    o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, is_causal=True)
+    o_BTHK = attention.attend(q_BTHK, k_BTGK, v_BTGK, causal=True, impl=cfg.attention_impl)
     k_all = jax.lax.dynamic_update_slice(cache_l["k"], k_BTGK.astype(cache_l["k"].dtype), (0, 0, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache_l["v"], v_BTGK.astype(cache_l["v"].dtype), (0, 0, 0, 0))
   else:
@@ -106,8 +106,8 @@ def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cf
     S = k_all.shape[1]
     # Query at position t sees slots 0..t of its own sequence; later slots are stale or empty.
     mask_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions_BT[:, :, None]
-    o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_all.astype(q_BTHK.dtype), v_all.astype(q_BTHK.dtype),
-                                          mask=mask_BTS[:, None])
+    o_BTHK = attention.attend(q_BTHK, k_all.astype(q_BTHK.dtype), v_all.astype(q_BTHK.dtype), causal=False,
+                              mask_B1TS=mask_BTS[:, None], impl=cfg.attention_impl)
   k_all = sharding.constrain(k_all, kv_cache.AXES)
   v_all = sharding.constrain(v_all, kv_cache.AXES)
   x_BTD = x_BTD + attention.output(p["attn"], o_BTHK)

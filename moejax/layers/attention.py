@@ -3,7 +3,9 @@
 Params: `wq` [D, H, K], `wk`/`wv` [D, G, K] (G = kv heads), `wo` [H, K, D]. RoPE uses the split-halves
 ("rotate_half") layout that Llama-family checkpoints use, so imported weights need no permutation; its
 frequencies may be scaled for long context (`config.RopeScalingConfig`: linear, Llama 3.1's rule).
-Attention itself is `jax.nn.dot_product_attention` (XLA on CPU/TPU, cuDNN flash attention on GPU when asked).
+Attention itself is `attend`: `jax.nn.dot_product_attention` (XLA on CPU/TPU, cuDNN flash attention on GPU: chosen
+by `model.attention_impl=auto|xla|cudnn|einsum`) with causal, grouped-query, key-padding and document (segment)
+masks; `einsum` is a plain reference the tests hold the kernels to.
 """
 
 from __future__ import annotations
@@ -96,11 +98,90 @@ def output(p: dict, o_BTHK: jax.Array) -> jax.Array:
 
 def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None = 10000.0,
           rope_scaling: config.RopeScalingConfig | None = None, positions_BT: jax.Array | None = None,
-          mask_BT: jax.Array | None = None) -> jax.Array:
-  """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None."""
+          mask_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+          impl: str = "auto") -> jax.Array:
+  """`mask_BT` (True = real token) masks padded keys, for the text tower; causal LMs pass None.
+  `segment_ids_BT` (packed documents) lets a token attend only within its own segment."""
   q_BTHK, k_BTGK, v_BTGK = project(p, x_BTD, rope_theta=rope_theta, rope_scaling=rope_scaling,
                                    positions_BT=positions_BT)
   q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
-  mask = None if mask_BT is None else mask_BT[:, None, None, :]  # [B, 1, 1, T] over keys
-  o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, is_causal=causal)
+  o_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, causal=causal, mask_BS=mask_BT, segment_ids_BT=segment_ids_BT, impl=impl)
   return output(p, o_BTHK)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The attention kernel, selectable (`model.attention_impl`)
+# ----------------------------------------------------------------------------------------------------------
+
+IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+def check_impl(impl: str, where: str = "model.attention_impl", platform: str | None = None) -> None:
+  """Before a run starts: cuDNN's fused attention exists on NVIDIA GPUs only."""
+  platform = platform or jax.default_backend()
+  if impl == "cudnn" and platform != "gpu":
+    raise config.ConfigError(f"{where}='cudnn' needs an NVIDIA GPU (this backend is {platform!r}); use auto "
+                             f"(cuDNN on GPU where it applies, XLA elsewhere), xla or einsum")
+
+
+def resolve_impl(impl: str, dtype, head_dim: int, has_mask: bool, platform: str | None = None) -> str:
+  """`auto` -> cuDNN's flash attention on GPU for bf16/fp16 heads of <= 128 (a multiple of 8) with at most a
+  causal mask (no padding or document mask, which cuDNN would take as a dense [B, 1, T, S] bias), else XLA."""
+  if impl != "auto":
+    return impl
+  platform = platform or jax.default_backend()
+  fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if platform == "gpu" and fits and not has_mask else "xla"
+
+
+def attention_mask(B: int, T: int, S: int, *, mask_BS: jax.Array | None = None,
+                   segment_ids_BT: jax.Array | None = None, kv_segment_ids_BS: jax.Array | None = None):
+  """[B, 1, T, S] bool (True = may attend) from key padding and document segments, or None for neither.
+  Causality is not in it: kernels take that as a flag."""
+  mask = None
+  if mask_BS is not None:
+    mask = jnp.broadcast_to(mask_BS[:, None, None, :].astype(bool), (B, 1, T, S))
+  if segment_ids_BT is not None:
+    kv = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    same = (segment_ids_BT[:, :, None] == kv[:, None, :])[:, None]  # [B, 1, T, S]
+    mask = same if mask is None else mask & same
+  return mask
+
+
+def attend(q_BTHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, causal: bool,
+           mask_BS: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+           mask_B1TS: jax.Array | None = None, impl: str = "auto") -> jax.Array:
+  """softmax(q k^T / sqrt(K)) v with grouped-query heads (H = G x heads per group), logits and softmax in float32.
+  Masks: `causal` (query t sees keys <= t, aligned at the start), key padding `mask_BS`, document
+  `segment_ids_BT` (self-attention), or a ready `mask_B1TS` (the KV-cache decoder's). `impl` as
+  `model.attention_impl`: xla / cudnn (`jax.nn.dot_product_attention`) or einsum (the plain reference)."""
+  B, T, _, K = q_BTHK.shape
+  S = k_BSGK.shape[1]
+  mask = attention_mask(B, T, S, mask_BS=mask_BS, segment_ids_BT=segment_ids_BT)
+  if mask_B1TS is not None:
+    mask = mask_B1TS if mask is None else mask & mask_B1TS
+  impl = resolve_impl(impl, q_BTHK.dtype, K, mask is not None)
+  if impl == "einsum":
+    return _einsum_attention(q_BTHK, k_BSGK, v_BSGK, causal=causal, mask_B1TS=mask)
+  if impl not in ("xla", "cudnn"):
+    raise ValueError(f"attention impl {impl!r} unknown; choose one of {IMPLS}")
+  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal, implementation=impl)
+
+
+def _einsum_attention(q_BTHK, k_BSGK, v_BSGK, *, causal: bool, mask_B1TS) -> jax.Array:
+  """The reference: explicit einsums, heads grouped as [G, H/G]. A fully masked row gets the same large negative
+  logits as XLA's kernel (so the same uniform average), which only padding queries ever see."""
+  B, T, H, K = q_BTHK.shape
+  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+  logits_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32)
+  logits_BGRTS = logits_BGRTS / np.sqrt(K).astype(np.float32)
+  keep = jnp.ones((1, 1, 1, T, S), bool)
+  if causal:
+    keep = keep & (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])
+  if mask_B1TS is not None:
+    keep = keep & mask_B1TS[:, :, None]  # [B, 1, 1, T, S]
+  logits_BGRTS = jnp.where(keep, logits_BGRTS, -0.7 * float(jnp.finfo(jnp.float32).max))
+  probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
+  o_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS, v_BSGK)
+  return o_BTGRK.reshape(B, T, H, K)

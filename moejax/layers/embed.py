@@ -18,4 +18,5 @@ def lookup(p: dict, tokens_BT: jax.Array, dtype) -> jax.Array:
 
 def attend(p: dict, x_BTD: jax.Array) -> jax.Array:
   """Tied output: logits against the embedding table (unscaled, as Llama-family checkpoints expect)."""
-  return jnp.einsum("BTD,VD->BTV", x_BTD, p["tokens"].astype(x_BTD.dtype))
+  # Accumulated and returned in float32: bf16 logits would round before the loss's logsumexp (moejax/precision.py).
+  return jnp.einsum("BTD,VD->BTV", x_BTD, p["tokens"].astype(x_BTD.dtype), preferred_element_type=jnp.float32)

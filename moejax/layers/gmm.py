@@ -17,8 +17,11 @@ padding and come out zero). Backends:
   Small chunks win on this memory-bound CPU (the measurements are in docs/benchmarks.md). A forward-only
   program keeps no pre-activations; only the custom VJP's forward writes them for the backward.
 - `dense`: every row times every expert, then a select (E x the FLOPs). Small reference / fallback.
+- `megablox`: the Pallas TPU grouped matmul (`jax.experimental.pallas.ops.tpu.megablox`, with its own tgmm
+  backward). Compiled on TPU; elsewhere it runs in Pallas interpret mode (slow: for the tests only). Rows past the
+  last group are zeroed here (the kernel leaves them unwritten).
 
-`auto` picks `ragged_dot` on GPU/TPU and `sorted` on CPU.
+`auto` picks `sorted` on CPU, `ragged_dot` on GPU, and `megablox` on TPU where it imports (else `ragged_dot`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from jax import lax
 
 from moejax.layers import mlp
 
-BACKENDS = ("ragged_dot", "sorted", "dense")
+BACKENDS = ("ragged_dot", "sorted", "dense", "megablox")
 
 # Row padding of each group for `sorted`, and its chunk sizes (rows per product) for the forward, the backward
 # and the plain gmm's weight gradient. Measured on a 2-core AVX-512 CPU (docs/benchmarks.md): 32-row padding
@@ -50,6 +53,8 @@ def resolve(backend: str, platform: str | None = None) -> str:
   """`auto` -> the fastest backend for the platform; an explicit name is checked and returned."""
   if backend == "auto":
     platform = platform or jax.default_backend()
+    if platform == "tpu" and _megablox() is not None:
+      return "megablox"
     return "sorted" if platform == "cpu" else "ragged_dot"
   if backend not in BACKENDS:
     raise ValueError(f"gmm backend {backend!r} unknown; choose auto or one of {BACKENDS}")
@@ -76,7 +81,40 @@ def gmm(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, backend: st
     return _dense_gmm(x_MD, w_EDF, group_sizes_E)
   if backend == "sorted":
     return _sorted_gmm(x_MD, w_EDF, group_sizes_E)
+  if backend == "megablox":
+    return _megablox_gmm(x_MD, w_EDF, group_sizes_E)
   raise ValueError(f"gmm backend {backend!r} unknown; choose one of {BACKENDS}")
+
+
+def _megablox():
+  """The Pallas megablox ops module, or None where this jax lacks it."""
+  try:
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+  except ImportError:
+    return None
+  return ops
+
+
+def _megablox_tile(n: int, on_tpu: bool) -> int:
+  """The largest candidate tile dividing n (TPU blocks want multiples of 128), else the whole dimension."""
+  return next((t for t in ((512, 256, 128) if on_tpu else (128, 64, 32, 16, 8)) if n % t == 0), n)
+
+
+def _megablox_gmm(x_MD, w_EDF, group_sizes_E):
+  ops = _megablox()
+  if ops is None:
+    raise ValueError("gmm backend 'megablox' needs jax.experimental.pallas.ops.tpu.megablox, which this jax lacks; "
+                     "use auto or ragged_dot")
+  on_tpu = jax.default_backend() == "tpu"
+  M, D = x_MD.shape
+  F = w_EDF.shape[2]
+  tiling = (_megablox_tile(M, on_tpu), _megablox_tile(D, on_tpu), _megablox_tile(F, on_tpu))
+  # Rows past the last group are never written by the kernel (garbage, NaN in interpret mode): zero them on the
+  # way in and out, so their cotangents (and any NaN in them) are dropped by the selects.
+  valid_M1 = (jnp.arange(M) < jnp.sum(group_sizes_E))[:, None]
+  y_MF = ops.gmm(jnp.where(valid_M1, x_MD, 0), w_EDF, group_sizes_E, x_MD.dtype, tiling, None, None, False,
+                 not on_tpu)
+  return jnp.where(valid_M1, y_MF, 0)
 
 
 def row_experts(group_sizes_E: jax.Array, num_rows: int) -> jax.Array:

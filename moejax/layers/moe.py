@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import config, sharding
-from moejax.layers import expert_parallel, gmm, mlp, router
+from moejax.layers import expert_parallel, gmm, mlp, ragged_ep, router
 
 # ----------------------------------------------------------------------------------------------------------
 # Params
@@ -377,13 +377,20 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
   Returns (y, router stats with the drop counts "dropped" / "routed" added)."""
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
-  all_slots = ep is not None and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
+  ragged = ep is not None and cfg.moe.ep_exchange == "ragged"  # layers/ragged_ep.py
+  all_slots = ep is not None and not ragged and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
+  if ragged and gmm.tile_for(backend) != 1:
+    backend = "ragged_dot"  # the receiver's groups are not tile-padded
   layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots,
                      causal=causal, valid_GS=valid_GS)
   st = dict(st, dropped=layout.dropped, routed=layout.routed)
   x_MD = dispatch_rows(x_GSD.reshape(G * S, D), layout)
   if ep is None:
     y_MD = experts_apply(p["experts"], x_MD, cfg.activation, layout.group_sizes_E, backend)
+  elif ragged:  # exactly the routed rows travel, by ragged_all_to_all
+    fn = lambda x, sizes_L: experts_apply(p["experts"], x, cfg.activation, sizes_L, backend)
+    y_MD, dropped = ragged_ep.exchange(x_MD, layout.group_sizes_E, ep.axis, ep.size, cfg.moe.ep_buffer_factor, fn)
+    st["dropped"] = st["dropped"] + dropped.astype(jnp.float32)
   else:  # fixed [E, R] blocks travel to the experts' devices and back
     M = x_MD.shape[0]
     N, K = layout.pos_NK.shape

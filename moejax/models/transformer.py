@@ -12,7 +12,8 @@ Param paths (stable; upcycling, checkpoints and HF interop rely on them):
   lm_head/w                          [D, V]   (only when embeddings are untied)
 
 Layers are a Python loop, not a scan: dense and MoE layers differ in structure and the per-layer paths stay
-readable. Compile time grows with depth; for deep models set `model.remat=True` to bound activation memory.
+readable. Compile time grows with depth; for deep models set `model.remat=True` to bound activation memory
+(`model.remat_policy` says what each block keeps: `remat_policy` below).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import ad_checkpoint
 
 from moejax import config, sharding
 from moejax.layers import attention, embed, mlp, moe, norms, router
@@ -53,18 +55,20 @@ def block_specs(cfg: config.ModelConfig, i: int) -> dict:
 
 def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
                 train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None,
-                causal_routing: bool | None = None) -> tuple[jax.Array, dict]:
+                causal_routing: bool | None = None, segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers).
   `causal_routing` (default: `causal`): route as a decoder must, each token's output independent of later
   tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
   x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
-                                  rope_scaling=cfg.rope_scaling, mask_BT=mask_BT)
+                                  rope_scaling=cfg.rope_scaling, mask_BT=mask_BT, segment_ids_BT=segment_ids_BT,
+                                  impl=cfg.attention_impl)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
   if "moe" in p:
     routing_causal = causal if causal_routing is None else causal_routing
     y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=routing_causal, mask_BT=mask_BT)
+    y = ad_checkpoint.checkpoint_name(y, "moe_out")  # what remat_policy=save_moe keeps
   else:
     y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
@@ -84,6 +88,19 @@ def specs(cfg: config.ModelConfig) -> dict:
   return p
 
 
+def remat_policy(name: str):
+  """`model.remat_policy` -> a `jax.checkpoint` policy: what each block saves for the backward pass (the rest is
+  recomputed). full: nothing but the block's input (least memory, ~1 extra forward); dots: every matmul output;
+  dots_no_batch: matmul outputs without batch dimensions (the projections, not attention's batched products);
+  save_moe: the MoE layer's output, so the backward never re-runs routing, dispatch and the expert MLPs."""
+  cp = jax.checkpoint_policies
+  policies = {"full": cp.nothing_saveable, "dots": cp.dots_saveable,
+              "dots_no_batch": cp.dots_with_no_batch_dims_saveable, "save_moe": cp.save_only_these_names("moe_out")}
+  if name not in policies:
+    raise config.ConfigError(f"model.remat_policy={name!r}: choose one of {sorted(policies)}")
+  return policies[name]
+
+
 def run_blocks(layers: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None, train: bool,
                **block_kw) -> tuple[jax.Array, dict]:
   """The layer loop shared by every tower: remat per block, per-layer rng, aux collected by layer index."""
@@ -93,7 +110,7 @@ def run_blocks(layers: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: 
     layer_rng = None if rng is None else jax.random.fold_in(rng, i)
     fn = lambda p, x, r: block_apply(p, x, cfg, rng=r, train=train, **block_kw)
     if cfg.remat:
-      fn = jax.checkpoint(fn)
+      fn = jax.checkpoint(fn, policy=remat_policy(cfg.remat_policy))
     x_BTD, aux = fn(layers[str(i)], x_BTD, layer_rng)
     if aux:
       aux_all[str(i)] = aux
@@ -105,20 +122,24 @@ def total_aux_loss(moe_aux: dict) -> jax.Array:
 
 
 def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
-            train: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+            train: bool = False, mask_BT: jax.Array | None = None,
+            segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """tokens [B, T] int -> (logits [B, T, V] float32, aux). aux = {"aux_loss": scalar, "moe": {layer: metrics}}.
 
   `mask_BT` (True = real token; None = all real) marks padding: padded keys are masked in attention, and padding
-  is kept out of routing (no capacity slots, no router statistics). Logits at padding are meaningless."""
+  is kept out of routing (no capacity slots, no router statistics). Logits at padding are meaningless.
+  `segment_ids_BT` (packed documents) keeps attention within each document; positions still run 0..T-1."""
   cd = DTYPES[cfg.compute_dtype]
   x_BTD = embed.lookup(params["embed"], tokens_BT, cd)
   x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
-  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True, mask_BT=mask_BT)
+  seg = {} if segment_ids_BT is None else {"segment_ids_BT": segment_ids_BT}
+  x_BTD, moe_aux = run_blocks(params["layers"], x_BTD, cfg, rng=rng, train=train, causal=True, mask_BT=mask_BT,
+                              **seg)
   x_BTD = norm_apply(cfg, params["final_norm"], x_BTD)
   if cfg.tie_embeddings:
     logits_BTV = embed.attend(params["embed"], x_BTD)
   else:
-    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(cd))
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"]["w"].astype(cd), preferred_element_type=jnp.float32)
   logits_BTV = sharding.constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
   return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
 

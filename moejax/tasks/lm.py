@@ -33,7 +33,9 @@ def loss_fn(params: Any, batch: dict, cfg: config.ExperimentConfig, *, rng: jax.
             train: bool) -> tuple[jax.Array, dict]:
   tokens = batch["tokens"]  # [B, T+1]
   inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
-  logits_BTV, aux = transformer.forward(params, inputs_BT, cfg.model, rng=rng, train=train)
+  seg = batch.get("segment_ids")  # packed documents (optional): attention stays within each document
+  logits_BTV, aux = transformer.forward(params, inputs_BT, cfg.model, rng=rng, train=train,
+                                        segment_ids_BT=None if seg is None else seg[:, :-1])
   ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
   hit_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32)
   if "loss_mask" in batch:  # mixtures: task windows count only their answer tokens (data/mixture.py)
