@@ -367,8 +367,12 @@ class TtmmConfig:
   corpus: str = "moejax_pycode"  # the bundled code corpus (moejax/data/pycode.py)
   max_docs: int = 0  # 0 = every training document; N = an evenly spaced subset (tests)
   seed: int = 0  # clustering (BisectingKMeans random_state) and the experts' data order
+  ttt_neighbors: int = 8  # the test-time-training baseline: a fresh LoRA fine-tuned on this many nearest documents
+  ttt_steps: int = 10  # ... for this many steps (of data.batch_size windows)
 
   def __post_init__(self):
+    _check(self.ttt_neighbors >= 1 and self.ttt_steps >= 0,
+           f"ttmm.ttt_neighbors={self.ttt_neighbors} must be >= 1 and ttmm.ttt_steps={self.ttt_steps} >= 0")
     _check(self.clusters >= 0, f"ttmm.clusters={self.clusters} must be >= 0 (0: not a TTMM bank)")
     _check(self.beta > 0, f"ttmm.beta={self.beta} must be > 0 (the kernel width; the reference uses 0.2)")
     _check(0.0 <= self.tau < 1.0, f"ttmm.tau={self.tau} must be in [0, 1) (the reference uses 0.01)")

@@ -41,6 +41,7 @@ class ExpertSetup:
   abstract_state: Any
   batch_sharding: NamedSharding
   lr_schedule: Any
+  cache: dict = dataclasses.field(default_factory=dict)  # compiled programs reused across calls (test-time TTT)
 
   @property
   def scale(self) -> float:
@@ -97,19 +98,23 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | 
 
 def init_state(es: ExpertSetup, key: jax.Array) -> dict:
   """Expert k starts as the fine-tuning trainer's fresh state for key `fold_in(key, k)` would (LoRA B = 0)."""
-  seed = es.cfg.peft.seed
+  if "init" not in es.cache:
+    seed = es.cfg.peft.seed
 
-  def one(kk):  # peft_trainer.init_state's key schedule: params at fold_in(., 1), optimizer state at fold_in(., 2)
-    kk = jax.random.fold_in(kk, seed)
-    return {n: sharding.init_params(jax.random.fold_in(kk, i + 1), es.one_specs[n])
-            for i, n in enumerate(("params", "opt_state"))}
+    def one(kk):  # peft_trainer.init_state's key schedule: params at fold_in(., 1), optimizer state at fold_in(., 2)
+      kk = jax.random.fold_in(kk, seed)
+      return {n: sharding.init_params(jax.random.fold_in(kk, i + 1), es.one_specs[n])
+              for i, n in enumerate(("params", "opt_state"))}
 
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(es.k))
-  out_sh = {n: es.state_shardings[n] for n in ("params", "opt_state")}
-  st = jax.jit(jax.vmap(one), out_shardings=out_sh)(keys)
+    def many(key):
+      return jax.vmap(one)(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(es.k)))
+
+    es.cache["init"] = jax.jit(many, out_shardings={n: es.state_shardings[n] for n in ("params", "opt_state")})
+    es.cache["peft"] = jax.device_get(sharding.create_params(
+      jax.random.key(0), peft_trainer.aux_specs(es.cfg, es.targets, es.base_info), es.mesh))  # constants (the hash)
+  st = es.cache["init"](key)
   st["step"] = jax.device_put(jnp.zeros((), jnp.int32), es.state_shardings["step"])
-  st["peft"] = sharding.create_params(jax.random.fold_in(key, 3), peft_trainer.aux_specs(es.cfg, es.targets, es.base_info),
-                                      es.mesh)
+  st["peft"] = jax.device_put(es.cache["peft"], es.state_shardings["peft"])  # a fresh copy: the step donates it
   return st
 
 
@@ -160,8 +165,11 @@ def make_train_step(es: ExpertSetup):
     new_p, new_o, m = jax.vmap(one)(state["params"], state["opt_state"], batch)
     return {"step": step + 1, "params": new_p, "opt_state": new_o, "peft": state["peft"]}, m
 
-  jitted = jax.jit(train_step, in_shardings=(es.state_shardings, es.base_shardings, {"tokens": es.batch_sharding}),
-                   out_shardings=(es.state_shardings, None), donate_argnums=(0,))
+  if "step" not in es.cache:
+    es.cache["step"] = jax.jit(train_step, in_shardings=(es.state_shardings, es.base_shardings,
+                                                         {"tokens": es.batch_sharding}),
+                               out_shardings=(es.state_shardings, None), donate_argnums=(0,))
+  jitted = es.cache["step"]
   return lambda state, batch: jitted(state, es.base, batch)
 
 
