@@ -39,8 +39,9 @@ def bank_config(base: str | pathlib.Path, clusters: int, overrides: list[str]) -
   return cfg
 
 
-def corpus(cfg: config.ExperimentConfig, split: str) -> tuple[list[str], list[str], list[np.ndarray]]:
-  """(names, texts, token arrays) of the corpus split; `ttmm.max_docs` > 0 keeps an evenly spaced subset."""
+def corpus(cfg: config.ExperimentConfig, split: str, tokens: bool = True):
+  """(names, texts, token arrays or None) of the corpus split; `ttmm.max_docs` > 0 keeps an evenly spaced
+  subset."""
   if cfg.ttmm.corpus != "moejax_pycode":
     raise config.ConfigError(f"ttmm.corpus={cfg.ttmm.corpus!r} unknown; the bundled code corpus is moejax_pycode")
   docs = pycode.documents(split)
@@ -48,7 +49,7 @@ def corpus(cfg: config.ExperimentConfig, split: str) -> tuple[list[str], list[st
   if n and n < len(docs):
     docs = [docs[int(i)] for i in np.linspace(0, len(docs) - 1, n).round().astype(int)]
   tok = tokenizer.get(cfg.data.tokenizer)
-  return [d[0] for d in docs], [d[2] for d in docs], [tok.encode(d[2]) for d in docs]
+  return [d[0] for d in docs], [d[2] for d in docs], [tok.encode(d[2]) for d in docs] if tokens else None
 
 
 def pad_id(cfg: config.ExperimentConfig) -> int:
@@ -73,7 +74,7 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
   if to.resolve() == base.resolve():
     raise config.ConfigError(f"--to {to} is the base run itself; choose a new directory")
   cfg = bank_config(base, clusters, overrides)
-  names, texts, toks = corpus(cfg, "train")
+  names, texts, _ = corpus(cfg, "train", tokens=False)
   if clusters > len(names):
     raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
                              f"{f', ttmm.max_docs={cfg.ttmm.max_docs}' if cfg.ttmm.max_docs else ''}) has "
@@ -81,6 +82,7 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
   if (to / "config.json").is_file() and not (to / "checkpoints").is_dir():
     raise config.ConfigError(f"{to} holds a config.json but no bank checkpoints; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
+  toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]
   t0 = time.perf_counter()
   es = experts.setup(cfg, mesh)
   timings = {}

@@ -53,6 +53,9 @@ def evaluate(bank: str, split: str = "validation", methods: tuple[str, ...] = ("
     raise config.ConfigError(f"ttmm eval takes only ttmm.* overrides (beta, tau, max_merge, ...), got {bad[0]!r}")
   if split not in ("train", "validation"):
     raise config.ConfigError(f"--split {split!r} unknown; choose train or validation")
+  from moejax import checkpoint, paths
+
+  config.apply_overrides(checkpoint.read_config(paths.in_dir(bank, "--bank")), list(overrides))  # before loading
   es, bank_params, cl = bank_lib.load(bank, base)
   built = es.cfg  # the build's corpus selection: the documents the clusters' embeddings are of (ttt)
   es.cfg = config.apply_overrides(es.cfg, list(overrides))  # ttmm.max_docs here: that many evaluation documents

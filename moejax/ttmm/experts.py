@@ -2,7 +2,7 @@
 K, the step is the fine-tuning trainer's LoRA step (moejax/peft/trainer.py: merge W + (alpha/r) A@B, the task's
 loss, clip by each expert's own gradient norm, AdamW, NaN guard) vmapped over K, and K is laid out over the mesh's
 batch axes (the logical name "batch": data, fsdp, expert), so the experts train in parallel across devices with
-no communication (embarrassingly parallel, as the paper notes). The frozen base is one replicated copy.
+no communication (embarrassingly parallel, as the paper notes); a K those axes do not divide is replicated. The frozen base is one replicated copy.
 
 State: `{step, params: {lora: {<target>: {a [K,E,R,r], b [K,E,r,C]}}}, opt_state (same, per moment),
 peft: {base_hash}}`, saved as ordinary orbax checkpoints in the bank. Expert k's data is random windows of
@@ -53,9 +53,16 @@ def stacked(spec: sharding.ParamSpec, k: int) -> sharding.ParamSpec:
   return sharding.ParamSpec((k,) + spec.shape, (None,) + tuple(spec.axes), spec.init, spec.dtype)
 
 
-def stacked_shardings(one_specs: Any, mesh: Mesh) -> Any:
-  """K over the mesh's batch axes (data, fsdp, expert), the rest as one expert's param would be laid out."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, sharding.spec_for(("batch",) + tuple(s.axes), mesh)), one_specs,
+def expert_axis(k: int, mesh: Mesh) -> str | None:
+  """The logical name K is laid out by: "batch" (the mesh's data, fsdp and expert axes) when K divides over them,
+  else None (replicated: every device runs every expert; correct, just not parallel)."""
+  return "batch" if k % sharding.batch_divisor(mesh) == 0 else None
+
+
+def stacked_shardings(one_specs: Any, mesh: Mesh, k: int) -> Any:
+  """K over the mesh's batch axes (see expert_axis), the rest as one expert's param would be laid out."""
+  ax = expert_axis(k, mesh)
+  return jax.tree.map(lambda s: NamedSharding(mesh, sharding.spec_for((ax,) + tuple(s.axes), mesh)), one_specs,
                       is_leaf=sharding.is_spec)
 
 
@@ -71,10 +78,6 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | 
   check(cfg)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   k = cfg.ttmm.clusters
-  div = sharding.batch_divisor(mesh)
-  if k % div:
-    raise config.ConfigError(f"ttmm.clusters={k} experts cannot be split over the {div} data-parallel devices of "
-                             f"the mesh {dict(mesh.shape)}: choose K divisible by {div} or a smaller mesh.data")
   task = tasks.get(cfg.task)
   base_specs = task.specs(cfg)
   tg = targets_lib.select(cfg, base_specs)
@@ -84,13 +87,13 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | 
   many = lambda tree: jax.tree.map(lambda s: stacked(s, k), tree, is_leaf=sharding.is_spec)
   specs = {"params": many(ad), "opt_state": many(op), "peft": aux}
   replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = {"step": replicated, "params": stacked_shardings(ad, mesh), "opt_state": stacked_shardings(op, mesh),
+  shardings = {"step": replicated, "params": stacked_shardings(ad, mesh, k), "opt_state": stacked_shardings(op, mesh, k),
                "peft": sharding.param_shardings(aux, mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
   for n, v in specs.items():
     abstract[n] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), v, shardings[n],
                                is_leaf=sharding.is_spec)
-  batch_sh = NamedSharding(mesh, sharding.spec_for(("batch", None, None), mesh))
+  batch_sh = NamedSharding(mesh, sharding.spec_for((expert_axis(k, mesh), None, None), mesh))
   sched = optim.schedule(cfg.optim, cfg.train.schedule_steps or cfg.train.steps)
   return ExpertSetup(cfg, mesh, k, tg, params, shards, info, {"params": ad, "opt_state": op}, shardings, abstract,
                      batch_sh, sched)
