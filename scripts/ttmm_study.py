@@ -16,6 +16,7 @@ import pathlib
 import time
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,9 +42,11 @@ def main() -> None:
   t_all = time.perf_counter()
   kmax = max(args.ks)
   plan = [(f"k{k}", k, args.steps) for k in args.ks] + [("whole", 1, args.steps * kmax)]
+  emb = None
   for name, k, steps in plan:
     t = time.perf_counter()
-    b = bank.build(args.base, k, out / name, common + [f"train.steps={steps}"], progress=False)
+    b = bank.build(args.base, k, out / name, common + [f"train.steps={steps}"], progress=False, embeddings=emb)
+    emb = np.load(out / name / "clusters.npz")["embeddings"]  # the same base and documents: embedded once
     built = time.perf_counter() - t
     methods = ["ttmm"] if name == "whole" else ["ttmm", "nearest", "ensemble"]
     if k == kmax and name != "whole":

@@ -62,11 +62,13 @@ def test_merge_one_expert_at_weight_one_is_that_lora_and_the_sum_is_per_expert(b
       np.testing.assert_allclose(targets_lib.get(got, p), want, rtol=1e-5, atol=1e-6, err_msg=p)
   w_K = jnp.asarray([0.1, 0.0, 0.6, 0.3])
   got = merged_fn(es.base, bank, w_K)
+  sparse = merge.sparse(es.targets, es.scale)(es.base, bank, w_K)  # only the 3 kept experts gathered: the same
   for p, t in es.targets.items():  # a per-expert loop over peft's delta
     want = targets_lib.get(es.base, p) + sum(
       float(w_K[k]) * lora.delta(t, targets_lib.by_target(experts.expert_slice(bank, k)["lora"], es.targets)[p],
                                  es.scale) for k in range(4))
     np.testing.assert_allclose(targets_lib.get(got, p), want, rtol=1e-5, atol=1e-6, err_msg=p)
+    np.testing.assert_allclose(targets_lib.get(sparse, p), targets_lib.get(got, p), rtol=1e-5, atol=1e-6)
   zero = merged_fn(es.base, bank, jnp.zeros(4))  # no expert: the base exactly
   for p in es.targets:
     np.testing.assert_array_equal(targets_lib.get(zero, p), targets_lib.get(es.base, p))
@@ -125,12 +127,13 @@ def _clustered_batches(k, b, seq_len, steps, seed=0):
 
 @pytest.mark.parametrize("k,devices", [(3, 1), (8, 8)])
 def test_k_experts_in_one_program_equal_k_separate_lora_runs(base_dir, k, devices):
-  steps = 3
+  steps = 2
   cfg = _cfg(base_dir, k, ["optim.clip_norm=0.05"])  # the clip is active: each expert clips by its own norm
   mesh = sharding.make_mesh(config.MeshConfig(data=devices), devices=jax.devices()[:devices])
   es = experts.setup(cfg, mesh)
   key = jax.random.key(7)
   state = experts.init_state(es, key)
+  init = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
   if devices > 1:
     a = jax.tree.leaves(state["params"])[0]
     assert a.sharding.spec[0] == "data" and len(a.sharding.device_set) == devices
@@ -141,9 +144,16 @@ def test_k_experts_in_one_program_equal_k_separate_lora_runs(base_dir, k, device
     state, m = step_fn(state, b)
   assert m["loss"].shape == (k,)
   s = peft_trainer.setup(cfg, _one())  # the fine-tuning trainer, one expert at a time, on one device
+  if devices == 1:  # expert e starts as the trainer's own fresh state for key fold_in(key, e)
+    fresh = peft_trainer.init_state(s, jax.random.fold_in(key, 1))
+    for name in ("params", "opt_state"):
+      for x, y in zip(jax.tree.leaves(experts.expert_slice(init[name], 1)), jax.tree.leaves(fresh[name])):
+        np.testing.assert_array_equal(x, np.asarray(y))
   ref_step = s.hooks.make_train_step(s)
   for e in range(k):
-    ref = peft_trainer.init_state(s, jax.random.fold_in(key, e))
+    ref = {"step": jnp.zeros((), jnp.int32), "peft": jax.device_put(jax.device_get(state["peft"])),
+           **jax.device_put(experts.expert_slice(init, e))}
+    ref = jax.device_put(ref, s.state_shardings)
     for b in batches:
       ref, _ = ref_step(ref, {"tokens": jnp.asarray(b["tokens"][e])})
     got = experts.expert_slice({"params": state["params"], "opt_state": state["opt_state"]}, e)

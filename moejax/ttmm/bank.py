@@ -40,11 +40,11 @@ def bank_config(base: str | pathlib.Path, clusters: int, overrides: list[str]) -
 
 
 def corpus(cfg: config.ExperimentConfig, split: str, tokens: bool = True):
-  """(names, texts, token arrays or None) of the corpus split; `ttmm.max_docs` > 0 keeps an evenly spaced
-  subset."""
+  """(names, texts, token arrays or None) of the corpus split's non-empty documents; `ttmm.max_docs` > 0 keeps an
+  evenly spaced subset."""
   if cfg.ttmm.corpus != "moejax_pycode":
     raise config.ConfigError(f"ttmm.corpus={cfg.ttmm.corpus!r} unknown; the bundled code corpus is moejax_pycode")
-  docs = pycode.documents(split)
+  docs = [d for d in pycode.documents(split) if d[2].strip()]  # empty modules (bare __init__.py) say nothing
   n = cfg.ttmm.max_docs
   if n and n < len(docs):
     docs = [docs[int(i)] for i in np.linspace(0, len(docs) - 1, n).round().astype(int)]
@@ -67,7 +67,9 @@ def check_base(es: experts.ExpertSetup, state: dict, bank: pathlib.Path) -> None
 
 
 def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overrides: list[str],
-          progress: bool = True, mesh: Any = None) -> dict:
+          progress: bool = True, mesh: Any = None, embeddings: np.ndarray | None = None) -> dict:
+  """`embeddings`: the corpus's document embeddings already computed with this base and config (a study that
+  builds several banks computes them once)."""
   base = paths.in_dir(base, "--from")
   checkpoint.resolve_step_dir(base)  # "has no checkpoints" before anything else
   to = paths.out_dir(to, "--to")
@@ -94,7 +96,7 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
     labels, emb = cl["labels"], cl["embeddings"]
   else:
     t = time.perf_counter()
-    emb = embed.make(es.base, cfg, pad_id(cfg)).documents(toks, texts)
+    emb = embeddings if embeddings is not None else embed.make(es.base, cfg, pad_id(cfg)).documents(toks, texts)
     timings["embed_s"] = time.perf_counter() - t
     t = time.perf_counter()
     labels, cent = cluster.fit(emb, clusters, cfg.ttmm.seed)

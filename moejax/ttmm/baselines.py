@@ -47,7 +47,7 @@ class TestTime:
     self.es, self.bank, self.embedder = es, bank_params, embedder
     self.cent_KD = jnp.asarray(clusters["centroids"])
     self.doc_emb_ND = np.asarray(clusters["embeddings"])
-    self.merge = merge.jitted(es.targets, es.scale)
+    self.merge = merge.sparse(es.targets, es.scale)
     tc = es.cfg.ttmm
     self.weights = jax.jit(lambda phi: merge.prompt_weights(phi, self.cent_KD, tc.beta, tc.tau, tc.max_merge))
     self.last_kept = 0
