@@ -186,3 +186,43 @@ def test_clustering_is_deterministic_and_a_partition():
   assert all(len(set(labels[truth == c])) == 1 for c in range(5)) and len(set(labels)) == 5
   with pytest.raises(config.ConfigError, match="ttmm.clusters=101 but the corpus has 100 documents"):
     cluster.fit(emb, 101, seed=0)
+
+
+BUILD = ["--no-progress", "ttmm.max_docs=8", "ttmm.doc_tokens=64", "peft.lora_rank=2"]
+
+
+@pytest.mark.slow
+def test_build_eval_generate_from_the_cli_and_resume_is_exact(base_dir, tmp_path, capsys):
+  """`ttmm build` (stopped at step 2, resumed to 3) == one uninterrupted 3-step build; eval runs every method;
+  `generate --ttmm` merges the prompt's experts; a bank refuses another base."""
+  from moejax import cli
+  from moejax.ttmm import bank as bank_lib
+
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert cli.main(["ttmm", "build", "--from", str(base_dir), "--clusters", "2", "--to", str(a), *BUILD,
+                   "train.steps=2"]) == 0
+  assert cli.main(["ttmm", "build", "--from", str(base_dir), "--clusters", "2", "--to", str(a), *BUILD,
+                   "train.steps=3"]) == 0
+  assert cli.main(["ttmm", "build", "--from", str(base_dir), "--clusters", "2", "--to", str(b), *BUILD,
+                   "train.steps=3"]) == 0
+  assert checkpoint.step_numbers(a)[-1] == 3
+  pa, pb = bank_lib.load(a)[1], bank_lib.load(b)[1]
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  cl = cluster.load(a)
+  assert sorted(i for m in cl["members"] for i in m) == list(range(8))
+  capsys.readouterr()
+  out = tmp_path / "eval.json"
+  assert cli.main(["ttmm", "eval", "--bank", str(a), "--no-progress", "--methods", "base,ttmm,nearest,ensemble,ttt",
+                   "--out", str(out), "ttmm.max_docs=3", "ttmm.ttt_steps=1", "ttmm.doc_tokens=96"]) == 0
+  import json
+
+  res = json.loads(out.read_text())
+  assert set(res["methods"]) == {"base", "ttmm", "nearest", "ensemble", "ttt"}
+  assert all(np.isfinite(m["nll"]) and m["perplexity"] > 1 for m in res["methods"].values())
+  assert res["scored_tokens"] > 0 and 1 <= res["mean_experts_merged"] <= 2
+  capsys.readouterr()
+  assert cli.main(["generate", "--workdir", str(base_dir), "--ttmm", str(a), "--prompt", "def f(x):",
+                   "--max-new-tokens", "4"]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.startswith("def f(x):") and "moejax: ttmm: merged" in captured.err

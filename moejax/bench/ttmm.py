@@ -37,6 +37,27 @@ def _time(fn, repeats: int) -> float:
   return statistics.median(out)
 
 
+def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> tuple:
+  """(K, ttmm total, embed, weights, sparse merge, merge of all K, experts kept) for one bank of random experts."""
+  k, layer, tc = cfg.ttmm.clusters, cfg.ttmm.embed_layer, cfg.ttmm
+  es = experts.setup(cfg, mesh, base=(base, shards, info))
+  bank = jax.tree.map(lambda a: 0.01 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
+                      es.abstract_state["params"])
+  cent = jnp.asarray(embed.normalise(rng.normal(size=(k, cfg.model.d_model)).astype(np.float32)))
+  wfn = jax.jit(lambda phi: merge.prompt_weights(phi, cent, tc.beta, tc.tau, tc.max_merge))
+  mfn = merge.sparse(es.targets, es.scale)  # what test time uses: only the kept experts gathered
+  dense = merge.jitted(es.targets, es.scale)
+  x = jnp.asarray(prompt[None])
+  phi = embed.embed_prompt(base, x, cfg.model, layer)
+  w = wfn(phi)
+  t_embed = _time(lambda: embed.embed_prompt(base, x, cfg.model, layer), repeats)
+  t_w = _time(lambda: wfn(phi), repeats)
+  t_m = _time(lambda: mfn(base, bank, w), repeats)
+  t_all = _time(lambda: mfn(base, bank, wfn(embed.embed_prompt(base, x, cfg.model, layer))), repeats)
+  t_dense = _time(lambda: dense(base, bank, w), repeats)
+  return k, t_all, t_embed, t_w, t_m, t_dense, int((np.asarray(w) > 0).sum())
+
+
 def main(argv: list[str]) -> int:
   ap = cli.Parser(prog="moejax bench ttmm")
   ap.add_argument("base", nargs="?", default="lm_dense_pycode_tiny")
@@ -61,23 +82,8 @@ def main(argv: list[str]) -> int:
   rows = []
   t_fwd = _time(lambda: fwd(base, jnp.asarray(prompt[None])), args.repeats)
   for k in args.clusters:
-    cfg = config.derive(cfg0, {"ttmm.clusters": k})
-    es = experts.setup(cfg, mesh, base=(base, shards, info))
-    bank = jax.tree.map(lambda a: 0.01 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
-                        es.abstract_state["params"])
-    cent = jnp.asarray(embed.normalise(rng.normal(size=(k, cfg.model.d_model)).astype(np.float32)))
-    wfn = jax.jit(lambda phi, c=cent: merge.prompt_weights(phi, c, tc.beta, tc.tau, tc.max_merge))
-    mfn = merge.sparse(es.targets, es.scale)  # what test time uses: only the kept experts gathered
-    dense = merge.jitted(es.targets, es.scale)
-    phi = embed.embed_prompt(base, jnp.asarray(prompt[None]), cfg.model, layer)
-    w = wfn(phi)
-    t_embed = _time(lambda: embed.embed_prompt(base, jnp.asarray(prompt[None]), cfg.model, layer), args.repeats)
-    t_w = _time(lambda: wfn(phi), args.repeats)
-    t_m = _time(lambda: mfn(base, bank, w), args.repeats)
-    t_all = _time(lambda: mfn(base, bank, wfn(embed.embed_prompt(base, jnp.asarray(prompt[None]), cfg.model, layer))),
-                  args.repeats)
-    t_dense = _time(lambda: dense(base, bank, w), args.repeats)
-    rows.append((k, t_all, t_embed, t_w, t_m, t_dense, int((np.asarray(w) > 0).sum())))
+    rows.append(_time_bank(config.derive(cfg0, {"ttmm.clusters": k}), mesh, base, shards, info, prompt, rng,
+                           args.repeats))
   # TTT: K=1, ttt_steps steps on the 8 nearest of 800 random "documents"
   cfg1 = config.derive(cfg0, {"ttmm.clusters": 1, "train.steps": max(tc.ttt_steps, 1), "optim.warmup_steps": 0,
                               "data.batch_size": 8})

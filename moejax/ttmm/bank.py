@@ -10,6 +10,7 @@ checked whenever the bank is loaded (as the fine-tuning trainer does for resume)
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -39,12 +40,17 @@ def bank_config(base: str | pathlib.Path, clusters: int, overrides: list[str]) -
   return cfg
 
 
+@functools.lru_cache(maxsize=2)
+def _documents(split: str) -> list[tuple[str, str, str]]:
+  return [d for d in pycode.documents(split) if d[2].strip()]  # empty modules (bare __init__.py) say nothing
+
+
 def corpus(cfg: config.ExperimentConfig, split: str, tokens: bool = True):
   """(names, texts, token arrays or None) of the corpus split's non-empty documents; `ttmm.max_docs` > 0 keeps an
   evenly spaced subset."""
   if cfg.ttmm.corpus != "moejax_pycode":
     raise config.ConfigError(f"ttmm.corpus={cfg.ttmm.corpus!r} unknown; the bundled code corpus is moejax_pycode")
-  docs = [d for d in pycode.documents(split) if d[2].strip()]  # empty modules (bare __init__.py) say nothing
+  docs = _documents(split)
   n = cfg.ttmm.max_docs
   if n and n < len(docs):
     docs = [docs[int(i)] for i in np.linspace(0, len(docs) - 1, n).round().astype(int)]
