@@ -226,3 +226,31 @@ def test_build_eval_generate_from_the_cli_and_resume_is_exact(base_dir, tmp_path
                    "--max-new-tokens", "4"]) == 0
   captured = capsys.readouterr()
   assert captured.out.startswith("def f(x):") and "moejax: ttmm: merged" in captured.err
+
+
+def test_hf_embedder_is_mean_pooled_unit_and_pluggable(tmp_path):
+  """`ttmm.embedder=hf:<dir>`: a (tiny, random) Hugging Face encoder read offline, mean-pooled over real tokens."""
+  import torch
+  import transformers
+
+  from moejax.ttmm import embed
+
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz()_:=.", "def", "return"]
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=32)).eval()
+  model.save_pretrained(tmp_path)
+  cfg = registry.get("lm_dense_tiny", [f"ttmm.embedder=hf:{tmp_path}"])
+  e = embed.make({}, cfg, pad_id=0)
+  texts = ["def f(x): return x", "abc", "return (a)"]
+  got = e.documents([np.zeros(1)] * 3, texts)
+  assert got.shape == (3, 16)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  with torch.no_grad():
+    h = model(**tok(texts[1:2], return_tensors="pt")).last_hidden_state[0].numpy()  # one text: no padding
+  want = h.mean(0) / np.linalg.norm(h.mean(0))
+  np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-5)  # padding in the batch changes nothing
+  np.testing.assert_allclose(e.prompt(np.zeros(1), texts[1]), want, rtol=1e-4, atol=1e-5)
