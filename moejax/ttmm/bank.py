@@ -87,8 +87,8 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
     raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
                              f"{f', ttmm.max_docs={cfg.ttmm.max_docs}' if cfg.ttmm.max_docs else ''}) has "
                              f"{len(names)} documents: choose 1..{len(names)}")
-  if (to / "config.json").is_file() and not (to / "checkpoints").is_dir():
-    raise config.ConfigError(f"{to} holds a config.json but no bank checkpoints; choose an empty --to")
+  if (to / "config.json").is_file() and not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
+    raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
   toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]
   t0 = time.perf_counter()
