@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge|ttmm`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -195,13 +195,20 @@ def cmd_export_hf(args) -> int:
   return hf.cli_export(args.workdir, str(paths.out_dir(args.to, "--to")), args.arch, dtype=args.dtype)
 
 
+def cmd_ttmm(args) -> int:
+  _start(args)
+  from moejax.ttmm import cli as ttmm_cli
+
+  return ttmm_cli.cmd_ttmm(args)
+
+
 def cmd_generate(args) -> int:
   from moejax.inference import cli as inference_cli
 
   return inference_cli.cmd_generate(args)
 
 
-BENCHES = ("moe", "train", "upcycle", "infer", "peft")
+BENCHES = ("moe", "train", "upcycle", "infer", "peft", "ttmm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft (extra flags go to the benchmark)")
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft | ttmm (extra flags go to the benchmark)")
   b.add_argument("what", choices=BENCHES)
   b.set_defaults(fn=None)
 
@@ -271,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
   from moejax.inference import cli as inference_cli
 
   inference_cli.add_parser(sub).set_defaults(fn=cmd_generate)
+
+  from moejax.ttmm import cli as ttmm_cli
+
+  ttmm_cli.add_parser(sub, Parser).set_defaults(fn=cmd_ttmm)
   return p
 
 

@@ -371,6 +371,43 @@ class PeftConfig:
     _check(bool(self.targets) or self.method == "none", "peft.targets is empty")
 
 
+@dataclasses.dataclass(frozen=True)
+class TtmmConfig:
+  """Test-time merging of local experts (Bertolissi et al., COLM 2025; moejax/ttmm): the corpus clustered by
+  document embedding into `clusters` groups, one LoRA (the `peft` section's rank/alpha/targets) per cluster, all
+  trained in one program; at test time the prompt's first `prefix_tokens` tokens are embedded and the experts
+  weighted by exp(-(1 - cos)/beta^2), normalised, those below `tau` dropped, at most `max_merge` kept, and merged
+  into the base. Defaults are the reference code's (rbertolissi/ttmerge). Each expert trains `train.steps` steps
+  on `data.batch_size` windows of its own cluster per step (all experts step together)."""
+
+  clusters: int = 0  # K; 0 = not a TTMM bank
+  beta: float = 0.2
+  tau: float = 0.01
+  max_merge: int = 50
+  prefix_tokens: int = 50  # of the prompt, embedded at test time
+  doc_tokens: int = 512  # of each training document, embedded for clustering (mean over windows of seq_len)
+  embed_layer: int = -1  # which block's output is mean-pooled (-1: the last, after the final norm)
+  embedder: str = "base"  # base (the base model's hidden states) | hf:<dir of a HF encoder>
+  corpus: str = "moejax_pycode"  # the bundled code corpus (moejax/data/pycode.py)
+  max_docs: int = 0  # 0 = every training document; N = an evenly spaced subset (tests)
+  seed: int = 0  # clustering (BisectingKMeans random_state) and the experts' data order
+  ttt_neighbors: int = 8  # the test-time-training baseline: a fresh LoRA fine-tuned on this many nearest documents
+  ttt_steps: int = 10  # ... for this many steps (of data.batch_size windows)
+
+  def __post_init__(self):
+    _check(self.ttt_neighbors >= 1 and self.ttt_steps >= 0,
+           f"ttmm.ttt_neighbors={self.ttt_neighbors} must be >= 1 and ttmm.ttt_steps={self.ttt_steps} >= 0")
+    _check(self.clusters >= 0, f"ttmm.clusters={self.clusters} must be >= 0 (0: not a TTMM bank)")
+    _check(self.beta > 0, f"ttmm.beta={self.beta} must be > 0 (the kernel width; the reference uses 0.2)")
+    _check(0.0 <= self.tau < 1.0, f"ttmm.tau={self.tau} must be in [0, 1) (the reference uses 0.01)")
+    _check(self.max_merge >= 1, f"ttmm.max_merge={self.max_merge} must be >= 1")
+    _check(self.prefix_tokens >= 1 and self.doc_tokens >= 1,
+           f"ttmm.prefix_tokens={self.prefix_tokens} and ttmm.doc_tokens={self.doc_tokens} must be >= 1")
+    _check(self.embedder == "base" or self.embedder.startswith("hf:"),
+           f"ttmm.embedder={self.embedder!r} unknown; choose base or hf:<dir>")
+    _check(self.max_docs >= 0, f"ttmm.max_docs={self.max_docs} must be >= 0")
+
+
 def _tower(**kw) -> ModelConfig:
   base = dict(vocab_size=1, d_model=64, num_layers=2, num_heads=4, d_ff=256, activation="gelu", norm="layer",
               bias=True, norm_eps=1e-5, max_seq_len=64, tie_embeddings=True)
@@ -449,6 +486,7 @@ class ExperimentConfig:
   init: UpcycleConfig = UpcycleConfig()
   clip: ClipConfig = ClipConfig()  # used when task == "clip"
   peft: PeftConfig = PeftConfig()  # fine-tuning a frozen base (see moejax/peft)
+  ttmm: TtmmConfig = TtmmConfig()  # test-time merging of LoRA experts (see moejax/ttmm)
 
   def __post_init__(self):
     _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")

@@ -7,6 +7,8 @@ these placeholders, built once per module (see `dirs`):
   {hf}       that run exported as a Hugging Face Llama (config.json + model.safetensors)
   {bad_json_run}  {run} with a truncated config.json
   {bad_ckpt_run}  {run} with every checkpoint's array data truncated
+  {ttmm_base}  {run} with its step 2 removed (so another base: newest step 1)
+  {bank}     a TTMM bank (2 experts, 1 step, 8 documents) built on {ttmm_base}
   {bad_json_hf}   {hf} with a truncated config.json
   {bad_st_hf}     {hf} with a truncated model.safetensors
   {file}     an existing regular file     {empty}  an existing empty directory
@@ -155,6 +157,27 @@ CASES = [
   _c("generate-missing-prompts-file", "generate", "--workdir", "{run}", "--prompts-file", "{new}/p.txt",
      msg="no such file"),
   _c("generate-truncated-config", "generate", "--workdir", "{bad_json_run}", "--prompt", "hi", msg="config.json"),
+  # ttmm (a bank built on {ttmm_base}: {run} at step 1)
+  _c("ttmm-clusters-above-documents", "ttmm", "build", "--from", "{run}", "--clusters", "100000", "--to", "{new}",
+     msg="--clusters 100000 but the corpus (moejax_pycode, train split) has"),
+  _c("ttmm-clusters-zero", "ttmm", "build", "--from", "{run}", "--clusters", "0", "--to", "{new}",
+     msg="--clusters 0 must be >= 1"),
+  _c("ttmm-beta-zero", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{new}", "ttmm.beta=0",
+     msg="ttmm.beta=0.0 must be > 0"),
+  _c("ttmm-tau-one", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{new}", "ttmm.tau=1.0",
+     msg="ttmm.tau=1.0 must be in [0, 1)"),
+  _c("ttmm-eval-tau-negative", "ttmm", "eval", "--bank", "{bank}", "ttmm.tau=-0.5", msg="ttmm.tau=-0.5 must be in [0, 1)"),
+  _c("ttmm-eval-beta-negative", "ttmm", "eval", "--bank", "{bank}", "ttmm.beta=-1", msg="ttmm.beta=-1.0 must be > 0"),
+  _c("ttmm-eval-other-base", "ttmm", "eval", "--bank", "{bank}", "--base", "{run}", msg="was built on another base"),
+  _c("ttmm-generate-other-base", "generate", "--workdir", "{run}", "--ttmm", "{bank}", "--prompt", "def f(",
+     msg="was built on another base"),
+  _c("ttmm-eval-not-a-bank", "ttmm", "eval", "--bank", "{run}", msg="is not a TTMM bank"),
+  _c("ttmm-eval-unknown-method", "ttmm", "eval", "--bank", "{bank}", "--methods", "base,ttm",
+     msg="did you mean 'ttmm'"),
+  _c("ttmm-build-missing-base", "ttmm", "build", "--from", "{new}", "--clusters", "2", "--to", "{new}/b",
+     msg="does not exist"),
+  _c("ttmm-build-to-is-base", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{run}",
+     msg="is the base run itself"),
   # merge
   _c("merge-not-a-finetuning-run", "merge", "--workdir", "{run}", "--to", "{new}", msg="is not a fine-tuning run"),
   _c("merge-missing-workdir", "merge", "--workdir", "{new}", "--to", "{new}/out", msg="no moejax config found"),
@@ -237,6 +260,12 @@ def dirs(tiny_lm_run, tmp_path_factory):
     d[name] = root / name
     shutil.copytree(d["hf"], d[name])
     _truncate(d[name] / f)
+  d["ttmm_base"] = root / "ttmm_base"
+  shutil.copytree(tiny_lm_run, d["ttmm_base"])
+  shutil.rmtree(d["ttmm_base"] / "checkpoints" / "2")
+  d["bank"] = root / "bank"
+  assert cli.main(["ttmm", "build", "--from", str(d["ttmm_base"]), "--clusters", "2", "--to", str(d["bank"]),
+                   "--no-progress", "ttmm.max_docs=8", "ttmm.doc_tokens=64", "train.steps=1"]) == 0
   return d
 
 

@@ -25,6 +25,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   g.add_argument("--top-k", type=int, default=0, help="0 = off")
   g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--ttmm", metavar="BANK", help="a TTMM bank built on this run: the prompt's experts are merged into "
+                 "the model before generating (one prompt)")
   return g
 
 
@@ -105,7 +107,19 @@ def cmd_generate(args) -> int:
     if len(x) + args.max_new_tokens > cfg.max_seq_len:
       raise config.ConfigError(f"prompt {i} ({len(x)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
                                f"the model's max_seq_len={cfg.max_seq_len}")
-  eng = load_engine(workdir, exp, eos_id=tok.eos_id, pad_id=_pad_id(tok))
+  if getattr(args, "ttmm", None):
+    if len(prompts) > 1:
+      raise config.ConfigError(f"--ttmm merges experts per prompt: give one prompt (got {len(prompts)})")
+    from moejax.inference import engine
+    from moejax.ttmm import cli as ttmm_cli
+
+    params, es, w_K = ttmm_cli.merged_params_for_prompt(args.ttmm, str(workdir), ids[0], prompts[0])
+    kept = [f"{k}:{float(w):.2f}" for k, w in enumerate(w_K.tolist()) if w > 0]
+    print(f"moejax: ttmm: merged {len(kept)} of {es.k} experts ({', '.join(kept) or 'none: the base'})",
+          file=sys.stderr)
+    eng = engine.Engine(params, exp.model, mesh=es.mesh, eos_id=tok.eos_id, pad_id=_pad_id(tok))
+  else:
+    eng = load_engine(workdir, exp, eos_id=tok.eos_id, pad_id=_pad_id(tok))
   if len(prompts) == 1:
     stream = _Stream(tok, tok.eos_id)
     sys.stdout.write(prompts[0])

@@ -1,0 +1,115 @@
+"""`moejax bench ttmm [BASE] [a.b=v ...] [--clusters K ...] [--repeats N]`: TTMM's test-time overhead per prompt.
+
+On BASE's model (default `lm_dense_pycode_tiny`, the TTMM study's base) with random weights and a bank of K random
+LoRA experts (rank and targets from `peft.*`; the time does not depend on the values), times per prompt, compiled,
+median of N, interleaved in one process:
+  forward   one base forward pass over the prompt (`ttmm.prefix_tokens` tokens): the unit
+  ttmm      embed the prompt with the base + weights + jitted weight-space merge of the kept experts into the
+            base (merge.sparse; merging all K, merge.jitted, is shown beside it): TTMM's whole overhead
+  (parts)   embed, weights, merge on their own
+  ttt       test-time training's overhead: nearest-document search, a fresh LoRA, `ttmm.ttt_steps` steps on
+            `data.batch_size` windows, merge
+Target (issue 16): ttmm <= 2x forward. Ratios are from one run; the machine is described by cores, load and versions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import cli, config, registry, sharding
+from moejax.bench import infer as bench_infer
+from moejax.models import transformer
+from moejax.ttmm import embed, experts, merge
+
+
+def _time(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t)
+  return statistics.median(out)
+
+
+def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> tuple:
+  """(K, ttmm total, embed, weights, sparse merge, merge of all K, experts kept) for one bank of random experts."""
+  k, layer, tc = cfg.ttmm.clusters, cfg.ttmm.embed_layer, cfg.ttmm
+  es = experts.setup(cfg, mesh, base=(base, shards, info))
+  bank = jax.tree.map(lambda a: 0.01 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
+                      es.abstract_state["params"])
+  cent = jnp.asarray(embed.normalise(rng.normal(size=(k, cfg.model.d_model)).astype(np.float32)))
+  wfn = jax.jit(lambda phi: merge.prompt_weights(phi, cent, tc.beta, tc.tau, tc.max_merge))
+  mfn = merge.sparse(es.targets, es.scale)  # what test time uses: only the kept experts gathered
+  dense = merge.jitted(es.targets, es.scale)
+  x = jnp.asarray(prompt[None])
+  phi = embed.embed_prompt(base, x, cfg.model, layer)
+  w = wfn(phi)
+  t_embed = _time(lambda: embed.embed_prompt(base, x, cfg.model, layer), repeats)
+  t_w = _time(lambda: wfn(phi), repeats)
+  t_m = _time(lambda: mfn(base, bank, w), repeats)
+  t_all = _time(lambda: mfn(base, bank, wfn(embed.embed_prompt(base, x, cfg.model, layer))), repeats)
+  t_dense = _time(lambda: dense(base, bank, w), repeats)
+  return k, t_all, t_embed, t_w, t_m, t_dense, int((np.asarray(w) > 0).sum())
+
+
+def main(argv: list[str]) -> int:
+  ap = cli.Parser(prog="moejax bench ttmm")
+  ap.add_argument("base", nargs="?", default="lm_dense_pycode_tiny")
+  ap.add_argument("overrides", nargs="*")
+  ap.add_argument("--clusters", type=int, nargs="+", default=[4, 16, 64])
+  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--ttt-repeats", type=int, default=3)
+  args = ap.parse_args(argv)
+  if args.repeats < 1 or args.ttt_repeats < 1 or min(args.clusters) < 1:
+    raise SystemExit("--repeats, --ttt-repeats and --clusters must be >= 1")
+  cfg0 = registry.get(args.base, ["peft.method=lora", *args.overrides])
+  mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
+  specs = transformer.specs(cfg0.model)
+  base = sharding.create_params(jax.random.key(0), specs, mesh)
+  info = {"path": "(random)", "step": 0, "config_hash": [0, 0, 0, 0]}
+  shards = sharding.param_shardings(specs, mesh)
+  P = cfg0.ttmm.prefix_tokens
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(0, 256, P).astype(np.int32)
+  fwd = jax.jit(lambda p, x: transformer.forward(p, x, cfg0.model)[0])
+  layer, tc = cfg0.ttmm.embed_layer, cfg0.ttmm
+  rows = []
+  t_fwd = _time(lambda: fwd(base, jnp.asarray(prompt[None])), args.repeats)
+  for k in args.clusters:
+    rows.append(_time_bank(config.derive(cfg0, {"ttmm.clusters": k}), mesh, base, shards, info, prompt, rng,
+                           args.repeats))
+  # TTT: K=1, ttt_steps steps on the 8 nearest of 800 random "documents"
+  cfg1 = config.derive(cfg0, {"ttmm.clusters": 1, "train.steps": max(tc.ttt_steps, 1), "optim.warmup_steps": 0,
+                              "data.batch_size": 8})
+  es1 = experts.setup(cfg1, mesh, base=(base, shards, info))
+  step_fn, m1 = experts.make_train_step(es1), merge.jitted(es1.targets, es1.scale)
+  docs = [rng.integers(0, 256, 3000).astype(np.int32) for _ in range(800)]
+  doc_emb = embed.normalise(rng.normal(size=(800, cfg1.model.d_model)).astype(np.float32))
+
+  def ttt():
+    phi_D = np.asarray(embed.embed_prompt(base, jnp.asarray(prompt[None]), cfg1.model, layer))
+    near = np.argsort(-(doc_emb @ phi_D))[: tc.ttt_neighbors].tolist()
+    data = experts.ClusterBatches.from_documents(docs, [near], 256, 8, cfg1.data.seq_len, 0)
+    st = experts.init_state(es1, jax.random.key(2))
+    for s in range(tc.ttt_steps):
+      st, _ = step_fn(st, data.batch(s))
+    return m1(base, st["params"], jnp.ones((1,)))
+
+  t_ttt = _time(ttt, args.ttt_repeats)
+  print(f"machine: {bench_infer.machine()}")
+  print(f"model: {args.base} ({transformer.num_params(cfg0.model):,} params), prompt {P} tokens, LoRA rank "
+        f"{cfg0.peft.lora_rank} on {len(es1.targets)} weights; median of {args.repeats} (TTT: {args.ttt_repeats})")
+  print(f"{'what':28s} {'ms/prompt':>10s} {'x forward':>10s}")
+  print(f"{'base forward over prompt':28s} {1e3 * t_fwd:10.2f} {1.0:10.2f}")
+  for k, t_all, t_embed, t_w, t_m, t_dense, kept in rows:
+    print(f"{f'ttmm K={k} (embed+w+merge)':28s} {1e3 * t_all:10.2f} {t_all / t_fwd:10.2f}")
+    print(f"{'  embed / weights / merge':28s} {1e3 * t_embed:.2f} / {1e3 * t_w:.2f} / {1e3 * t_m:.2f} ms "
+          f"({kept} of {k} experts kept; merging all {k}: {1e3 * t_dense:.2f} ms)")
+  print(f"{f'ttt ({tc.ttt_steps} steps x 8 windows)':28s} {1e3 * t_ttt:10.2f} {t_ttt / t_fwd:10.2f}")
+  return 0

@@ -1,0 +1,182 @@
+"""A TTMM bank on disk and `moejax ttmm build`: embed the corpus with the base, cluster it, train the K experts.
+
+A bank directory holds `config.json` (the base's config with `peft.method=lora`, `init.peft_from=<base>`,
+`ttmm.clusters=K`), `clusters.json` / `clusters.npz` (cluster.py) and `checkpoints/` (orbax: the K experts'
+state, experts.py). A build that stops part-way resumes with the same command: the clusters are reused (checked
+against the config) and training continues from the newest checkpoint with the batches it would have seen.
+A bank only serves the base it was trained on: the base's config-and-step hash is saved with the experts and
+checked whenever the bank is loaded (as the fine-tuning trainer does for resume).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from moejax import checkpoint, config, metrics, paths
+from moejax.data import pycode, tokenizer
+from moejax.ttmm import cluster, embed, experts
+
+# What a bank changes in its base's config unless the user overrides it (ttmm build ... a.b=v).
+DEFAULTS = {"peft.method": "lora", "optim.lr": 1e-3, "optim.warmup_steps": 10, "optim.weight_decay": 0.0,
+            "train.steps": 100, "data.batch_size": 8, "train.checkpoint_every": 50, "train.log_every": 10}
+
+
+def bank_config(base: str | pathlib.Path, clusters: int, overrides: list[str]) -> config.ExperimentConfig:
+  base_cfg = checkpoint.read_config(base)
+  if base_cfg.task != "lm":
+    raise config.ConfigError(f"{base} holds a {base_cfg.task!r} model; TTMM needs a decoder LM (task=lm)")
+  cfg = config.derive(base_cfg, {**DEFAULTS, "init.peft_from": str(pathlib.Path(base).resolve()),
+                                 "ttmm.clusters": clusters, "name": f"{base_cfg.name}_ttmm{clusters}"})
+  cfg = config.apply_overrides(cfg, overrides)
+  experts.check(cfg)
+  return cfg
+
+
+@functools.lru_cache(maxsize=2)
+def _documents(split: str) -> list[tuple[str, str, str]]:
+  return [d for d in pycode.documents(split) if d[2].strip()]  # empty modules (bare __init__.py) say nothing
+
+
+def corpus(cfg: config.ExperimentConfig, split: str, tokens: bool = True):
+  """(names, texts, token arrays or None) of the corpus split's non-empty documents; `ttmm.max_docs` > 0 keeps an
+  evenly spaced subset."""
+  if cfg.ttmm.corpus != "moejax_pycode":
+    raise config.ConfigError(f"ttmm.corpus={cfg.ttmm.corpus!r} unknown; the bundled code corpus is moejax_pycode")
+  docs = _documents(split)
+  n = cfg.ttmm.max_docs
+  if n and n < len(docs):
+    docs = [docs[int(i)] for i in np.linspace(0, len(docs) - 1, n).round().astype(int)]
+  tok = tokenizer.get(cfg.data.tokenizer)
+  return [d[0] for d in docs], [d[2] for d in docs], [tok.encode(d[2]) for d in docs] if tokens else None
+
+
+def pad_id(cfg: config.ExperimentConfig) -> int:
+  tok = tokenizer.get(cfg.data.tokenizer)
+  return int(tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0))
+
+
+def check_base(es: experts.ExpertSetup, state: dict, bank: pathlib.Path) -> None:
+  saved = np.asarray(jax.device_get(state["peft"]["base_hash"]))
+  want = np.asarray(es.base_info["config_hash"])
+  if (saved != want).any():
+    raise config.ConfigError(
+      f"bank {bank} was built on another base (config hash {saved.tolist()}); the base {es.base_info['path']} "
+      f"(step {es.base_info['step']}) hashes to {want.tolist()}: use the base the bank was built on")
+
+
+def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overrides: list[str],
+          progress: bool = True, mesh: Any = None, embeddings: np.ndarray | None = None) -> dict:
+  """`embeddings`: the corpus's document embeddings already computed with this base and config (a study that
+  builds several banks computes them once)."""
+  base = paths.in_dir(base, "--from")
+  checkpoint.resolve_step_dir(base)  # "has no checkpoints" before anything else
+  to = paths.out_dir(to, "--to")
+  if to.resolve() == base.resolve():
+    raise config.ConfigError(f"--to {to} is the base run itself; choose a new directory")
+  cfg = bank_config(base, clusters, overrides)
+  names, texts, _ = corpus(cfg, "train", tokens=False)
+  if clusters > len(names):
+    raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
+                             f"{f', ttmm.max_docs={cfg.ttmm.max_docs}' if cfg.ttmm.max_docs else ''}) has "
+                             f"{len(names)} documents: choose 1..{len(names)}")
+  if (to / "config.json").is_file() and not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
+    raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
+  checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
+  toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]
+  t0 = time.perf_counter()
+  es = experts.setup(cfg, mesh)
+  timings = {}
+  if (to / "clusters.npz").is_file():
+    cl = cluster.load(to)
+    if cl["clusters"] != clusters or cl["documents"] != len(names):
+      raise config.ConfigError(f"{to}'s clusters ({cl['clusters']} over {cl['documents']} documents) are not this "
+                               "build's; choose an empty --to")
+    labels, emb = cl["labels"], cl["embeddings"]
+  else:
+    t = time.perf_counter()
+    emb = embeddings if embeddings is not None else embed.make(es.base, cfg, pad_id(cfg)).documents(toks, texts)
+    timings["embed_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    labels, cent = cluster.fit(emb, clusters, cfg.ttmm.seed)
+    timings["cluster_s"] = time.perf_counter() - t
+    to.mkdir(parents=True, exist_ok=True)
+    cluster.save(to, names, labels, cent, emb, cfg.ttmm.seed)
+  to.mkdir(parents=True, exist_ok=True)
+  (to / "config.json").write_text(config.to_json(cfg))
+  t = time.perf_counter()
+  out = train(es, to, toks, cluster.members(np.asarray(labels), clusters), progress=progress)
+  timings["train_s"] = time.perf_counter() - t
+  timings["total_s"] = time.perf_counter() - t0
+  result = {"bank": str(to), "clusters": clusters, "documents": len(names),
+            "sizes": np.bincount(np.asarray(labels), minlength=clusters).tolist(), **out, **timings}
+  (to / "build.json").write_text(json.dumps(result, indent=1))
+  return result
+
+
+def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], members: list[list[int]],
+          progress: bool = True) -> dict:
+  """Train (or resume) the K experts for `train.steps` steps, checkpointing like any run."""
+  cfg = es.cfg
+  tok = tokenizer.get(cfg.data.tokenizer)
+  data = experts.ClusterBatches.from_documents(toks, members, tok.eos_id, cfg.data.batch_size, cfg.data.seq_len,
+                                               cfg.ttmm.seed)
+  end = cfg.train.steps
+  with checkpoint.Manager(bank, keep=cfg.train.keep_checkpoints) as mngr:
+    start, state = mngr.restore_latest(es.abstract_state, cfg=cfg)
+    if state is None:
+      start, state = 0, experts.init_state(es, jax.random.key(cfg.train.seed))
+    else:
+      check_base(es, state, bank)
+    step_fn = experts.make_train_step(es)
+    writer = metrics.Writer(bank, tensorboard=False)
+    bar = metrics.Progress(end, start, "steps", bar=progress)
+    bar.write(f"moejax: ttmm: {es.k} experts, {'resuming at' if start else 'starting at'} step {start} of {end} "
+              f"in {bank} (mesh {dict(es.mesh.shape)})")
+    m, step = None, start
+    try:
+      for step in range(start + 1, end + 1):
+        state, m = step_fn(state, data.batch(step - 1))
+        if step % cfg.train.log_every == 0 or step == end:
+          loss_K = np.asarray(m["loss"])
+          writer.write(step, "train", {"loss": float(loss_K.mean()), "loss_min": float(loss_K.min()),
+                                       "loss_max": float(loss_K.max()), "skipped": int(np.asarray(m["skipped"]).sum())})
+          bar.set_step(step, loss=f"{loss_K.mean():.3f}")
+        if step % cfg.train.checkpoint_every == 0 or step == end:
+          mngr.save(step, state, cfg)
+    finally:
+      bar.close()
+      writer.close()
+  last = {} if m is None else {"final_loss_per_expert": [round(float(x), 4) for x in np.asarray(m["loss"])]}
+  print(f"moejax: ttmm: bank {bank} at step {step}", file=sys.stderr)
+  return {"step": int(step), **last}
+
+
+def load(bank: str | pathlib.Path, base: str | pathlib.Path | None = None, mesh: Any = None):
+  """(setup, expert params {lora: [K, ...]}, clusters) of a bank, on `base` (default: the one it was built on).
+  A bank built on another base is a ConfigError."""
+  bank = paths.in_dir(bank, "--bank")
+  if not (bank / "clusters.npz").is_file():
+    raise FileNotFoundError(f"{bank} is not a TTMM bank (no clusters.npz): build one with `moejax ttmm build`")
+  if not checkpoint.step_numbers(bank):
+    raise checkpoint.CheckpointError(f"bank {bank} has no checkpoint (its build has not saved a step yet)")
+  cfg = checkpoint.read_config(bank)
+  experts.check(cfg)
+  if base is not None:
+    base = paths.in_dir(base, "--workdir")
+    cfg = config.derive(cfg, {"init.peft_from": str(base.resolve())})
+  src = pathlib.Path(cfg.init.peft_from)
+  if not src.is_dir():
+    raise FileNotFoundError(f"bank {bank}'s base {src} does not exist (pass the base with --base)")
+  es = experts.setup(cfg, mesh)
+  with checkpoint.Manager(bank, keep=cfg.train.keep_checkpoints, async_save=False, read_only=True) as mngr:
+    _, state = mngr.restore_latest(es.abstract_state)
+  check_base(es, state, bank)
+  return es, state["params"], cluster.load(bank)

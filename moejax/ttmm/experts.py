@@ -1,0 +1,202 @@
+"""K LoRA experts trained in one program: every adapter, optimizer moment and batch carries a leading expert axis
+K, the step is the fine-tuning trainer's LoRA step (moejax/peft/trainer.py: merge W + (alpha/r) A@B, the task's
+loss, clip by each expert's own gradient norm, AdamW, NaN guard) vmapped over K, and K is laid out over the mesh's
+batch axes (the logical name "batch": data, fsdp, expert), so the experts train in parallel across devices with
+no communication (embarrassingly parallel, as the paper notes); a K those axes do not divide is replicated. The frozen base is one replicated copy.
+
+State: `{step, params: {lora: {<target>: {a [K,E,R,r], b [K,E,r,C]}}}, opt_state (same, per moment),
+peft: {base_hash}}`, saved as ordinary orbax checkpoints in the bank. Expert k's data is random windows of
+`data.seq_len + 1` tokens from its cluster's documents (concatenated with EOS), drawn by
+`numpy.random.default_rng((ttmm.seed, k, step))`: a pure function of the step, so a resumed build sees exactly
+the batches an uninterrupted one would, with no iterator state to save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax import config, optim, sharding, tasks
+from moejax.peft import lora, spiel
+from moejax.peft import targets as targets_lib
+from moejax.peft import trainer as peft_trainer
+
+
+@dataclasses.dataclass
+class ExpertSetup:
+  cfg: config.ExperimentConfig
+  mesh: Mesh
+  k: int
+  targets: dict[str, targets_lib.Target]
+  base: Any
+  base_shardings: Any
+  base_info: dict
+  one_specs: dict  # one expert's {params, opt_state} spec trees (the peft trainer's)
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: NamedSharding
+  lr_schedule: Any
+  cache: dict = dataclasses.field(default_factory=dict)  # compiled programs reused across calls (test-time TTT)
+
+  @property
+  def scale(self) -> float:
+    return self.cfg.peft.lora_alpha / self.cfg.peft.lora_rank
+
+
+def stacked(spec: sharding.ParamSpec, k: int) -> sharding.ParamSpec:
+  """One expert's spec with the expert axis K in front (its layout: `stacked_shardings`)."""
+  return sharding.ParamSpec((k,) + spec.shape, (None,) + tuple(spec.axes), spec.init, spec.dtype)
+
+
+def expert_axis(k: int, mesh: Mesh) -> str | None:
+  """The logical name K is laid out by: "batch" (the mesh's data, fsdp and expert axes) when K divides over them,
+  else None (replicated: every device runs every expert; correct, just not parallel)."""
+  return "batch" if k % sharding.batch_divisor(mesh) == 0 else None
+
+
+def stacked_shardings(one_specs: Any, mesh: Mesh, k: int) -> Any:
+  """K over the mesh's batch axes (see expert_axis), the rest as one expert's param would be laid out."""
+  ax = expert_axis(k, mesh)
+  return jax.tree.map(lambda s: NamedSharding(mesh, sharding.spec_for((ax,) + tuple(s.axes), mesh)), one_specs,
+                      is_leaf=sharding.is_spec)
+
+
+def check(cfg: config.ExperimentConfig) -> None:
+  if cfg.peft.method != "lora":
+    raise config.ConfigError(f"a TTMM bank's experts are LoRAs: peft.method must be lora, got {cfg.peft.method!r}")
+  if cfg.ttmm.clusters < 1:
+    raise config.ConfigError("ttmm.clusters must be >= 1 for a TTMM bank (the number of experts K)")
+
+
+def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | None = None) -> ExpertSetup:
+  """`base`: (params, shardings, info) already loaded (test time reuses one); else read from init.peft_from."""
+  check(cfg)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  k = cfg.ttmm.clusters
+  task = tasks.get(cfg.task)
+  base_specs = task.specs(cfg)
+  tg = targets_lib.select(cfg, base_specs)
+  ad = peft_trainer.adapter_specs(cfg, tg)
+  params, shards, info = base if base is not None else peft_trainer.load_base(cfg, mesh, base_specs)
+  op, aux = peft_trainer.opt_specs(cfg, tg, ad), peft_trainer.aux_specs(cfg, tg, info)
+  many = lambda tree: jax.tree.map(lambda s: stacked(s, k), tree, is_leaf=sharding.is_spec)
+  specs = {"params": many(ad), "opt_state": many(op), "peft": aux}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = {"step": replicated, "params": stacked_shardings(ad, mesh, k), "opt_state": stacked_shardings(op, mesh, k),
+               "peft": sharding.param_shardings(aux, mesh)}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  for n, v in specs.items():
+    abstract[n] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), v, shardings[n],
+                               is_leaf=sharding.is_spec)
+  batch_sh = NamedSharding(mesh, sharding.spec_for((expert_axis(k, mesh), None, None), mesh))
+  sched = optim.schedule(cfg.optim, cfg.train.schedule_steps or cfg.train.steps)
+  return ExpertSetup(cfg, mesh, k, tg, params, shards, info, {"params": ad, "opt_state": op}, shardings, abstract,
+                     batch_sh, sched)
+
+
+def init_state(es: ExpertSetup, key: jax.Array) -> dict:
+  """Expert k starts as the fine-tuning trainer's fresh state for key `fold_in(key, k)` would (LoRA B = 0)."""
+  if "init" not in es.cache:
+    seed = es.cfg.peft.seed
+
+    def one(kk):  # peft_trainer.init_state's key schedule: params at fold_in(., 1), optimizer state at fold_in(., 2)
+      kk = jax.random.fold_in(kk, seed)
+      return {n: sharding.init_params(jax.random.fold_in(kk, i + 1), es.one_specs[n])
+              for i, n in enumerate(("params", "opt_state"))}
+
+    def many(key):
+      return jax.vmap(one)(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(es.k)))
+
+    es.cache["init"] = jax.jit(many, out_shardings={n: es.state_shardings[n] for n in ("params", "opt_state")})
+    es.cache["peft"] = jax.device_get(sharding.create_params(
+      jax.random.key(0), peft_trainer.aux_specs(es.cfg, es.targets, es.base_info), es.mesh))  # constants (the hash)
+  st = es.cache["init"](key)
+  st["step"] = jax.device_put(jnp.zeros((), jnp.int32), es.state_shardings["step"])
+  st["peft"] = jax.device_put(es.cache["peft"], es.state_shardings["peft"])  # a fresh copy: the step donates it
+  return st
+
+
+def _clip(tree: Any, norm: jax.Array, max_norm: float) -> Any:
+  if max_norm <= 0:
+    return tree
+  keep = norm < max_norm  # optax.clip_by_global_norm's arithmetic (as the fine-tuning trainer)
+  return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), tree)
+
+
+def expert_update(es: ExpertSetup, params: dict, opt: dict, base: Any, batch: dict, step: jax.Array,
+                  rng: jax.Array) -> tuple[dict, dict, dict]:
+  """One expert's LoRA step (no expert axis): what the fine-tuning trainer does for a LoRA run."""
+  cfg, tg, oc = es.cfg, es.targets, es.cfg.optim
+  task = tasks.get(cfg.task)
+  trainable = targets_lib.by_target(params["lora"], tg)
+  merge = lambda tr: {p: lora.merge(t, targets_lib.get(base, p), tr[p], es.scale) for p, t in tg.items()}
+  eff, vjp = jax.vjp(merge, trainable)
+  lossf = lambda e, b, r: task.loss_fn(targets_lib.replace(base, e), b, cfg, rng=r, train=True)
+  from moejax import train  # (train imports the peft trainer lazily; keep this module importable on its own)
+
+  g_eff, m = train.accumulated_grads(lossf, eff, batch, rng, oc.grad_accum)
+  (g_tr,) = vjp(g_eff)
+  grad_norm = optim.global_norm(g_tr)
+  g_tr = _clip(g_tr, grad_norm, oc.clip_norm)
+  lr = es.lr_schedule(step)
+  o = targets_lib.by_target(opt, tg)
+  new_nodes, new_opt = {}, {}
+  for p in tg:
+    new_nodes[p], new_opt[p] = {}, {}
+    for n in ("a", "b"):
+      new_nodes[p][n], new_opt[p][n] = spiel.adamw(trainable[p][n], g_tr[p][n], o[p][n], lr, oc)
+  new_params, new_opt = {"lora": targets_lib.nest(new_nodes)}, targets_lib.nest(new_opt)
+  ok = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) if cfg.train.nan_guard else jnp.bool_(True)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  m = {k: v for k, v in m.items() if k != "moe"}
+  return keep(new_params, params), keep(new_opt, opt), dict(m, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+
+
+def make_train_step(es: ExpertSetup):
+  """`(state, batch {"tokens": [K, B, T+1]}) -> (state, metrics [K] each)`: all K experts, one jitted program."""
+  base_key = jax.random.key(es.cfg.train.seed)
+
+  def train_step(state, base, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(base_key, step)  # the fine-tuning trainer's per-step key, shared by the experts
+    one = lambda p, o, b: expert_update(es, p, o, base, b, step, rng)
+    new_p, new_o, m = jax.vmap(one)(state["params"], state["opt_state"], batch)
+    return {"step": step + 1, "params": new_p, "opt_state": new_o, "peft": state["peft"]}, m
+
+  if "step" not in es.cache:
+    es.cache["step"] = jax.jit(train_step, in_shardings=(es.state_shardings, es.base_shardings,
+                                                         {"tokens": es.batch_sharding}),
+                               out_shardings=(es.state_shardings, None), donate_argnums=(0,))
+  jitted = es.cache["step"]
+  return lambda state, batch: jitted(state, es.base, batch)
+
+
+class ClusterBatches:
+  """Expert k's windows come from cluster k's documents only; batch(step) -> {"tokens": [K, B, T+1]} (numpy)."""
+
+  def __init__(self, streams: list[np.ndarray], batch_size: int, seq_len: int, seed: int):
+    self.width, self.b, self.seed = seq_len + 1, batch_size, seed
+    self.streams = [np.resize(s, max(len(s), self.width)).astype(np.int32) for s in streams]
+
+  @staticmethod
+  def from_documents(token_lists: list[np.ndarray], member_lists: list[list[int]], eos_id: int | None,
+                     batch_size: int, seq_len: int, seed: int) -> ClusterBatches:
+    sep = [] if eos_id is None else [eos_id]
+    streams = [np.concatenate([np.concatenate([token_lists[i], sep]) for i in m]) for m in member_lists]
+    return ClusterBatches(streams, batch_size, seq_len, seed)
+
+  def batch(self, step: int) -> dict:
+    out = np.empty((len(self.streams), self.b, self.width), np.int32)
+    for k, s in enumerate(self.streams):
+      starts = np.random.default_rng((self.seed, k, step)).integers(0, len(s) - self.width + 1, size=self.b)
+      out[k] = s[starts[:, None] + np.arange(self.width)[None, :]]
+    return {"tokens": out}
+
+
+def expert_slice(tree: Any, k: int) -> Any:
+  return jax.tree.map(lambda x: x[k], tree)
