@@ -5,6 +5,10 @@ at test time the prompt's nearest experts merged into the base (moejax/ttmm).
   moejax train lm_dense_pycode_tiny --workdir runs/pycode_base
   moejax ttmm build --from runs/pycode_base --clusters 4 --to runs/ttmm_k4
   moejax ttmm eval --bank runs/ttmm_k4
+
+or, the same bank as an experiment driven by `moejax train` (resumable like any run):
+
+  moejax train lm_pycode_ttmm4_tiny init.peft_from=runs/pycode_base --workdir runs/ttmm_k4
 """
 
 from moejax import config, registry
@@ -25,3 +29,18 @@ def lm_dense_pycode_tiny() -> config.ExperimentConfig:
     optim=config.OptimConfig(lr=3e-3, warmup_steps=30),
     train=config.TrainConfig(steps=400, eval_every=200, checkpoint_every=200, eval_steps=8),
   )
+
+
+@registry.register
+def lm_pycode_ttmm4_tiny() -> config.ExperimentConfig:
+  """A TTMM bank of 4 rank-8 LoRA experts (one per cluster of the code corpus by the base's own document
+  embeddings) on `lm_dense_pycode_tiny`, 100 steps of 8 windows per expert, all 4 in one program: what
+  `moejax ttmm build --clusters 4` builds, as an experiment. `init.peft_from` names the base run.
+
+  Run:    moejax train lm_pycode_ttmm4_tiny init.peft_from=runs/pycode_base --workdir runs/ttmm_k4
+          moejax ttmm eval --bank runs/ttmm_k4
+  Expect: the study's K = 4 row (docs/results.md, TTMM): held-out perplexity ~13.6 vs the base's 14.1.
+  """
+  from moejax.ttmm import bank  # lazily: listing experiments does not import JAX
+
+  return config.derive(lm_dense_pycode_tiny(), {**bank.DEFAULTS, "ttmm.clusters": 4})

@@ -274,6 +274,10 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts."""
   workdir = paths.check_local(workdir, "workdir")
   config.validate(cfg)  # a config built in code gets the checks the CLI's gets
+  if cfg.ttmm.clusters:  # a TTMM bank: one LoRA per cluster of the corpus, all trained in one program (ttmm/)
+    from moejax.ttmm import bank
+
+    return bank.build_config(cfg, workdir, progress=progress, mesh=mesh)
   is_main = jax.process_index() == 0
   getattr(tasks.get(cfg.task), "check", lambda c: None)(cfg)  # bad data names fail before anything is written
   s = setup(cfg, mesh)

@@ -178,6 +178,10 @@ CASES = [
      msg="does not exist"),
   _c("ttmm-build-to-is-base", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{run}",
      msg="is the base run itself"),
+  _c("ttmm-train-no-base", "train", "lm_pycode_ttmm4_tiny", "--workdir", "{new}",
+     msg="a TTMM bank needs its base run: set init.peft_from=RUN"),
+  _c("ttmm-train-workdir-is-base", "train", "lm_pycode_ttmm4_tiny", "init.peft_from={run}", "--workdir", "{run}",
+     msg="is the base run itself"),
   # merge
   _c("merge-not-a-finetuning-run", "merge", "--workdir", "{run}", "--to", "{new}", msg="is not a fine-tuning run"),
   _c("merge-missing-workdir", "merge", "--workdir", "{new}", "--to", "{new}/out", msg="no moejax config found"),

@@ -148,8 +148,10 @@ def test_tiny_twin_trains_two_steps(name, tmp_path):
   cfg = registry.get(name, ["train.steps=2", "train.eval_steps=1", "train.eval_every=2", "train.checkpoint_every=2"])
   if cfg.init.upcycle_from:  # the upcycling path itself is tested in test_upcycle*; here: the twin trains
     cfg = config.derive(cfg, {"init.upcycle_from": ""})
+  if cfg.ttmm.clusters:  # a TTMM bank: 4 experts on a few short documents (the build itself: test_ttmm.py)
+    cfg = config.derive(cfg, {"ttmm.max_docs": 8, "ttmm.doc_tokens": 64})
   if cfg.peft.method != "none":  # a fine-tuning twin needs a base run: random params, saved as import-hf would
-    base = config.derive(cfg, {"peft.method": "none"})
+    base = config.derive(cfg, {"peft.method": "none", "ttmm.clusters": 0})
     s = train.setup(base)
     m = checkpoint.Manager(tmp_path / "base")
     m.save(0, train.params_only_state(s, sharding.create_params(jax.random.key(0), s.specs, s.mesh)), base, force=True)
@@ -157,6 +159,9 @@ def test_tiny_twin_trains_two_steps(name, tmp_path):
     cfg = config.derive(cfg, {"init.peft_from": str(tmp_path / "base")})
     tmp_path = tmp_path / "ft"
   r = train.train(cfg, tmp_path, progress=False)
+  if cfg.ttmm.clusters:
+    assert r["step"] == 2 and len(r["final_loss_per_expert"]) == 4 and np.isfinite(r["final_loss_per_expert"]).all()
+    return
   assert r["step"] == 2 and np.isfinite(r["eval"]["loss"])
 
 

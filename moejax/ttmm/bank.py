@@ -81,7 +81,25 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
   to = paths.out_dir(to, "--to")
   if to.resolve() == base.resolve():
     raise config.ConfigError(f"--to {to} is the base run itself; choose a new directory")
-  cfg = bank_config(base, clusters, overrides)
+  return build_config(bank_config(base, clusters, overrides), to, progress=progress, mesh=mesh,
+                      embeddings=embeddings)
+
+
+def build_config(cfg: config.ExperimentConfig, to: str | pathlib.Path, progress: bool = True, mesh: Any = None,
+                 embeddings: np.ndarray | None = None) -> dict:
+  """Build (or resume) the bank `cfg` describes (`ttmm.clusters` experts on the base `init.peft_from`) in `to`:
+  `moejax ttmm build` and `moejax train` of an experiment with a `ttmm` section both come here."""
+  experts.check(cfg)
+  if not cfg.init.peft_from:
+    raise config.ConfigError("a TTMM bank needs its base run: set init.peft_from=RUN (a dense decoder's run dir)")
+  base = paths.in_dir(cfg.init.peft_from, "init.peft_from")
+  checkpoint.resolve_step_dir(base)
+  to = pathlib.Path(to)
+  if to.resolve() == base.resolve():
+    raise config.ConfigError(f"{to} is the base run itself; choose a new directory")
+  if checkpoint.read_config(base).task != "lm":
+    raise config.ConfigError(f"{base} holds a non-LM model; TTMM needs a decoder LM (task=lm)")
+  clusters = cfg.ttmm.clusters
   names, texts, _ = corpus(cfg, "train", tokens=False)
   if clusters > len(names):
     raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
