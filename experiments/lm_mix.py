@@ -49,3 +49,19 @@ def lm_moe_mix_tiny() -> config.ExperimentConfig:
     "model.moe.renormalize": True, "model.moe.dispatch": "dropless",
     "model.moe.load_balance_weight": 0.01, "model.moe.z_loss_weight": 1e-3,
   })
+
+
+@registry.register
+def lm_moe_mix_eep() -> config.ExperimentConfig:
+  """The expert-pruning study's model (`moejax prune`, docs/results.md "Expert pruning"): `lm_moe_mix_tiny` on a
+  mixture that weights the tasks more (pydoc 0.2 / pycode 0.2 / tasks 0.6) and keeps two tasks the tiny model
+  can learn in a CPU budget (lookup, reverse), so pruning for a task has an accuracy to keep.
+
+  Run:    moejax train lm_moe_mix_eep --workdir runs/lm_moe_mix_eep
+  Expect: see docs/results.md "Expert pruning" (the numbers of the study's run).
+  """
+  return config.derive(lm_moe_mix_tiny(), {
+    "data.mixture": (("moejax_pydoc", 0.2), ("moejax_pycode", 0.2), ("moejax_tasks", 0.6)),
+    "data.tasks": ("lookup", "reverse"), "train.steps": 600, "train.eval_every": 300,
+    "train.checkpoint_every": 300,
+  })
