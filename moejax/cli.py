@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge|prune`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -201,6 +201,12 @@ def cmd_generate(args) -> int:
   return inference_cli.cmd_generate(args)
 
 
+def cmd_prune(args) -> int:
+  from moejax.prune import cli as prune_cli
+
+  return prune_cli.run(args)
+
+
 BENCHES = ("moe", "train", "upcycle", "infer", "peft")
 
 
@@ -271,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
   from moejax.inference import cli as inference_cli
 
   inference_cli.add_parser(sub).set_defaults(fn=cmd_generate)
+  from moejax.prune import cli as prune_cli
+
+  prune_cli.add_parser(sub).set_defaults(fn=cmd_prune)
   return p
 
 

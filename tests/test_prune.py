@@ -180,3 +180,76 @@ def test_search_is_seeded_resumes_after_a_kill_and_follows_the_phases(tmp_path):
   assert len(saved["archive"]) == 40 and saved["meta"]["E"] == 8
   with pytest.raises(config.ConfigError, match="archive of another search"):
     search.run(_fake_evaluate, 2, 4, 8, sc, archive_path=tmp_path / "x.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `moejax prune`: an ordinary run dir that eval / generate / export-hf accept
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_MOE = ("model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=258",
+            "data.tokenizer=byte_eos", "data.seq_len=32", "data.batch_size=8", "train.eval_steps=1",
+            "model.moe.num_experts=4", "model.moe.every=1", "model.moe.offset=0", "model.max_seq_len=64")
+
+
+def write_moe_run(path, overrides=TINY_MOE, seed=0):
+  """A params-only run dir of a tiny 4-expert MoE with random weights (no training needed for these checks)."""
+  from moejax import checkpoint, registry, train
+
+  cfg = registry.get("lm_moe_tiny", list(overrides))
+  s = train.setup(cfg)
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(config.to_json(cfg))
+  with checkpoint.Manager(path, keep=1) as m:
+    m.save(3, train.params_only_state(s, _params(cfg.model, seed), 3), cfg, force=True)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+  run = tmp_path_factory.mktemp("prune") / "moe_run"
+  write_moe_run(run)
+  return run
+
+
+def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_path, capsys):
+  import torch
+  import transformers
+
+  from moejax import checkpoint, cli
+
+  assert cli.main(["prune", "--from", str(moe_run), "--keep", "2", "--task", "lookup", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "4 -> 2 experts, top-2 -> top-2" in out and "calibration: task 'lookup', 250 examples" in out
+  # eep with a tiny budget: phase 1 only (selections) -> a plain MoE that exports
+  to = tmp_path / "pruned"
+  assert cli.main(["prune", "--from", str(moe_run), "--keep", "2", "--top-k", "1", "--task", "lookup", "--budget",
+                   "6", "--prune-evals", "6", "--calibration", "16", "--metric", "loss", "--to", str(to),
+                   "--no-progress"]) == 0
+  summary = json.loads((to / "prune.json").read_text())
+  assert summary["evaluations"] == 6 and not summary["mapped"] and len(summary["kept_experts"]) == 2
+  cfg = checkpoint.read_config(to)
+  assert (cfg.model.moe.num_experts, cfg.model.moe.top_k, cfg.model.moe.router_map_from) == (2, 1, 0)
+  assert checkpoint.step_numbers(to) == [3]
+  assert json.loads(json.dumps(summary["calibration"]))["ce_loss"] == pytest.approx(
+    min(a["ce_loss"] for a in json.loads((to / "prune_archive.json").read_text())["archive"]))
+  capsys.readouterr()
+  assert cli.main(["generate", "--workdir", str(to), "--prompt", "lookup:a=1?a=", "--max-new-tokens", "3"]) == 0
+  hf = tmp_path / "hf"
+  assert cli.main(["export-hf", str(to), "--to", str(hf)]) == 0
+  from moejax.inference import cli as inference_cli
+
+  eng = inference_cli.load_engine(to)
+  tokens = np.random.default_rng(0).integers(0, 258, (2, 12)).astype(np.int32)
+  ours = _logits(jax.device_get(eng.params), cfg.model, tokens)
+  back = transformers.AutoModelForCausalLM.from_pretrained(hf, attn_implementation="eager").eval()
+  assert back.config.num_local_experts == 2 and back.config.num_experts_per_tok == 1
+  with torch.no_grad():
+    want = back(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+  assert np.abs(want).max() > 0.5
+  np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+  # a merged model is refused by export, with the reason
+  from moejax.interop import hf_lm
+
+  mapped_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, router_map_from=4))
+  with pytest.raises(config.ConfigError, match="router/map"):
+    hf_lm.export_arch(mapped_cfg)
