@@ -207,7 +207,7 @@ def cmd_prune(args) -> int:
   return prune_cli.run(args)
 
 
-BENCHES = ("moe", "train", "upcycle", "infer", "peft")
+BENCHES = ("moe", "train", "upcycle", "infer", "peft", "prune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft (extra flags go to the benchmark)")
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft | prune (extra flags go to the benchmark)")
   b.add_argument("what", choices=BENCHES)
   b.set_defaults(fn=None)
 
