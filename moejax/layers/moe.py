@@ -2,6 +2,8 @@
 
 Param paths (stable; upcycling and checkpoint import rely on them; E experts, F = cfg.expert_d_ff):
   router/w [D, E]           router/bias [E]   (only with moe.bias_balance_rate > 0; not trained by the optimizer)
+  router/w [D, E0], router/map [E, E0]   instead, with moe.router_map_from = E0 > 0: an EEP-merged model
+                            (moejax/prune) routes over p @ map^T, its E0 original experts' probabilities mapped
   experts/w_gate [E, D, F]  experts/w_up [E, D, F]  experts/w_down [E, F, D]   (w_gate: swiglu only)
   experts/b_gate [E, F]  experts/b_up [E, F]  experts/b_down [E, D]             (model.bias, CLIP towers)
   shared/{w_gate,w_up,w_down,...}   a dense MLP of width Fs (moe.num_shared_experts > 0)
