@@ -233,6 +233,7 @@ def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_pa
   assert json.loads(json.dumps(summary["calibration"]))["ce_loss"] == pytest.approx(
     min(a["ce_loss"] for a in json.loads((to / "prune_archive.json").read_text())["archive"]))
   capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(to)]) == 0 and "ce_loss" in json.loads(capsys.readouterr().out)
   assert cli.main(["generate", "--workdir", str(to), "--prompt", "lookup:a=1?a=", "--max-new-tokens", "3"]) == 0
   hf = tmp_path / "hf"
   assert cli.main(["export-hf", str(to), "--to", str(hf)]) == 0
