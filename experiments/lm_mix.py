@@ -58,7 +58,9 @@ def lm_moe_mix_eep() -> config.ExperimentConfig:
   can learn in a CPU budget (lookup, reverse), so pruning for a task has an accuracy to keep.
 
   Run:    moejax train lm_moe_mix_eep --workdir runs/lm_moe_mix_eep
-  Expect: see docs/results.md "Expert pruning" (the numbers of the study's run).
+  Expect: after 600 steps (seed 0; 30.5 min on 2 CPU cores shared with other jobs, load average ~16) eval loss
+          pydoc 1.935, pycode 2.379, tasks (answer tokens) 1.315; exact match on all 500 test examples: lookup
+          0.160, reverse 0.094 (learned only weakly). The pruning study: docs/results.md, "Expert pruning".
   """
   return config.derive(lm_moe_mix_tiny(), {
     "data.mixture": (("moejax_pydoc", 0.2), ("moejax_pycode", 0.2), ("moejax_tasks", 0.6)),

@@ -211,6 +211,7 @@ def moe_run(tmp_path_factory):
   return run
 
 
+@pytest.mark.slow
 def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_path, capsys):
   import torch
   import transformers
