@@ -211,7 +211,6 @@ def moe_run(tmp_path_factory):
   return run
 
 
-@pytest.mark.slow
 def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_path, capsys):
   import torch
   import transformers
@@ -249,6 +248,10 @@ def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_pa
     want = back(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
   assert np.abs(want).max() > 0.5
   np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+  # and it trains on (one more step from its params-only checkpoint, as an upcycled run does)
+  assert cli.main(["train", "lm_moe_tiny", *TINY_MOE, "model.moe.num_experts=2", "model.moe.top_k=1",
+                   "train.steps=4", "train.eval_every=100", "--workdir", str(to), "--no-progress"]) == 0
+  assert checkpoint.step_numbers(to)[-1] == 4
   # a merged model is refused by export, with the reason
   from moejax.interop import hf_lm
 
