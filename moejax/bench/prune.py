@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -67,6 +69,9 @@ def _load(name: str) -> tuple[config.ExperimentConfig, dict]:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(argv or [])
   args = parse(argv)
+  from moejax.layers import moe
+
+  warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))  # about training
   cfg, params = _load(args.model)
   top_k = args.top_k if args.top_k is not None else min(cfg.model.moe.top_k, args.keep)
   candidates.check_prunable(cfg.model, args.keep, top_k)
