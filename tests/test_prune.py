@@ -258,3 +258,12 @@ def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_pa
   mapped_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, router_map_from=4))
   with pytest.raises(config.ConfigError, match="router/map"):
     hf_lm.export_arch(mapped_cfg)
+
+
+def test_bench_prune_runs_small(moe_run, capsys):
+  from moejax import cli
+
+  assert cli.main(["bench", "prune", str(moe_run), "--keep", "2", "--calibration", "8", "--repeats", "1",
+                   "--chunk", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "| plain eval pass" in out and out.count("| EEP fitness") == 2
