@@ -49,3 +49,21 @@ def lm_moe_mix_tiny() -> config.ExperimentConfig:
     "model.moe.renormalize": True, "model.moe.dispatch": "dropless",
     "model.moe.load_balance_weight": 0.01, "model.moe.z_loss_weight": 1e-3,
   })
+
+
+@registry.register
+def lm_moe_mix_eep() -> config.ExperimentConfig:
+  """The expert-pruning study's model (`moejax prune`, docs/results.md "Expert pruning"): `lm_moe_mix_tiny` on a
+  mixture that weights the tasks more (pydoc 0.2 / pycode 0.2 / tasks 0.6) and keeps two tasks the tiny model
+  can learn in a CPU budget (lookup, reverse), so pruning for a task has an accuracy to keep.
+
+  Run:    moejax train lm_moe_mix_eep --workdir runs/lm_moe_mix_eep
+  Expect: after 600 steps (seed 0; 30.5 min on 2 CPU cores shared with other jobs, load average ~16) eval loss
+          pydoc 1.935, pycode 2.379, tasks (answer tokens) 1.315; exact match on all 500 test examples: lookup
+          0.160, reverse 0.094 (learned only weakly). The pruning study: docs/results.md, "Expert pruning".
+  """
+  return config.derive(lm_moe_mix_tiny(), {
+    "data.mixture": (("moejax_pydoc", 0.2), ("moejax_pycode", 0.2), ("moejax_tasks", 0.6)),
+    "data.tasks": ("lookup", "reverse"), "train.steps": 600, "train.eval_every": 300,
+    "train.checkpoint_every": 300,
+  })

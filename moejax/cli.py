@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge|ttmm`.
+"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge|prune|ttmm`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -208,7 +208,13 @@ def cmd_generate(args) -> int:
   return inference_cli.cmd_generate(args)
 
 
-BENCHES = ("moe", "train", "upcycle", "infer", "peft", "ttmm")
+def cmd_prune(args) -> int:
+  from moejax.prune import cli as prune_cli
+
+  return prune_cli.run(args)
+
+
+BENCHES = ("moe", "train", "upcycle", "infer", "peft", "prune", "ttmm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
 
-  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft | ttmm (extra flags go to the benchmark)")
+  b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft | prune | ttmm (extra flags go to the benchmark)")
   b.add_argument("what", choices=BENCHES)
   b.set_defaults(fn=None)
 
@@ -278,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
   from moejax.inference import cli as inference_cli
 
   inference_cli.add_parser(sub).set_defaults(fn=cmd_generate)
+  from moejax.prune import cli as prune_cli
 
+  prune_cli.add_parser(sub).set_defaults(fn=cmd_prune)
   from moejax.ttmm import cli as ttmm_cli
 
   ttmm_cli.add_parser(sub, Parser).set_defaults(fn=cmd_ttmm)

@@ -77,6 +77,9 @@ class MoEConfig:
   num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek-MoE / Qwen-MoE)
   shared_d_ff: int = 0  # hidden width of the shared expert(s) together; 0 -> num_shared_experts * d_ff
   shared_gate: bool = False  # Qwen-MoE scales the shared output by sigmoid(x @ w)
+  # EEP expert merging (moejax/prune): the router scores this many original experts and a `router/map`
+  # [num_experts, router_map_from] maps its probabilities onto the kept ones; 0 -> no map (a plain router)
+  router_map_from: int = 0
   # Expert parallelism's token exchange (layers/expert_parallel.py, layers/ragged_ep.py): fixed [E, R] blocks by
   # all_to_all (any backend), or ragged (lax.ragged_all_to_all, GPU/TPU only: exactly the routed rows, dropless
   # token choice). ep_buffer_factor: the ragged receive buffer in multiples of the local assignments (0 = the
@@ -105,6 +108,8 @@ class MoEConfig:
            f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
     _check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,
            "moe.d_ff, moe.jitter and moe.num_shared_experts must be >= 0")
+    _check(self.router_map_from == 0 or (self.num_experts and self.router == "token_choice"),
+           f"moe.router_map_from={self.router_map_from} needs a token-choice MoE (num_experts > 0)")
 
   def is_moe_layer(self, i: int) -> bool:
     if not self.num_experts:

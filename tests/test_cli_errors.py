@@ -11,6 +11,7 @@ these placeholders, built once per module (see `dirs`):
   {bank}     a TTMM bank (2 experts, 1 step, 8 documents) built on {ttmm_base}
   {bad_json_hf}   {hf} with a truncated config.json
   {bad_st_hf}     {hf} with a truncated model.safetensors
+  {moe_cfg}  a directory holding only the config.json of a tiny 8-expert top-2 MoE (prune checks it first)
   {file}     an existing regular file     {empty}  an existing empty directory
   {new}      a path that does not exist yet (inside the test's own directory, which is also the cwd)
 `TINY` expands to the tiny config's overrides, so `["train", "lm_dense_tiny", TINY, ...]` names the same config
@@ -236,6 +237,22 @@ CASES = [
   _c("export-truncated-config", "export-hf", "{bad_json_run}", "--to", "{new}", msg="config.json is not valid JSON"),
   _c("export-truncated-checkpoint", "export-hf", "{bad_ckpt_run}", "--to", "{new}", msg="cannot read the params"),
   _c("export-bad-arch", "export-hf", "{run}", "--to", "{new}", "--arch", "gpt9", msg="invalid choice: 'gpt9'"),
+  # prune
+  _c("prune-keep-all", "prune", "--from", "{moe_cfg}", "--keep", "8", "--task", "lookup", "--to", "{new}",
+     msg="--keep 8 must be in [1, 7]"),
+  _c("prune-keep-below-top-k", "prune", "--from", "{moe_cfg}", "--keep", "2", "--top-k", "3", "--task", "lookup",
+     "--to", "{new}", msg="--top-k 3 must be in [1, --keep 2]"),
+  _c("prune-unknown-task", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lokup", "--to", "{new}",
+     msg="unknown task 'lokup'; did you mean 'lookup'"),
+  _c("prune-dense-run", "prune", "--from", "{run}", "--keep", "4", "--task", "lookup", "--to", "{new}",
+     msg="this run is dense"),
+  _c("prune-budget-zero", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--budget", "0",
+     "--to", "{new}", msg="--budget 0 must be > 0"),
+  _c("prune-missing-from", "prune", "--from", "{new}", "--keep", "4", "--task", "lookup", "--to", "{new}/out",
+     msg="does not exist"),
+  _c("prune-no-to", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", msg="needs --to DIR"),
+  _c("prune-bad-method", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--method", "magic",
+     "--to", "{new}", msg="invalid choice: 'magic'"),
 ]
 # Run also as real processes: the one-line check without capsys, and orbax's threads must not print at exit.
 SUBPROCESS = ["eval-empty-workdir", "train-resume-model-changed", "eval-truncated-checkpoint",
@@ -260,6 +277,11 @@ def dirs(tiny_lm_run, tmp_path_factory):
   shutil.copytree(tiny_lm_run, d["bad_ckpt_run"])
   for f in (d["bad_ckpt_run"] / "checkpoints").glob("*/state/**/d/*"):
     _truncate(f)
+  from moejax import config, registry
+
+  d["moe_cfg"] = root / "moe_cfg"
+  d["moe_cfg"].mkdir()
+  (d["moe_cfg"] / "config.json").write_text(config.to_json(registry.get("lm_moe_tiny", list(TINY_LM))))
   for name, f in (("bad_json_hf", "config.json"), ("bad_st_hf", "model.safetensors")):
     d[name] = root / name
     shutil.copytree(d["hf"], d[name])

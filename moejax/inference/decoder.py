@@ -60,7 +60,7 @@ def gathered_moe(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Arra
   dt = x_BTD.dtype
   x_ND = x_BTD.reshape(B * T, D)
   logits_1NE = router.logits(p["router"]["w"], x_ND[None])
-  tc = router.token_choice(jax.nn.softmax(logits_1NE, -1), m.top_k, m.renormalize, p["router"].get("bias"))
+  tc = router.token_choice(router.probs(p["router"], logits_1NE), m.top_k, m.renormalize, p["router"].get("bias"))
   e_NK, w_NK = tc.expert_GSK[0], tc.weight_GSK[0]
   ex = p["experts"]
 

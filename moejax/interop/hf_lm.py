@@ -189,6 +189,10 @@ def export_arch(cfg: config.ModelConfig, arch: str = "auto") -> str:
   m = cfg.moe
   if m.num_experts and m.router != "token_choice":
     problems.append(f"moe.router={m.router!r} (HF MoE decoders route token-choice)")
+  if m.router_map_from:
+    problems.append(f"moe.router_map_from={m.router_map_from}: a merged (EEP) model maps its router's "
+                    f"{m.router_map_from} expert probabilities onto {m.num_experts} experts (router/map), which HF "
+                    "routers cannot hold; only a pure pruning (`moejax prune` with a selection) exports")
   if problems:
     raise config.ConfigError("cannot export to Hugging Face: " + "; ".join(problems))
   moe_layers = [i for i in range(cfg.num_layers) if m.is_moe_layer(i)]

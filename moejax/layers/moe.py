@@ -2,6 +2,8 @@
 
 Param paths (stable; upcycling and checkpoint import rely on them; E experts, F = cfg.expert_d_ff):
   router/w [D, E]           router/bias [E]   (only with moe.bias_balance_rate > 0; not trained by the optimizer)
+  router/w [D, E0], router/map [E, E0]   instead, with moe.router_map_from = E0 > 0: an EEP-merged model
+                            (moejax/prune) routes over p @ map^T, its E0 original experts' probabilities mapped
   experts/w_gate [E, D, F]  experts/w_up [E, D, F]  experts/w_down [E, F, D]   (w_gate: swiglu only)
   experts/b_gate [E, F]  experts/b_up [E, F]  experts/b_down [E, D]             (model.bias, CLIP towers)
   shared/{w_gate,w_up,w_down,...}   a dense MLP of width Fs (moe.num_shared_experts > 0)
@@ -62,6 +64,9 @@ def specs(cfg: config.ModelConfig) -> dict:
   # The router stays float32 whatever the param dtype: routing decisions are sensitive to rounding.
   p = {"router": {"w": sharding.param(sharding.normal(m.router_init_std), (D, E), ("embed", None))},
        "experts": experts}
+  if m.router_map_from:  # EEP merging (moejax/prune): the original router, mapped onto the E kept experts
+    p["router"] = {"w": sharding.param(sharding.normal(m.router_init_std), (D, m.router_map_from), ("embed", None)),
+                   "map": sharding.param(sharding.zeros, (E, m.router_map_from), (None, None))}
   if m.bias_balance_rate > 0:
     p["router"]["bias"] = sharding.param(sharding.zeros, (E,), (None,))
   if m.num_shared_experts > 0:
@@ -328,7 +333,7 @@ def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GS
   G, S, _ = x_GSD.shape
   E = m.num_experts
   logits_GSE = router.logits(p_router["w"], x_GSD, noise_GSD=noise_GSD)
-  probs_GSE = jax.nn.softmax(logits_GSE, -1)
+  probs_GSE = router.probs(p_router, logits_GSE)
   n_G = None if valid_GS is None or causal else jnp.sum(valid_GS.astype(jnp.float32), 1)
   if m.router == "expert_choice":
     C = router.expert_capacity(m.capacity_factor, S, E)
@@ -425,7 +430,7 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
   if x_BTD.ndim != 3 or x_BTD.shape[-1] != cfg.d_model:
     raise ValueError(f"moe.apply: x must be [B, T, d_model={cfg.d_model}], got {x_BTD.shape}")
   E = p["experts"]["w_up"].shape[0]
-  if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, E):
+  if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, m.router_map_from or E):
     raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
   if m.router == "token_choice" and m.top_k == 1 and m.renormalize:

@@ -56,6 +56,15 @@ def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.A
   return jnp.einsum("GSD,DE->GSE", x, w_DE.astype(jnp.float32))
 
 
+def probs(p_router: dict, logits_GSE: jax.Array) -> jax.Array:
+  """Router probabilities: softmax over the router's experts, then, for a merged model (EEP, Liu et al. 2024),
+  mapped onto the kept experts by `router/map` [K, E]: p' = p @ map^T (float32). Top-k picks over p'."""
+  probs_GSE = jax.nn.softmax(logits_GSE, -1)
+  if "map" not in p_router:
+    return probs_GSE
+  return jnp.einsum("GSE,KE->GSK", probs_GSE, p_router["map"].astype(jnp.float32))
+
+
 def _tie_rotation(n: int, m: int, shift) -> jax.Array:
   """[n, m] int32: row i lists 0..m-1 rotated left by shift(i) (a per-row permutation)."""
   return (jnp.arange(m, dtype=jnp.int32)[None, :] + jnp.asarray(shift, jnp.int32)[:, None]) % m
@@ -113,8 +122,9 @@ def stats(logits_GSE: jax.Array, probs_GSE: jax.Array, routing: TokenChoice | Ex
           valid_GS: jax.Array | None = None) -> dict:
   """Router statistics as sums over the real tokens (`valid_GS`; None: all), with their counts, so shards and
   padded batches combine exactly: sums and counts average across devices alike and `aux_from_stats` divides.
-  Padding never reaches them. f_e counts routed (token, expert) assignments before any capacity drop."""
-  E = logits_GSE.shape[-1]
+  Padding never reaches them. f_e counts routed (token, expert) assignments before any capacity drop.
+  `probs_GSE` are the routed experts' (mapped, with a `router/map`); the z-loss reads the router's own logits."""
+  E = probs_GSE.shape[-1]
   v_GS = jnp.ones(logits_GSE.shape[:2], jnp.float32) if valid_GS is None else valid_GS.astype(jnp.float32)
   n_tok = jnp.sum(v_GS)
   if isinstance(routing, ExpertChoice):  # every expert takes the same number of tokens: f_e = 1/E
