@@ -272,7 +272,8 @@ def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
     k = 5
     sm = np.convolve(v, np.ones(k) / k, mode="valid")
     ax.plot(s, v, color=f"C{i}", alpha=0.25, lw=0.8)
-    ax.plot(s[k - 1:], sm, color=f"C{i}", lw=2, label=f"{r.arm}: {r.experiment} (train, 5-point mean)")
+    ax.plot(s[k // 2:len(s) - k // 2], sm, color=f"C{i}", lw=2,
+            label=f"{r.arm}: {r.experiment} (train, centred 5-point mean)")
     es, ev = report.series(rows, "eval", "contrastive_loss")
     ax.plot(es, ev, "o", color=f"C{i}", ms=6, label=f"{r.arm}: eval (1,024 validation scenes)")
   if not any_run:

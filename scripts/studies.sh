@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-17 studies, resumable (finished runs are skipped), then figures in docs/img/ and a table:
-#   scripts/studies.sh clip_up      CLIP-UP on moejax_scenes: 2 budgets x 3 seeds (~67 CPU-hours, docs/results.md)
-#   scripts/studies.sh lm_upcycle   LM upcycling on the mixture: +300/+1,500/+3,000 x 3 seeds (~50 CPU-hours)
+#   scripts/studies.sh clip_up      CLIP-UP on moejax_scenes: 2 budgets x 3 seeds (~21 CPU-hours, estimated: docs/results.md)
+#   scripts/studies.sh lm_upcycle   LM upcycling on the mixture: +300/+1,500/+3,000 x 3 seeds (~14 CPU-hours, estimated)
 #   scripts/studies.sh capacity     the tiny vs a 4x larger dense CLIP on moejax_scenes (one seed)
 # Options after the study: --seeds 0 1 2 --budgets 300 --root runs/studies --report-only --dry-run
 # Runs at `nice -n 5` (set MOEJAX_NICE=0 to change). Set MOEJAX_NO_VENV=1 to use the moejax already on PATH.

@@ -1,11 +1,13 @@
 """The issue-17 study experiments: their tiny twins train two steps, grouped so that each distinct program
 compiles once (budget variants differ from a trained twin only in run length, checked here field by field)."""
 
+import jax
 import numpy as np
 import pytest
+import test_train
 from study_twins import GROUPED_TWINS
 
-from moejax import config, registry, train
+from moejax import checkpoint, config, registry, sharding, train
 
 TWO_STEPS = {"train.eval_steps": 1, "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 2}
 SHRINK_CLIP = {"clip.vision.num_layers": 2, "clip.text.num_layers": 2, "data.batch_size": 16,
@@ -25,14 +27,17 @@ SAME_PROGRAM = {
   "scenes_clip_dense_large_tiny": ("scenes_clip_dense_tiny", {"clip.vision.d_model", "clip.vision.d_ff",
                                                               "clip.text.d_model", "clip.text.d_ff",
                                                               "clip.embed_dim"}),
+  # trained in test_train.py (clip_up_tiny, lm_dense_mix_tiny): the same programs on another data set / length
+  "scenes_clip_up_tiny": ("clip_up_tiny", {"data.dataset", "clip.text.max_seq_len", "clip.augment_shift",
+                                           "clip.augment_noise", "clip.zeroshot_templates"}),
+  "lm_dense_mix_300_tiny": ("lm_dense_mix_tiny", set()),
   "lm_dense_mix_1500_tiny": ("lm_dense_mix_300_tiny", set()),
   "lm_dense_mix_3000_tiny": ("lm_dense_mix_300_tiny", set()),
   "lm_upcycle_mix_1500_tiny": ("lm_upcycle_mix_300_tiny", set()),
   "lm_upcycle_mix_3000_tiny": ("lm_upcycle_mix_300_tiny", set()),
 }
-TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_tiny", "scenes_clip_up_capacity_tiny",
-           "scenes_clip_dense_shared_tiny", "scenes_clip_up_shared_tiny", "lm_dense_mix_300_tiny",
-           "lm_upcycle_mix_300_tiny")
+TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_capacity_tiny", "scenes_clip_dense_shared_tiny",
+           "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -44,6 +49,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def test_every_study_twin_is_trained_or_the_same_program_as_one():
   assert set(GROUPED_TWINS) == set(TRAINED) | set(SAME_PROGRAM), set(GROUPED_TWINS) ^ (set(TRAINED) | set(SAME_PROGRAM))
+  assert {"clip_up_tiny", "lm_dense_mix_tiny"} <= set(test_train.TINY_TWINS)  # trained one by one there
   for name, (twin, allowed) in SAME_PROGRAM.items():
     a, b = _flat(config.to_dict(registry.get(name))), _flat(config.to_dict(registry.get(twin)))
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
@@ -60,16 +66,22 @@ def _train(name: str, shrink: dict, workdir, steps: int, **over) -> dict:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_clip_study_twins_train_two_steps(shared, tmp_path):
-  """Dense pretrain (2 steps) -> CLIP-UP (dropless; and capacity dispatch on the separated towers) 2 more."""
+  """Dense pretrain (2 steps) -> CLIP-UP 2 more: with capacity dispatch on separated towers (dropless is
+  clip_up_tiny's program, trained in test_train), dropless on the shared backbone."""
   suffix = "_shared" if shared else ""
   dense = _train(f"scenes_clip_dense{suffix}_tiny", SHRINK_CLIP, tmp_path / "dense", 2)
   assert "zeroshot_top1" in dense["eval"]  # the scenes' shape labels give a zero-shot eval
-  up = {"init.upcycle_from": str(tmp_path / "dense")}
-  _train(f"scenes_clip_up{suffix}_tiny", SHRINK_CLIP, tmp_path / "up", 4, **up)
-  if not shared:
-    _train("scenes_clip_up_capacity_tiny", SHRINK_CLIP, tmp_path / "cap", 4, **up)
+  up = "scenes_clip_up_shared_tiny" if shared else "scenes_clip_up_capacity_tiny"
+  _train(up, SHRINK_CLIP, tmp_path / "up", 4, **{"init.upcycle_from": str(tmp_path / "dense")})
 
 
-def test_lm_upcycle_study_twins_train_two_steps(tmp_path):
-  _train("lm_dense_mix_300_tiny", SHRINK_LM, tmp_path / "dense", 2)
-  _train("lm_upcycle_mix_300_tiny", SHRINK_LM, tmp_path / "up", 4, **{"init.upcycle_from": str(tmp_path / "dense")})
+def test_lm_upcycle_study_twin_trains_two_steps(tmp_path):
+  """Upcycled from a random dense parent saved at step 0 (the dense twin, lm_dense_mix_tiny's program, trains in
+  test_train): one compile."""
+  cfg = config.derive(registry.get("lm_upcycle_mix_300_tiny"), SHRINK_LM)
+  dense = config.derive(registry.get("lm_dense_mix_300_tiny"), SHRINK_LM)
+  s = train.setup(dense)
+  m = checkpoint.Manager(tmp_path / "dense")
+  m.save(0, train.params_only_state(s, sharding.create_params(jax.random.key(0), s.specs, s.mesh)), dense, force=True)
+  m.close()
+  _train(cfg.name, SHRINK_LM, tmp_path / "up", 2, **{"init.upcycle_from": str(tmp_path / "dense")})
