@@ -40,6 +40,9 @@ from moejax import metrics, report
 PRETRAIN = 300
 CAPACITY_FACTORS = (1.0, 1.5, 2.0)
 CAPACITY_CHECK_STEPS = 150
+# --partial: runs still in progress are drawn and tabulated too, every curve cut at the last eval step all of
+# them reached (a pilot's view; the table's "steps" column says where).
+_STEP_CAP: list[int] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,9 @@ def _curve(r: Run, key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.n
   """(steps, values, cumulative training FLOPs) of a run's eval rows (the loss without aux losses by default)."""
   rows = metrics.read_jsonl(r.workdir)
   steps, vals = report.series(rows, "eval", key or report.loss_key(rows))
+  if _STEP_CAP:
+    keep = steps <= _STEP_CAP[0]
+    steps, vals = steps[keep], vals[keep]
   flops = report.cumulative_flops(r.workdir, steps) if len(steps) else steps
   return steps, vals, flops
 
@@ -155,7 +161,14 @@ def mean_se(x: list[float]) -> tuple[float, float]:
   return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
+def _pm(m: float, se: float, digits: int) -> str:
+  """"m ± se"; a single seed has no spread to show."""
+  return f"{m:.{digits}f}" if np.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
 def _finished(runs: list[Run]) -> list[Run]:
+  if _STEP_CAP:
+    return [r for r in runs if last_step(r.workdir) >= 0]
   return [r for r in runs if last_step(r.workdir) >= r.steps]
 
 
@@ -169,21 +182,21 @@ def table(runs: list[Run], study: str) -> list[dict]:
     fmin = min(_curve(r)[2][-1] for r in group)
     for arm in dict.fromkeys(r.arm for r in group):
       rs = [r for r in group if r.arm == arm]
-      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": rs[0].steps}
+      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1])}
       m, se = mean_se([_curve(r)[1][-1] for r in rs])
-      row["eval loss"] = f"{m:.3f} ± {se:.3f}"
+      row["eval loss"] = _pm(m, se, 3)
       at = []
       for r in rs:
         _, v, f = _curve(r)
         at.append(float(np.interp(fmin, f, v)) if len(f) > 1 else float(v[-1]))
       m, se = mean_se(at)
-      row[f"loss @ {fmin / 1e12:.2f} TFLOPs"] = f"{m:.3f} ± {se:.3f}"
+      row[f"loss @ {fmin / 1e12:.2f} TFLOPs"] = _pm(m, se, 3)
       if study == "clip_up":
         for k in CLIP_KEYS:
           vals = [_curve(r, k)[1] for r in rs]
           if all(len(v) for v in vals):
             m, se = mean_se([100 * v[-1] for v in vals])
-            row[k] = f"{m:.1f} ± {se:.1f}"
+            row[k] = _pm(m, se, 1)
       row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
       rows.append(row)
   return rows
@@ -299,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--img", default="docs/img")
   ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
   ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished")
+  ap.add_argument("--partial", action="store_true",
+                  help="with --report-only: include unfinished runs, all cut at the last eval step they share")
   a = ap.parse_args(argv)
   seeds = a.seeds or ([0] if a.study == "capacity" else [0, 1, 2])
   budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "capacity": [300]}[a.study]
@@ -309,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{'done' if last_step(r.workdir) >= r.steps else 'todo'}  {r.workdir}  moejax train {r.experiment} "
             f"{' '.join(r.overrides)}")
     return 0
+  if a.partial:
+    shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+    _STEP_CAP.append(min((last_step(r.workdir) for r in shown), default=0))
+    a.report_only = True
   timings_path = root / a.study / "timings.json"
   t0 = time.time()
   if not a.report_only:
