@@ -149,6 +149,13 @@ def _curve(r: Run, key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.n
   """(steps, values, cumulative training FLOPs) of a run's eval rows (the loss without aux losses by default)."""
   rows = metrics.read_jsonl(r.workdir)
   steps, vals = report.series(rows, "eval", key or report.loss_key(rows))
+  parent = next((o.split("=", 1)[1] for o in r.overrides if o.startswith("init.upcycle_from=")), "")
+  if parent and len(steps):  # an upcycled run computes its parent's function at the start (tested): its curve
+    prow = metrics.read_jsonl(parent)  # starts at the parent's eval of that step
+    ps, pv = report.series(prow, "eval", key or report.loss_key(prow))
+    start = min(int(x["step"]) for x in rows if x.get("split") == "train") - 1
+    if start in ps and start < steps[0]:
+      steps, vals = np.concatenate([[start], steps]), np.concatenate([[pv[list(ps).index(start)]], vals])
   if _STEP_CAP:
     keep = steps <= _STEP_CAP[0]
     steps, vals = steps[keep], vals[keep]
@@ -163,6 +170,8 @@ def mean_se(x: list[float]) -> tuple[float, float]:
 
 def _pm(m: float, se: float, digits: int) -> str:
   """"m ± se"; a single seed has no spread to show."""
+  if np.isnan(m):
+    return "n/a"
   return f"{m:.{digits}f}" if np.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
@@ -188,7 +197,7 @@ def table(runs: list[Run], study: str) -> list[dict]:
       at = []
       for r in rs:
         _, v, f = _curve(r)
-        at.append(float(np.interp(fmin, f, v)) if len(f) > 1 else float(v[-1]))
+        at.append(float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan"))
       m, se = mean_se(at)
       row[f"loss @ {fmin / 1e12:.2f} TFLOPs"] = _pm(m, se, 3)
       if study == "clip_up":
@@ -234,7 +243,8 @@ def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path
         _band(ax, cs, arm, f"C{i}")
       ax.set_xlabel("step" if x_kind == "steps" else "training TFLOPs (upcycled runs include the dense parent)")
       ax.set_ylabel("eval loss (no aux losses)")
-      ax.set_title(f"{study}: +{b} steps after a {PRETRAIN}-step dense pretrain")
+      cut = f", runs cut at step {_STEP_CAP[0]}" if _STEP_CAP else ""
+      ax.set_title(f"{study}: +{b} steps after a {PRETRAIN}-step dense pretrain{cut}", fontsize=10)
       ax.legend(fontsize=7)
       ax.grid(alpha=0.3)
     p = img / f"study_{study}_loss_vs_{x_kind}.png"
@@ -261,7 +271,8 @@ def _retrieval_bars(done: list[Run], img: pathlib.Path, plt) -> list[pathlib.Pat
       ax.bar(np.arange(len(arms)) + 0.27 * (j - 1), ms, 0.27, yerr=ses, capsize=2, label=k)
     ax.set_xticks(np.arange(len(arms)), arms, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("% at the last step (mean ± SE over seeds)")
-    ax.set_title(f"+{b} steps: retrieval R@1 both ways, zero-shot shape")
+    cut = f" (runs cut at step {_STEP_CAP[0]})" if _STEP_CAP else ""
+    ax.set_title(f"+{b} steps: retrieval R@1 both ways, zero-shot shape{cut}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
   p = img / "study_clip_up_retrieval.png"

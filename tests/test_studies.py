@@ -3,7 +3,6 @@ compiles once (budget variants differ from a trained twin only in run length, ch
 
 import jax
 import numpy as np
-import pytest
 import test_train
 from study_twins import GROUPED_TWINS
 
@@ -31,13 +30,16 @@ SAME_PROGRAM = {
   "scenes_clip_up_tiny": ("clip_up_tiny", {"data.dataset", "clip.text.max_seq_len", "clip.augment_shift",
                                            "clip.augment_noise", "clip.zeroshot_templates"}),
   "lm_dense_mix_300_tiny": ("lm_dense_mix_tiny", set()),
+  # the knobs: the shared backbone and capacity dispatch train together in scenes_clip_up_shared_tiny's twin
+  "scenes_clip_dense_shared_tiny": ("scenes_clip_dense_tiny", {"clip.shared_backbone"}),
+  "scenes_clip_up_capacity_tiny": ("scenes_clip_up_tiny", {f"clip.{t}.moe.{k}" for t in ("vision", "text")
+                                                           for k in ("dispatch", "capacity_factor")}),
   "lm_dense_mix_1500_tiny": ("lm_dense_mix_300_tiny", set()),
   "lm_dense_mix_3000_tiny": ("lm_dense_mix_300_tiny", set()),
   "lm_upcycle_mix_1500_tiny": ("lm_upcycle_mix_300_tiny", set()),
   "lm_upcycle_mix_3000_tiny": ("lm_upcycle_mix_300_tiny", set()),
 }
-TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_capacity_tiny", "scenes_clip_dense_shared_tiny",
-           "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
+TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -64,24 +66,29 @@ def _train(name: str, shrink: dict, workdir, steps: int, **over) -> dict:
   return r
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_clip_study_twins_train_two_steps(shared, tmp_path):
-  """Dense pretrain (2 steps) -> CLIP-UP 2 more: with capacity dispatch on separated towers (dropless is
-  clip_up_tiny's program, trained in test_train), dropless on the shared backbone."""
-  suffix = "_shared" if shared else ""
-  dense = _train(f"scenes_clip_dense{suffix}_tiny", SHRINK_CLIP, tmp_path / "dense", 2)
+def _random_parent(name: str, shrink: dict, workdir) -> None:
+  """A dense parent saved at step 0 with random params, as import-hf would: upcycling needs no trained parent."""
+  dense = config.derive(registry.get(name), shrink)
+  s = train.setup(dense)
+  m = checkpoint.Manager(workdir)
+  m.save(0, train.params_only_state(s, sharding.create_params(jax.random.key(0), s.specs, s.mesh)), dense, force=True)
+  m.close()
+
+
+def test_clip_study_twins_train_two_steps(tmp_path):
+  """The scenes dense twin trains 2 steps (the data path, zero-shot eval); one CLIP-UP twin covers the recipe's
+  two knobs in one compile: the shared backbone upcycled, with capacity dispatch (factor 1.5)."""
+  dense = _train("scenes_clip_dense_tiny", SHRINK_CLIP, tmp_path / "dense", 2)
   assert "zeroshot_top1" in dense["eval"]  # the scenes' shape labels give a zero-shot eval
-  up = "scenes_clip_up_shared_tiny" if shared else "scenes_clip_up_capacity_tiny"
-  _train(up, SHRINK_CLIP, tmp_path / "up", 4, **{"init.upcycle_from": str(tmp_path / "dense")})
+  _random_parent("scenes_clip_dense_shared_tiny", SHRINK_CLIP, tmp_path / "shared")
+  cap = {f"clip.{t}.moe.{k}": v for t in ("vision", "text") for k, v in (("dispatch", "capacity"),
+                                                                         ("capacity_factor", 1.5))}
+  _train("scenes_clip_up_shared_tiny", SHRINK_CLIP, tmp_path / "up", 2,
+         **{"init.upcycle_from": str(tmp_path / "shared"), **cap})
 
 
 def test_lm_upcycle_study_twin_trains_two_steps(tmp_path):
   """Upcycled from a random dense parent saved at step 0 (the dense twin, lm_dense_mix_tiny's program, trains in
   test_train): one compile."""
-  cfg = config.derive(registry.get("lm_upcycle_mix_300_tiny"), SHRINK_LM)
-  dense = config.derive(registry.get("lm_dense_mix_300_tiny"), SHRINK_LM)
-  s = train.setup(dense)
-  m = checkpoint.Manager(tmp_path / "dense")
-  m.save(0, train.params_only_state(s, sharding.create_params(jax.random.key(0), s.specs, s.mesh)), dense, force=True)
-  m.close()
-  _train(cfg.name, SHRINK_LM, tmp_path / "up", 2, **{"init.upcycle_from": str(tmp_path / "dense")})
+  _random_parent("lm_dense_mix_300_tiny", SHRINK_LM, tmp_path / "dense")
+  _train("lm_upcycle_mix_300_tiny", SHRINK_LM, tmp_path / "up", 2, **{"init.upcycle_from": str(tmp_path / "dense")})
