@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import study_twins
 
 from moejax import checkpoint, config, registry, sharding, train
 
@@ -140,7 +141,7 @@ def test_bad_cli_input_exits_2_with_one_line(args, message, tmp_path):
   assert "Traceback" not in err
 
 
-TINY_TWINS = [n for n in registry.names() if n.endswith("_tiny")]
+TINY_TWINS = [n for n in registry.names() if n.endswith("_tiny") and n not in study_twins.GROUPED_TWINS]
 
 
 @pytest.mark.parametrize("name", TINY_TWINS)

@@ -29,6 +29,7 @@ BUNDLED: dict[str, str] = {
   "moejax_digits": "moejax.data.image_text_builder:MoejaxDigits",
   "moejax_pycode": "moejax.data.builders:MoejaxPycode",
   "moejax_tasks": "moejax.data.builders:MoejaxTasks",
+  "moejax_scenes": "moejax.data.scenes_builder:MoejaxScenes",
 }
 # The split a source is evaluated on when it has no split named `data.eval_split` (a mixture's sources differ).
 DEFAULT_EVAL_SPLIT: dict[str, str] = {"moejax_tasks": "test"}
@@ -221,8 +222,11 @@ def data_source(name: str, split: str, data_dir: str) -> Any:
   """A random-access source (len, __getitem__ -> dict of features) for `grain.MapDataset.source`.
 
   Bundled sets are built first if needed; other sets are only read, never downloaded or built. Text features
-  come back as `bytes`.
+  come back as `bytes`. A bundled builder's `STREAM_SPLITS` (e.g. moejax_scenes' train) are generated on the fly
+  by its `stream_source(split)`, not stored.
   """
+  if is_bundled(name) and split in getattr(builder_class(name), "STREAM_SPLITS", {}):
+    return builder_class(name).stream_source(split)
   builder = _prepared_builder(name, data_dir)
   splits = sorted(builder.info.splits.keys())
   if split.split("[")[0] not in splits:
@@ -234,5 +238,6 @@ def data_source(name: str, split: str, data_dir: str) -> Any:
 
 
 def split_names(name: str, data_dir: str) -> list[str]:
-  """The splits a data set has (bundled sets are built first if needed)."""
-  return sorted(_prepared_builder(name, data_dir).info.splits.keys())
+  """The splits a data set has (bundled sets are built first if needed), streamed ones included."""
+  streamed = set(getattr(builder_class(name), "STREAM_SPLITS", {})) if is_bundled(name) else set()
+  return sorted(set(_prepared_builder(name, data_dir).info.splits.keys()) | streamed)

@@ -1,0 +1,95 @@
+"""Sparse upcycling over longer budgets on the multi-domain mixture (issue 17; Komatsuzaki et al., ICLR 2023:
+the upcycled model's advantage over the dense continuation grows with the extra budget).
+
+For each budget B in +300 / +1,500 / +3,000 steps: `lm_dense_mix_<B>_tiny` (lm_dense_mix_tiny with a
+300 + B step schedule) pretrains 300 steps; that checkpoint is resumed to 300 + B (dense continuation) and
+upcycled by `lm_upcycle_mix_<B>_tiny` (lm_moe_mix_tiny's architecture: 8 experts, top-2, layers 1 and 3; router
+N(0, 0.02); the dense step counter and schedule continued with a fresh optimizer state) to 300 + B. Both are
+compared at equal steps and at equal training FLOPs (the upcycled run's count includes its dense parent).
+`scripts/studies.sh lm_upcycle` runs every budget with three seeds and draws the figures.
+"""
+
+from moejax import config, registry
+
+PRETRAIN_STEPS = 300
+BUDGETS = (300, 1500, 3000)
+
+
+def _dense(budget: int) -> config.ExperimentConfig:
+  total = PRETRAIN_STEPS + budget
+  return config.derive(registry.get("lm_dense_mix_tiny"), {
+    "train.steps": total, "train.schedule_steps": total, "train.eval_every": 150 if budget <= 300 else 300,
+    "train.checkpoint_every": 150 if budget <= 300 else 300,
+  })
+
+
+def _upcycled(budget: int) -> config.ExperimentConfig:
+  return config.derive(_dense(budget), {
+    "model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.every": 2, "model.moe.offset": 1,
+    "model.moe.renormalize": True, "model.moe.dispatch": "dropless",
+    "model.moe.load_balance_weight": 0.01, "model.moe.z_loss_weight": 1e-3,
+    "init.upcycle_from": f"runs/lm_dense_mix_{budget}_tiny", "init.router_init": "normal", "init.router_std": 0.02,
+    "init.continue_step": True,
+  })
+
+
+@registry.register
+def lm_dense_mix_300_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_tiny on a 600-step schedule: pretrain 300 steps (the upcycling source), or all 600 (the dense
+  continuation).
+
+  Run:    moejax train lm_dense_mix_300_tiny train.steps=300 --workdir runs/lm_dense_mix_300_tiny
+          scripts/studies.sh lm_upcycle                       (the whole study: 3 budgets x 3 seeds)
+  Expect: the 3-seed study is owed (docs/results.md, "LM upcycling over longer budgets").
+  """
+  return _dense(300)
+
+
+@registry.register
+def lm_upcycle_mix_300_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_300_tiny's step-300 checkpoint upcycled (8 experts, top-2, layers 1 and 3), to step 600.
+
+  Run:    moejax train lm_upcycle_mix_300_tiny --workdir runs/lm_upcycle_mix_300_tiny
+  Expect: the 3-seed study is owed (docs/results.md).
+  """
+  return _upcycled(300)
+
+
+@registry.register
+def lm_dense_mix_1500_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_tiny on an 1,800-step schedule (pretrain 300, or the dense continuation to 1,800).
+
+  Run:    scripts/studies.sh lm_upcycle
+  Expect: the 3-seed study is owed (docs/results.md).
+  """
+  return _dense(1500)
+
+
+@registry.register
+def lm_upcycle_mix_1500_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_1500_tiny's step-300 checkpoint upcycled, to step 1,800.
+
+  Run:    scripts/studies.sh lm_upcycle
+  Expect: the 3-seed study is owed (docs/results.md).
+  """
+  return _upcycled(1500)
+
+
+@registry.register
+def lm_dense_mix_3000_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_tiny on a 3,300-step schedule (pretrain 300, or the dense continuation to 3,300).
+
+  Run:    scripts/studies.sh lm_upcycle
+  Expect: the 3-seed study is owed (docs/results.md).
+  """
+  return _dense(3000)
+
+
+@registry.register
+def lm_upcycle_mix_3000_tiny() -> config.ExperimentConfig:
+  """lm_dense_mix_3000_tiny's step-300 checkpoint upcycled, to step 3,300.
+
+  Run:    scripts/studies.sh lm_upcycle
+  Expect: the 3-seed study is owed (docs/results.md).
+  """
+  return _upcycled(3000)

@@ -1,0 +1,367 @@
+"""The issue-17 studies, resumable: every run x seed, then figures (mean +- standard error over seeds, at equal
+steps and at equal training FLOPs) and a table.
+
+  python scripts/studies.py clip_up    [--seeds 0 1 2] [--budgets 300 1500] [--root runs/studies] [--report-only]
+  python scripts/studies.py lm_upcycle [--seeds 0 1 2] [--budgets 300 1500 3000]
+  python scripts/studies.py capacity   (the tiny vs a 4x larger dense CLIP on moejax_scenes, one seed)
+(`scripts/studies.sh STUDY ...` is the same with the environment set up.)
+
+A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
+resumes from its newest checkpoint (moejax train does). Each run's wall time and CPU time (this process's
+children) go to ROOT/STUDY/timings.json; the summary states the study's total wall time and CPU-hours. Figures
+go to docs/img/study_<STUDY>_*.png (--img to change), the table to ROOT/STUDY/table.md (and stdout).
+
+Runs (experiments/clip_scenes.py, experiments/lm_upcycle_mix.py), per budget B and seed s, in ROOT/STUDY/bB/sS/:
+  clip_up     dense_pretrain (300 steps of a 300+B schedule), dense_continued (a copy resumed to 300+B), clip_up
+              (upcycled from dense_pretrain), sparse_scratch, dense_active (CLIP-UP's active FLOPs); at the first
+              budget also dense_large (4x params), shared-backbone dense_shared_pretrain + clip_up_shared, and
+              clip_up_cf{1.0,1.5,2.0} (capacity dispatch)
+  lm_upcycle  dense_pretrain, dense_continued, upcycled
+A seed sets train.seed (init), data.shuffle_seed (data order) and init.seed (router init, upcycling noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from moejax import metrics, report
+
+PRETRAIN = 300
+CAPACITY_FACTORS = (1.0, 1.5, 2.0)
+CAPACITY_CHECK_STEPS = 150
+# --partial: runs still in progress are drawn and tabulated too, every curve cut at the last eval step all of
+# them reached (a pilot's view; the table's "steps" column says where).
+_STEP_CAP: list[int] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  arm: str
+  budget: int
+  seed: int
+  experiment: str
+  steps: int
+  workdir: pathlib.Path
+  overrides: tuple[str, ...] = ()
+  copy_from: pathlib.Path | None = None  # resumed from a copy of this (finished) run's directory
+
+
+def _seed(s: int) -> tuple[str, ...]:
+  return (f"train.seed={s}", f"data.shuffle_seed={s}", f"init.seed={s}")
+
+
+def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -> list[Run]:
+  runs: list[Run] = []
+  for b in budgets:
+    for s in seeds:
+      d = root / study / f"b{b}" / f"s{s}"
+      total = PRETRAIN + b
+      if study == "clip_up":
+        sfx = "" if b == 300 else f"_{b}"
+        pre = d / "dense_pretrain"
+        runs += [
+          Run("dense_pretrain", b, s, f"scenes_clip_dense{sfx}_tiny", PRETRAIN, pre,
+              (f"train.steps={PRETRAIN}", *_seed(s))),
+          Run("dense_continued", b, s, f"scenes_clip_dense{sfx}_tiny", total, d / "dense_continued", _seed(s), pre),
+          Run("clip_up", b, s, f"scenes_clip_up{sfx}_tiny", total, d / "clip_up",
+              (f"init.upcycle_from={pre}", *_seed(s))),
+          Run("sparse_scratch", b, s, f"scenes_clip_sparse_scratch{sfx}_tiny", total, d / "sparse_scratch", _seed(s)),
+          Run("dense_active", b, s, f"scenes_clip_dense_active{sfx}_tiny", total, d / "dense_active", _seed(s)),
+        ]
+        if b == budgets[0] and b == 300:  # the recipe's knobs, at the smaller budget
+          shared = d / "dense_shared_pretrain"
+          runs += [
+            Run("dense_large", b, s, "scenes_clip_dense_large_tiny", total, d / "dense_large", _seed(s)),
+            Run("dense_shared_pretrain", b, s, "scenes_clip_dense_shared_tiny", PRETRAIN, shared,
+                (f"train.steps={PRETRAIN}", *_seed(s))),
+            Run("clip_up_shared", b, s, "scenes_clip_up_shared_tiny", total, d / "clip_up_shared",
+                (f"init.upcycle_from={shared}", *_seed(s))),
+          ]
+          for cf in CAPACITY_FACTORS:
+            runs.append(Run(f"clip_up_cf{cf}", b, s, "scenes_clip_up_capacity_tiny", total, d / f"clip_up_cf{cf}",
+                            (f"init.upcycle_from={pre}", f"clip.vision.moe.capacity_factor={cf}",
+                             f"clip.text.moe.capacity_factor={cf}", *_seed(s))))
+      elif study == "lm_upcycle":
+        pre = d / "dense_pretrain"
+        runs += [
+          Run("dense_pretrain", b, s, f"lm_dense_mix_{b}_tiny", PRETRAIN, pre, (f"train.steps={PRETRAIN}", *_seed(s))),
+          Run("dense_continued", b, s, f"lm_dense_mix_{b}_tiny", total, d / "dense_continued", _seed(s), pre),
+          Run("upcycled", b, s, f"lm_upcycle_mix_{b}_tiny", total, d / "upcycled",
+              (f"init.upcycle_from={pre}", *_seed(s))),
+        ]
+      elif study == "capacity":
+        # The tiny run is the clip_up study's dense_pretrain (same config and seed): shared, not run twice.
+        runs += [
+          Run("tiny", b, s, "scenes_clip_dense_tiny", PRETRAIN, root / "clip_up" / "b300" / f"s{s}" / "dense_pretrain",
+              (f"train.steps={PRETRAIN}", *_seed(s))),
+          Run("large", b, s, "scenes_clip_dense_large_tiny", CAPACITY_CHECK_STEPS, root / study / f"large_s{s}",
+              (f"train.steps={CAPACITY_CHECK_STEPS}", "train.eval_every=50", *_seed(s))),
+        ]
+      else:
+        raise SystemExit(f"studies: unknown study {study!r}; choose clip_up, lm_upcycle or capacity")
+  return runs
+
+
+def last_step(workdir: pathlib.Path) -> int:
+  steps = [int(r["step"]) for r in metrics.read_jsonl(workdir) if r.get("split") == "eval"]
+  return max(steps, default=-1)
+
+
+def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
+  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+  todo = [r for r in runs if last_step(r.workdir) < r.steps]
+  print(f"studies: {len(runs) - len(todo)} of {len(runs)} runs finished; {len(todo)} to run", flush=True)
+  for i, r in enumerate(todo):
+    if r.copy_from is not None and not r.workdir.exists():
+      shutil.copytree(r.copy_from, r.workdir)
+    print(f"studies: [{i + 1}/{len(todo)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [sys.executable, "-m", "moejax.cli", "train", r.experiment, *r.overrides, "--workdir", str(r.workdir)]
+    subprocess.run(cmd, check=True)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    key = str(r.workdir)
+    prev = timings.get(key, {"wall_s": 0.0, "cpu_s": 0.0})
+    timings[key] = {"wall_s": prev["wall_s"] + time.time() - t0,
+                    "cpu_s": prev["cpu_s"] + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)}
+    timings_path.parent.mkdir(parents=True, exist_ok=True)
+    timings_path.write_text(json.dumps(timings, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aggregation over seeds
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_KEYS = ("t2i_recall@1", "i2t_recall@1", "t2i_recall@5", "i2t_recall@5", "zeroshot_top1")
+
+
+def _curve(r: Run, key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(steps, values, cumulative training FLOPs) of a run's eval rows (the loss without aux losses by default)."""
+  rows = metrics.read_jsonl(r.workdir)
+  steps, vals = report.series(rows, "eval", key or report.loss_key(rows))
+  parent = next((o.split("=", 1)[1] for o in r.overrides if o.startswith("init.upcycle_from=")), "")
+  if parent and len(steps):  # an upcycled run computes its parent's function at the start (tested): its curve
+    prow = metrics.read_jsonl(parent)  # starts at the parent's eval of that step
+    ps, pv = report.series(prow, "eval", key or report.loss_key(prow))
+    start = min(int(x["step"]) for x in rows if x.get("split") == "train") - 1
+    if start in ps and start < steps[0]:
+      steps, vals = np.concatenate([[start], steps]), np.concatenate([[pv[list(ps).index(start)]], vals])
+  if _STEP_CAP:
+    keep = steps <= _STEP_CAP[0]
+    steps, vals = steps[keep], vals[keep]
+  flops = report.cumulative_flops(r.workdir, steps) if len(steps) else steps
+  return steps, vals, flops
+
+
+def mean_se(x: list[float]) -> tuple[float, float]:
+  a = np.asarray(x, float)
+  return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+
+def _pm(m: float, se: float, digits: int) -> str:
+  """"m ± se"; a single seed has no spread to show."""
+  if np.isnan(m):
+    return "n/a"
+  return f"{m:.{digits}f}" if np.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def _finished(runs: list[Run]) -> list[Run]:
+  if _STEP_CAP:
+    return [r for r in runs if last_step(r.workdir) >= 0]
+  return [r for r in runs if last_step(r.workdir) >= r.steps]
+
+
+def table(runs: list[Run], study: str) -> list[dict]:
+  """One row per (budget, arm): final eval loss and metrics, mean +- SE over the finished seeds; the eval loss
+  at the FLOPs budget all of that budget's shown arms reached (linear interpolation)."""
+  done = [r for r in _finished(runs) if r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+  rows = []
+  for b in sorted({r.budget for r in done}):
+    group = [r for r in done if r.budget == b]
+    fmin = min(_curve(r)[2][-1] for r in group)
+    for arm in dict.fromkeys(r.arm for r in group):
+      rs = [r for r in group if r.arm == arm]
+      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1])}
+      m, se = mean_se([_curve(r)[1][-1] for r in rs])
+      row["eval loss"] = _pm(m, se, 3)
+      at = []
+      for r in rs:
+        _, v, f = _curve(r)
+        at.append(float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan"))
+      m, se = mean_se(at)
+      row[f"loss @ {fmin / 1e12:.2f} TFLOPs"] = _pm(m, se, 3)
+      if study == "clip_up":
+        for k in CLIP_KEYS:
+          vals = [_curve(r, k)[1] for r in rs]
+          if all(len(v) for v in vals):
+            m, se = mean_se([100 * v[-1] for v in vals])
+            row[k] = _pm(m, se, 1)
+      row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
+      rows.append(row)
+  return rows
+
+
+def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: str) -> None:
+  """Mean +- SE over seeds, on the x points all seeds share."""
+  xs = sorted(set.intersection(*(set(np.round(x, 6)) for x, _ in curves)))
+  if not xs:
+    return
+  ys = np.stack([np.interp(xs, x, y) for x, y in curves])
+  m = ys.mean(0)
+  se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros_like(m)
+  ax.plot(xs, m, "-o", ms=3, color=color, label=f"{label} (n={len(ys)})")
+  ax.fill_between(xs, m - se, m + se, color=color, alpha=0.2)
+
+
+def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path]:
+  plt = report._plt()
+  done = [r for r in _finished(runs) if r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+  out = []
+  budgets = sorted({r.budget for r in done})
+  if not budgets:
+    return out
+  for x_kind in ("steps", "flops"):
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.3), dpi=110, squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+      arms = list(dict.fromkeys(r.arm for r in done if r.budget == b))
+      for i, arm in enumerate(arms):
+        cs = []
+        for r in done:
+          if r.budget == b and r.arm == arm:
+            s, v, f = _curve(r)
+            cs.append((s if x_kind == "steps" else f / 1e12, v))
+        _band(ax, cs, arm, f"C{i}")
+      ax.set_xlabel("step" if x_kind == "steps" else "training TFLOPs (upcycled runs include the dense parent)")
+      ax.set_ylabel("eval loss (no aux losses)")
+      cut = f", runs cut at step {_STEP_CAP[0]}" if _STEP_CAP else ""
+      ax.set_title(f"{study}: +{b} steps after a {PRETRAIN}-step dense pretrain{cut}", fontsize=10)
+      ax.legend(fontsize=7)
+      ax.grid(alpha=0.3)
+    p = img / f"study_{study}_loss_vs_{x_kind}.png"
+    fig.savefig(p, bbox_inches="tight")
+    plt.close(fig)
+    out.append(p)
+  if study == "clip_up":
+    out += _retrieval_bars(done, img, plt)
+  return out
+
+
+def _retrieval_bars(done: list[Run], img: pathlib.Path, plt) -> list[pathlib.Path]:
+  budgets = sorted({r.budget for r in done})
+  fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.3), dpi=110, squeeze=False)
+  for ax, b in zip(axes[0], budgets):
+    arms = list(dict.fromkeys(r.arm for r in done if r.budget == b))
+    for j, k in enumerate(("t2i_recall@1", "i2t_recall@1", "zeroshot_top1")):
+      ms, ses = [], []
+      for arm in arms:
+        vals = [100 * _curve(r, k)[1][-1] for r in done if r.budget == b and r.arm == arm and len(_curve(r, k)[1])]
+        m, se = mean_se(vals) if vals else (np.nan, np.nan)
+        ms.append(m)
+        ses.append(0.0 if np.isnan(se) else se)
+      ax.bar(np.arange(len(arms)) + 0.27 * (j - 1), ms, 0.27, yerr=ses, capsize=2, label=k)
+    ax.set_xticks(np.arange(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("% at the last step (mean ± SE over seeds)")
+    cut = f" (runs cut at step {_STEP_CAP[0]})" if _STEP_CAP else ""
+    ax.set_title(f"+{b} steps: retrieval R@1 both ways, zero-shot shape{cut}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+  p = img / "study_clip_up_retrieval.png"
+  fig.savefig(p, bbox_inches="tight")
+  plt.close(fig)
+  return [p]
+
+
+def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
+  """Train loss (fresh scenes every step: the stream never repeats, so it is a held-out estimate) of the tiny
+  and the larger dense CLIP, raw and smoothed, with the eval points, by step."""
+  plt = report._plt()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+  any_run = False
+  for i, r in enumerate(runs):
+    rows = metrics.read_jsonl(r.workdir)
+    s, v = report.series(rows, "train", "contrastive_loss")
+    if not len(s):
+      continue
+    any_run = True
+    k = 5
+    sm = np.convolve(v, np.ones(k) / k, mode="valid")
+    ax.plot(s, v, color=f"C{i}", alpha=0.25, lw=0.8)
+    ax.plot(s[k // 2:len(s) - k // 2], sm, color=f"C{i}", lw=2,
+            label=f"{r.arm}: {r.experiment} (train, centred 5-point mean)")
+    es, ev = report.series(rows, "eval", "contrastive_loss")
+    ax.plot(es, ev, "o", color=f"C{i}", ms=6, label=f"{r.arm}: eval (1,024 validation scenes)")
+  if not any_run:
+    plt.close(fig)
+    return None
+  ax.set_xlabel("step (batch 128)")
+  ax.set_ylabel("contrastive loss")
+  ax.set_title("moejax_scenes: is the tiny dense CLIP capacity-limited? (seed 0)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  p = img / "scenes_capacity.png"
+  fig.savefig(p, bbox_inches="tight")
+  plt.close(fig)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="studies", description=__doc__.split("\n\n")[0])
+  ap.add_argument("study", choices=("clip_up", "lm_upcycle", "capacity"))
+  ap.add_argument("--seeds", type=int, nargs="+", default=None)
+  ap.add_argument("--budgets", type=int, nargs="+", default=None)
+  ap.add_argument("--root", default="runs/studies")
+  ap.add_argument("--img", default="docs/img")
+  ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
+  ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished")
+  ap.add_argument("--partial", action="store_true",
+                  help="with --report-only: include unfinished runs, all cut at the last eval step they share")
+  a = ap.parse_args(argv)
+  seeds = a.seeds or ([0] if a.study == "capacity" else [0, 1, 2])
+  budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "capacity": [300]}[a.study]
+  root, img = pathlib.Path(a.root), pathlib.Path(a.img)
+  runs = plan(a.study, root, seeds, budgets)
+  if a.dry_run:
+    for r in runs:
+      print(f"{'done' if last_step(r.workdir) >= r.steps else 'todo'}  {r.workdir}  moejax train {r.experiment} "
+            f"{' '.join(r.overrides)}")
+    return 0
+  if a.partial:
+    shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+    _STEP_CAP.append(min((last_step(r.workdir) for r in shown), default=0))
+    a.report_only = True
+  timings_path = root / a.study / "timings.json"
+  t0 = time.time()
+  if not a.report_only:
+    execute(runs, timings_path)
+  img.mkdir(parents=True, exist_ok=True)
+  if a.study == "capacity":
+    paths = [p for p in [capacity_figure(runs, img)] if p]
+  else:
+    paths = figures(runs, a.study, img)
+    md = report.markdown_table(table(runs, a.study))
+    (root / a.study).mkdir(parents=True, exist_ok=True)
+    (root / a.study / "table.md").write_text(md + "\n")
+    print(md)
+  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+  mine = [timings[str(r.workdir)] for r in runs if str(r.workdir) in timings]
+  print(f"studies: {a.study}: this invocation {time.time() - t0:.0f} s wall; recorded runs ({len(mine)} of "
+        f"{len(runs)}): {sum(t['wall_s'] for t in mine) / 3600:.2f} h wall, "
+        f"{sum(t['cpu_s'] for t in mine) / 3600:.2f} CPU-hours; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores")
+  for p in paths:
+    print(f"studies: wrote {p}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

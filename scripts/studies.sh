@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The issue-17 studies, resumable (finished runs are skipped), then figures in docs/img/ and a table:
+#   scripts/studies.sh clip_up      CLIP-UP on moejax_scenes: 2 budgets x 3 seeds (~21 CPU-hours, estimated: docs/results.md)
+#   scripts/studies.sh lm_upcycle   LM upcycling on the mixture: +300/+1,500/+3,000 x 3 seeds (~14 CPU-hours, estimated)
+#   scripts/studies.sh capacity     the tiny vs a 4x larger dense CLIP on moejax_scenes (one seed)
+# Options after the study: --seeds 0 1 2 --budgets 300 --root runs/studies --report-only --dry-run
+# Runs at `nice -n 5` (set MOEJAX_NICE=0 to change). Set MOEJAX_NO_VENV=1 to use the moejax already on PATH.
+if [ -n "${MOEJAX_NO_VENV:-}" ]; then
+  set -euo pipefail; cd "$(dirname "$0")/.."; export TF_CPP_MIN_LOG_LEVEL=3; PY=python
+else
+  source "$(dirname "$0")/_env.sh"
+  setup_venv "test"
+  PY=.venv/bin/python
+fi
+if [ $# -lt 1 ]; then echo "usage: scripts/studies.sh clip_up|lm_upcycle|capacity [options]" >&2; exit 2; fi
+exec nice -n "${MOEJAX_NICE:-5}" "$PY" scripts/studies.py "$@"
