@@ -15,5 +15,5 @@ if [ "$#" -gt 0 ]; then
   exit $?
 fi
 python -m ruff check moejax tests experiments examples scripts
-python -m pytest -q -m "not slow" -p no:cacheprovider --durations=25
-python -m pytest -q -m "slow" -p no:cacheprovider --durations=15
+python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider --durations=25
+python -m pytest -q -m "slow and not gpu" -p no:cacheprovider --durations=15

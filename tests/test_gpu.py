@@ -1,6 +1,7 @@
 """GPU-only checks, run by scripts/gpu_check.sh (JAX_PLATFORMS=cuda): cuDNN attention, ragged_dot as the `auto`
-grouped matmul, and a bf16 training step. On a CPU-only machine (CI) the whole module is skipped: what it covers
-is the accelerator path, whose CPU-testable parts are in test_attention.py, test_gmm_accel.py, test_precision.py."""
+grouped matmul, and a bf16 training step. Marked `gpu`: scripts/test.sh (CI, CPU-only) deselects them, and run
+anywhere else without a GPU they fail saying so. What they cover is the accelerator path, whose CPU-testable parts
+are in test_attention.py, test_gmm_accel.py, test_precision.py."""
 
 import dataclasses
 
@@ -12,7 +13,13 @@ import pytest
 from moejax import config, registry, sharding, train
 from moejax.layers import attention, gmm, moe
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (scripts/gpu_check.sh runs it)")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _on_a_gpu():
+  assert jax.default_backend() == "gpu", (
+    f"tests/test_gpu.py needs a GPU (JAX's backend here is {jax.default_backend()!r}); scripts/gpu_check.sh runs it")
 
 BF16_TOL = 3e-2  # bf16 inputs (8-bit mantissa) against a float32 reference of the same bf16 values
 
