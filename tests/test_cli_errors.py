@@ -101,7 +101,7 @@ CASES = [
   _c("exp-bad-remat-policy", "experiments", "show", "lm_dense_tiny", "model.remat_policy=some",
      msg="model.remat_policy='some': choose full"),
   _c("exp-bad-ep-exchange", "experiments", "show", "lm_moe_tiny", "model.moe.ep_exchange=rag",
-     msg="model.moe.ep_exchange='rag': choose fixed or ragged"),
+     msg="moe.ep_exchange='rag': choose fixed or ragged"),
   _c("exp-ragged-capacity", "experiments", "show", "lm_moe_tiny", "model.moe.ep_exchange=ragged",
      "model.moe.dispatch=capacity", msg="moe.ep_exchange='ragged' needs moe.dispatch='dropless'"),
   _c("train-ragged-on-cpu", "train", "lm_moe_tiny", TINY, "model.moe.ep_exchange=ragged", "--workdir", "{new}",
