@@ -42,11 +42,7 @@ SAME_PROGRAM = {
 TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
+_flat = test_train._flat  # a config as {dotted.key: value}
 
 
 def test_every_study_twin_is_trained_or_the_same_program_as_one():

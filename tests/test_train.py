@@ -141,7 +141,26 @@ def test_bad_cli_input_exits_2_with_one_line(args, message, tmp_path):
   assert "Traceback" not in err
 
 
-TINY_TWINS = [n for n in registry.names() if n.endswith("_tiny") and n not in study_twins.GROUPED_TWINS]
+# A twin that differs from a trained one only in fields that do not change the program its twin compiles (the
+# learning rate, where it is upcycled from: twins start from random params) is checked field by field instead.
+SAME_PROGRAM = {"clip_sparse_scratch_tiny": ("clip_up_tiny", {"optim.lr", "init.continue_step", "init.upcycle_from"})}
+TINY_TWINS = [n for n in registry.names()
+              if n.endswith("_tiny") and n not in study_twins.GROUPED_TWINS and n not in SAME_PROGRAM]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(SAME_PROGRAM))
+def test_same_program_twin_differs_only_in_the_named_fields(name):
+  other, fields = SAME_PROGRAM[name]
+  assert other in TINY_TWINS
+  a, b = (_flat(config.to_dict(registry.get(n))) for n in (name, other))
+  assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= fields | {"name"}
 
 
 @pytest.mark.parametrize("name", TINY_TWINS)
