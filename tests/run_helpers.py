@@ -1,8 +1,10 @@
-"""Helpers for tests that need a real run directory: the tiny config of conftest's `tiny_lm_run` and a
-snapshot of a directory tree (to assert that a command wrote, moved or deleted nothing)."""
+"""Helpers for tests that need a real run directory: the tiny config of conftest's `tiny_lm_run`, a snapshot of a
+directory tree (to assert that a command wrote, moved or deleted nothing), and numpy-drawn decoder params."""
 
 import hashlib
 import pathlib
+
+import numpy as np
 
 # lm_dense_tiny, shrunk: conftest's `tiny_lm_run` trains it for 2 steps with a checkpoint at each.
 TINY_LM = ("model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.d_ff=64", "data.seq_len=32",
@@ -15,3 +17,16 @@ def tree(root: pathlib.Path) -> dict[str, str]:
   root = pathlib.Path(root)
   return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
           for p in sorted(root.rglob("*"))}
+
+
+def numpy_params(cfg, seed: int = 0) -> dict:
+  """A decoder's params drawn with numpy (cheaper than eager jax.random per param on 2 cores), O(1) activations;
+  router weights give O(1) logits, so routing differs between tokens and a wrong expert column shows up."""
+  from moejax import sharding
+  from moejax.models import transformer
+
+  rng = np.random.default_rng(seed)
+  flat = sharding.flatten(transformer.specs(cfg), is_leaf=sharding.is_spec)
+  return sharding.unflatten({p: (1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("norm/scale")
+                                 else rng.normal(size=s.shape) / np.sqrt(s.shape[-2] if len(s.shape) > 1 else 50))
+                             .astype(np.float32) for p, s in flat.items()})

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_helpers
 
 from moejax import config, sharding
 from moejax.inference import cache as kv_cache
@@ -28,13 +29,7 @@ CONFIGS = {
 }
 
 
-def _params(cfg, seed=0):
-  """Numpy-drawn params (cheaper than eager jax.random per param on 2 cores), O(1) activations."""
-  rng = np.random.default_rng(seed)
-  flat = sharding.flatten(transformer.specs(cfg), is_leaf=sharding.is_spec)
-  return sharding.unflatten({p: (1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("norm/scale")
-                                 else rng.normal(size=s.shape) / np.sqrt(s.shape[-2] if len(s.shape) > 1 else 50))
-                             .astype(np.float32) for p, s in flat.items()})
+_params = run_helpers.numpy_params
 
 
 def _full_logits(params, tokens, cfg):

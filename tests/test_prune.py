@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_helpers
 
-from moejax import config, sharding
+from moejax import config
 from moejax.inference import engine
 from moejax.layers import moe
 from moejax.models import transformer
@@ -20,13 +21,7 @@ CFG = config.ModelConfig(**TINY, moe=config.MoEConfig(num_experts=6, top_k=2, ev
                                                       dispatch="dropless"))
 
 
-def _params(cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  flat = sharding.flatten(transformer.specs(cfg), is_leaf=sharding.is_spec)
-  # router weights with O(1) logits: routing differs between tokens, so a wrong column shows up
-  return sharding.unflatten({p: (1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("norm/scale")
-                                 else rng.normal(size=s.shape) / np.sqrt(s.shape[-2] if len(s.shape) > 1 else 50))
-                             .astype(np.float32) for p, s in flat.items()})
+_params = run_helpers.numpy_params
 
 
 def _logits(params, cfg, tokens):
