@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from moejax import cli, config, sharding
 from moejax.bench import infer
+from moejax.bench import upcycle as bench_upcycle
 from moejax.models import transformer
 from moejax.prune import candidates, fitness
 
@@ -40,13 +40,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _best(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return min(ts)
+  return min(bench_upcycle._time(fn, repeats))  # compiled first, then `repeats` timed calls
 
 
 def _load(name: str) -> tuple[config.ExperimentConfig, dict]:

@@ -15,7 +15,6 @@ Target (issue 16): ttmm <= 2x forward. Ratios are from one run; the machine is d
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +22,13 @@ import numpy as np
 
 from moejax import cli, config, registry, sharding
 from moejax.bench import infer as bench_infer
+from moejax.bench import upcycle as bench_upcycle
 from moejax.models import transformer
 from moejax.ttmm import embed, experts, merge
 
 
 def _time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile
-  out = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    out.append(time.perf_counter() - t)
-  return statistics.median(out)
+  return statistics.median(bench_upcycle._time(fn, repeats))  # compiled first, then `repeats` timed calls
 
 
 def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> tuple:
