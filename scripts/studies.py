@@ -113,6 +113,18 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -
   return runs
 
 
+def select(runs: list[Run], arms: list[str]) -> list[Run]:
+  """The runs of the given arms and the runs they start from (a copied or upcycled parent), in plan order."""
+  known = sorted({r.arm for r in runs})
+  bad = [a for a in arms if a not in known]
+  if bad:
+    raise SystemExit(f"studies: unknown arm {bad[0]!r}; choose from {', '.join(known)}")
+  keep = [r for r in runs if r.arm in arms]
+  parents = {str(r.copy_from) for r in keep if r.copy_from is not None}
+  parents |= {o.split("=", 1)[1] for r in keep for o in r.overrides if o.startswith("init.upcycle_from=")}
+  return [r for r in runs if r.arm in arms or str(r.workdir) in parents]
+
+
 def last_step(workdir: pathlib.Path) -> int:
   steps = [int(r["step"]) for r in metrics.read_jsonl(workdir) if r.get("split") == "eval"]
   return max(steps, default=-1)
@@ -319,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("study", choices=("clip_up", "lm_upcycle", "capacity"))
   ap.add_argument("--seeds", type=int, nargs="+", default=None)
   ap.add_argument("--budgets", type=int, nargs="+", default=None)
+  ap.add_argument("--arms", nargs="+", default=None,
+                  help="only these arms (and the runs they start from), e.g. dense_continued clip_up")
   ap.add_argument("--root", default="runs/studies")
   ap.add_argument("--img", default="docs/img")
   ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
@@ -330,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
   budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "capacity": [300]}[a.study]
   root, img = pathlib.Path(a.root), pathlib.Path(a.img)
   runs = plan(a.study, root, seeds, budgets)
+  if a.arms:
+    runs = select(runs, a.arms)
   if a.dry_run:
     for r in runs:
       print(f"{'done' if last_step(r.workdir) >= r.steps else 'todo'}  {r.workdir}  moejax train {r.experiment} "

@@ -1,6 +1,8 @@
 """The issue-17 study experiments: their tiny twins train two steps, grouped so that each distinct program
 compiles once (budget variants differ from a trained twin only in run length, checked here field by field)."""
 
+import sys
+
 import jax
 import numpy as np
 import test_train
@@ -88,3 +90,74 @@ def test_lm_upcycle_study_twin_trains_two_steps(tmp_path):
   test_train): one compile."""
   _random_parent("lm_dense_mix_300_tiny", SHRINK_LM, tmp_path / "dense")
   _train("lm_upcycle_mix_300_tiny", SHRINK_LM, tmp_path / "up", 2, **{"init.upcycle_from": str(tmp_path / "dense")})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/studies.py: the plan, arm selection and the mean +- SE aggregation (synthetic runs; nothing trains)
+# ----------------------------------------------------------------------------------------------------------
+
+def _studies():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "studies.py"
+  spec = importlib.util.spec_from_file_location("studies", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["studies"] = mod  # its dataclass resolves annotations through its module
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _fake_run(studies, r, evals: dict[int, float], first_train_step: int) -> None:
+  """A run dir as moejax train leaves it, for the aggregation: its resolved config and metric rows."""
+  import json
+
+  cfg = config.apply_overrides(registry.get(r.experiment), r.overrides)
+  r.workdir.mkdir(parents=True, exist_ok=True)
+  (r.workdir / "config.json").write_text(json.dumps(config.to_dict(cfg)))
+  rows = [{"split": "train", "step": first_train_step, "ce_loss": 9.0}]
+  rows += [{"split": "eval", "step": s, "ce_loss": v, "loss": v + 1.0} for s, v in evals.items()]
+  (r.workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+
+
+def test_studies_plan_select_and_mean_se_table(tmp_path):
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  for r in runs:
+    registry.get(r.experiment)  # every run names a registered experiment
+  picked = studies.select(runs, ["upcycled"])
+  assert [r.arm for r in picked] == ["dense_pretrain", "upcycled"] * 2  # a parent comes with its child
+  try:
+    studies.select(runs, ["upcyled"])
+    raise AssertionError("an unknown arm was accepted")
+  except SystemExit as e:
+    assert "upcyled" in str(e) and "upcycled" in str(e)
+  clip = studies.plan("clip_up", tmp_path, [0], [300, 1500])
+  assert {r.arm for r in studies.select(clip, ["dense_continued"])} == {"dense_pretrain", "dense_continued"}
+  assert len([r for r in clip if r.budget == 1500]) == 5  # the knobs run at the smaller budget only
+
+  # seed s: dense continued ends at 2.0 + 0.1 s, the upcycled run at 1.8 + 0.3 s; both parents at 3.0 (step 300)
+  by = {(r.arm, r.seed): r for r in runs}
+  for s in (0, 1):
+    _fake_run(studies, by["dense_pretrain", s], {150: 4.0, 300: 3.0}, 1)
+    _fake_run(studies, by["dense_continued", s], {150: 4.0, 300: 3.0, 450: 2.5, 600: 2.0 + 0.1 * s}, 1)
+    _fake_run(studies, by["upcycled", s], {450: 2.4, 600: 1.8 + 0.3 * s}, 301)
+  rows = {r["arm"]: r for r in studies.table(runs, "lm_upcycle")}
+  assert set(rows) == {"dense_continued", "upcycled"}  # the pretrain is a parent, not an arm of the table
+  # mean +- standard error over the two seeds: (2.0, 2.1) -> 2.05 +- 0.05; (1.8, 2.1) -> 1.95 +- 0.15
+  assert rows["dense_continued"]["eval loss"] == "2.050 ± 0.050", rows
+  assert rows["upcycled"]["eval loss"] == "1.950 ± 0.150", rows
+  # the upcycled curve starts at its parent's step-300 eval, and its FLOPs count the parent's 300 dense steps
+  steps, vals, flops = studies._curve(by["upcycled", 0])
+  assert list(steps) == [300, 450, 600] and vals[0] == 3.0
+  dense_step = flops[0] / 300
+  moe_step = (flops[2] - flops[1]) / 150
+  assert moe_step > dense_step  # top-2 of 8 experts in two layers costs more per step than the dense MLPs
+  np.testing.assert_allclose(studies._curve(by["dense_continued", 0])[2][-1], 600 * dense_step, rtol=1e-12)
+  # at the dense runs' final FLOPs (the smallest), each seed's upcycled curve is interpolated in FLOPs
+  key = next(k for k in rows["upcycled"] if k.startswith("loss @"))
+  assert key == f"loss @ {600 * dense_step / 1e12:.2f} TFLOPs", key
+  at = [np.interp(600 * dense_step, flops, [3.0, 2.4, 1.8 + 0.3 * s]) for s in (0, 1)]
+  assert 300 * dense_step + 150 * moe_step < 600 * dense_step  # the point lies between steps 450 and 600
+  assert rows["upcycled"][key] == f"{np.mean(at):.3f} ± {np.std(at, ddof=1) / np.sqrt(2):.3f}", rows["upcycled"]
+  assert rows["dense_continued"][key] == rows["dense_continued"]["eval loss"]
