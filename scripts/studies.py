@@ -3,7 +3,8 @@ steps and at equal training FLOPs) and a table.
 
   python scripts/studies.py clip_up    [--seeds 0 1 2] [--budgets 300 1500] [--root runs/studies] [--report-only]
   python scripts/studies.py lm_upcycle [--seeds 0 1 2] [--budgets 300 1500 3000]
-  python scripts/studies.py capacity   (the tiny vs a 4x larger dense CLIP on moejax_scenes, one seed)
+  python scripts/studies.py capacity   (the tiny vs a 4x larger dense CLIP on moejax_scenes, one seed; the
+                                        clip_up study's dense_continued and dense_large runs)
 (`scripts/studies.sh STUDY ...` is the same with the environment set up.)
 
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
@@ -39,7 +40,6 @@ from moejax import metrics, report
 
 PRETRAIN = 300
 CAPACITY_FACTORS = (1.0, 1.5, 2.0)
-CAPACITY_CHECK_STEPS = 150
 # --partial: runs still in progress are drawn and tabulated too, every curve cut at the last eval step all of
 # them reached (a pilot's view; the table's "steps" column says where).
 _STEP_CAP: list[int] = []
@@ -101,13 +101,9 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -
               (f"init.upcycle_from={pre}", *_seed(s))),
         ]
       elif study == "capacity":
-        # The tiny run is the clip_up study's dense_pretrain (same config and seed): shared, not run twice.
-        runs += [
-          Run("tiny", b, s, "scenes_clip_dense_tiny", PRETRAIN, root / "clip_up" / "b300" / f"s{s}" / "dense_pretrain",
-              (f"train.steps={PRETRAIN}", *_seed(s))),
-          Run("large", b, s, "scenes_clip_dense_large_tiny", CAPACITY_CHECK_STEPS, root / study / f"large_s{s}",
-              (f"train.steps={CAPACITY_CHECK_STEPS}", "train.eval_every=50", *_seed(s))),
-        ]
+        # The clip_up study's dense runs on the 600-step schedule: the tiny model (dense_pretrain continued to
+        # 600) and the 4x larger one (dense_large); shared with that study, not run twice.
+        runs += select(plan("clip_up", root, [s], [300]), ["dense_continued", "dense_large"])
       else:
         raise SystemExit(f"studies: unknown study {study!r}; choose clip_up, lm_upcycle or capacity")
   return runs
@@ -299,7 +295,8 @@ def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
   plt = report._plt()
   fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
   any_run = False
-  for i, r in enumerate(runs):
+  label = {"dense_continued": "tiny", "dense_large": "large"}
+  for i, r in enumerate(r for r in runs if r.arm in label):
     rows = metrics.read_jsonl(r.workdir)
     s, v = report.series(rows, "train", "contrastive_loss")
     if not len(s):
@@ -309,15 +306,16 @@ def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
     sm = np.convolve(v, np.ones(k) / k, mode="valid")
     ax.plot(s, v, color=f"C{i}", alpha=0.25, lw=0.8)
     ax.plot(s[k // 2:len(s) - k // 2], sm, color=f"C{i}", lw=2,
-            label=f"{r.arm}: {r.experiment} (train, centred 5-point mean)")
+            label=f"{label[r.arm]}: {r.experiment} (train, centred 5-point mean)")
     es, ev = report.series(rows, "eval", "contrastive_loss")
-    ax.plot(es, ev, "o", color=f"C{i}", ms=6, label=f"{r.arm}: eval (1,024 validation scenes)")
+    ax.plot(es, ev, "o", color=f"C{i}", ms=6, label=f"{label[r.arm]}: eval (1,024 validation scenes)")
   if not any_run:
     plt.close(fig)
     return None
   ax.set_xlabel("step (batch 128)")
   ax.set_ylabel("contrastive loss")
-  ax.set_title("moejax_scenes: is the tiny dense CLIP capacity-limited? (seed 0)")
+  seeds = ", ".join(str(x) for x in sorted({r.seed for r in runs}))
+  ax.set_title(f"moejax_scenes: is the tiny dense CLIP capacity-limited? (seed {seeds})")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   p = img / "scenes_capacity.png"
@@ -355,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
     _STEP_CAP.append(min((last_step(r.workdir) for r in shown), default=0))
     a.report_only = True
-  timings_path = root / a.study / "timings.json"
+  timings_path = root / ("clip_up" if a.study == "capacity" else a.study) / "timings.json"  # capacity: shared runs
   t0 = time.time()
   if not a.report_only:
     execute(runs, timings_path)

@@ -135,6 +135,9 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   clip = studies.plan("clip_up", tmp_path, [0], [300, 1500])
   assert {r.arm for r in studies.select(clip, ["dense_continued"])} == {"dense_pretrain", "dense_continued"}
   assert len([r for r in clip if r.budget == 1500]) == 5  # the knobs run at the smaller budget only
+  cap = studies.plan("capacity", tmp_path, [0], [300])  # the clip_up study's own runs, not copies of them
+  assert [r.arm for r in cap] == ["dense_pretrain", "dense_continued", "dense_large"]
+  assert {r.workdir for r in cap} <= {r.workdir for r in clip}
 
   # seed s: dense continued ends at 2.0 + 0.1 s, the upcycled run at 1.8 + 0.3 s; both parents at 3.0 (step 300)
   by = {(r.arm, r.seed): r for r in runs}
