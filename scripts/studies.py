@@ -146,6 +146,26 @@ def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
     timings_path.write_text(json.dumps(timings, indent=1))
 
 
+PARENTS = ("dense_pretrain", "dense_shared_pretrain")
+
+
+def novel_eval(runs: list[Run], cache_path: pathlib.Path) -> dict[str, dict]:
+  """Each finished CLIP run's last checkpoint evaluated on moejax_scenes' `novel` split (512 scenes, every one
+  with a held-out shape-colour composition), by `moejax eval` (read-only), cached in `cache_path` by step."""
+  cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+  for r in [r for r in _finished(runs) if r.arm not in PARENTS]:
+    key = str(r.workdir)
+    if cache.get(key, {}).get("step") == r.steps:
+      continue
+    print(f"studies: novel-split eval of {key}", flush=True)
+    cmd = [sys.executable, "-m", "moejax.cli", "eval", "--workdir", key, "data.eval_split=novel"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cache[key] = json.loads(out[out.index("{"):])
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(cache, indent=1))
+  return cache
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Aggregation over seeds
 # ----------------------------------------------------------------------------------------------------------
@@ -189,10 +209,11 @@ def _finished(runs: list[Run]) -> list[Run]:
   return [r for r in runs if last_step(r.workdir) >= r.steps]
 
 
-def table(runs: list[Run], study: str) -> list[dict]:
+def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
   """One row per (budget, arm): final eval loss and metrics, mean +- SE over the finished seeds; the eval loss
-  at the FLOPs budget all of that budget's shown arms reached (linear interpolation)."""
-  done = [r for r in _finished(runs) if r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+  at the FLOPs budget all of that budget's shown arms reached (linear interpolation); with `novel` (run dir ->
+  its eval on the novel split) that split's loss and R@1 too."""
+  done = [r for r in _finished(runs) if r.arm not in PARENTS]
   rows = []
   for b in sorted({r.budget for r in done}):
     group = [r for r in done if r.budget == b]
@@ -214,6 +235,13 @@ def table(runs: list[Run], study: str) -> list[dict]:
           if all(len(v) for v in vals):
             m, se = mean_se([100 * v[-1] for v in vals])
             row[k] = _pm(m, se, 1)
+        nov = [novel[str(r.workdir)] for r in rs if novel and str(r.workdir) in novel and not _STEP_CAP]
+        if nov:
+          m, se = mean_se([n["contrastive_loss"] for n in nov])
+          row["novel loss"] = _pm(m, se, 3)
+          for k in ("t2i_recall@1", "i2t_recall@1"):
+            m, se = mean_se([100 * n[k] for n in nov])
+            row[f"novel {k}"] = _pm(m, se, 1)
       row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
       rows.append(row)
   return rows
@@ -233,7 +261,7 @@ def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: st
 
 def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path]:
   plt = report._plt()
-  done = [r for r in _finished(runs) if r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+  done = [r for r in _finished(runs) if r.arm not in PARENTS]
   out = []
   budgets = sorted({r.budget for r in done})
   if not budgets:
@@ -350,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' '.join(r.overrides)}")
     return 0
   if a.partial:
-    shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in ("dense_pretrain", "dense_shared_pretrain")]
+    shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in PARENTS]
     _STEP_CAP.append(min((last_step(r.workdir) for r in shown), default=0))
     a.report_only = True
   timings_path = root / ("clip_up" if a.study == "capacity" else a.study) / "timings.json"  # capacity: shared runs
@@ -362,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in [capacity_figure(runs, img)] if p]
   else:
     paths = figures(runs, a.study, img)
-    md = report.markdown_table(table(runs, a.study))
+    novel = None
+    if a.study == "clip_up":
+      cache = root / a.study / "novel.json"
+      novel = novel_eval(runs, cache) if not a.report_only else (
+        json.loads(cache.read_text()) if cache.exists() else None)
+    md = report.markdown_table(table(runs, a.study, novel))
     (root / a.study).mkdir(parents=True, exist_ok=True)
     (root / a.study / "table.md").write_text(md + "\n")
     print(md)
