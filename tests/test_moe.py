@@ -178,6 +178,7 @@ def test_bias_balancing_selection_and_update():
   p = _params(cfg)
   assert p["router"]["bias"].shape == (4,)
   assert moe.non_trainable("layers/3/moe/router/bias") and not moe.non_trainable("layers/3/moe/router/w")
+  assert moe.non_trainable("layers/1/moe/router/map")  # an EEP merge's R: searched, never trained
   p["router"]["bias"] = jnp.array([0.0, 5.0, 0.0, 0.0])  # forces expert 1, weights unchanged
   _check_against_reference(cfg)
   y, aux = moe.apply(p, _x(), cfg)

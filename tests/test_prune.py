@@ -129,6 +129,25 @@ BYTE_CFG = config.ExperimentConfig(model=dataclasses.replace(CFG, vocab_size=258
                                    data=config.DataConfig(tokenizer="byte_eos", seq_len=32, batch_size=8))
 
 
+def test_training_a_merged_model_keeps_its_router_map():
+  """The searched merge R (`router/map`) is fixed, as in the paper: the optimizer never moves it, while the
+  router's `w` and the experts train."""
+  import optax
+
+  from moejax import optim
+
+  p = {"layers": {"0": {"moe": {"router": {"w": jnp.ones((4, 6)), "map": jnp.eye(3, 6)},
+                                "w_up": jnp.ones((3, 4, 8))}}}}
+  tx, _ = optim.make(config.OptimConfig(lr=1e-2, warmup_steps=0), 10, p)
+  grads = jax.tree.map(jnp.ones_like, p)
+  updates, _ = tx.update(grads, tx.init(p), p)
+  new = optax.apply_updates(p, updates)
+  r, r0 = new["layers"]["0"]["moe"]["router"], p["layers"]["0"]["moe"]["router"]
+  np.testing.assert_array_equal(r["map"], r0["map"])
+  assert np.abs(np.asarray(r["w"] - r0["w"])).min() > 0
+  assert np.abs(np.asarray(new["layers"]["0"]["moe"]["w_up"] - p["layers"]["0"]["moe"]["w_up"])).min() > 0
+
+
 def test_fitness_compiles_once_and_scores_like_the_plain_and_the_sliced_model():
   params = _params(BYTE_CFG.model)
   batch = fitness.task_batch(BYTE_CFG, fitness.split_pairs("lookup", "calibration", 24))

@@ -77,11 +77,12 @@ def specs(cfg: config.ModelConfig) -> dict:
   return p
 
 
-_NON_TRAINABLE = re.compile(r"(^|/)router/bias$")
+_NON_TRAINABLE = re.compile(r"(^|/)router/(bias|map)$")
 
 
 def non_trainable(path: str) -> bool:
-  """Params the optimizer must not update: the aux-loss-free balancing bias (`update_router_bias` moves it)."""
+  """Params the optimizer must not update: the aux-loss-free balancing bias (`update_router_bias` moves it) and
+  an EEP-merged model's `router/map` (the searched merge R: fixed, as in the paper; the router's `w` trains)."""
   return bool(_NON_TRAINABLE.search(path))
 
 
