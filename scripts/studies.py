@@ -209,39 +209,49 @@ def _finished(runs: list[Run]) -> list[Run]:
   return [r for r in runs if last_step(r.workdir) >= r.steps]
 
 
+LM_KEYS = {"moejax_pydoc/ce_loss": "pydoc loss", "moejax_pycode/ce_loss": "pycode loss",
+           "moejax_tasks/ce_loss": "tasks loss", "moejax_tasks/exact_match": "tasks exact match %"}
+REFERENCE = "dense_continued"  # the paired differences are against the dense continuation of the same seed
+
+
 def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
   """One row per (budget, arm): final eval loss and metrics, mean +- SE over the finished seeds; the eval loss
-  at the FLOPs budget all of that budget's shown arms reached (linear interpolation); with `novel` (run dir ->
-  its eval on the novel split) that split's loss and R@1 too."""
+  at the FLOPs budget all of that budget's shown arms reached (linear interpolation); the difference to the dense
+  continuation of the same seed (same dense parent, same data order: paired, so the seed-to-seed spread of the
+  level cancels), at equal steps and at those FLOPs; with `novel` (run dir -> its eval on the novel split) that
+  split's loss and R@1 too."""
   done = [r for r in _finished(runs) if r.arm not in PARENTS]
   rows = []
   for b in sorted({r.budget for r in done}):
     group = [r for r in done if r.budget == b]
     fmin = min(_curve(r)[2][-1] for r in group)
+    final, at = {}, {}
+    for r in group:
+      _, v, f = _curve(r)
+      final[r.arm, r.seed] = float(v[-1])
+      at[r.arm, r.seed] = float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan")
+    fl = f"@ {fmin / 1e12:.2f} TFLOPs"
     for arm in dict.fromkeys(r.arm for r in group):
       rs = [r for r in group if r.arm == arm]
       row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1])}
-      m, se = mean_se([_curve(r)[1][-1] for r in rs])
-      row["eval loss"] = _pm(m, se, 3)
-      at = []
-      for r in rs:
-        _, v, f = _curve(r)
-        at.append(float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan"))
-      m, se = mean_se(at)
-      row[f"loss @ {fmin / 1e12:.2f} TFLOPs"] = _pm(m, se, 3)
-      if study == "clip_up":
-        for k in CLIP_KEYS:
-          vals = [_curve(r, k)[1] for r in rs]
-          if all(len(v) for v in vals):
-            m, se = mean_se([100 * v[-1] for v in vals])
-            row[k] = _pm(m, se, 1)
-        nov = [novel[str(r.workdir)] for r in rs if novel and str(r.workdir) in novel and not _STEP_CAP]
-        if nov:
-          m, se = mean_se([n["contrastive_loss"] for n in nov])
-          row["novel loss"] = _pm(m, se, 3)
-          for k in ("t2i_recall@1", "i2t_recall@1"):
-            m, se = mean_se([100 * n[k] for n in nov])
-            row[f"novel {k}"] = _pm(m, se, 1)
+      row["eval loss"] = _pm(*mean_se([final[arm, r.seed] for r in rs]), 3)
+      paired = [r.seed for r in rs if (REFERENCE, r.seed) in final]
+      row["Δ vs dense (paired)"] = _pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) if (
+        arm != REFERENCE and paired) else ""
+      row[f"loss {fl}"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
+      row[f"Δ {fl} (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) if (
+        arm != REFERENCE and paired) else ""
+      keys = {k: k for k in CLIP_KEYS} if study == "clip_up" else LM_KEYS
+      for k, name in keys.items():
+        vals = [_curve(r, k)[1] for r in rs]
+        if all(len(v) for v in vals):
+          pct = k in CLIP_KEYS or k.endswith("exact_match")
+          row[name] = _pm(*mean_se([(100 if pct else 1) * v[-1] for v in vals]), 1 if pct else 3)
+      nov = [novel[str(r.workdir)] for r in rs if novel and str(r.workdir) in novel and not _STEP_CAP]
+      if nov:
+        row["novel loss"] = _pm(*mean_se([n["contrastive_loss"] for n in nov]), 3)
+        for k in ("t2i_recall@1", "i2t_recall@1"):
+          row[f"novel {k}"] = _pm(*mean_se([100 * n[k] for n in nov]), 1)
       row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
       rows.append(row)
   return rows
@@ -287,9 +297,50 @@ def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path
     fig.savefig(p, bbox_inches="tight")
     plt.close(fig)
     out.append(p)
+  adv = _advantage_figure(done, study, img, plt)
+  out += [adv] if adv else []
   if study == "clip_up":
     out += _retrieval_bars(done, img, plt)
   return out
+
+
+def _advantage_figure(done: list[Run], study: str, img: pathlib.Path, plt) -> pathlib.Path | None:
+  """Each arm's eval-loss advantage over the dense continuation of the same seed (dense minus arm: positive =
+  ahead), mean +- SE over seeds, at equal steps (the eval steps both share) and at equal training FLOPs (the arm's
+  curve interpolated at the dense run's eval points, where it has reached them)."""
+  ref = {(r.budget, r.seed): r for r in done if r.arm == REFERENCE}
+  pairs: dict[tuple[int, str], list[tuple[Run, Run]]] = {}
+  for r in done:
+    if r.arm != REFERENCE and (r.budget, r.seed) in ref:
+      pairs.setdefault((r.budget, r.arm), []).append((ref[r.budget, r.seed], r))
+  if not pairs:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), dpi=110)
+  for i, ((b, arm), prs) in enumerate(sorted(pairs.items())):
+    by_steps, by_flops = [], []
+    for d, r in prs:
+      ds, dv, df = _curve(d)
+      rs, rv, rf = _curve(r)
+      common = np.intersect1d(ds, rs)
+      common = common[common >= PRETRAIN]
+      by_steps.append((common - PRETRAIN, np.interp(common, ds, dv) - np.interp(common, rs, rv)))
+      ok = df >= rf[0]
+      by_flops.append((df[ok] / 1e12, dv[ok] - np.interp(df[ok], rf, rv)))
+    label = f"+{b}: {arm}"
+    _band(axes[0], by_steps, label, f"C{i}")
+    _band(axes[1], by_flops, label, f"C{i}")
+  for ax, xl in zip(axes, ("steps after the dense pretrain (step 300)", "training TFLOPs (the dense run's evals)")):
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel(xl)
+    ax.set_ylabel("dense - arm eval loss (> 0: arm ahead)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  axes[0].set_title(f"{study}: advantage over {REFERENCE}, equal steps (paired by seed)", fontsize=10)
+  axes[1].set_title(f"{study}: advantage over {REFERENCE}, equal training FLOPs", fontsize=10)
+  p = img / f"study_{study}_advantage.png"
+  fig.savefig(p, bbox_inches="tight")
+  plt.close(fig)
+  return p
 
 
 def _retrieval_bars(done: list[Run], img: pathlib.Path, plt) -> list[pathlib.Path]:

@@ -150,6 +150,8 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   # mean +- standard error over the two seeds: (2.0, 2.1) -> 2.05 +- 0.05; (1.8, 2.1) -> 1.95 +- 0.15
   assert rows["dense_continued"]["eval loss"] == "2.050 ± 0.050", rows
   assert rows["upcycled"]["eval loss"] == "1.950 ± 0.150", rows
+  # paired by seed (same parent, same data): differences (-0.2, 0.0) -> -0.1 +- 0.1
+  assert rows["upcycled"]["Δ vs dense (paired)"] == "-0.100 ± 0.100", rows
   # the upcycled curve starts at its parent's step-300 eval, and its FLOPs count the parent's 300 dense steps
   steps, vals, flops = studies._curve(by["upcycled", 0])
   assert list(steps) == [300, 450, 600] and vals[0] == 3.0
