@@ -249,9 +249,10 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
           row[name] = _pm(*mean_se([(100 if pct else 1) * v[-1] for v in vals]), 1 if pct else 3)
       nov = [novel[str(r.workdir)] for r in rs if novel and str(r.workdir) in novel and not _STEP_CAP]
       if nov:
-        row["novel loss"] = _pm(*mean_se([n["contrastive_loss"] for n in nov]), 3)
+        n = "" if len(nov) == len(rs) else f" (n={len(nov)})"  # not every seed evaluated on it yet
+        row["novel loss"] = _pm(*mean_se([x["contrastive_loss"] for x in nov]), 3) + n
         for k in ("t2i_recall@1", "i2t_recall@1"):
-          row[f"novel {k}"] = _pm(*mean_se([100 * n[k] for n in nov]), 1)
+          row[f"novel {k}"] = _pm(*mean_se([100 * x[k] for x in nov]), 1) + n
       row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
       rows.append(row)
   return rows
