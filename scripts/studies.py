@@ -216,7 +216,7 @@ REFERENCE = "dense_continued"  # the paired differences are against the dense co
 
 def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
   """One row per (budget, arm): final eval loss and metrics, mean +- SE over the finished seeds; the eval loss
-  at the FLOPs budget all of that budget's shown arms reached (linear interpolation); the difference to the dense
+  at the FLOPs budget all of that budget's shown arms reached ("equal FLOPs": linear interpolation in FLOPs); the difference to the dense
   continuation of the same seed (same dense parent, same data order: paired, so the seed-to-seed spread of the
   level cancels), at equal steps and at those FLOPs; with `novel` (run dir -> its eval on the novel split) that
   split's loss and R@1 too."""
@@ -230,16 +230,16 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
       _, v, f = _curve(r)
       final[r.arm, r.seed] = float(v[-1])
       at[r.arm, r.seed] = float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan")
-    fl = f"@ {fmin / 1e12:.2f} TFLOPs"
     for arm in dict.fromkeys(r.arm for r in group):
       rs = [r for r in group if r.arm == arm]
-      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1])}
+      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1]),
+             "equal-FLOPs point (TFLOPs)": f"{fmin / 1e12:.2f}"}
       row["eval loss"] = _pm(*mean_se([final[arm, r.seed] for r in rs]), 3)
       paired = [r.seed for r in rs if (REFERENCE, r.seed) in final]
       row["Δ vs dense (paired)"] = _pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) if (
         arm != REFERENCE and paired) else ""
-      row[f"loss {fl}"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
-      row[f"Δ {fl} (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) if (
+      row["loss @ equal FLOPs"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
+      row["Δ @ equal FLOPs (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) if (
         arm != REFERENCE and paired) else ""
       keys = {k: k for k in CLIP_KEYS} if study == "clip_up" else LM_KEYS
       for k, name in keys.items():

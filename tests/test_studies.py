@@ -160,8 +160,8 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   assert moe_step > dense_step  # top-2 of 8 experts in two layers costs more per step than the dense MLPs
   np.testing.assert_allclose(studies._curve(by["dense_continued", 0])[2][-1], 600 * dense_step, rtol=1e-12)
   # at the dense runs' final FLOPs (the smallest), each seed's upcycled curve is interpolated in FLOPs
-  key = next(k for k in rows["upcycled"] if k.startswith("loss @"))
-  assert key == f"loss @ {600 * dense_step / 1e12:.2f} TFLOPs", key
+  key = "loss @ equal FLOPs"
+  assert rows["upcycled"]["equal-FLOPs point (TFLOPs)"] == f"{600 * dense_step / 1e12:.2f}"
   at = [np.interp(600 * dense_step, flops, [3.0, 2.4, 1.8 + 0.3 * s]) for s in (0, 1)]
   assert 300 * dense_step + 150 * moe_step < 600 * dense_step  # the point lies between steps 450 and 600
   assert rows["upcycled"][key] == f"{np.mean(at):.3f} ± {np.std(at, ddof=1) / np.sqrt(2):.3f}", rows["upcycled"]
