@@ -40,7 +40,8 @@ def lm_dense_mix_300_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train lm_dense_mix_300_tiny train.steps=300 --workdir runs/lm_dense_mix_300_tiny
           scripts/studies.sh lm_upcycle                       (the whole study: 3 budgets x 3 seeds)
-  Expect: the 3-seed study is owed (docs/results.md, "LM upcycling over longer budgets").
+  Expect: (seeds 0-2, mean ± SE) continued to step 600: eval loss 1.993 ± 0.047 nats/byte on the mixture's
+          validation split (docs/results.md, "Where upcycling should pay").
   """
   return _dense(300)
 
@@ -50,7 +51,8 @@ def lm_upcycle_mix_300_tiny() -> config.ExperimentConfig:
   """lm_dense_mix_300_tiny's step-300 checkpoint upcycled (8 experts, top-2, layers 1 and 3), to step 600.
 
   Run:    moejax train lm_upcycle_mix_300_tiny --workdir runs/lm_upcycle_mix_300_tiny
-  Expect: the 3-seed study is owed (docs/results.md).
+  Expect: (seeds 0-2) step 600: eval loss 1.964 ± 0.050; ahead of the dense continuation of the same seed by
+          0.029 ± 0.005 nats at equal steps, behind by 0.036 ± 0.011 at equal training FLOPs (docs/results.md).
   """
   return _upcycled(300)
 
