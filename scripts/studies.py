@@ -312,7 +312,7 @@ def _advantage_figure(done: list[Run], study: str, img: pathlib.Path, plt) -> pa
   ref = {(r.budget, r.seed): r for r in done if r.arm == REFERENCE}
   pairs: dict[tuple[int, str], list[tuple[Run, Run]]] = {}
   for r in done:
-    if r.arm != REFERENCE and (r.budget, r.seed) in ref:
+    if r.arm not in (REFERENCE, "dense_large") and (r.budget, r.seed) in ref:  # the 4x model: scenes_capacity.png
       pairs.setdefault((r.budget, r.arm), []).append((ref[r.budget, r.seed], r))
   if not pairs:
     return None
