@@ -8,7 +8,10 @@ steps and at equal training FLOPs) and a table.
 (`scripts/studies.sh STUDY ...` is the same with the environment set up.)
 
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
-resumes from its newest checkpoint (moejax train does). Each run's wall time and CPU time (this process's
+resumes from its newest checkpoint (moejax train does). Each finished run's config, metrics and result, and the
+study's timings, novel-split evals and table, are copied to results/studies/ (kept in git; --record to change);
+a fresh clone restores them, so its reports draw the recorded runs and the study skips them (a recorded parent
+whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall time and CPU time (this process's
 children) go to ROOT/STUDY/timings.json; the summary states the study's total wall time and CPU-hours. Figures
 go to docs/img/study_<STUDY>_*.png (--img to change), the table to ROOT/STUDY/table.md (and stdout).
 
@@ -126,14 +129,71 @@ def last_step(workdir: pathlib.Path) -> int:
   return max(steps, default=-1)
 
 
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+
+
+def todo(runs: list[Run]) -> list[Run]:
+  """Unfinished runs, and the finished parents they start from whose checkpoint is gone (a run restored from the
+  record keeps its metrics, not its checkpoints: the parent is trained again, deterministically), in plan order."""
+  unfinished = [r for r in runs if last_step(r.workdir) < r.steps]
+  needed = {str(r.copy_from) for r in unfinished if r.copy_from is not None and not r.workdir.exists()}
+  needed |= {o.split("=", 1)[1] for r in unfinished for o in r.overrides if o.startswith("init.upcycle_from=")}
+  return [r for r in runs if r in unfinished or (str(r.workdir) in needed and not _has_checkpoint(r.workdir))]
+
+
+RECORD_FILES = ("config.json", "metrics.jsonl", "result.json")
+STUDY_FILES = ("timings.json", "novel.json", "table.md")
+
+
+def save_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
+  """Copy what a run leaves besides its checkpoints (its resolved config, metrics, result) and the study's
+  timings / novel-split evals / table into `record` (tracked in git: results/studies), mirroring `root`."""
+  n = 0
+  for r in runs:
+    if last_step(r.workdir) < 0:
+      continue
+    dst = record / r.workdir.relative_to(root)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in RECORD_FILES:
+      if (r.workdir / f).exists():
+        shutil.copy2(r.workdir / f, dst / f)
+    n += 1
+  for f in STUDY_FILES:
+    if (study_dir / f).exists():
+      (record / study_dir.relative_to(root)).mkdir(parents=True, exist_ok=True)
+      shutil.copy2(study_dir / f, record / study_dir.relative_to(root) / f)
+  return n
+
+
+def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
+  """The recorded runs this root lacks (a fresh clone): their config and metrics, so reports draw them and the
+  study skips them. A run directory that exists is never touched."""
+  n = 0
+  for r in runs:
+    src = record / r.workdir.relative_to(root)
+    if (src / "metrics.jsonl").exists() and not r.workdir.exists():
+      r.workdir.mkdir(parents=True)
+      for f in RECORD_FILES:
+        if (src / f).exists():
+          shutil.copy2(src / f, r.workdir / f)
+      n += 1
+  for f in STUDY_FILES:
+    src = record / study_dir.relative_to(root) / f
+    if src.exists() and not (study_dir / f).exists():
+      study_dir.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, study_dir / f)
+  return n
+
+
 def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
   timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-  todo = [r for r in runs if last_step(r.workdir) < r.steps]
-  print(f"studies: {len(runs) - len(todo)} of {len(runs)} runs finished; {len(todo)} to run", flush=True)
-  for i, r in enumerate(todo):
+  todo_runs = todo(runs)
+  print(f"studies: {len(runs) - len(todo_runs)} of {len(runs)} runs finished; {len(todo_runs)} to run", flush=True)
+  for i, r in enumerate(todo_runs):
     if r.copy_from is not None and not r.workdir.exists():
       shutil.copytree(r.copy_from, r.workdir)
-    print(f"studies: [{i + 1}/{len(todo)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
+    print(f"studies: [{i + 1}/{len(todo_runs)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = [sys.executable, "-m", "moejax.cli", "train", r.experiment, *r.overrides, "--workdir", str(r.workdir)]
     subprocess.run(cmd, check=True)
@@ -155,7 +215,7 @@ def novel_eval(runs: list[Run], cache_path: pathlib.Path) -> dict[str, dict]:
   cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
   for r in [r for r in _finished(runs) if r.arm not in PARENTS]:
     key = str(r.workdir)
-    if cache.get(key, {}).get("step") == r.steps:
+    if cache.get(key, {}).get("step") == r.steps or not _has_checkpoint(r.workdir):  # restored: no checkpoint
       continue
     print(f"studies: novel-split eval of {key}", flush=True)
     cmd = [sys.executable, "-m", "moejax.cli", "eval", "--workdir", key, "data.eval_split=novel"]
@@ -413,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                   help="only these arms (and the runs they start from), e.g. dense_continued clip_up")
   ap.add_argument("--root", default="runs/studies")
   ap.add_argument("--img", default="docs/img")
+  ap.add_argument("--record", default="results/studies",
+                  help="configs, metrics and timings of finished runs, kept in git (restored into --root when missing)")
   ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
   ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished")
   ap.add_argument("--partial", action="store_true",
@@ -424,16 +486,22 @@ def main(argv: list[str] | None = None) -> int:
   runs = plan(a.study, root, seeds, budgets)
   if a.arms:
     runs = select(runs, a.arms)
+  record = pathlib.Path(a.record)
   if a.dry_run:
     for r in runs:
-      print(f"{'done' if last_step(r.workdir) >= r.steps else 'todo'}  {r.workdir}  moejax train {r.experiment} "
-            f"{' '.join(r.overrides)}")
+      done = "done" if last_step(r.workdir) >= r.steps else (
+        "recorded" if last_step(record / r.workdir.relative_to(root)) >= r.steps else "todo")
+      print(f"{done}  {r.workdir}  moejax train {r.experiment} {' '.join(r.overrides)}")
     return 0
+  study_dir = root / ("clip_up" if a.study == "capacity" else a.study)  # capacity: the clip_up study's runs
+  timings_path = study_dir / "timings.json"
+  restored = restore_record(runs, root, record, study_dir)
+  if restored:
+    print(f"studies: {restored} finished runs restored from {record} (configs and metrics; no checkpoints)")
   if a.partial:
     shown = [r for r in runs if last_step(r.workdir) >= 0 and r.arm not in PARENTS]
     _STEP_CAP.append(min((last_step(r.workdir) for r in shown), default=0))
     a.report_only = True
-  timings_path = root / ("clip_up" if a.study == "capacity" else a.study) / "timings.json"  # capacity: shared runs
   t0 = time.time()
   if not a.report_only:
     execute(runs, timings_path)
@@ -459,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores")
   for p in paths:
     print(f"studies: wrote {p}")
+  n = save_record(runs, root, record, study_dir)
+  print(f"studies: {n} runs' configs and metrics recorded in {record}")
   return 0
 
 

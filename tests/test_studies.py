@@ -166,3 +166,32 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   assert 300 * dense_step + 150 * moe_step < 600 * dense_step  # the point lies between steps 450 and 600
   assert rows["upcycled"][key] == f"{np.mean(at):.3f} ± {np.std(at, ddof=1) / np.sqrt(2):.3f}", rows["upcycled"]
   assert rows["dense_continued"][key] == rows["dense_continued"]["eval loss"]
+
+
+def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent(tmp_path):
+  """results/studies keeps configs and metrics (no checkpoints): a fresh clone reports from it and skips those
+  runs; a parent whose child is unfinished is trained again only when its checkpoint is missing."""
+  studies = _studies()
+  root, record = tmp_path / "runs", tmp_path / "record"
+  runs = studies.plan("lm_upcycle", root, [0], [300])
+  by = {r.arm: r for r in runs}
+  _fake_run(studies, by["dense_pretrain"], {150: 4.0, 300: 3.0}, 1)
+  (by["dense_pretrain"].workdir / "checkpoints" / "300").mkdir(parents=True)
+  _fake_run(studies, by["dense_continued"], {150: 4.0, 300: 3.0, 450: 2.5, 600: 2.0}, 1)
+  _fake_run(studies, by["upcycled"], {450: 2.4}, 301)  # cut short at step 450 of 600
+  assert [r.arm for r in studies.todo(runs)] == ["upcycled"]  # its parent still has its checkpoint
+  (root / "lm_upcycle" / "timings.json").write_text('{"x": {"wall_s": 1.0, "cpu_s": 1.0}}')
+  assert studies.save_record(runs, root, record, root / "lm_upcycle") == 3
+  assert not list(record.rglob("checkpoints")) and (record / "lm_upcycle" / "timings.json").exists()
+
+  root2 = tmp_path / "clone"
+  runs2 = studies.plan("lm_upcycle", root2, [0], [300])
+  assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 3
+  for r, r2 in zip(runs, runs2):
+    assert (r2.workdir / "metrics.jsonl").read_text() == (r.workdir / "metrics.jsonl").read_text()
+  # the upcycled run resumes from nothing, so its parent (no checkpoint in the clone) trains again first
+  assert [r.arm for r in studies.todo(runs2)] == ["dense_pretrain", "upcycled"]
+  # a directory that exists is never touched by a restore
+  (runs2[1].workdir / "metrics.jsonl").write_text("mine\n")
+  assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 0
+  assert (runs2[1].workdir / "metrics.jsonl").read_text() == "mine\n"
