@@ -5,9 +5,11 @@ source "$(dirname "$0")/_env.sh"
 setup_venv "test,interop,bpe"
 # One XLA compilation cache for the whole run: many tests and CLI subprocesses compile the same tiny programs
 # (measured: tests/test_resume.py 143 s -> 100 s). Fresh per run, so nothing stale carries over between runs.
+# Only programs that take >= 1 s to compile are cached (JAX's default): with every eager op cached too
+# (min time 0), one CI run aborted inside XLA while loading a cached eager gather (jax 0.10.2, CPU).
 if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
   JAX_COMPILATION_CACHE_DIR="$(mktemp -d -t moejax-xla-cache.XXXXXX)"
-  export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+  export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
   trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 fi
 if [ "$#" -gt 0 ]; then
