@@ -11,9 +11,10 @@ A run whose metrics already reach its last step is skipped, so re-running resume
 resumes from its newest checkpoint (moejax train does). Each finished run's config, metrics and result, and the
 study's timings, novel-split evals and table, are copied to results/studies/ (kept in git; --record to change);
 a fresh clone restores them, so its reports draw the recorded runs and the study skips them (a recorded parent
-whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall time and CPU time (this process's
-children) go to ROOT/STUDY/timings.json; the summary states the study's total wall time and CPU-hours. Figures
-go to docs/img/study_<STUDY>_*.png (--img to change), the table to ROOT/STUDY/table.md (and stdout).
+whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall time and CPU time
+(this process's children) go to ROOT/STUDY/timings.json; the summary states the study's total wall time and
+CPU-hours. Figures go to docs/img/study_<STUDY>_*.png (--img to change), the table to ROOT/STUDY/table.md (and
+stdout).
 
 Runs (experiments/clip_scenes.py, experiments/lm_upcycle_mix.py), per budget B and seed s, in ROOT/STUDY/bB/sS/:
   clip_up     dense_pretrain (300 steps of a 300+B schedule), dense_continued (a copy resumed to 300+B), clip_up
@@ -112,6 +113,11 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -
   return runs
 
 
+def _upcycle_parent(r: Run) -> str:
+  """The run directory an upcycled run starts from ("" when it starts from scratch or a copy)."""
+  return next((o.split("=", 1)[1] for o in r.overrides if o.startswith("init.upcycle_from=")), "")
+
+
 def select(runs: list[Run], arms: list[str]) -> list[Run]:
   """The runs of the given arms and the runs they start from (a copied or upcycled parent), in plan order."""
   known = sorted({r.arm for r in runs})
@@ -120,7 +126,7 @@ def select(runs: list[Run], arms: list[str]) -> list[Run]:
     raise SystemExit(f"studies: unknown arm {bad[0]!r}; choose from {', '.join(known)}")
   keep = [r for r in runs if r.arm in arms]
   parents = {str(r.copy_from) for r in keep if r.copy_from is not None}
-  parents |= {o.split("=", 1)[1] for r in keep for o in r.overrides if o.startswith("init.upcycle_from=")}
+  parents |= {_upcycle_parent(r) for r in keep} - {""}
   return [r for r in runs if r.arm in arms or str(r.workdir) in parents]
 
 
@@ -138,7 +144,7 @@ def todo(runs: list[Run]) -> list[Run]:
   record keeps its metrics, not its checkpoints: the parent is trained again, deterministically), in plan order."""
   unfinished = [r for r in runs if last_step(r.workdir) < r.steps]
   needed = {str(r.copy_from) for r in unfinished if r.copy_from is not None and not r.workdir.exists()}
-  needed |= {o.split("=", 1)[1] for r in unfinished for o in r.overrides if o.startswith("init.upcycle_from=")}
+  needed |= {_upcycle_parent(r) for r in unfinished} - {""}
   return [r for r in runs if r in unfinished or (str(r.workdir) in needed and not _has_checkpoint(r.workdir))]
 
 
@@ -237,7 +243,7 @@ def _curve(r: Run, key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.n
   """(steps, values, cumulative training FLOPs) of a run's eval rows (the loss without aux losses by default)."""
   rows = metrics.read_jsonl(r.workdir)
   steps, vals = report.series(rows, "eval", key or report.loss_key(rows))
-  parent = next((o.split("=", 1)[1] for o in r.overrides if o.startswith("init.upcycle_from=")), "")
+  parent = _upcycle_parent(r)
   if parent and len(steps):  # an upcycled run computes its parent's function at the start (tested): its curve
     prow = metrics.read_jsonl(parent)  # starts at the parent's eval of that step
     ps, pv = report.series(prow, "eval", key or report.loss_key(prow))
@@ -276,23 +282,23 @@ REFERENCE = "dense_continued"  # the paired differences are against the dense co
 
 def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
   """One row per (budget, arm): final eval loss and metrics, mean +- SE over the finished seeds; the eval loss
-  at the FLOPs budget all of that budget's shown arms reached ("equal FLOPs": linear interpolation in FLOPs); the difference to the dense
-  continuation of the same seed (same dense parent, same data order: paired, so the seed-to-seed spread of the
-  level cancels), at equal steps and at those FLOPs; with `novel` (run dir -> its eval on the novel split) that
-  split's loss and R@1 too."""
+  at the FLOPs budget all of that budget's shown arms reached ("equal FLOPs": linear interpolation in FLOPs);
+  the difference to the dense continuation of the same seed (same dense parent, same data order: paired, so the
+  seed-to-seed spread of the level cancels), at equal steps and at those FLOPs; with `novel` (run dir -> its
+  eval on the novel split) that split's loss and R@1 too."""
   done = [r for r in _finished(runs) if r.arm not in PARENTS]
   rows = []
   for b in sorted({r.budget for r in done}):
     group = [r for r in done if r.budget == b]
-    fmin = min(_curve(r)[2][-1] for r in group)
+    curves = {r: _curve(r) for r in group}  # (steps, loss, FLOPs), read once per run
+    fmin = min(f[-1] for _, _, f in curves.values())
     final, at = {}, {}
-    for r in group:
-      _, v, f = _curve(r)
+    for r, (_, v, f) in curves.items():
       final[r.arm, r.seed] = float(v[-1])
       at[r.arm, r.seed] = float(np.interp(fmin, f, v)) if f[0] <= fmin else float("nan")
     for arm in dict.fromkeys(r.arm for r in group):
       rs = [r for r in group if r.arm == arm]
-      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(_curve(rs[0])[0][-1]),
+      row = {"budget": f"+{b}", "arm": arm, "seeds": len(rs), "steps": int(curves[rs[0]][0][-1]),
              "equal-FLOPs point (TFLOPs)": f"{fmin / 1e12:.2f}"}
       row["eval loss"] = _pm(*mean_se([final[arm, r.seed] for r in rs]), 3)
       paired = [r.seed for r in rs if (REFERENCE, r.seed) in final]
@@ -313,7 +319,7 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
         row["novel loss"] = _pm(*mean_se([x["contrastive_loss"] for x in nov]), 3) + n
         for k in ("t2i_recall@1", "i2t_recall@1"):
           row[f"novel {k}"] = _pm(*mean_se([100 * x[k] for x in nov]), 1) + n
-      row["train TFLOPs"] = f"{np.mean([_curve(r)[2][-1] for r in rs]) / 1e12:.2f}"
+      row["train TFLOPs"] = f"{np.mean([curves[r][2][-1] for r in rs]) / 1e12:.2f}"
       rows.append(row)
   return rows
 
