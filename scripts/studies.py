@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -192,8 +193,20 @@ def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, st
   return n
 
 
+def _merge_json(path: pathlib.Path, key: str, value: dict) -> None:
+  """Set one entry of a JSON cache: read, update and atomically replace it under an exclusive lock, so that study
+  processes sharing a root (two arms run side by side) keep each other's entries."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
-  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
   todo_runs = todo(runs)
   print(f"studies: {len(runs) - len(todo_runs)} of {len(runs)} runs finished; {len(todo_runs)} to run", flush=True)
   for i, r in enumerate(todo_runs):
@@ -205,11 +218,10 @@ def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
     subprocess.run(cmd, check=True)
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     key = str(r.workdir)
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     prev = timings.get(key, {"wall_s": 0.0, "cpu_s": 0.0})
-    timings[key] = {"wall_s": prev["wall_s"] + time.time() - t0,
-                    "cpu_s": prev["cpu_s"] + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)}
-    timings_path.parent.mkdir(parents=True, exist_ok=True)
-    timings_path.write_text(json.dumps(timings, indent=1))
+    _merge_json(timings_path, key, {"wall_s": prev["wall_s"] + time.time() - t0,
+                                    "cpu_s": prev["cpu_s"] + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)})
 
 
 PARENTS = ("dense_pretrain", "dense_shared_pretrain")
@@ -226,10 +238,8 @@ def novel_eval(runs: list[Run], cache_path: pathlib.Path) -> dict[str, dict]:
     print(f"studies: novel-split eval of {key}", flush=True)
     cmd = [sys.executable, "-m", "moejax.cli", "eval", "--workdir", key, "data.eval_split=novel"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    cache[key] = json.loads(out[out.index("{"):])
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text(json.dumps(cache, indent=1))
-  return cache
+    _merge_json(cache_path, key, json.loads(out[out.index("{"):]))
+  return json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -195,3 +195,27 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   (runs2[1].workdir / "metrics.jsonl").write_text("mine\n")
   assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 0
   assert (runs2[1].workdir / "metrics.jsonl").read_text() == "mine\n"
+
+
+def test_study_caches_keep_every_entry_when_two_writers_share_a_root(tmp_path):
+  """Two study invocations side by side (e.g. two arms) write the same timings.json / novel.json: each write
+  re-reads the file under a lock, so neither loses the other's entries, and no temporary file is left."""
+  import json
+  import threading
+
+  studies = _studies()
+  path = tmp_path / "timings.json"
+
+  def writer(tag):
+    for i in range(150):
+      studies._merge_json(path, f"{tag}{i}", {"wall_s": float(i)})
+
+  threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  data = json.loads(path.read_text())
+  assert set(data) == {f"{t}{i}" for t in "ab" for i in range(150)}
+  assert data["b149"] == {"wall_s": 149.0}
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".timings.json.lock", "timings.json"]
