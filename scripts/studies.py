@@ -334,6 +334,89 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
   return rows
 
 
+CAPACITY_ARMS = ("clip_up", *(f"clip_up_cf{cf}" for cf in CAPACITY_FACTORS))  # dropless first
+
+
+def _dropped(r: Run) -> dict[str, float]:
+  """Mean fraction of routed picks dropped per tower over the run's train rows (its MoE layers averaged)."""
+  rows = [x for x in metrics.read_jsonl(r.workdir) if x.get("split") == "train"]
+  out = {}
+  for tower in ("vision", "text"):
+    vals = [v for x in rows for k, v in x.items() if k.startswith(f"moe/{tower}/") and k.endswith("/dropped_fraction")]
+    if vals:
+      out[tower] = float(np.mean(vals))
+  return out
+
+
+def _slot_flops(r: Run, routed_total: float) -> float:
+  """A run's training FLOPs with capacity dispatch counted by its whole expert buffer (empty slots included,
+  router.experts_per_token(slots=True)) rather than by the routed top_k; the dense parent's steps unchanged."""
+  from moejax import checkpoint
+  from moejax.models import two_tower
+
+  cfg = checkpoint.read_config(r.workdir)
+  rows = metrics.read_jsonl(r.workdir)
+  own_steps = r.steps - (min(int(x["step"]) for x in rows if x.get("split") == "train") - 1)
+  extra = two_tower.flops_per_example(cfg, slots=True) - two_tower.flops_per_example(cfg)
+  return routed_total + own_steps * cfg.data.batch_size * extra
+
+
+def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
+  """The capacity-factor knob at the first budget: CLIP-UP with dropless dispatch against capacity dispatch at
+  each factor, from the same dense parent (paired by seed): final eval loss, the fraction of routed picks dropped
+  in training, training FLOPs counted by the capacity buffers, and the measured CPU-seconds per sparse step."""
+  done = [r for r in _finished(runs) if r.arm in CAPACITY_ARMS]
+  if not any(r.arm != "clip_up" for r in done):
+    return []
+  b = min(r.budget for r in done if r.arm != "clip_up")
+  done = [r for r in done if r.budget == b]
+  final = {(r.arm, r.seed): float(_curve(r)[1][-1]) for r in done}
+  rows = []
+  for arm in [a for a in CAPACITY_ARMS if any(r.arm == a for r in done)]:
+    rs = [r for r in done if r.arm == arm]
+    paired = [r.seed for r in rs if ("clip_up", r.seed) in final]
+    drops = [_dropped(r) for r in rs]
+    slot = [_slot_flops(r, _curve(r)[2][-1]) for r in rs]
+    cpu = [timings[str(r.workdir)]["cpu_s"] / b for r in rs if str(r.workdir) in timings]  # evals included
+    rows.append({
+      "budget": f"+{b}", "arm": arm, "dispatch": "dropless" if arm == "clip_up" else f"capacity {arm[10:]}",
+      "seeds": len(rs), "eval loss": _pm(*mean_se([final[arm, r.seed] for r in rs]), 3),
+      "Δ vs dropless (paired)": _pm(*mean_se([final[arm, s] - final["clip_up", s] for s in paired]), 3) if (
+        arm != "clip_up" and paired) else "",
+      **{f"dropped % {t}": _pm(*mean_se([100 * d[t] for d in drops if t in d]), 1) for t in ("vision", "text")
+         if any(t in d for d in drops)},
+      "train TFLOPs (buffer slots)": f"{np.mean(slot) / 1e12:.2f}",
+      "CPU-s / step": _pm(*mean_se(cpu), 2) if cpu else "n/a",
+    })
+  return rows
+
+
+def _capacity_figure(runs: list[Run], rows: list[dict], img: pathlib.Path, plt) -> pathlib.Path | None:
+  """Final eval loss against training FLOPs counted by the capacity buffers (mean +- SE over seeds): the quality /
+  cost trade-off of the capacity factor, with dropless CLIP-UP and the dense continuation for reference."""
+  if not rows:
+    return None
+  b = int(rows[0]["budget"][1:])
+  done = [r for r in _finished(runs) if r.budget == b and r.arm in (REFERENCE, *CAPACITY_ARMS)]
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  for i, arm in enumerate(a for a in (REFERENCE, *CAPACITY_ARMS) if any(r.arm == a for r in done)):
+    rs = [r for r in done if r.arm == arm]
+    curves = [_curve(r) for r in rs]
+    x = [(_slot_flops(r, c[2][-1]) if arm != REFERENCE else c[2][-1]) / 1e12 for r, c in zip(rs, curves)]
+    my, sy = mean_se([c[1][-1] for c in curves])  # the FLOPs are the same in every seed
+    ax.errorbar(float(np.mean(x)), my, yerr=0 if np.isnan(sy) else sy, fmt="o", ms=7, capsize=3, color=f"C{i}",
+                label=f"{arm} (n={len(rs)})")
+  ax.set_xlabel("training TFLOPs, capacity dispatch counted by its buffers (dense parent included)")
+  ax.set_ylabel(f"eval loss at step {PRETRAIN + b}")
+  ax.set_title(f"CLIP-UP +{b}: capacity factor, quality against cost (mean ± SE over seeds)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  p = img / "study_clip_up_capacity_factor.png"
+  fig.savefig(p, bbox_inches="tight")
+  plt.close(fig)
+  return p
+
+
 def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: str) -> None:
   """Mean +- SE over seeds, on the x points all seeds share."""
   xs = sorted(set.intersection(*(set(np.round(x, 6)) for x, _ in curves)))
@@ -532,6 +615,12 @@ def main(argv: list[str] | None = None) -> int:
       novel = novel_eval(runs, cache) if not a.report_only else (
         json.loads(cache.read_text()) if cache.exists() else None)
     md = report.markdown_table(table(runs, a.study, novel))
+    if a.study == "clip_up":
+      cap_rows = capacity_table(runs, json.loads(timings_path.read_text()) if timings_path.exists() else {})
+      if cap_rows:
+        md += "\n\nThe capacity factor (CLIP-UP from the same dense parent, paired by seed):\n\n"
+        md += report.markdown_table(cap_rows)
+        paths += [p for p in [_capacity_figure(runs, cap_rows, img, report._plt())] if p]
     (root / a.study).mkdir(parents=True, exist_ok=True)
     (root / a.study / "table.md").write_text(md + "\n")
     print(md)

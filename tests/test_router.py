@@ -1,5 +1,6 @@
 """Router invariants: top-k weights, Switch load-balance normalization, expert-choice capacities, z-loss."""
 
+import dataclasses
 import warnings
 
 import jax
@@ -191,3 +192,34 @@ def test_expert_choice_active_params_and_flops_use_its_capacity():
     config.derive(base, {"clip.vision.moe.top_k": 1}))
   assert two_tower.num_params(ec_clip, active=True) > two_tower.num_params(
     config.derive(base, {"clip.vision.moe.top_k": 1}), active=True)
+
+
+def test_capacity_dispatch_slot_flops_count_the_whole_buffer():
+  """`slots=True`: capacity dispatch pays for its [E, C] buffer per group, C = ceil(cf * k * S / E), empty slots
+  included; dropless token choice and expert choice cost the same either way. Checked against the hand count
+  6 x tokens x (E * C / S - k) x 2 D F per MoE layer (w_up and w_down of one expert)."""
+  from moejax.models import transformer, two_tower
+
+  over = {"clip.vision.moe.num_experts": 4, "clip.vision.moe.offset": 0, "clip.vision.moe.every": 1,
+          "clip.vision.moe.top_k": 2}
+  dropless = config.derive(config.ExperimentConfig(task="clip"), over)
+  v = dropless.clip.vision
+  n_img = 65  # 64 patches + the class token
+  assert two_tower.flops_per_example(dropless, slots=True) == two_tower.flops_per_example(dropless)
+  for cf, C in ((1.0, 33), (1.5, 49), (2.0, 65)):  # ceil(cf * 2 * 65 / 4), at most S
+    cap = config.derive(dropless, {"clip.vision.moe.dispatch": "capacity", "clip.vision.moe.capacity_factor": cf})
+    assert router.expert_capacity(cf, n_img, 4, 2) == C
+    assert two_tower.flops_per_example(cap) == two_tower.flops_per_example(dropless)  # routed (model) FLOPs
+    extra = 6.0 * n_img * (4 * C / n_img - 2) * 2 * v.d_model * v.d_ff * v.num_layers
+    assert two_tower.flops_per_example(cap, slots=True) - two_tower.flops_per_example(dropless) == \
+      pytest.approx(extra, rel=1e-12)
+  lm = config.ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                          moe=config.MoEConfig(num_experts=8, every=1, offset=0, top_k=2, dispatch="capacity",
+                                               capacity_factor=1.25))
+  C = router.expert_capacity(1.25, 12, 8, 2)  # ceil(3.75) = 4 slots of 12 tokens' 24 picks -> 32 slots
+  assert router.experts_per_token(lm.moe, 12, slots=True) == 8 * C / 12 == 32 / 12
+  assert lm.activation == "swiglu"  # three expert matrices (gate, up, down); num_params counts whole params
+  assert transformer.flops_per_token(lm, 12, slots=True) - transformer.flops_per_token(lm, 12) == pytest.approx(
+    6.0 * (32 / 12 - 2) * 3 * 32 * 64 * 2, rel=1e-3)
+  ec = dataclasses.replace(lm, moe=dataclasses.replace(lm.moe, router="expert_choice", top_k=1))
+  assert transformer.flops_per_token(ec, 12, slots=True) == transformer.flops_per_token(ec, 12)

@@ -219,3 +219,48 @@ def test_study_caches_keep_every_entry_when_two_writers_share_a_root(tmp_path):
   assert set(data) == {f"{t}{i}" for t in "ab" for i in range(150)}
   assert data["b149"] == {"wall_s": 149.0}
   assert sorted(p.name for p in tmp_path.iterdir()) == [".timings.json.lock", "timings.json"]
+
+
+def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_path):
+  """The capacity knob's table: each factor against dropless CLIP-UP of the same seed, the dropped fraction per
+  tower from the train rows, training FLOPs with the capacity buffers counted (more than the routed FLOPs, by
+  the hand count of the extra slots), and CPU-seconds per sparse step from the timings."""
+  import json
+
+  from moejax import checkpoint
+  from moejax.layers import router
+  from moejax.models import two_tower
+
+  studies = _studies()
+  runs = studies.plan("clip_up", tmp_path, [0, 1], [300])
+  by = {(r.arm, r.seed): r for r in runs}
+  for s in (0, 1):
+    _fake_run(studies, by["dense_pretrain", s], {150: 4.0, 300: 3.0}, 1)
+    _fake_run(studies, by["clip_up", s], {450: 2.4, 600: 2.0 + 0.1 * s}, 301)
+    _fake_run(studies, by["clip_up_cf1.0", s], {450: 2.5, 600: 2.2 + 0.3 * s}, 301)
+    with open(by["clip_up_cf1.0", s].workdir / "metrics.jsonl", "a") as f:  # drops: vision 10 / 20 %, text 0
+      for step, v in ((302, 0.1), (303, 0.2)):
+        f.write(json.dumps({"split": "train", "step": step, "moe/vision/1/dropped_fraction": v,
+                            "moe/vision/3/dropped_fraction": v, "moe/text/1/dropped_fraction": 0.0}) + "\n")
+  timings = {str(by["clip_up_cf1.0", s].workdir): {"wall_s": 1.0, "cpu_s": 600.0 + 60 * s} for s in (0, 1)}
+  rows = {r["arm"]: r for r in studies.capacity_table(runs, timings)}
+  assert list(rows) == ["clip_up", "clip_up_cf1.0"]
+  cf = rows["clip_up_cf1.0"]
+  assert cf["dispatch"] == "capacity 1.0" and cf["seeds"] == 2
+  assert cf["Δ vs dropless (paired)"] == "0.300 ± 0.100", cf  # (2.2 - 2.0, 2.5 - 2.1)
+  assert cf["dropped % vision"] == "15.0 ± 0.0" and cf["dropped % text"] == "0.0 ± 0.0", cf  # both seeds alike
+  assert cf["CPU-s / step"] == "2.10 ± 0.10", cf  # (600, 660) CPU-s over 300 sparse steps
+  cfg = checkpoint.read_config(by["clip_up_cf1.0", 0].workdir)
+  v, t = cfg.clip.vision, cfg.clip.text
+  n_img = 17  # 16 patches of the 16x16 scene at patch 4, and the class token
+  extra = 0.0
+  for tower, n_tok in ((v, n_img), (t, t.max_seq_len)):  # MoE in layers 1 and 3 of each tower, 8 experts, top-2
+    slots = 8 * router.expert_capacity(1.0, n_tok, 8, 2) / n_tok
+    extra += 6.0 * n_tok * (slots - 2) * 2 * tower.d_model * tower.d_ff * 2
+  assert router.expert_capacity(1.0, n_img, 8, 2) == 5  # ceil(34 / 8): 40 slots for 34 picks
+  routed = studies._curve(by["clip_up_cf1.0", 0])[2][-1]
+  assert routed == studies._curve(by["clip_up", 0])[2][-1]  # the routed FLOPs do not see the buffer
+  np.testing.assert_allclose(float(cf["train TFLOPs (buffer slots)"]),
+                             (routed + 300 * cfg.data.batch_size * extra) / 1e12, atol=0.006)
+  assert float(cf["train TFLOPs (buffer slots)"]) > float(rows["clip_up"]["train TFLOPs (buffer slots)"])
+  assert two_tower.flops_per_example(cfg, slots=True) > two_tower.flops_per_example(cfg)

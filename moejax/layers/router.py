@@ -95,15 +95,22 @@ def expert_capacity(capacity_factor: float, group_size: int, num_experts: int, k
   return max(1, min(group_size, math.ceil(capacity_factor * k * group_size / num_experts)))
 
 
-def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None) -> float:
+def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None, slots: bool = False) -> float:
   """Average experts applied per token, for active params and FLOPs: top_k for token choice; for expert choice
-  E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S)."""
-  if moe.router != "expert_choice":
+  E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S).
+  `slots`: what capacity dispatch computes instead, its whole [E, C] buffer per group of S tokens, empty slots
+  included: E * C / S with C = expert_capacity(capacity_factor, S, E, top_k) (about capacity_factor * top_k),
+  the cost the capacity factor trades against drops; the same as without `slots` for dropless token choice."""
+  E = moe.num_experts
+  if moe.router == "expert_choice":
+    if seq_len is None:
+      return float(moe.capacity_factor)
+    return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
+  if not (slots and moe.dispatch == "capacity"):
     return float(moe.top_k)
   if seq_len is None:
-    return float(moe.capacity_factor)
-  E = moe.num_experts
-  return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
+    return float(moe.capacity_factor * moe.top_k)
+  return E * expert_capacity(moe.capacity_factor, seq_len, E, moe.top_k) / seq_len
 
 
 def expert_choice(probs_GSE: jax.Array, capacity: int, valid_GS: jax.Array | None = None) -> ExpertChoice:

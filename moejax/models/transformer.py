@@ -144,23 +144,26 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
   return logits_BTV, {"aux_loss": total_aux_loss(moe_aux), "moe": moe_aux}
 
 
-def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | None = None) -> int:
+def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | None = None, slots: bool = False) -> int:
   """Total params, or params active per token when `active`: top_k of E experts for token choice, the expert
-  choice capacity (router.experts_per_token, at `seq_len` when given) for expert choice."""
+  choice capacity (router.experts_per_token, at `seq_len` when given) for expert choice; `slots`: capacity
+  dispatch's whole buffer instead of top_k."""
   total = 0
   for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
     n = 1
     for d in s.shape:
       n *= d
     if active and "/moe/experts/" in path:
-      n = int(n * router.experts_per_token(cfg.moe, seq_len) // cfg.moe.num_experts)
+      n = int(n * router.experts_per_token(cfg.moe, seq_len, slots) // cfg.moe.num_experts)
     total += n
   return total
 
 
-def flops_per_token(cfg: config.ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate)."""
+def flops_per_token(cfg: config.ModelConfig, seq_len: int, slots: bool = False) -> float:
+  """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate); `slots`:
+  capacity dispatch counts its whole expert buffer, empty slots included (router.experts_per_token)."""
   # The input lookup is free; with tied embeddings the same table is the (costly) output projection.
-  n_active = num_params(cfg, active=True, seq_len=seq_len) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  n_active = num_params(cfg, active=True, seq_len=seq_len, slots=slots)
+  n_active -= 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len / 2  # causal: half the square
   return 6.0 * n_active + attn

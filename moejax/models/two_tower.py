@@ -114,10 +114,11 @@ def logits(params: dict, img_BJ: jax.Array, txt_CJ: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _active_size(path: str, shape: tuple[int, ...], moe_cfg: config.MoEConfig, seq_len: int | None = None) -> float:
+def _active_size(path: str, shape: tuple[int, ...], moe_cfg: config.MoEConfig, seq_len: int | None = None,
+                 slots: bool = False) -> float:
   n = float(np.prod(shape)) if shape else 1.0
   if "/moe/experts/" in path and moe_cfg.num_experts:
-    n *= router.experts_per_token(moe_cfg, seq_len) / moe_cfg.num_experts
+    n *= router.experts_per_token(moe_cfg, seq_len, slots) / moe_cfg.num_experts
   return n
 
 
@@ -131,26 +132,28 @@ def num_params(cfg: config.ExperimentConfig, active: bool = False) -> int:
   return int(round(total))
 
 
-def _block_flops_per_token(cfg: config.ExperimentConfig, tower: str) -> float:
+def _block_flops_per_token(cfg: config.ExperimentConfig, tower: str, slots: bool = False) -> float:
   """6 x active matmul weights (`w*` leaves) of the blocks: fwd + bwd, the PaLM appendix-B estimate."""
   c = cfg.clip
   t = getattr(c, tower)
   layers = specs(cfg)["shared" if c.shared_backbone else tower]["layers"]
   flat = sharding.flatten(layers, is_leaf=sharding.is_spec)
   n_tok = c.text.max_seq_len if tower == "text" else vit.num_tokens(c)
-  return 6.0 * sum(_active_size(p, s.shape, t.moe, n_tok) for p, s in flat.items() if p.rsplit("/", 1)[-1].startswith("w"))
+  return 6.0 * sum(_active_size(p, s.shape, t.moe, n_tok, slots) for p, s in flat.items()
+                   if p.rsplit("/", 1)[-1].startswith("w"))
 
 
-def flops_per_example(cfg: config.ExperimentConfig) -> float:
+def flops_per_example(cfg: config.ExperimentConfig, slots: bool = False) -> float:
   """Training FLOPs per image-text pair (fwd + bwd): both towers' active matmul params x their token counts,
-  attention scores, the patch embedding and projections, and the pair's row of the global similarity matrix."""
+  attention scores, the patch embedding and projections, and the pair's row of the global similarity matrix.
+  `slots`: capacity dispatch counts its whole expert buffer (router.experts_per_token), not the routed top_k."""
   c = cfg.clip
   v, t = c.vision, c.text
   n_img, n_txt = vit.num_tokens(c), t.max_seq_len
   P2C = c.patch_size ** 2 * c.channels
-  vis = n_img * _block_flops_per_token(cfg, "vision") + 6.0 * vit.num_patches(c) * P2C * v.d_model
+  vis = n_img * _block_flops_per_token(cfg, "vision", slots) + 6.0 * vit.num_patches(c) * P2C * v.d_model
   vis += 12.0 * v.num_layers * v.num_heads * v.dim_per_head * n_img * n_img  # QK^T and AV, bidirectional
-  txt = n_txt * _block_flops_per_token(cfg, "text")
+  txt = n_txt * _block_flops_per_token(cfg, "text", slots)
   txt += 12.0 * t.num_layers * t.num_heads * t.dim_per_head * n_txt * n_txt / (2 if c.text_causal else 1)
   heads = 6.0 * (v.d_model + t.d_model) * c.embed_dim
   sim = 6.0 * cfg.data.batch_size * c.embed_dim  # one row of the [B, B] logits per example
