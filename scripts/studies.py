@@ -406,15 +406,22 @@ def _capacity_figure(runs: list[Run], rows: list[dict], img: pathlib.Path, plt) 
     my, sy = mean_se([c[1][-1] for c in curves])  # the FLOPs are the same in every seed
     ax.errorbar(float(np.mean(x)), my, yerr=0 if np.isnan(sy) else sy, fmt="o", ms=7, capsize=3, color=f"C{i}",
                 label=f"{arm} (n={len(rs)})")
-  ax.set_xlabel("training TFLOPs, capacity dispatch counted by its buffers (dense parent included)")
-  ax.set_ylabel(f"eval loss at step {PRETRAIN + b}")
-  ax.set_title(f"CLIP-UP +{b}: capacity factor, quality against cost (mean ± SE over seeds)", fontsize=10)
+  return _finish(plt, fig, ax, img / "study_clip_up_capacity_factor.png",
+                 "training TFLOPs, capacity dispatch counted by its buffers (dense parent included)",
+                 f"eval loss at step {PRETRAIN + b}",
+                 f"CLIP-UP +{b}: capacity factor, quality against cost (mean ± SE over seeds)", fontsize=10)
+
+
+def _finish(plt, fig, ax, path: pathlib.Path, xlabel: str, ylabel: str, title: str, **title_kw) -> pathlib.Path:
+  """Label one panel, grid and legend, save the figure to `path` and close it."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, **title_kw)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  p = img / "study_clip_up_capacity_factor.png"
-  fig.savefig(p, bbox_inches="tight")
+  fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
-  return p
+  return path
 
 
 def _band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color: str) -> None:
@@ -551,16 +558,9 @@ def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
   if not any_run:
     plt.close(fig)
     return None
-  ax.set_xlabel("step (batch 128)")
-  ax.set_ylabel("contrastive loss")
   seeds = ", ".join(str(x) for x in sorted({r.seed for r in runs}))
-  ax.set_title(f"moejax_scenes: is the tiny dense CLIP capacity-limited? (seed {seeds})")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  p = img / "scenes_capacity.png"
-  fig.savefig(p, bbox_inches="tight")
-  plt.close(fig)
-  return p
+  return _finish(plt, fig, ax, img / "scenes_capacity.png", "step (batch 128)", "contrastive loss",
+                 f"moejax_scenes: is the tiny dense CLIP capacity-limited? (seed {seeds})")
 
 
 def main(argv: list[str] | None = None) -> int:
