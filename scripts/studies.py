@@ -398,6 +398,9 @@ def _capacity_figure(runs: list[Run], rows: list[dict], img: pathlib.Path, plt) 
     return None
   b = int(rows[0]["budget"][1:])
   done = [r for r in _finished(runs) if r.budget == b and r.arm in (REFERENCE, *CAPACITY_ARMS)]
+  cf_arms = {r.arm for r in done if r.arm not in (REFERENCE, "clip_up")}
+  seeds = set.intersection(*({r.seed for r in done if r.arm == a} for a in cf_arms))  # every point: same seeds
+  done = [r for r in done if r.seed in seeds]
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
   for i, arm in enumerate(a for a in (REFERENCE, *CAPACITY_ARMS) if any(r.arm == a for r in done)):
     rs = [r for r in done if r.arm == arm]
@@ -409,7 +412,8 @@ def _capacity_figure(runs: list[Run], rows: list[dict], img: pathlib.Path, plt) 
   return _finish(plt, fig, ax, img / "study_clip_up_capacity_factor.png",
                  "training TFLOPs, capacity dispatch counted by its buffers (dense parent included)",
                  f"eval loss at step {PRETRAIN + b}",
-                 f"CLIP-UP +{b}: capacity factor, quality against cost (mean ± SE over seeds)", fontsize=10)
+                 f"CLIP-UP +{b}: capacity factor, quality against cost (seeds {', '.join(map(str, sorted(seeds)))};"
+                 " mean ± SE)", fontsize=10)
 
 
 def _finish(plt, fig, ax, path: pathlib.Path, xlabel: str, ylabel: str, title: str, **title_kw) -> pathlib.Path:
