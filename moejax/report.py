@@ -262,20 +262,21 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
   return "\n".join(lines)
 
 
-def flops_per_step(workdir: pathlib.Path) -> float:
+def flops_per_step(workdir: pathlib.Path, slots: bool = False) -> float:
+  """`slots`: capacity dispatch counted by its whole expert buffer (router.experts_per_token), not top_k."""
   from moejax import checkpoint, tasks
 
   cfg = checkpoint.read_config(workdir)
-  return cfg.data.batch_size * tasks.get(cfg.task).flops_per_example(cfg)
+  return cfg.data.batch_size * tasks.get(cfg.task).flops_per_example(cfg, slots=slots)
 
 
-def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray) -> np.ndarray:
+def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray, slots: bool = False) -> np.ndarray:
   """Training FLOPs spent to reach each step, counting an upcycled run's dense parent for the steps before
-  the upcycling (the parent's cost is part of the upcycled model's budget)."""
+  the upcycling (the parent's cost is part of the upcycled model's budget); `slots` as in flops_per_step."""
   from moejax import checkpoint
 
   cfg = checkpoint.read_config(workdir)
-  own = flops_per_step(workdir)
+  own = flops_per_step(workdir, slots)
   parent = cfg.init.upcycle_from
   if parent and cfg.init.continue_step:
     parent_dir = pathlib.Path(parent)

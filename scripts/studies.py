@@ -348,17 +348,10 @@ def _dropped(r: Run) -> dict[str, float]:
   return out
 
 
-def _slot_flops(r: Run, routed_total: float) -> float:
-  """A run's training FLOPs with capacity dispatch counted by its whole expert buffer (empty slots included,
-  router.experts_per_token(slots=True)) rather than by the routed top_k; the dense parent's steps unchanged."""
-  from moejax import checkpoint
-  from moejax.models import two_tower
-
-  cfg = checkpoint.read_config(r.workdir)
-  rows = metrics.read_jsonl(r.workdir)
-  own_steps = r.steps - (min(int(x["step"]) for x in rows if x.get("split") == "train") - 1)
-  extra = two_tower.flops_per_example(cfg, slots=True) - two_tower.flops_per_example(cfg)
-  return routed_total + own_steps * cfg.data.batch_size * extra
+def _slot_flops(r: Run, steps: np.ndarray) -> float:
+  """A run's training FLOPs to its last eval step with capacity dispatch counted by its whole expert buffer
+  (empty slots included) rather than by the routed top_k; the dense parent's steps unchanged."""
+  return float(report.cumulative_flops(r.workdir, steps[-1:], slots=True)[0])
 
 
 def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
@@ -370,13 +363,14 @@ def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
     return []
   b = min(r.budget for r in done if r.arm != "clip_up")
   done = [r for r in done if r.budget == b]
-  final = {(r.arm, r.seed): float(_curve(r)[1][-1]) for r in done}
+  curves = {r: _curve(r) for r in done}  # (steps, loss, FLOPs), read once per run
+  final = {(r.arm, r.seed): float(v[-1]) for r, (_, v, _) in curves.items()}
   rows = []
   for arm in [a for a in CAPACITY_ARMS if any(r.arm == a for r in done)]:
     rs = [r for r in done if r.arm == arm]
     paired = [r.seed for r in rs if ("clip_up", r.seed) in final]
     drops = [_dropped(r) for r in rs]
-    slot = [_slot_flops(r, _curve(r)[2][-1]) for r in rs]
+    slot = [_slot_flops(r, curves[r][0]) for r in rs]
     cpu = [timings[str(r.workdir)]["cpu_s"] / b for r in rs if str(r.workdir) in timings]  # evals included
     rows.append({
       "budget": f"+{b}", "arm": arm, "dispatch": "dropless" if arm == "clip_up" else f"capacity {arm[10:]}",
@@ -405,7 +399,7 @@ def _capacity_figure(runs: list[Run], rows: list[dict], img: pathlib.Path, plt) 
   for i, arm in enumerate(a for a in (REFERENCE, *CAPACITY_ARMS) if any(r.arm == a for r in done)):
     rs = [r for r in done if r.arm == arm]
     curves = [_curve(r) for r in rs]
-    x = [(_slot_flops(r, c[2][-1]) if arm != REFERENCE else c[2][-1]) / 1e12 for r, c in zip(rs, curves)]
+    x = [_slot_flops(r, c[0]) / 1e12 for r, c in zip(rs, curves)]  # dense: the same as the routed FLOPs
     my, sy = mean_se([c[1][-1] for c in curves])  # the FLOPs are the same in every seed
     ax.errorbar(float(np.mean(x)), my, yerr=0 if np.isnan(sy) else sy, fmt="o", ms=7, capsize=3, color=f"C{i}",
                 label=f"{arm} (n={len(rs)})")

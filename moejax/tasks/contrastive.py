@@ -8,7 +8,7 @@ The task contract the trainer relies on (see tasks/lm.py):
       for SigLIP) as float32 scalars, and metrics["moe"] = {"vision/{i}": aux, "text/{i}": aux} for MoE layers
   make_iterator(cfg, split, *, process_index, process_count, seed, repeat) -> grain iterator (data/image_text.py)
   evaluate(params, cfg, mesh) -> {"i2t_recall@1", ..., "t2i_recall@10", "zeroshot_top1"} on the eval split
-  throughput_unit = "images", units_per_example(cfg) = 1, flops_per_example(cfg)
+  throughput_unit = "images", units_per_example(cfg) = 1, flops_per_example(cfg, slots=False)
 
 Global negatives: the loss is written over the global batch. Under `jax.jit` with the batch sharded over the
 mesh's batch axes, `img @ txt.T` is a [B, B] product of two batch-sharded operands; XLA all-gathers the text
@@ -107,8 +107,8 @@ def units_per_example(cfg: config.ExperimentConfig) -> int:
   return 1  # one image (and its caption)
 
 
-def flops_per_example(cfg: config.ExperimentConfig) -> float:
-  return two_tower.flops_per_example(cfg)
+def flops_per_example(cfg: config.ExperimentConfig, slots: bool = False) -> float:
+  return two_tower.flops_per_example(cfg, slots)
 
 
 # ----------------------------------------------------------------------------------------------------------

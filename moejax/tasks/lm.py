@@ -5,7 +5,7 @@ The task contract the trainer relies on (shared with tasks/contrastive.py):
   loss_fn(params, batch, cfg, *, rng, train) -> (loss, metrics)      metrics["moe"] = per-layer MoE aux
   make_iterator(cfg, split, *, process_index, process_count, seed, repeat) -> grain iterator of local batches
   evaluate(params, cfg, mesh) -> dict of extra eval metrics (beyond the mean eval loss)
-  throughput_unit, units_per_example(cfg), flops_per_example(cfg)
+  throughput_unit, units_per_example(cfg), flops_per_example(cfg, slots=False)
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def units_per_example(cfg: config.ExperimentConfig) -> int:
   return cfg.data.seq_len
 
 
-def flops_per_example(cfg: config.ExperimentConfig) -> float:
-  return transformer.flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.seq_len
+def flops_per_example(cfg: config.ExperimentConfig, slots: bool = False) -> float:
+  return transformer.flops_per_token(cfg.model, cfg.data.seq_len, slots) * cfg.data.seq_len
 
 
 def generate(params: Any, prompt_BT: jax.Array, cfg: config.ModelConfig, num_tokens: int) -> jax.Array:
