@@ -19,7 +19,9 @@ MOEJAX_HEARTBEAT_S seconds (default 60), or a process that reports an uncaught e
 process print which process was lost and exit with status `EXIT_LOST` (75, "temporary failure: retry").
 An uncaught exception in one process (e.g. a collective that failed because a peer vanished) exits that process
 at once after telling the others, instead of waiting in JAX's shutdown barrier. Re-running the same command
-resumes from the last checkpoint. JAX's own heartbeat stays on as a backstop, with a 4x longer timeout.
+resumes from the last checkpoint. JAX's own heartbeat stays on as a backstop, with a 4x longer timeout. At a
+normal exit the watchdog keeps beating through JAX's shutdown barrier and is stopped and joined right after
+it, so no thread of ours is inside a runtime call when the interpreter finalizes.
 """
 
 from __future__ import annotations
@@ -304,9 +306,23 @@ def _install(dog: _Watchdog) -> None:
     _fail_fast(dog, value)
 
   sys.excepthook = excepthook
-  # Registered after JAX's own atexit hook, so it runs before JAX's shutdown barrier: from then on this process
-  # keeps beating while it waits there for slower peers, but reports nobody.
-  atexit.register(dog.exiting.set)
+  atexit.register(_at_exit, dog)  # registered after JAX's own atexit hook, so it runs first
+
+
+def _at_exit(dog: _Watchdog) -> None:
+  """A normal exit: pass JAX's shutdown barrier while still beating (slower peers are still working and judging
+  this process by its heartbeat), then stop the watchdog and wait for it. A daemon thread still inside a runtime
+  call when the interpreter finalizes is killed by a forced unwind that the C++ bindings catch, and the process
+  aborts ("FATAL: exception not rethrown", exit 134) after the run has finished. JAX's own exit hook then finds
+  the distributed system already shut down."""
+  import jax
+
+  dog.exiting.set()  # from here on: beat, judge nobody
+  try:
+    jax.distributed.shutdown()
+  finally:
+    dog.stop()
+    dog.join(timeout=dog.timeout)
 
 
 def _fail_fast(dog: _Watchdog | None, err: BaseException) -> None:

@@ -279,6 +279,44 @@ def test_uncaught_exception_exits_at_once_and_tells_the_others(tmp_path, error, 
   assert time.monotonic() - t0 < 60
 
 
+CLEAN_EXIT_SCRIPT = r'''
+import atexit, time
+import jax
+from moejax import distributed
+
+class KV:
+  def key_value_set(self, key, value, allow_overwrite=False):
+    print("SET", value, flush=True)
+  def key_value_dir_get(self, prefix):
+    return [("moejax/alive/1", str(time.monotonic()))]
+
+def slow_barrier():  # JAX's shutdown barrier, waiting for a slower peer
+  print("BARRIER start", flush=True)
+  time.sleep(0.5)
+  print("BARRIER end", flush=True)
+
+jax.distributed.shutdown = slow_barrier
+dog = distributed._Watchdog(KV(), 0, 2, 1.0)
+atexit.register(lambda: print("AFTER alive", dog.is_alive(), flush=True))  # runs after moejax's hook
+distributed._install(dog)
+time.sleep(0.3)
+'''
+
+
+def test_normal_exit_beats_through_the_shutdown_barrier_then_stops_the_watchdog(tmp_path):
+  """The watchdog is a daemon thread in and out of runtime calls; one still running when the interpreter
+  finalizes can abort a finished run (exit 134). At exit it must keep beating through the barrier, then stop."""
+  script = tmp_path / "clean_exit.py"
+  script.write_text(CLEAN_EXIT_SCRIPT)
+  p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, (p.stdout, p.stderr)
+  lines = p.stdout.splitlines()
+  start, end, after = lines.index("BARRIER start"), lines.index("BARRIER end"), lines.index("AFTER alive False")
+  assert start < end < after, lines
+  assert any(line.startswith("SET ") for line in lines[start:end]), lines  # beating while in the barrier
+  assert not any(line.startswith("SET ") for line in lines[after:]), lines
+
+
 # ----------------------------------------------------------------------------------------------------------
 # scripts/launch_local.sh with a stand-in for `moejax` (process handling only; no JAX)
 # ----------------------------------------------------------------------------------------------------------
