@@ -8,13 +8,14 @@ steps and at equal training FLOPs) and a table.
 (`scripts/studies.sh STUDY ...` is the same with the environment set up.)
 
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
-resumes from its newest checkpoint (moejax train does). Each finished run's config, metrics and result, and the
-study's timings, novel-split evals and table, are copied to results/studies/ (kept in git; --record to change);
-a fresh clone restores them, so its reports draw the recorded runs and the study skips them (a recorded parent
-whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall time and CPU time
-(this process's children) go to ROOT/STUDY/timings.json; the summary states the study's total wall time and
-CPU-hours. Figures go to docs/img/study_<STUDY>_*.png (--img to change), the table to ROOT/STUDY/table.md (and
-stdout).
+resumes from its newest checkpoint (moejax train does). SIGTERM or Ctrl-C stops the study and its running
+`moejax train` (which checkpoints first) and records the time that run spent. Each finished run's config, metrics
+and result, and the study's timings, novel-split evals and table, are copied to results/studies/ (kept in git;
+--record to change); a fresh clone restores them, so its reports draw the recorded runs and the study skips them
+(a recorded parent whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall
+time and CPU time (this process's children) go to ROOT/STUDY/timings.json; the summary states the study's total
+wall time and CPU-hours. Figures go to docs/img/study_<STUDY>_*.png (--img to change), the table to
+ROOT/STUDY/table.md (and stdout).
 
 Runs (experiments/clip_scenes.py, experiments/lm_upcycle_mix.py), per budget B and seed s, in ROOT/STUDY/bB/sS/:
   clip_up     dense_pretrain (300 steps of a 300+B schedule), dense_continued (a copy resumed to 300+B), clip_up
@@ -35,6 +36,7 @@ import os
 import pathlib
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -213,15 +215,51 @@ def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
     if r.copy_from is not None and not r.workdir.exists():
       shutil.copytree(r.copy_from, r.workdir)
     print(f"studies: [{i + 1}/{len(todo_runs)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
-    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, "-m", "moejax.cli", "train", r.experiment, *r.overrides, "--workdir", str(r.workdir)]
-    subprocess.run(cmd, check=True)
-    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    key = str(r.workdir)
+    cmd = _command(r)
+    rc, wall, cpu, stopped = _train(cmd)
+    key = str(r.workdir)  # the time is recorded even for a run stopped or failed part-way: it was spent
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     prev = timings.get(key, {"wall_s": 0.0, "cpu_s": 0.0})
-    _merge_json(timings_path, key, {"wall_s": prev["wall_s"] + time.time() - t0,
-                                    "cpu_s": prev["cpu_s"] + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)})
+    _merge_json(timings_path, key, {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
+    if stopped:
+      print(f"studies: stopped by signal {stopped}; {r.workdir} saved a checkpoint at its last step and resumes "
+            f"on the next invocation ({wall:.0f} s wall, {cpu:.0f} CPU-s recorded)", flush=True)
+      raise SystemExit(128 + stopped)
+    if rc != 0:
+      raise subprocess.CalledProcessError(rc, cmd)
+
+
+def _command(r: Run) -> list[str]:
+  return [sys.executable, "-m", "moejax.cli", "train", r.experiment, *r.overrides, "--workdir", str(r.workdir)]
+
+
+def _train(cmd: list[str]) -> tuple[int, float, float, int]:
+  """Run one training child and return (exit status, wall s, CPU s, the signal that stopped the study or 0).
+  SIGTERM or SIGINT to the study is passed on to the child as SIGTERM (`moejax train` saves a checkpoint at its
+  next step boundary and exits), so stopping a study stops its run too, instead of leaving it to finish
+  unrecorded; the time the child spent is returned either way."""
+  got: list[int] = []
+  proc: list[subprocess.Popen] = []
+
+  def forward(signum, frame):
+    del frame
+    got.append(signum)
+    if proc:
+      proc[0].send_signal(signal.SIGTERM)
+
+  old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+  try:
+    proc.append(subprocess.Popen(cmd))
+    if got:  # a signal that came before the child existed
+      proc[0].send_signal(signal.SIGTERM)
+    rc = proc[0].wait()
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+  return rc, time.time() - t0, cpu, (got[0] if got else 0)
 
 
 PARENTS = ("dense_pretrain", "dense_shared_pretrain")

@@ -264,3 +264,45 @@ def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_p
                              (routed + 300 * cfg.data.batch_size * extra) / 1e12, atol=0.006)
   assert float(cf["train TFLOPs (buffer slots)"]) > float(rows["clip_up"]["train TFLOPs (buffer slots)"])
   assert two_tower.flops_per_example(cfg, slots=True) > two_tower.flops_per_example(cfg)
+
+
+def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent(tmp_path):
+  """SIGTERM to the study reaches the running child as SIGTERM (moejax train checkpoints on it); the study then
+  records the child's wall and CPU time under the run and exits 128 + 15, and its own handlers are restored."""
+  import json
+  import os
+  import signal
+  import threading
+  import time
+
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0], [300])[:1]
+  ready, seen = tmp_path / "ready", tmp_path / "child_got_sigterm"
+  child = ("import pathlib, signal, sys\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           f"pathlib.Path({str(ready)!r}).write_text('')\n"
+           "x = 0\n"
+           "while not got:\n"
+           "  x += 1\n"  # burn CPU until told to stop, as a training step would
+           f"pathlib.Path({str(seen)!r}).write_text('')\n")
+  studies._command = lambda r: [sys.executable, "-c", child]
+
+  def stop_the_study():
+    while not ready.exists():
+      time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=stop_the_study, daemon=True).start()
+  timings = tmp_path / "timings.json"
+  try:
+    studies.execute(runs, timings)
+    raise AssertionError("the study went on after SIGTERM")
+  except SystemExit as e:
+    assert e.code == 128 + signal.SIGTERM
+  assert seen.exists()  # the child got SIGTERM and exited by its own handler, not killed
+  t = json.loads(timings.read_text())[str(runs[0].workdir)]
+  assert t["cpu_s"] >= 0.3 and t["wall_s"] >= 0.5, t  # the child's busy loop is counted
+  assert signal.getsignal(signal.SIGTERM) is before
