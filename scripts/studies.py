@@ -237,7 +237,9 @@ def _train(cmd: list[str]) -> tuple[int, float, float, int]:
   """Run one training child and return (exit status, wall s, CPU s, the signal that stopped the study or 0).
   SIGTERM or SIGINT to the study is passed on to the child as SIGTERM (`moejax train` saves a checkpoint at its
   next step boundary and exits), so stopping a study stops its run too, instead of leaving it to finish
-  unrecorded; the time the child spent is returned either way."""
+  unrecorded; the time the child spent is returned either way. The child runs in its own session, so a
+  terminal's Ctrl-C reaches only the study (a SIGINT straight to `moejax train` would stop it without a
+  checkpoint)."""
   got: list[int] = []
   proc: list[subprocess.Popen] = []
 
@@ -250,7 +252,7 @@ def _train(cmd: list[str]) -> tuple[int, float, float, int]:
   old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
   try:
-    proc.append(subprocess.Popen(cmd))
+    proc.append(subprocess.Popen(cmd, start_new_session=True))
     if got:  # a signal that came before the child existed
       proc[0].send_signal(signal.SIGTERM)
     rc = proc[0].wait()

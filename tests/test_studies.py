@@ -285,7 +285,8 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
            "x = 0\n"
            "while not got:\n"
            "  x += 1\n"  # burn CPU until told to stop, as a training step would
-           f"pathlib.Path({str(seen)!r}).write_text('')\n")
+           "import os\n"
+           f"pathlib.Path({str(seen)!r}).write_text(str(os.getsid(0)))\n")
   studies._command = lambda r: [sys.executable, "-c", child]
 
   def stop_the_study():
@@ -303,6 +304,7 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
   except SystemExit as e:
     assert e.code == 128 + signal.SIGTERM
   assert seen.exists()  # the child got SIGTERM and exited by its own handler, not killed
+  assert int(seen.read_text()) != os.getsid(0)  # its own session: a terminal's Ctrl-C reaches only the study
   t = json.loads(timings.read_text())[str(runs[0].workdir)]
   assert t["cpu_s"] >= 0.3 and t["wall_s"] >= 0.5, t  # the child's busy loop is counted
   assert signal.getsignal(signal.SIGTERM) is before
