@@ -223,7 +223,9 @@ def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, f
 
 
 class _Preemption:
-  """SIGTERM/SIGINT -> checkpoint at the next step boundary, agreed by all processes, then exit cleanly."""
+  """SIGTERM (what schedulers send before preemption) -> checkpoint at the next step boundary, agreed by all
+  processes, then exit cleanly. SIGINT (Ctrl-C) is left to Python: it stops the run at once, and a resume starts
+  from the last periodic checkpoint."""
 
   def __init__(self):
     self.requested = False

@@ -9,8 +9,8 @@
 # tests), a free localhost port is picked for the coordinator, every output line is prefixed with `[pI]`.
 # Exit status: 0 if all processes exit 0; otherwise the first failing process's status. A process that dies
 # takes the others down within MOEJAX_HEARTBEAT_S seconds (moejax.distributed's watchdog); the launcher kills
-# stragglers after a further grace period. SIGTERM/SIGINT to the launcher is forwarded to every process, which
-# then checkpoints at the same step and exits 0 (preemption); re-running the same command resumes.
+# stragglers after a further grace period. SIGTERM or SIGINT (Ctrl-C) to the launcher is forwarded to every process
+# as SIGTERM; they checkpoint at the same step and exit 0 (preemption); re-running the same command resumes.
 # The binary: $MOEJAX_BIN if set, else .venv/bin/moejax (made by scripts/test.sh or scripts/demo.sh), else
 # `moejax` on PATH.
 set -uo pipefail
@@ -67,9 +67,11 @@ for ((i = 0; i < N; i++)); do
   echo "launch_local: process $i: pid $!" >&2
 done
 
+# Both become SIGTERM, the signal `moejax train` checkpoints on. A forwarded SIGINT would do nothing: processes
+# started with & by a non-interactive shell ignore SIGINT, so a Ctrl-C to the launcher never stopped them.
 forward() {
-  echo "launch_local: got SIG$1, forwarding to all $N processes (they checkpoint and exit)" >&2
-  for p in "${PIDS[@]}"; do kill -s "$1" "$p" 2>/dev/null || true; done
+  echo "launch_local: got SIG$1, forwarding SIGTERM to all $N processes (they checkpoint and exit)" >&2
+  for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT

@@ -384,18 +384,25 @@ def test_launch_local_propagates_failure_and_kills_stragglers(tmp_path):
   assert time.monotonic() - t0 < 30
 
 
-def test_launch_local_forwards_sigterm_to_every_process(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_launch_local_forwards_sigterm_or_ctrl_c_to_every_process_as_sigterm(tmp_path, sig):
+  """The stand-in, like `moejax train`, checkpoints on SIGTERM only; a Ctrl-C (SIGINT) to the launcher must reach
+  it as SIGTERM (processes started with & by a script ignore SIGINT: forwarded as is, it was lost)."""
   p = _launch(tmp_path, 2, "x", mode="term")
   lines = []
   deadline = time.monotonic() + 60
   while sum("ready" in x for x in lines) < 2 and time.monotonic() < deadline:
     lines.append(p.stdout.readline())
-  p.send_signal(signal.SIGTERM)
-  out, err = p.communicate(timeout=60)
+  p.send_signal(sig)
+  try:
+    out, err = p.communicate(timeout=30)
+  except subprocess.TimeoutExpired:
+    os.killpg(p.pid, signal.SIGKILL)
+    raise AssertionError(f"{sig.name} to the launcher did not stop its processes") from None
   out = "".join(lines) + out
   assert p.returncode == 0, (out, err)
   assert "[p0] checkpointed" in out and "[p1] checkpointed" in out
-  assert "got SIGTERM, forwarding to all 2 processes" in err
+  assert f"got {sig.name}, forwarding SIGTERM to all 2 processes" in err
 
 
 @pytest.mark.parametrize("args, message", [
