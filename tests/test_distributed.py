@@ -666,7 +666,7 @@ def test_sigterm_to_one_or_all_processes_checkpoints_and_resumes(tmp_path, two_p
   p.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
   assert p.wait(timeout=300) == 0, log.read_text()
   text = log.read_text()
-  assert f"resuming at step {k1}" in text and "forwarding to all 2 processes" in text
+  assert f"resuming at step {k1}" in text and "got SIGTERM, forwarding SIGTERM to all 2 processes" in text
   r2 = _result(wd)
   k2 = r2["step"]
   assert r2["status"] == "preempted" and k1 < k2 < STEPS, r2
