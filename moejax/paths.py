@@ -49,3 +49,41 @@ def in_dir(path: str | os.PathLike, what: str = "--workdir") -> pathlib.Path:
   if not p.is_dir():
     raise config.ConfigError(f"{what} {str(p)!r} is a file, not a directory")
   return p
+
+
+class RunLock:
+  """An exclusive lock on a run directory, so that a second `moejax train` (or TTMM bank build) into a directory
+  that one is still writing stops with a one-line error instead of interleaving checkpoints with it: a resubmitted
+  job, or the same command in a second terminal, would otherwise overwrite or prune the first one's steps.
+
+  The lock is `flock` on the directory itself: nothing is written into the run, and the kernel drops it when the
+  holder exits, however it ends (`kill -9` too), so there is never a stale lock to clear by hand. `acquire` is a
+  no-op until the directory exists (a new run takes it just after creating the directory) and once held. Only
+  process 0 of a multi-process run locks (the others write into the same directory on its behalf). On a file
+  system without `flock` (some network mounts) the run goes on unlocked."""
+
+  def __init__(self, path: pathlib.Path, what: str = "--workdir", primary: bool = True):
+    self.path, self.what, self.primary, self._fd = pathlib.Path(path), what, primary, None
+
+  def acquire(self) -> None:
+    if self._fd is not None or not self.primary or not self.path.is_dir():
+      return
+    import errno
+    import fcntl
+
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        raise config.ConfigError(
+          f"{self.what} {str(self.path)!r} is in use by another moejax process still writing there; wait for it "
+          f"(or stop it: SIGTERM checkpoints and exits), or choose another {self.what}") from None
+      return  # no flock on this file system
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor drops the flock
+      self._fd = None

@@ -273,13 +273,23 @@ def initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
 
 def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
           progress: bool = True) -> dict[str, Any]:
-  """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts."""
+  """Train (or resume) `cfg` in `workdir`. Returns the final eval metrics and run facts. A second `train` into a
+  `workdir` that another process is training in is a `ConfigError` (`paths.RunLock`)."""
   workdir = paths.check_local(workdir, "workdir")
   config.validate(cfg)  # a config built in code gets the checks the CLI's gets
   if cfg.ttmm.clusters:  # a TTMM bank: one LoRA per cluster of the corpus, all trained in one program (ttmm/)
     from moejax.ttmm import bank
 
     return bank.build_config(cfg, workdir, progress=progress, mesh=mesh)
+  lock = paths.RunLock(workdir, "--workdir", primary=jax.process_index() == 0)
+  try:
+    return _train(cfg, workdir, mesh, progress, lock)
+  finally:
+    lock.release()
+
+
+def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | None, progress: bool,
+           lock: paths.RunLock) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   getattr(tasks.get(cfg.task), "check", lambda c: None)(cfg)  # bad data names fail before anything is written
   s = setup(cfg, mesh)
@@ -287,6 +297,7 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   checkpoint.preflight(workdir, cfg)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
+  lock.acquire()  # before anything is restored or written: no other process may be training here
   train_step = make_train_step(s)
   eval_step = make_eval_step(s)
   mngr = checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints)

@@ -1,16 +1,18 @@
 """Resuming and evaluating a run with a config that differs from the saved one (resume.py), the damaged-checkpoint
-decision, the NaN guard's on-device count and object-store workdirs."""
+decision, the NaN guard's on-device count, object-store workdirs, and a second trainer in a run that is training."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from run_helpers import TINY_LM, tree
 
-from moejax import checkpoint, config, metrics, registry, resume, train
+from moejax import checkpoint, cli, config, metrics, paths, registry, resume, train
 
 
 def _cfg(*extra):
@@ -35,6 +37,31 @@ def test_resume_with_a_changed_model_is_refused_and_the_run_left_untouched(run):
   with pytest.raises(config.ConfigError, match=r"data.seq_len \(saved 32, requested 16\), train.seed"):
     train.train(_cfg("data.seq_len=16", "train.seed=3"), run, progress=False)
   assert tree(run) == before
+
+
+def test_a_second_trainer_in_a_run_that_is_training_is_refused_until_the_first_is_gone(run, capsys):
+  """Another process holds the run's lock, as a `moejax train` does for its whole run: the same command in a second
+  terminal is a one-line error that changes nothing; once the holder is gone, killed with -9 included, the same
+  command resumes."""
+  holder = subprocess.Popen([sys.executable, "-c", "import sys; from moejax import paths; "
+                             "paths.RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
+                             str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = tree(run)
+    argv = ["train", "lm_dense_tiny", *TINY_LM, "train.steps=3", "--workdir", str(run)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is in use by another moejax process" in err and str(run) in err and len(err.splitlines()) == 1, err
+    assert tree(run) == before
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops the lock with the process
+    holder.wait()
+  assert cli.main(argv) == 0, capsys.readouterr().err
+  assert checkpoint.step_numbers(run)[-1] == 3
+  lock = paths.RunLock(run)  # and the finished run holds no lock
+  lock.acquire()
+  lock.release()
 
 
 def test_eval_with_another_experiment_is_refused_and_the_run_left_untouched(run):

@@ -88,7 +88,17 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
 def build_config(cfg: config.ExperimentConfig, to: str | pathlib.Path, progress: bool = True, mesh: Any = None,
                  embeddings: np.ndarray | None = None) -> dict:
   """Build (or resume) the bank `cfg` describes (`ttmm.clusters` experts on the base `init.peft_from`) in `to`:
-  `moejax ttmm build` and `moejax train` of an experiment with a `ttmm` section both come here."""
+  `moejax ttmm build` and `moejax train` of an experiment with a `ttmm` section both come here. A second build
+  into a `to` that another process is building is a `ConfigError` (`paths.RunLock`)."""
+  lock = paths.RunLock(pathlib.Path(to), "directory", primary=jax.process_index() == 0)
+  try:
+    return _build_config(cfg, pathlib.Path(to), progress, mesh, embeddings, lock)
+  finally:
+    lock.release()
+
+
+def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool, mesh: Any,
+                  embeddings: np.ndarray | None, lock: paths.RunLock) -> dict:
   experts.check(cfg)
   if not cfg.init.peft_from:
     raise config.ConfigError("a TTMM bank needs its base run: set init.peft_from=RUN (a dense decoder's run dir)")
@@ -108,6 +118,7 @@ def build_config(cfg: config.ExperimentConfig, to: str | pathlib.Path, progress:
   if (to / "config.json").is_file() and not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
     raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
+  lock.acquire()  # an existing bank: before anything is read or written (a new one: once it is created, below)
   toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]
   t0 = time.perf_counter()
   es = experts.setup(cfg, mesh)
@@ -126,8 +137,10 @@ def build_config(cfg: config.ExperimentConfig, to: str | pathlib.Path, progress:
     labels, cent = cluster.fit(emb, clusters, cfg.ttmm.seed)
     timings["cluster_s"] = time.perf_counter() - t
     to.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
     cluster.save(to, names, labels, cent, emb, cfg.ttmm.seed)
   to.mkdir(parents=True, exist_ok=True)
+  lock.acquire()
   (to / "config.json").write_text(config.to_json(cfg))
   t = time.perf_counter()
   out = train(es, to, toks, cluster.members(np.asarray(labels), clusters), progress=progress)
