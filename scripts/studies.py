@@ -253,6 +253,7 @@ def _train(cmd: list[str]) -> tuple[int, float, float, int]:
   t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
   try:
     proc.append(subprocess.Popen(cmd, start_new_session=True))
+    _keep_niceness(proc[0].pid)
     if got:  # a signal that came before the child existed
       proc[0].send_signal(signal.SIGTERM)
     rc = proc[0].wait()
@@ -262,6 +263,20 @@ def _train(cmd: list[str]) -> tuple[int, float, float, int]:
   c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
   return rc, time.time() - t0, cpu, (got[0] if got else 0)
+
+
+def _keep_niceness(pid: int) -> None:
+  """Give the child's new session this process's niceness. On Linux with scheduler autogroups (the default on
+  desktop and server kernels) each session is one scheduling group and nice only ranks processes within a group:
+  without this, the child's fresh session would compete at nice 0 with every other session, and `nice -n 5
+  scripts/studies.sh` (what studies.sh runs) would not yield the CPU to the user's other work."""
+  nice = os.getpriority(os.PRIO_PROCESS, 0)
+  group = pathlib.Path(f"/proc/{pid}/autogroup")
+  if nice > 0 and group.exists():
+    try:
+      group.write_text(str(nice))
+    except OSError:  # the child already exited, or no permission: it runs, just not niced
+      pass
 
 
 PARENTS = ("dense_pretrain", "dense_shared_pretrain")

@@ -278,11 +278,13 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
   studies = _studies()
   runs = studies.plan("lm_upcycle", tmp_path, [0], [300])[:1]
   ready, seen = tmp_path / "ready", tmp_path / "child_got_sigterm"
-  child = ("import pathlib, signal, sys\n"
+  child = ("import pathlib, signal, sys, time\n"
            "got = []\n"
            "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
-           f"pathlib.Path({str(ready)!r}).write_text('')\n"
            "x = 0\n"
+           "while time.process_time() < 0.5:\n"  # 0.5 CPU-s spent before the study is stopped, however loaded
+           "  x += 1\n"
+           f"pathlib.Path({str(ready)!r}).write_text('')\n"
            "while not got:\n"
            "  x += 1\n"  # burn CPU until told to stop, as a training step would
            "import os\n"
@@ -292,7 +294,7 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
   def stop_the_study():
     while not ready.exists():
       time.sleep(0.01)
-    time.sleep(0.5)
+    time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGTERM)
 
   before = signal.getsignal(signal.SIGTERM)
@@ -306,5 +308,28 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
   assert seen.exists()  # the child got SIGTERM and exited by its own handler, not killed
   assert int(seen.read_text()) != os.getsid(0)  # its own session: a terminal's Ctrl-C reaches only the study
   t = json.loads(timings.read_text())[str(runs[0].workdir)]
-  assert t["cpu_s"] >= 0.3 and t["wall_s"] >= 0.5, t  # the child's busy loop is counted
+  assert t["cpu_s"] >= 0.5 and t["wall_s"] >= 0.5, t  # the child's busy loop is counted
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_niced_study_runs_its_training_child_at_the_same_niceness(tmp_path):
+  """The child runs in its own session; under Linux's scheduler autogroups that is its own scheduling group, where
+  the study's `nice` would not count against other sessions. The study gives the child's group its niceness."""
+  import pathlib
+  import subprocess
+
+  studies = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "studies.py"
+  child = "import os; print(os.getsid(0), open(f'/proc/{os.getpid()}/autogroup').read().split()[-1])"
+  code = ("import importlib.util, os, sys\n"
+          f"spec = importlib.util.spec_from_file_location('studies', {str(studies)!r})\n"
+          "mod = importlib.util.module_from_spec(spec); sys.modules['studies'] = mod; spec.loader.exec_module(mod)\n"
+          "os.nice(7)\n"
+          f"rc = mod._train([sys.executable, '-c', {child!r}])[0]\n"
+          "print(os.getsid(0), rc)\n")
+  if not pathlib.Path("/proc/self/autogroup").exists():  # a kernel without autogroups: nice works as it is
+    return
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  (child_sid, child_nice), (study_sid, rc) = (line.split() for line in out.stdout.splitlines())
+  assert rc == "0" and child_sid != study_sid  # a session (and autogroup) of its own ...
+  assert child_nice == "7"  # ... at the study's niceness
