@@ -367,10 +367,11 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
              "equal-FLOPs point (TFLOPs)": f"{fmin / 1e12:.2f}"}
       row["eval loss"] = _pm(*mean_se([final[arm, r.seed] for r in rs]), 3)
       paired = [r.seed for r in rs if (REFERENCE, r.seed) in final]
-      row["Δ vs dense (paired)"] = _pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) if (
+      pn = "" if len(paired) == len(rs) else f" (n={len(paired)})"  # a seed whose dense partner has not run yet
+      row["Δ vs dense (paired)"] = _pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
       row["loss @ equal FLOPs"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
-      row["Δ @ equal FLOPs (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) if (
+      row["Δ @ equal FLOPs (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
       keys = {k: k for k in CLIP_KEYS} if study == "clip_up" else LM_KEYS
       for k, name in keys.items():

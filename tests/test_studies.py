@@ -166,6 +166,14 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   assert 300 * dense_step + 150 * moe_step < 600 * dense_step  # the point lies between steps 450 and 600
   assert rows["upcycled"][key] == f"{np.mean(at):.3f} ± {np.std(at, ddof=1) / np.sqrt(2):.3f}", rows["upcycled"]
   assert rows["dense_continued"][key] == rows["dense_continued"]["eval loss"]
+  # a seed whose dense partner has not run yet counts in the arm's mean, not in the paired differences, which say so
+  runs3 = studies.plan("lm_upcycle", tmp_path, [0, 1, 2], [300])
+  by3 = {(r.arm, r.seed): r for r in runs3}
+  _fake_run(studies, by3["dense_pretrain", 2], {150: 4.0, 300: 3.0}, 1)
+  _fake_run(studies, by3["upcycled", 2], {450: 2.4, 600: 1.8}, 301)
+  up3 = {r["arm"]: r for r in studies.table(runs3, "lm_upcycle")}["upcycled"]
+  assert up3["seeds"] == 3 and up3["eval loss"] == f"{np.mean([1.8, 2.1, 1.8]):.3f} ± 0.100", up3
+  assert up3["Δ vs dense (paired)"] == "-0.100 ± 0.100 (n=2)" and up3["Δ @ equal FLOPs (paired)"].endswith(" (n=2)")
 
 
 def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent(tmp_path):
