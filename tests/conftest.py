@@ -7,10 +7,10 @@ import pathlib
 # The collective timeout: XLA:CPU aborts the whole process when the 8 device threads of one program have not all
 # reached a collective within 40 s, which happens on a loaded 2-core machine (scripts/test.sh runs two test
 # workers, and many tests start subprocesses). A hang still ends: the timeout becomes 10 minutes, not infinite.
-os.environ["XLA_FLAGS"] = " ".join([
-  os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-  *([] if "collective_call_terminate_timeout" in os.environ.get("XLA_FLAGS", "")
-    else ["--xla_cpu_collective_call_terminate_timeout_seconds=600"])]).strip()
+_xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+if "collective_call_terminate_timeout" not in _xla_flags:
+  _xla_flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+os.environ["XLA_FLAGS"] = _xla_flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MOEJAX_DATA_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".data" / "tfds"))

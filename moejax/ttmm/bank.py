@@ -90,9 +90,10 @@ def build_config(cfg: config.ExperimentConfig, to: str | pathlib.Path, progress:
   """Build (or resume) the bank `cfg` describes (`ttmm.clusters` experts on the base `init.peft_from`) in `to`:
   `moejax ttmm build` and `moejax train` of an experiment with a `ttmm` section both come here. A second build
   into a `to` that another process is building is a `ConfigError` (`paths.RunLock`)."""
-  lock = paths.RunLock(pathlib.Path(to), "directory", primary=jax.process_index() == 0)
+  to = pathlib.Path(to)
+  lock = paths.RunLock(to, "directory", primary=jax.process_index() == 0)
   try:
-    return _build_config(cfg, pathlib.Path(to), progress, mesh, embeddings, lock)
+    return _build_config(cfg, to, progress, mesh, embeddings, lock)
   finally:
     lock.release()
 
@@ -104,7 +105,6 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
     raise config.ConfigError("a TTMM bank needs its base run: set init.peft_from=RUN (a dense decoder's run dir)")
   base = paths.in_dir(cfg.init.peft_from, "init.peft_from")
   checkpoint.resolve_step_dir(base)
-  to = pathlib.Path(to)
   if to.resolve() == base.resolve():
     raise config.ConfigError(f"{to} is the base run itself; choose a new directory")
   if checkpoint.read_config(base).task != "lm":
@@ -118,7 +118,7 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
   if (to / "config.json").is_file() and not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
     raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
-  lock.acquire()  # an existing bank: before anything is read or written (a new one: once it is created, below)
+  lock.acquire()  # an existing `to`: before anything is read or written (a new one: once it is created, below)
   toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]
   t0 = time.perf_counter()
   es = experts.setup(cfg, mesh)
@@ -140,7 +140,6 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
     lock.acquire()
     cluster.save(to, names, labels, cent, emb, cfg.ttmm.seed)
   to.mkdir(parents=True, exist_ok=True)
-  lock.acquire()
   (to / "config.json").write_text(config.to_json(cfg))
   t = time.perf_counter()
   out = train(es, to, toks, cluster.members(np.asarray(labels), clusters), progress=progress)
