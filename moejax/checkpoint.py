@@ -285,6 +285,22 @@ class Manager:
     self._mngr.reload()
 
 
+def write_new_run(to: str | pathlib.Path, step: int, state: Any, cfg: config.ExperimentConfig,
+                  data_iter: Any | None = None, what: str = "--to") -> None:
+  """Write a new run into `to`: `config.json` and one step (usually params-only), under `paths.claim_new_run`'s
+  lock, so a second command writing into the same new directory stops instead of interleaving with this one.
+  `moejax upcycle`, `merge`, `import-hf` and `moejax.flax.save_run` save this way."""
+  from moejax import paths
+
+  to = pathlib.Path(to)
+  primary = jax.process_index() == 0
+  with paths.claim_new_run(to, what, primary):
+    if primary:
+      (to / "config.json").write_text(config.to_json(cfg))
+    with Manager(to, keep=cfg.train.keep_checkpoints) as mngr:
+      mngr.save(step, state, cfg, data_iter, force=True)
+
+
 def _data_state_fits_process_count(data_dir: pathlib.Path, source: str, kept: str = "") -> bool:
   """grain saves one `process_<i>-of-<n>.json` per process. A run with another process count (a resize) has no
   position to take over, and must not mistake the step for a damaged one: it warns (naming `source` and what

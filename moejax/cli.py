@@ -122,7 +122,6 @@ def cmd_upcycle(args) -> int:
   """Upcycle a dense run's newest checkpoint into `--exp`'s MoE model and save it as step N (or 0) of a new run
   in `--to`: the params and, when the run continues the dense step, the dense run's data position, but no
   optimizer state (`moejax train EXP --workdir TO` starts a fresh one, as `init.upcycle_from` would)."""
-  import jax
 
   from moejax import checkpoint, config, paths, registry, train
 
@@ -143,11 +142,7 @@ def cmd_upcycle(args) -> int:
   data_it = train.train_iterator(s)
   params, step = train.initial_params(s, data_it)  # also moves data_it to the dense run's position
   state = train.params_only_state(s, params, step)
-  if jax.process_index() == 0:
-    to.mkdir(parents=True, exist_ok=True)
-    (to / "config.json").write_text(config.to_json(cfg))
-  with checkpoint.Manager(to, keep=cfg.train.keep_checkpoints) as mngr:
-    mngr.save(step, state, cfg, data_it, force=True)  # params only: the trainer creates the optimizer state
+  checkpoint.write_new_run(to, step, state, cfg, data_it)  # params only: the trainer creates the optimizer state
   print(f"upcycled {args.source} -> {to}/checkpoints/{step} ({cfg.name}); continue with: "
         f"moejax train {args.exp} {' '.join(args.overrides)} --workdir {to}".rstrip())
   return 0

@@ -1,5 +1,6 @@
 """Resuming and evaluating a run with a config that differs from the saved one (resume.py), the damaged-checkpoint
-decision, the NaN guard's on-device count, object-store workdirs, and a second trainer in a run that is training."""
+decision, the NaN guard's on-device count, object-store workdirs, a second trainer in a run that is training, and
+two commands writing one new run."""
 
 import json
 import os
@@ -63,6 +64,41 @@ def test_a_second_trainer_in_a_run_that_is_training_is_refused_until_the_first_i
   lock.acquire()
   lock.release()
 
+
+def test_a_new_run_is_written_under_the_lock_and_checked_again_once_it_is_held(run, tmp_path, capsys):
+  """`moejax upcycle --to` (as `prune`, `merge`, `import-hf` and `moejax.flax.save_run`) writes its new run
+  under the same lock: a `--to` that another process holds is a one-line error that writes nothing there. The
+  check that `--to` holds no checkpoints is made again once the lock is held, so of two commands racing into one
+  new directory the second stops instead of writing over the first's run."""
+  to = tmp_path / "up"
+  to.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import sys; from moejax import paths; "
+                             "paths.RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
+                             str(to)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  argv = ["upcycle", "--from", str(run), "--exp", "lm_moe_tiny", *TINY_LM, "--to", str(to)]
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is in use by another moejax process" in err and str(to) in err and len(err.splitlines()) == 1, err
+    assert list(to.iterdir()) == []
+  finally:
+    holder.kill()
+    holder.wait()
+  assert cli.main(argv) == 0, capsys.readouterr().err
+  before = tree(to)
+  assert checkpoint.step_numbers(to)
+  # what a second command finds if the first wrote its run between the second's early check and its lock
+  with pytest.raises(config.ConfigError, match=r"already holds checkpoints \(another command wrote them"):
+    paths.claim_new_run(to)
+  assert tree(to) == before
+  lock = paths.RunLock(to)  # the refused claim let its lock go
+  lock.acquire()
+  lock.release()
+  with paths.claim_new_run(tmp_path / "new"):  # a claim is held until its block ends, and dropped after
+    with pytest.raises(config.ConfigError, match="is in use by another moejax process"):
+      paths.claim_new_run(tmp_path / "new")
+  paths.claim_new_run(tmp_path / "new").release()
 
 def test_eval_with_another_experiment_is_refused_and_the_run_left_untouched(run):
   before = tree(run)

@@ -41,10 +41,5 @@ def save_run(model: modules.Transformer, exp: config.ExperimentConfig, workdir: 
     raise FileExistsError(f"save_run: {root} already holds checkpoints; choose a new directory")
   s = train.setup(exp)
   state = train.params_only_state(s, model.params())
-  if jax.process_index() == 0:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(config.to_json(exp))
-  mngr = checkpoint.Manager(root, keep=exp.train.keep_checkpoints)
-  mngr.save(0, state, exp, force=True)
-  mngr.close()
+  checkpoint.write_new_run(root, 0, state, exp, what="save_run: workdir")
   return root

@@ -358,11 +358,7 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
                              "import keeps the checkpoint's architecture (upcycle it afterwards)")
   state = train.params_only_state(s, params)  # the trainer creates the optimizer state (see checkpoint)
   root = pathlib.Path(to)
-  if jax.process_index() == 0:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(config.to_json(exp))
-  with checkpoint.Manager(root, keep=exp.train.keep_checkpoints) as mngr:
-    mngr.save(0, state, exp, force=True)
+  checkpoint.write_new_run(root, 0, state, exp)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"imported {path} ({read_config(path).get('model_type')}, {n:,} params) into {root} "
         f"as step 0; config {model_cfg.__class__.__name__} in {root / 'config.json'}")

@@ -33,10 +33,5 @@ def merge_run(workdir: str | pathlib.Path, to: str | pathlib.Path) -> tuple[path
   out = train.setup(out_cfg, s.mesh)
   params = jax.jit(lambda b, p: trainer.merged_params(s, b, p), out_shardings=out.param_shardings)(
     s.hooks.base, state["params"])
-  if jax.process_index() == 0:
-    to.mkdir(parents=True, exist_ok=True)
-    (to / "config.json").write_text(config.to_json(out_cfg))
-  m = checkpoint.Manager(to, keep=out_cfg.train.keep_checkpoints)
-  m.save(step, train.params_only_state(out, params, step), out_cfg, force=True)
-  m.close()
+  checkpoint.write_new_run(to, step, train.params_only_state(out, params, step), out_cfg)
   return to, step

@@ -90,7 +90,7 @@ def run(args) -> int:
 
   import jax
 
-  from moejax import checkpoint, sharding, train
+  from moejax import checkpoint, paths, sharding, train
   from moejax.layers import moe
 
   # top-1 renormalized is what a pruned Mixtral computes at k=1; the warning is about training, not this
@@ -105,54 +105,54 @@ def run(args) -> int:
   params, step = checkpoint.load_params(plan["src"], abstract)
   ev = fitness.Evaluator(params, cfg, keep=args.keep, top_k=top_k, batch=batch)
   t0 = time.time()
-  to.mkdir(parents=True, exist_ok=True)
-  archive = []
-  if args.method == "eep":
-    bar = None
-    if not args.no_progress:
-      from tqdm import tqdm
+  with paths.claim_new_run(to, "--to"):  # held from the search's first result file to the checkpoint
+    archive = []
+    if args.method == "eep":
+      bar = None
+      if not args.no_progress:
+        from tqdm import tqdm
 
-      bar = tqdm(total=sc.budget, unit="eval", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=sc.budget, unit="eval", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(n, total, best):
+      def progress(n, total, best):
+        if bar is not None:
+          bar.n = n
+          bar.set_postfix(best=f"{best:.2f}")
+          bar.refresh()
+
+      archive = search.run(ev, L, args.keep, m.num_experts, sc, archive_path=to / "prune_archive.json",
+                           meta={"from": str(plan["src"]), "task": args.task, "top_k": top_k,
+                                 "calibration": len(pairs)}, progress=progress)
       if bar is not None:
-        bar.n = n
-        bar.set_postfix(best=f"{best:.2f}")
-        bar.refresh()
-
-    archive = search.run(ev, L, args.keep, m.num_experts, sc, archive_path=to / "prune_archive.json",
-                         meta={"from": str(plan["src"]), "task": args.task, "top_k": top_k,
-                               "calibration": len(pairs)}, progress=progress)
-    if bar is not None:
-      bar.close()
-    chosen = search.best(archive)
-  else:
-    cand = baselines.candidate(args.method, params, cfg.model, batch, args.keep, args.seed)
-    chosen = {"cand": cand, **ev([cand])[0]}
-  mapped = candidates.is_mapped_output(cfg.model, chosen["cand"])
-  out_params = candidates.apply(params, cfg.model, chosen["cand"], mapped=mapped)
-  out_cfg = config.derive(cfg, {"model.moe.num_experts": args.keep, "model.moe.top_k": top_k,
-                                "model.moe.router_map_from": m.num_experts if mapped else 0})
-  s = train.setup(out_cfg)
-  (to / "config.json").write_text(config.to_json(out_cfg))
-  with checkpoint.Manager(to, keep=out_cfg.train.keep_checkpoints) as mngr:
-    mngr.save(step, train.params_only_state(s, out_params, step), out_cfg, force=True)
-  keep_LK = candidates.as_selection(chosen["cand"])
-  summary = {
-    "from": str(plan["src"]), "step": step, "task": args.task, "method": args.method, "keep": args.keep,
-    "top_k": top_k, "mapped": mapped, "calibration_examples": len(pairs), "metric": sc.metric,
-    "calibration": {"exact_match": chosen["exact_match"], "ce_loss": chosen["ce_loss"]},
-    "unpruned_calibration": ev.plain(),
-    "kept_experts": None if keep_LK is None else keep_LK.tolist(),
-    "candidate": candidates.to_json(chosen["cand"]), "seconds": round(time.time() - t0, 1),
-  }
-  if archive:
-    best_sel = search.best(archive, selections_only=True)
-    summary.update(evaluations=len(archive), curve=search.curve(archive),
-                   best_pruning={"exact_match": best_sel["exact_match"], "ce_loss": best_sel["ce_loss"],
-                                 "kept_experts": candidates.as_selection(best_sel["cand"]).tolist()})
-  (to / "prune.json").write_text(json.dumps(summary, indent=1))
-  print(f"pruned {plan['src']} -> {to}/checkpoints/{step}: {m.num_experts} -> {args.keep} experts, top-{top_k}, "
-        f"{args.method}{' (merged: router/map)' if mapped else ''}; calibration {args.task} exact match "
-        f"{chosen['exact_match']:.3f} (unpruned {summary['unpruned_calibration']['exact_match']:.3f})")
+        bar.close()
+      chosen = search.best(archive)
+    else:
+      cand = baselines.candidate(args.method, params, cfg.model, batch, args.keep, args.seed)
+      chosen = {"cand": cand, **ev([cand])[0]}
+    mapped = candidates.is_mapped_output(cfg.model, chosen["cand"])
+    out_params = candidates.apply(params, cfg.model, chosen["cand"], mapped=mapped)
+    out_cfg = config.derive(cfg, {"model.moe.num_experts": args.keep, "model.moe.top_k": top_k,
+                                  "model.moe.router_map_from": m.num_experts if mapped else 0})
+    s = train.setup(out_cfg)
+    (to / "config.json").write_text(config.to_json(out_cfg))
+    with checkpoint.Manager(to, keep=out_cfg.train.keep_checkpoints) as mngr:
+      mngr.save(step, train.params_only_state(s, out_params, step), out_cfg, force=True)
+    keep_LK = candidates.as_selection(chosen["cand"])
+    summary = {
+      "from": str(plan["src"]), "step": step, "task": args.task, "method": args.method, "keep": args.keep,
+      "top_k": top_k, "mapped": mapped, "calibration_examples": len(pairs), "metric": sc.metric,
+      "calibration": {"exact_match": chosen["exact_match"], "ce_loss": chosen["ce_loss"]},
+      "unpruned_calibration": ev.plain(),
+      "kept_experts": None if keep_LK is None else keep_LK.tolist(),
+      "candidate": candidates.to_json(chosen["cand"]), "seconds": round(time.time() - t0, 1),
+    }
+    if archive:
+      best_sel = search.best(archive, selections_only=True)
+      summary.update(evaluations=len(archive), curve=search.curve(archive),
+                     best_pruning={"exact_match": best_sel["exact_match"], "ce_loss": best_sel["ce_loss"],
+                                   "kept_experts": candidates.as_selection(best_sel["cand"]).tolist()})
+    (to / "prune.json").write_text(json.dumps(summary, indent=1))
+    print(f"pruned {plan['src']} -> {to}/checkpoints/{step}: {m.num_experts} -> {args.keep} experts, top-{top_k}, "
+          f"{args.method}{' (merged: router/map)' if mapped else ''}; calibration {args.task} exact match "
+          f"{chosen['exact_match']:.3f} (unpruned {summary['unpruned_calibration']['exact_match']:.3f})")
   return 0
