@@ -55,10 +55,24 @@ PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
 HEARTBEAT="${MOEJAX_HEARTBEAT_S:-60}"
 GRACE="${MOEJAX_LAUNCH_GRACE_S:-$((2 * HEARTBEAT + 30))}"
 
+# Both become SIGTERM, the signal `moejax train` checkpoints on. A forwarded SIGINT would do nothing: processes
+# started with & by a non-interactive shell ignore SIGINT, so a Ctrl-C to the launcher never stopped them. The
+# traps are set before the first process starts: a signal while they start reaches those already started, and
+# no more are started (with the traps set after, a Ctrl-C then killed the launcher and left them running).
+PIDS=()
+STOP=""
+forward() {
+  STOP="$1"
+  echo "launch_local: got SIG$1, forwarding SIGTERM to all ${#PIDS[@]} processes (they checkpoint and exit)" >&2
+  for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
 echo "launch_local: $N processes x $D CPU devices, coordinator 127.0.0.1:$PORT: ${BIN[*]} train ${ARGS[*]}" >&2
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-PIDS=()
 for ((i = 0; i < N; i++)); do
+  [ -n "$STOP" ] && break  # stopped while starting: start no more
   # The process substitution keeps $! the pid of moejax itself (not of the prefixing sed), so its exit status
   # and forwarded signals reach the right process.
   "${BIN[@]}" train "${ARGS[@]}" --coordinator "127.0.0.1:$PORT" --num-processes "$N" --process-id "$i" \
@@ -66,21 +80,21 @@ for ((i = 0; i < N; i++)); do
   PIDS+=("$!")
   echo "launch_local: process $i: pid $!" >&2
 done
-
-# Both become SIGTERM, the signal `moejax train` checkpoints on. A forwarded SIGINT would do nothing: processes
-# started with & by a non-interactive shell ignore SIGINT, so a Ctrl-C to the launcher never stopped them.
-forward() {
-  echo "launch_local: got SIG$1, forwarding SIGTERM to all $N processes (they checkpoint and exit)" >&2
+STARTED=${#PIDS[@]}
+if [ -n "$STOP" ]; then  # a signal between a process's fork and its pid's recording missed that one: send again
   for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done
-}
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+fi
+STOPPED_EARLY=""
+if [ -n "$STOP" ] && [ "$STARTED" -lt "$N" ]; then
+  STOPPED_EARLY=1
+  echo "launch_local: stopped by SIG$STOP after starting $STARTED of $N processes" >&2
+fi
 
 declare -A RC=()
 FIRST_FAIL=""
 FAIL_AT=""
-while [ "${#RC[@]}" -lt "$N" ]; do
-  for ((i = 0; i < N; i++)); do
+while [ "${#RC[@]}" -lt "$STARTED" ]; do
+  for ((i = 0; i < STARTED; i++)); do
     [ -n "${RC[$i]+x}" ] && continue
     if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
       wait "${PIDS[$i]}"; rc=$?
@@ -92,7 +106,7 @@ while [ "${#RC[@]}" -lt "$N" ]; do
     fi
   done
   if [ -n "$FIRST_FAIL" ] && [ $((SECONDS - FAIL_AT)) -gt "$GRACE" ]; then
-    for ((i = 0; i < N; i++)); do
+    for ((i = 0; i < STARTED; i++)); do
       if [ -z "${RC[$i]+x}" ]; then
         echo "launch_local: process $i still running ${GRACE}s after process $FIRST_FAIL failed: killing it" >&2
         kill -KILL "${PIDS[$i]}" 2>/dev/null || true
@@ -105,8 +119,12 @@ done
 wait  # the output prefixers
 if [ -n "$FIRST_FAIL" ]; then
   summary=""
-  for ((i = 0; i < N; i++)); do summary+=" p$i=${RC[$i]}"; done
+  for ((i = 0; i < STARTED; i++)); do summary+=" p$i=${RC[$i]}"; done
   echo "launch_local: FAILED (exit statuses:$summary); re-run the same command to resume from the last checkpoint" >&2
   exit "${RC[$FIRST_FAIL]}"
+fi
+if [ -n "$STOPPED_EARLY" ]; then
+  echo "launch_local: stopped while starting; re-run the same command to start (or resume) the run" >&2
+  [ "$STOP" = INT ] && exit 130 || exit 143
 fi
 echo "launch_local: all $N processes finished" >&2

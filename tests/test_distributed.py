@@ -405,6 +405,42 @@ def test_launch_local_forwards_sigterm_or_ctrl_c_to_every_process_as_sigterm(tmp
   assert f"got {sig.name}, forwarding SIGTERM to all 2 processes" in err
 
 
+def test_launch_local_stopped_while_it_starts_processes_leaves_none_running(tmp_path):
+  """A Ctrl-C that arrives while the launcher is still starting processes (the header is printed, the processes
+  are not all up): those already started get SIGTERM, no more are started, and the launcher exits. With its
+  traps set only after every process had started, such a signal killed the launcher and left them running."""
+  p = _launch(tmp_path, 4, "x", mode="term")
+  err_lines = [p.stderr.readline()]
+  assert err_lines[0].startswith("launch_local: 4 processes"), err_lines
+  p.send_signal(signal.SIGINT)
+  try:
+    p.wait(timeout=30)
+  except subprocess.TimeoutExpired:
+    os.killpg(p.pid, signal.SIGKILL)
+    raise AssertionError("SIGINT while starting did not stop the launcher") from None
+  # Nothing is left in the launcher's process group: every process it started has exited (their output
+  # prefixers, children of the processes, may take a moment to see end of input and go).
+  deadline = time.monotonic() + 10
+  while True:
+    try:
+      os.killpg(p.pid, 0)
+    except ProcessLookupError:
+      break
+    if time.monotonic() > deadline:
+      os.killpg(p.pid, signal.SIGKILL)
+      raise AssertionError("processes still running after the launcher exited")
+    time.sleep(0.05)
+  # not communicate(): it reads the pipes' descriptors and would miss what readline() has buffered already
+  err = err_lines[0] + p.stderr.read()
+  assert "got SIGINT, forwarding SIGTERM" in err, err
+  pids = [x for x in err.splitlines() if ": pid " in x]
+  out = p.stdout.read()
+  if len(pids) < 4:
+    assert f"stopped by SIGINT after starting {len(pids)} of 4 processes" in err, err
+  # exit 0 only when all four started and checkpointed (one stopped before its handler was set exits 143)
+  assert (p.returncode == 0) == (out.count("checkpointed") == len(pids) == 4), (p.returncode, out, err)
+
+
 @pytest.mark.parametrize("args, message", [
   (["0", "x"], "N must be a positive integer, got '0'"),
   (["2", "x", "--process-id", "1"], "--process-id is set by the launcher"),
