@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-17 studies, resumable (finished runs are skipped), then figures in docs/img/ and a table:
-#   scripts/studies.sh clip_up      CLIP-UP on moejax_scenes: 2 budgets x 3 seeds (~17.5 CPU-hours at measured rates)
-#   scripts/studies.sh lm_upcycle   LM upcycling on the mixture: +300/+1,500/+3,000 x 3 seeds (~5.7 CPU-hours)
+#   scripts/studies.sh clip_up      CLIP-UP on moejax_scenes: 2 budgets x 3 seeds (15.3 CPU-hours recorded)
+#   scripts/studies.sh lm_upcycle   LM upcycling on the mixture: +300/+1,500/+3,000 x 3 seeds (5.4 CPU-hours recorded)
 #   scripts/studies.sh capacity     the tiny vs a 4x larger dense CLIP on moejax_scenes (seed 0; clip_up's own runs)
 # Options after the study: --seeds 0 1 2 --budgets 300 --arms clip_up dense_continued --root runs/studies
 #   --report-only --partial --dry-run   (python scripts/studies.py --help)
