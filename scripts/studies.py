@@ -13,7 +13,8 @@ resumes from its newest checkpoint (moejax train does). SIGTERM or Ctrl-C stops 
 and result, and the study's timings, novel-split evals and table, are copied to results/studies/ (kept in git;
 --record to change); a fresh clone restores them, so its reports draw the recorded runs and the study skips them
 (a recorded parent whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall
-time and CPU time (this process's children) go to ROOT/STUDY/timings.json; the summary states the study's total
+time and CPU time (this process's children) go to ROOT/STUDY/timings.json (keyed bB/sS/ARM, not by path, so a
+record restored under another --root still matches); the summary states the study's total
 wall time and CPU-hours. Figures go to docs/img/study_<STUDY>_*.png (--img to change), the table to
 ROOT/STUDY/table.md (and stdout).
 
@@ -195,13 +196,26 @@ def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, st
   return n
 
 
+def run_key(r: Run) -> str:
+  """A run's key in its study's JSON caches (timings, novel-split evals): its place in the study, `b300/s0/clip_up`,
+  not its path, so the record restored under another `--root` still matches its runs."""
+  return f"b{r.budget}/s{r.seed}/{r.arm}"
+
+
+def read_cache(path: pathlib.Path) -> dict[str, dict]:
+  """A study's JSON cache by `run_key`; older caches keyed by the run's path (`runs/studies/clip_up/b300/s0/clip_up`)
+  read the same (their last three parts are the key)."""
+  data = json.loads(path.read_text()) if path.exists() else {}
+  return {"/".join(pathlib.PurePosixPath(k).parts[-3:]): v for k, v in data.items()}
+
+
 def _merge_json(path: pathlib.Path, key: str, value: dict) -> None:
   """Set one entry of a JSON cache: read, update and atomically replace it under an exclusive lock, so that study
   processes sharing a root (two arms run side by side) keep each other's entries."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path.with_name(f".{path.name}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_cache(path)
     data[key] = value
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
@@ -217,9 +231,8 @@ def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
     print(f"studies: [{i + 1}/{len(todo_runs)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
     cmd = _command(r)
     rc, wall, cpu, stopped = _train(cmd)
-    key = str(r.workdir)  # the time is recorded even for a run stopped or failed part-way: it was spent
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    prev = timings.get(key, {"wall_s": 0.0, "cpu_s": 0.0})
+    key = run_key(r)  # the time is recorded even for a run stopped or failed part-way: it was spent
+    prev = read_cache(timings_path).get(key, {"wall_s": 0.0, "cpu_s": 0.0})
     _merge_json(timings_path, key, {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
     if stopped:
       print(f"studies: stopped by signal {stopped}; {r.workdir} saved a checkpoint at its last step and resumes "
@@ -285,16 +298,15 @@ PARENTS = ("dense_pretrain", "dense_shared_pretrain")
 def novel_eval(runs: list[Run], cache_path: pathlib.Path) -> dict[str, dict]:
   """Each finished CLIP run's last checkpoint evaluated on moejax_scenes' `novel` split (512 scenes, every one
   with a held-out shape-colour composition), by `moejax eval` (read-only), cached in `cache_path` by step."""
-  cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+  cache = read_cache(cache_path)
   for r in [r for r in _finished(runs) if r.arm not in PARENTS]:
-    key = str(r.workdir)
-    if cache.get(key, {}).get("step") == r.steps or not _has_checkpoint(r.workdir):  # restored: no checkpoint
+    if cache.get(run_key(r), {}).get("step") == r.steps or not _has_checkpoint(r.workdir):  # restored: none
       continue
-    print(f"studies: novel-split eval of {key}", flush=True)
-    cmd = [sys.executable, "-m", "moejax.cli", "eval", "--workdir", key, "data.eval_split=novel"]
+    print(f"studies: novel-split eval of {r.workdir}", flush=True)
+    cmd = [sys.executable, "-m", "moejax.cli", "eval", "--workdir", str(r.workdir), "data.eval_split=novel"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    _merge_json(cache_path, key, json.loads(out[out.index("{"):]))
-  return json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    _merge_json(cache_path, run_key(r), json.loads(out[out.index("{"):]))
+  return read_cache(cache_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,7 +391,7 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
         if all(len(v) for v in vals):
           pct = k in CLIP_KEYS or k.endswith("exact_match")
           row[name] = _pm(*mean_se([(100 if pct else 1) * v[-1] for v in vals]), 1 if pct else 3)
-      nov = [novel[str(r.workdir)] for r in rs if novel and str(r.workdir) in novel and not _STEP_CAP]
+      nov = [novel[run_key(r)] for r in rs if novel and run_key(r) in novel and not _STEP_CAP]
       if nov:
         n = "" if len(nov) == len(rs) else f" (n={len(nov)})"  # not every seed evaluated on it yet
         row["novel loss"] = _pm(*mean_se([x["contrastive_loss"] for x in nov]), 3) + n
@@ -427,7 +439,7 @@ def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
     paired = [r.seed for r in rs if ("clip_up", r.seed) in final]
     drops = [_dropped(r) for r in rs]
     slot = [_slot_flops(r, curves[r][0]) for r in rs]
-    cpu = [timings[str(r.workdir)]["cpu_s"] / b for r in rs if str(r.workdir) in timings]  # evals included
+    cpu = [timings[run_key(r)]["cpu_s"] / b for r in rs if run_key(r) in timings]  # evals included
     rows.append({
       "budget": f"+{b}", "arm": arm, "dispatch": "dropless" if arm == "clip_up" else f"capacity {arm[10:]}",
       "seeds": len(rs), "eval loss": _pm(*mean_se([final[arm, r.seed] for r in rs]), 3),
@@ -666,11 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     novel = None
     if a.study == "clip_up":
       cache = root / a.study / "novel.json"
-      novel = novel_eval(runs, cache) if not a.report_only else (
-        json.loads(cache.read_text()) if cache.exists() else None)
+      novel = novel_eval(runs, cache) if not a.report_only else (read_cache(cache) or None)
     md = report.markdown_table(table(runs, a.study, novel))
     if a.study == "clip_up":
-      cap_rows = capacity_table(runs, json.loads(timings_path.read_text()) if timings_path.exists() else {})
+      cap_rows = capacity_table(runs, read_cache(timings_path))
       if cap_rows:
         md += "\n\nThe capacity factor (CLIP-UP from the same dense parent, paired by seed):\n\n"
         md += report.markdown_table(cap_rows)
@@ -678,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     (root / a.study).mkdir(parents=True, exist_ok=True)
     (root / a.study / "table.md").write_text(md + "\n")
     print(md)
-  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-  mine = [timings[str(r.workdir)] for r in runs if str(r.workdir) in timings]
+  timings = read_cache(timings_path)
+  mine = [timings[run_key(r)] for r in runs if run_key(r) in timings]
   print(f"studies: {a.study}: this invocation {time.time() - t0:.0f} s wall; recorded runs ({len(mine)} of "
         f"{len(runs)}): {sum(t['wall_s'] for t in mine) / 3600:.2f} h wall, "
         f"{sum(t['cpu_s'] for t in mine) / 3600:.2f} CPU-hours; load average {os.getloadavg()[0]:.1f} on "

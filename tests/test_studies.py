@@ -1,6 +1,7 @@
 """The issue-17 study experiments: their tiny twins train two steps, grouped so that each distinct program
 compiles once (budget variants differ from a trained twin only in run length, checked here field by field)."""
 
+import json
 import sys
 
 import jax
@@ -110,7 +111,6 @@ def _studies():
 
 def _fake_run(studies, r, evals: dict[int, float], first_train_step: int) -> None:
   """A run dir as moejax train leaves it, for the aggregation: its resolved config and metric rows."""
-  import json
 
   cfg = config.apply_overrides(registry.get(r.experiment), r.overrides)
   r.workdir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,9 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   _fake_run(studies, by["dense_continued"], {150: 4.0, 300: 3.0, 450: 2.5, 600: 2.0}, 1)
   _fake_run(studies, by["upcycled"], {450: 2.4}, 301)  # cut short at step 450 of 600
   assert [r.arm for r in studies.todo(runs)] == ["upcycled"]  # its parent still has its checkpoint
-  (root / "lm_upcycle" / "timings.json").write_text('{"x": {"wall_s": 1.0, "cpu_s": 1.0}}')
+  # a timings file from before caches were keyed by run_key: keyed by the run's path under this root
+  (root / "lm_upcycle" / "timings.json").write_text(json.dumps(
+    {str(by["dense_continued"].workdir): {"wall_s": 2.0, "cpu_s": 1.0}}))
   assert studies.save_record(runs, root, record, root / "lm_upcycle") == 3
   assert not list(record.rglob("checkpoints")) and (record / "lm_upcycle" / "timings.json").exists()
 
@@ -197,6 +199,12 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 3
   for r, r2 in zip(runs, runs2):
     assert (r2.workdir / "metrics.jsonl").read_text() == (r.workdir / "metrics.jsonl").read_text()
+  # the recorded time is found under the clone's other root too (and an entry added now keeps the old one)
+  assert studies.read_cache(root2 / "lm_upcycle" / "timings.json") == {
+    studies.run_key(runs2[1]): {"wall_s": 2.0, "cpu_s": 1.0}}
+  studies._merge_json(root2 / "lm_upcycle" / "timings.json", studies.run_key(runs2[2]), {"wall_s": 3.0, "cpu_s": 2.0})
+  assert json.loads((root2 / "lm_upcycle" / "timings.json").read_text()) == {
+    "b300/s0/dense_continued": {"wall_s": 2.0, "cpu_s": 1.0}, "b300/s0/upcycled": {"wall_s": 3.0, "cpu_s": 2.0}}
   # the upcycled run resumes from nothing, so its parent (no checkpoint in the clone) trains again first
   assert [r.arm for r in studies.todo(runs2)] == ["dense_pretrain", "upcycled"]
   # a directory that exists is never touched by a restore
@@ -208,7 +216,6 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
 def test_study_caches_keep_every_entry_when_two_writers_share_a_root(tmp_path):
   """Two study invocations side by side (e.g. two arms) write the same timings.json / novel.json: each write
   re-reads the file under a lock, so neither loses the other's entries, and no temporary file is left."""
-  import json
   import threading
 
   studies = _studies()
@@ -233,7 +240,6 @@ def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_p
   """The capacity knob's table: each factor against dropless CLIP-UP of the same seed, the dropped fraction per
   tower from the train rows, training FLOPs with the capacity buffers counted (more than the routed FLOPs, by
   the hand count of the extra slots), and CPU-seconds per sparse step from the timings."""
-  import json
 
   from moejax import checkpoint
   from moejax.layers import router
@@ -250,7 +256,7 @@ def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_p
       for step, v in ((302, 0.1), (303, 0.2)):
         f.write(json.dumps({"split": "train", "step": step, "moe/vision/1/dropped_fraction": v,
                             "moe/vision/3/dropped_fraction": v, "moe/text/1/dropped_fraction": 0.0}) + "\n")
-  timings = {str(by["clip_up_cf1.0", s].workdir): {"wall_s": 1.0, "cpu_s": 600.0 + 60 * s} for s in (0, 1)}
+  timings = {studies.run_key(by["clip_up_cf1.0", s]): {"wall_s": 1.0, "cpu_s": 600.0 + 60 * s} for s in (0, 1)}
   rows = {r["arm"]: r for r in studies.capacity_table(runs, timings)}
   assert list(rows) == ["clip_up", "clip_up_cf1.0"]
   cf = rows["clip_up_cf1.0"]
@@ -277,7 +283,6 @@ def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_p
 def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent(tmp_path):
   """SIGTERM to the study reaches the running child as SIGTERM (moejax train checkpoints on it); the study then
   records the child's wall and CPU time under the run and exits 128 + 15, and its own handlers are restored."""
-  import json
   import os
   import signal
   import threading
@@ -315,7 +320,7 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
     assert e.code == 128 + signal.SIGTERM
   assert seen.exists()  # the child got SIGTERM and exited by its own handler, not killed
   assert int(seen.read_text()) != os.getsid(0)  # its own session: a terminal's Ctrl-C reaches only the study
-  t = json.loads(timings.read_text())[str(runs[0].workdir)]
+  t = json.loads(timings.read_text())[studies.run_key(runs[0])]
   assert t["cpu_s"] >= 0.5 and t["wall_s"] >= 0.5, t  # the child's busy loop is counted
   assert signal.getsignal(signal.SIGTERM) is before
 
