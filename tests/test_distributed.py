@@ -345,8 +345,11 @@ def _launch(tmp_path, n, *args, mode="ok", **env):
   fake = tmp_path / "fake_moejax.py"
   fake.write_text(FAKE)
   e = dict(os.environ, MOEJAX_BIN=f"{sys.executable} {fake}", FAKE_MODE=mode, **env)
+  # SIGINT at its default in the launcher: a test run started as a background job (`pytest ... &` from a script)
+  # ignores SIGINT, and bash cannot trap a signal that was ignored when it started, as a terminal's launcher can.
   return subprocess.Popen(["bash", str(LAUNCH), str(n), *args], env=e, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_launch_local_passes_args_and_prefixes_output(tmp_path):
