@@ -61,10 +61,11 @@ GRACE="${MOEJAX_LAUNCH_GRACE_S:-$((2 * HEARTBEAT + 30))}"
 # no more are started (with the traps set after, a Ctrl-C then killed the launcher and left them running).
 PIDS=()
 STOP=""
+term_all() { for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done; }
 forward() {
   STOP="$1"
   echo "launch_local: got SIG$1, forwarding SIGTERM to all ${#PIDS[@]} processes (they checkpoint and exit)" >&2
-  for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done
+  term_all
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
@@ -81,12 +82,8 @@ for ((i = 0; i < N; i++)); do
   echo "launch_local: process $i: pid $!" >&2
 done
 STARTED=${#PIDS[@]}
-if [ -n "$STOP" ]; then  # a signal between a process's fork and its pid's recording missed that one: send again
-  for p in "${PIDS[@]}"; do kill -s TERM "$p" 2>/dev/null || true; done
-fi
-STOPPED_EARLY=""
+[ -n "$STOP" ] && term_all  # a signal between a process's fork and its pid's recording missed that one
 if [ -n "$STOP" ] && [ "$STARTED" -lt "$N" ]; then
-  STOPPED_EARLY=1
   echo "launch_local: stopped by SIG$STOP after starting $STARTED of $N processes" >&2
 fi
 
@@ -123,7 +120,7 @@ if [ -n "$FIRST_FAIL" ]; then
   echo "launch_local: FAILED (exit statuses:$summary); re-run the same command to resume from the last checkpoint" >&2
   exit "${RC[$FIRST_FAIL]}"
 fi
-if [ -n "$STOPPED_EARLY" ]; then
+if [ -n "$STOP" ] && [ "$STARTED" -lt "$N" ]; then
   echo "launch_local: stopped while starting; re-run the same command to start (or resume) the run" >&2
   [ "$STOP" = INT ] && exit 130 || exit 143
 fi
