@@ -72,8 +72,12 @@ def step_config(step_dir: pathlib.Path) -> config.ExperimentConfig:
   try:
     return config.from_dict(config.ExperimentConfig, data)
   except config.ConfigError as e:
-    raise CheckpointError(f"{f} holds a config this moejax does not accept ({e}); start over in a new --workdir"
-                          ) from None
+    what = NEWER_RUN if "unknown key" in str(e) else "start over in a new --workdir"
+    raise CheckpointError(f"{f} holds a config this moejax does not accept ({e}); {what}") from None
+
+
+# A saved config with keys this moejax does not know: refused (never guessed at, never rewritten).
+NEWER_RUN = "not a moejax run, or one written by a newer moejax: upgrade moejax to use it"
 
 
 def _params_only(step_dir: pathlib.Path) -> bool:
@@ -328,8 +332,29 @@ def read_config(path: str | pathlib.Path) -> config.ExperimentConfig:
       try:
         return config.from_dict(config.ExperimentConfig, read_json(c))
       except config.ConfigError as e:
-        raise config.ConfigError(f"{c}: {e}" if str(c) not in str(e) else str(e)) from None
+        msg = f"{c}: {e}" if str(c) not in str(e) else str(e)
+        if "unknown key" in msg:
+          msg += f" ({NEWER_RUN})"
+        raise config.ConfigError(msg) from None
   raise FileNotFoundError(f"no moejax config found under {p} (looked for {', '.join(map(str, candidates[:3]))})")
+
+
+def read_model_config(path: str | pathlib.Path, verb: str) -> config.ExperimentConfig:
+  """`read_config` of a run whose checkpoints hold a whole model, for a verb that needs one (`verb`: what the
+  message calls it, e.g. "export-hf" or "upcycle --from"). A fine-tune's checkpoints hold only adapters and a TTMM
+  bank's only its experts: each is a ConfigError saying what to do instead."""
+  exp = read_config(path)
+  if exp.ttmm.clusters > 0:
+    raise config.ConfigError(
+      f"{path} is a TTMM bank ({exp.ttmm.clusters} LoRA experts on {exp.init.peft_from}), not a model, and {verb} "
+      f"needs a model's run: use the bank with `moejax generate --workdir BASE --ttmm {path}` or "
+      f"`moejax ttmm eval --bank {path}`")
+  if exp.peft.method != "none":
+    raise config.ConfigError(
+      f"{path} is a fine-tuning run (peft.method={exp.peft.method}; its checkpoints hold adapters on "
+      f"{exp.init.peft_from}), and {verb} needs a whole model: fold the adapters in first with "
+      f"`moejax merge --workdir {path} --to DIR`, then use DIR")
+  return exp
 
 
 def resolve_step_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:

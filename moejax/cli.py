@@ -16,12 +16,31 @@ import sys
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """What a user's input can cause: named files that are missing, unreadable, truncated or of the wrong kind
-  (OS, JSON and safetensors errors name the file), and config errors."""
-  from safetensors import SafetensorError
-
+  (OS, JSON and safetensors errors name the file), and config errors. Imports nothing an extra brings: this is
+  the error path of every verb, and it must work in the base install."""
   from moejax import config, registry
 
-  return (config.ConfigError, registry.UnknownExperiment, OSError, json.JSONDecodeError, SafetensorError)
+  errors = (config.ConfigError, registry.UnknownExperiment, OSError, json.JSONDecodeError)
+  try:
+    from safetensors import SafetensorError
+  except ImportError:  # a broken or removed install; the base install carries it
+    return errors
+  return (*errors, SafetensorError)
+
+
+# Top-level modules that only an extra installs, and the extra that brings each: a verb (or flag) that needs
+# one answers, in the base install, with one line naming the extra instead of a ModuleNotFoundError traceback.
+EXTRA_FOR_MODULE = {"torch": "interop", "transformers": "interop", "tokenizers": "bpe"}
+
+
+def missing_extra(e: ImportError) -> str | None:
+  """The one-line message for an import of a module that only an extra installs, else None."""
+  top = (getattr(e, "name", None) or "").split(".")[0]
+  if top not in EXTRA_FOR_MODULE:
+    return None
+  extra = EXTRA_FOR_MODULE[top]
+  return (f"this needs {top!r}, which the base install does not carry: pip install -e '.[{extra}]' "
+          f"(or pip install 'moejax[{extra}]')")
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,6 +145,7 @@ def cmd_upcycle(args) -> int:
   from moejax import checkpoint, config, paths, registry, train
 
   paths.in_dir(args.source, "--from")
+  checkpoint.read_model_config(args.source, "upcycle --from")  # a fine-tune or a bank: say so, first
   cfg = config.derive(registry.get(args.exp, args.overrides), {"init.upcycle_from": args.source})
   if args.dry_run:
     from moejax import upcycle
@@ -175,19 +195,28 @@ def cmd_import_hf(args) -> int:
 
 def cmd_merge(args) -> int:
   _start(args)
+  from moejax import paths
   from moejax.peft import merge
 
-  to, step = merge.merge_run(args.workdir, args.to)
+  # the destination is checked before the merge, which reads and merges the whole model first
+  to, step = merge.merge_run(paths.in_dir(args.workdir), paths.out_dir(args.to, "--to"))
   print(f"merged {args.workdir} (step {step}) -> {to}/checkpoints/{step}; export with: moejax export-hf {to} --to DIR")
   return 0
 
 
 def cmd_export_hf(args) -> int:
-  from moejax import paths
+  from moejax import config, paths
   from moejax.interop import hf
 
-  paths.in_dir(args.workdir, "export-hf WORKDIR")
-  return hf.cli_export(args.workdir, str(paths.out_dir(args.to, "--to")), args.arch, dtype=args.dtype)
+  src = paths.in_dir(args.workdir, "export-hf WORKDIR")
+  to = paths.out_dir(args.to, "--to")
+  if to.is_dir():  # an export writes config.json and model*.safetensors: never over a run or an earlier export
+    held = sorted(p.name for p in to.iterdir()
+                  if p.name in ("config.json", "checkpoints") or p.name.endswith((".safetensors", ".safetensors.index.json")))
+    if to.resolve() == src.resolve() or held:
+      what = "is the run itself" if to.resolve() == src.resolve() else f"already holds {', '.join(held)}"
+      raise config.ConfigError(f"--to {to} {what}; export into a new or empty directory")
+  return hf.cli_export(args.workdir, str(to), args.arch, dtype=args.dtype)
 
 
 def cmd_ttmm(args) -> int:
@@ -339,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
   except _user_errors() as e:
     print(f"moejax: error: {one_line(e)}", file=sys.stderr)
+    return 2
+  except ImportError as e:
+    if (msg := missing_extra(e)) is None:
+      raise
+    print(f"moejax: error: {msg}", file=sys.stderr)
     return 2
 
 

@@ -295,6 +295,8 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   s = setup(cfg, mesh)
   # Before anything is created, moved or written: the run's own config must allow this one (resume.py).
   checkpoint.preflight(workdir, cfg)
+  if cfg.init.upcycle_from and not checkpoint.step_numbers(workdir):  # the source is read only on a fresh start
+    checkpoint.read_model_config(cfg.init.upcycle_from, "upcycling (init.upcycle_from)")
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
   lock.acquire()  # before anything is restored or written: no other process may be training here

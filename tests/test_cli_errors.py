@@ -12,6 +12,8 @@ these placeholders, built once per module (see `dirs`):
   {bad_json_hf}   {hf} with a truncated config.json
   {bad_st_hf}     {hf} with a truncated model.safetensors
   {moe_cfg}  a directory holding only the config.json of a tiny 8-expert top-2 MoE (prune checks it first)
+  {ft}       a 1-step LoRA fine-tune of {run} (its checkpoints hold adapters only)
+  {future_run}  {run} whose config.json carries a key this moejax does not know (a run from a newer moejax)
   {file}     an existing regular file     {empty}  an existing empty directory
   {new}      a path that does not exist yet (inside the test's own directory, which is also the cwd)
 `TINY` expands to the tiny config's overrides, so `["train", "lm_dense_tiny", TINY, ...]` names the same config
@@ -20,6 +22,7 @@ processes, which must print the same line and nothing else (no traceback, no orb
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -185,8 +188,38 @@ CASES = [
      msg="is the base run itself"),
   # merge
   _c("merge-not-a-finetuning-run", "merge", "--workdir", "{run}", "--to", "{new}", msg="is not a fine-tuning run"),
-  _c("merge-missing-workdir", "merge", "--workdir", "{new}", "--to", "{new}/out", msg="no moejax config found"),
-  _c("merge-workdir-is-file", "merge", "--workdir", "{file}", "--to", "{new}", msg="no moejax config found"),
+  _c("merge-missing-workdir", "merge", "--workdir", "{new}", "--to", "{new}/out", msg="does not exist"),
+  _c("merge-workdir-is-file", "merge", "--workdir", "{file}", "--to", "{new}", msg="is a file, not a directory"),
+  _c("merge-to-is-file", "merge", "--workdir", "{ft}", "--to", "{file}", msg="is an existing file"),
+  _c("merge-to-holds-a-run", "merge", "--workdir", "{ft}", "--to", "{run}", msg="already holds checkpoints"),
+  _c("merge-to-is-the-run", "merge", "--workdir", "{ft}", "--to", "{ft}", msg="is the run itself"),
+  # a fine-tune or a bank where a whole model's run belongs, and the reverse
+  _c("upcycle-from-finetune", "upcycle", "--from", "{ft}", "--exp", "lm_upcycle_tiny", TINY, "--to", "{new}",
+     msg="is a fine-tuning run (peft.method=lora"),
+  _c("upcycle-from-bank", "upcycle", "--from", "{bank}", "--exp", "lm_upcycle_tiny", TINY, "--to", "{new}",
+     msg="is a TTMM bank"),
+  _c("train-upcycle-from-finetune", "train", "lm_upcycle_tiny", TINY, "init.upcycle_from={ft}", "--workdir", "{new}",
+     msg="fold the adapters in first with `moejax merge"),
+  _c("export-from-finetune", "export-hf", "{ft}", "--to", "{new}", msg="fold the adapters in first"),
+  _c("export-from-bank", "export-hf", "{bank}", "--to", "{new}", msg="is a TTMM bank"),
+  _c("prune-from-finetune", "prune", "--from", "{ft}", "--keep", "4", "--task", "lookup", "--to", "{new}",
+     msg="is a fine-tuning run"),
+  _c("ttmm-build-from-finetune", "ttmm", "build", "--from", "{ft}", "--clusters", "2", "--to", "{new}",
+     msg="is a fine-tuning run"),
+  _c("ttmm-build-from-bank", "ttmm", "build", "--from", "{bank}", "--clusters", "2", "--to", "{new}",
+     msg="is a TTMM bank"),
+  _c("ttmm-build-to-is-a-run", "ttmm", "build", "--from", "{ttmm_base}", "--clusters", "2", "--to", "{run}",
+     msg="is not a TTMM bank (it holds an ordinary lm run)"),
+  _c("ttmm-build-to-is-a-finetune", "ttmm", "build", "--from", "{ttmm_base}", "--clusters", "2", "--to", "{ft}",
+     msg="is not a TTMM bank (it holds a lora fine-tune)"),
+  _c("ttmm-build-to-is-file", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{file}",
+     msg="is an existing file"),
+  # a run written by a newer moejax (a config key this one does not know): refused, never rewritten
+  _c("eval-newer-run", "eval", "--workdir", "{future_run}", msg="written by a newer moejax"),
+  _c("train-resume-newer-run", "train", "lm_dense_tiny", TINY, "--workdir", "{future_run}",
+     msg="written by a newer moejax"),
+  _c("generate-newer-run", "generate", "--workdir", "{future_run}", "--prompt", "hi", msg="written by a newer moejax"),
+  _c("export-newer-run", "export-hf", "{future_run}", "--to", "{new}", msg="written by a newer moejax"),
   # upcycle
   _c("upcycle-missing-from", "upcycle", "--from", "{new}", "--exp", "lm_moe_tiny", "--to", "{new}/to",
      msg="--from"),
@@ -237,6 +270,11 @@ CASES = [
   _c("export-truncated-config", "export-hf", "{bad_json_run}", "--to", "{new}", msg="config.json is not valid JSON"),
   _c("export-truncated-checkpoint", "export-hf", "{bad_ckpt_run}", "--to", "{new}", msg="cannot read the params"),
   _c("export-bad-arch", "export-hf", "{run}", "--to", "{new}", "--arch", "gpt9", msg="invalid choice: 'gpt9'"),
+  _c("export-to-is-the-run", "export-hf", "{run}", "--to", "{run}", msg="is the run itself"),
+  _c("export-to-holds-a-run", "export-hf", "{run}", "--to", "{bad_json_run}",
+     msg="already holds checkpoints, config.json"),
+  _c("export-to-holds-an-export", "export-hf", "{run}", "--to", "{hf}",
+     msg="already holds config.json, model.safetensors"),
   # prune
   _c("prune-keep-all", "prune", "--from", "{moe_cfg}", "--keep", "8", "--task", "lookup", "--to", "{new}",
      msg="--keep 8 must be in [1, 7]"),
@@ -289,6 +327,15 @@ def dirs(tiny_lm_run, tmp_path_factory):
   d["ttmm_base"] = root / "ttmm_base"
   shutil.copytree(tiny_lm_run, d["ttmm_base"])
   shutil.rmtree(d["ttmm_base"] / "checkpoints" / "2")
+  d["ft"] = root / "ft"
+  assert cli.main(["train", "lm_dense_tiny", *TINY_LM, "peft.method=lora", f"init.peft_from={tiny_lm_run}",
+                   "train.steps=1", "--workdir", str(d["ft"]), "--no-progress"]) == 0
+  d["future_run"] = root / "future_run"
+  shutil.copytree(tiny_lm_run, d["future_run"])
+  for f in [d["future_run"] / "config.json", *(d["future_run"] / "checkpoints").glob("*/config/metadata")]:
+    future = json.loads(f.read_text())
+    future["train"]["a_setting_from_the_future"] = 1
+    f.write_text(json.dumps(future))
   d["bank"] = root / "bank"
   assert cli.main(["ttmm", "build", "--from", str(d["ttmm_base"]), "--clusters", "2", "--to", str(d["bank"]),
                    "--no-progress", "ttmm.max_docs=8", "ttmm.doc_tokens=64", "train.steps=1"]) == 0
@@ -372,3 +419,27 @@ def test_real_processes_print_the_same_one_line(dirs, tmp_path, capsys):
     rc2, out2, err2 = _in_process(_argv(by_id[i], dirs, tmp), capsys)
     # the same line, up to the underlying library's details (which tensorstore read fails first may vary)
     assert (rc2, err2.strip().split(" (")[0]) == (2, line.split(" (")[0]), i
+
+
+# A stand-in for the base install inside the full one: torch, transformers and tokenizers cannot be imported (the
+# real base install is CI's scripts/base_smoke.sh). A verb or flag that needs an extra names it, in one line.
+NO_EXTRAS = r'''
+import importlib.abc, sys
+class NoExtras(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "transformers", "tokenizers"):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoExtras())
+'''
+
+
+@pytest.mark.parametrize("argv", [["bench", "infer", "lm_dense_tiny", "--peer"],
+                                  ["bench", "moe", "--peers", "hf-eager", "--configs", "S"]],
+                         ids=["bench-infer-peer", "bench-moe-peers"])
+def test_a_verb_that_needs_an_extra_names_it(argv, tmp_path):
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(NO_EXTRAS)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+  p = subprocess.run([sys.executable, "-m", "moejax.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=300)
+  _error_line(p.returncode, p.stdout, p.stderr, "pip install -e '.[interop]'")

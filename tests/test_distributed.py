@@ -280,24 +280,34 @@ def test_uncaught_exception_exits_at_once_and_tells_the_others(tmp_path, error, 
 
 
 CLEAN_EXIT_SCRIPT = r'''
-import atexit, time
+import atexit, threading, time
 import jax
 from moejax import distributed
 
+# Events go into one list (list.append is atomic) and are printed once, last: two threads printing lines can
+# interleave inside a line ("SET 3BARRIER start"), and a loaded machine can delay either thread by any amount,
+# so the test reads only orders that the code guarantees.
+events = []
+in_barrier, beat_in_barrier = threading.Event(), threading.Event()
+atexit.register(lambda: print("\n".join(events), flush=True))  # registered first: runs last
+
 class KV:
   def key_value_set(self, key, value, allow_overwrite=False):
-    print("SET", value, flush=True)
+    events.append(f"SET {value}")
+    if in_barrier.is_set():
+      beat_in_barrier.set()
   def key_value_dir_get(self, prefix):
     return [("moejax/alive/1", str(time.monotonic()))]
 
-def slow_barrier():  # JAX's shutdown barrier, waiting for a slower peer
-  print("BARRIER start", flush=True)
-  time.sleep(0.5)
-  print("BARRIER end", flush=True)
+def slow_barrier():  # JAX's shutdown barrier, waiting for a slower peer: here, until this process has beaten
+  events.append("BARRIER start")
+  in_barrier.set()
+  events.append(f"BARRIER beat seen {beat_in_barrier.wait(60)}")
+  events.append("BARRIER end")
 
 jax.distributed.shutdown = slow_barrier
 dog = distributed._Watchdog(KV(), 0, 2, 1.0)
-atexit.register(lambda: print("AFTER alive", dog.is_alive(), flush=True))  # runs after moejax's hook
+atexit.register(lambda: events.append(f"AFTER alive {dog.is_alive()}"))  # runs after moejax's hook
 distributed._install(dog)
 time.sleep(0.3)
 '''
@@ -308,12 +318,13 @@ def test_normal_exit_beats_through_the_shutdown_barrier_then_stops_the_watchdog(
   finalizes can abort a finished run (exit 134). At exit it must keep beating through the barrier, then stop."""
   script = tmp_path / "clean_exit.py"
   script.write_text(CLEAN_EXIT_SCRIPT)
-  p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+  p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
   assert p.returncode == 0, (p.stdout, p.stderr)
   lines = p.stdout.splitlines()
   start, end, after = lines.index("BARRIER start"), lines.index("BARRIER end"), lines.index("AFTER alive False")
   assert start < end < after, lines
-  assert any(line.startswith("SET ") for line in lines[start:end]), lines  # beating while in the barrier
+  assert "BARRIER beat seen True" in lines[start:end], lines  # beating while in the barrier
+  assert any(line.startswith("SET ") for line in lines[start:end]), lines
   assert not any(line.startswith("SET ") for line in lines[after:]), lines
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -337,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.prompt_len, args.new_tokens = 512, 128
   if not args.model:
     raise config.ConfigError("bench infer needs a model: a run directory, a preset or an experiment name")
+  if args.peer and not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+    raise config.ConfigError("--peer needs torch and transformers, which the base install does not carry: "
+                             "pip install -e '.[interop]'")
   models = [load(args.model)] + ([load(args.vs)] if args.vs else [])
   print(f"Command: `moejax bench infer {' '.join(argv)}`  \nMachine: {machine()}  ")
   for m in models:

@@ -371,10 +371,7 @@ def cli_export(workdir: str, to: str, arch: str = "auto", dtype: str = "float32"
   Params are restored FSDP-sharded over all devices and gathered one at a time while writing."""
   from moejax import checkpoint, tasks
 
-  exp = checkpoint.read_config(workdir)
-  if exp.peft.method != "none":
-    raise config.ConfigError(f"{workdir} is a fine-tuning run (peft.method={exp.peft.method}): fold its adapters in "
-                             f"first with `moejax merge --workdir {workdir} --to DIR`, then export DIR")
+  exp = checkpoint.read_model_config(workdir, "export-hf")
   if exp.task not in ("lm", "clip"):
     raise config.ConfigError(f"export-hf writes decoder LMs and CLIP; {workdir} holds a task={exp.task!r} run")
   if exp.task == "clip":

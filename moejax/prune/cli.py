@@ -42,7 +42,7 @@ def _plan(args) -> dict:
   from moejax.prune import candidates, search
 
   src = paths.in_dir(args.source, "--from")
-  cfg = checkpoint.read_config(src)
+  cfg = checkpoint.read_model_config(src, "prune --from")
   if cfg.task != "lm":
     raise config.ConfigError(f"prune needs a language model run; {src} has task={cfg.task!r}")
   try:

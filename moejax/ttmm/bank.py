@@ -30,7 +30,7 @@ DEFAULTS = {"peft.method": "lora", "optim.lr": 1e-3, "optim.warmup_steps": 10, "
 
 
 def bank_config(base: str | pathlib.Path, clusters: int, overrides: list[str]) -> config.ExperimentConfig:
-  base_cfg = checkpoint.read_config(base)
+  base_cfg = checkpoint.read_model_config(base, "ttmm build --from")
   if base_cfg.task != "lm":
     raise config.ConfigError(f"{base} holds a {base_cfg.task!r} model; TTMM needs a decoder LM (task=lm)")
   cfg = config.derive(base_cfg, {**DEFAULTS, "init.peft_from": str(pathlib.Path(base).resolve()),
@@ -107,7 +107,7 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
   checkpoint.resolve_step_dir(base)
   if to.resolve() == base.resolve():
     raise config.ConfigError(f"{to} is the base run itself; choose a new directory")
-  if checkpoint.read_config(base).task != "lm":
+  if checkpoint.read_model_config(base, "a TTMM bank's base (init.peft_from)").task != "lm":
     raise config.ConfigError(f"{base} holds a non-LM model; TTMM needs a decoder LM (task=lm)")
   clusters = cfg.ttmm.clusters
   names, texts, _ = corpus(cfg, "train", tokens=False)
@@ -115,8 +115,13 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
     raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
                              f"{f', ttmm.max_docs={cfg.ttmm.max_docs}' if cfg.ttmm.max_docs else ''}) has "
                              f"{len(names)} documents: choose 1..{len(names)}")
-  if (to / "config.json").is_file() and not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
-    raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
+  if (to / "config.json").is_file():
+    held = checkpoint.read_config(to)
+    if held.ttmm.clusters == 0:  # an ordinary run (a training run, a fine-tune, an import): never resumed as a bank
+      kind = f"a {held.peft.method} fine-tune" if held.peft.method != "none" else f"an ordinary {held.task} run"
+      raise config.ConfigError(f"--to {to} is not a TTMM bank (it holds {kind}); choose an empty --to")
+    if not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
+      raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
   lock.acquire()  # an existing `to`: before anything is read or written (a new one: once it is created, below)
   toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]

@@ -143,7 +143,7 @@ def _dense_source(exp: config.ExperimentConfig) -> tuple[config.ExperimentConfig
 
   if not exp.init.upcycle_from:
     raise config.ConfigError("init.upcycle_from is empty: name a dense run's workdir or checkpoint step dir")
-  dense_exp = checkpoint.read_config(exp.init.upcycle_from)
+  dense_exp = checkpoint.read_model_config(exp.init.upcycle_from, "upcycling (init.upcycle_from)")
   check_experiment(dense_exp, exp)
   return dense_exp, tasks.get(dense_exp.task).specs(dense_exp)
 
