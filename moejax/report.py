@@ -280,7 +280,7 @@ def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray, slots: bool = Fal
   parent = cfg.init.upcycle_from
   if parent and cfg.init.continue_step:
     parent_dir = pathlib.Path(parent)
-    if not parent_dir.is_absolute() and not parent_dir.exists():
+    if not parent_dir.exists():  # a record kept elsewhere (results/): its parent was stored beside it
       parent_dir = workdir.parent / parent_dir.name
     try:
       start = min(int(r["step"]) for r in metrics.read_jsonl(workdir) if r.get("split") == "train") - 1

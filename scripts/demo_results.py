@@ -1,0 +1,201 @@
+"""The demo's figures, from its stored raw files: README.md's and docs/results.md's demo tables are generated here.
+
+  python scripts/demo_results.py --store runs/demo [--label NAME]   # after scripts/demo.sh: keep its raw files
+  python scripts/demo_results.py                                    # print the tables from results/demo/
+  python scripts/demo_results.py --write-docs                       # put them into README.md and docs/results.md
+
+`--store` copies each run's config.json, metrics.jsonl and result.json into results/demo/<label>/ (label `main`
+by default: the run the docs quote) with `machine.json`: date, commit, CPU model and whether XLA:CPU could use
+AVX-512, cores, load, versions, and the unigram baseline. Other labels (e.g. `avx2`, the same demo with
+XLA_FLAGS=--xla_cpu_max_isa=AVX2, as a CPU without AVX-512 runs it) feed the "between machines" table.
+tests/test_demo.py fails when a doc's table differs from what this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STORE = ROOT / "results" / "demo"
+RUNS = ("dense_pretrain", "dense_continued", "moe_upcycled")
+NAMES = {"dense_continued": "dense continued", "moe_upcycled": "upcycled MoE, E=8 top-2"}
+FILES = ("config.json", "metrics.jsonl", "result.json")
+DOCS = {"readme": ROOT / "README.md", "results": ROOT / "docs" / "results.md", "spread": ROOT / "docs" / "results.md"}
+
+
+def _cpu() -> dict:
+  model = ""
+  flags = ""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name") and not model:
+        model = line.split(":", 1)[1].strip()
+      if line.startswith("flags") and not flags:
+        flags = line
+  except OSError:
+    pass
+  max_isa = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+  return {"cpu": model or platform.processor(), "cpu_has_avx512": "avx512f" in flags,
+          "xla_cpu_max_isa": max_isa.group(1) if max_isa else None, "cores": os.cpu_count()}
+
+
+def store(src: pathlib.Path, label: str) -> pathlib.Path:
+  import jax
+  import jaxlib
+
+  from moejax import checkpoint
+  from moejax.data import lm
+
+  to = STORE / label
+  for run in RUNS:
+    (to / run).mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+      shutil.copy2(src / run / f, to / run / f)
+  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  dirty = subprocess.run(["git", "status", "--porcelain", "moejax", "experiments"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
+  info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+          "commit": commit + ("+uncommitted" if dirty else ""), **_cpu(),
+          "load_avg_1m_at_store": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "unigram_baseline": lm.unigram_baseline(checkpoint.read_config(src / "dense_pretrain").data)}
+  (to / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+  return to
+
+
+def _evals(run_dir: pathlib.Path) -> dict[int, float]:
+  from moejax import metrics
+
+  return {int(r["step"]): float(r["ce_loss"]) for r in metrics.read_jsonl(run_dir) if r.get("split") == "eval"}
+
+
+def numbers(label: str = "main") -> dict:
+  """Everything the tables print, from results/demo/<label>/."""
+  from moejax import report
+
+  d = STORE / label
+  out = {"machine": json.loads((d / "machine.json").read_text()), "runs": {}}
+  curves = {}
+  for run in ("dense_continued", "moe_upcycled"):
+    ev = _evals(d / run)
+    steps = np.array(sorted(ev))
+    flops = report.cumulative_flops(d / run, steps)
+    curves[run] = (steps, np.array([ev[s] for s in steps]), flops)
+    out["runs"][run] = {"evals": ev, "flops_600": float(flops[-1])}
+  budget = curves["dense_continued"][2][-1]
+  for run, (steps, vals, flops) in curves.items():
+    out["runs"][run]["at_dense_flops"] = float(np.interp(budget, flops, vals))
+  d_, u = out["runs"]["dense_continued"]["evals"][600], out["runs"]["moe_upcycled"]["evals"][600]
+  out["gap_600"], out["gap_600_pct"] = u - d_, 100 * (u - d_) / d_
+  out["cost_ratio"] = (out["runs"]["moe_upcycled"]["flops_600"] - curves["moe_upcycled"][2][0]) / (
+    out["runs"]["dense_continued"]["flops_600"] - curves["dense_continued"][2][0])
+  return out
+
+
+def readme_table(n: dict) -> str:
+  r = n["runs"]
+  rows = ["| validation loss (nats/byte) | step 300 | step 600 | at the dense run's training FLOPs |", "|---|---|---|---|",
+          f"| unigram baseline | {n['machine']['unigram_baseline']:.3f} | {n['machine']['unigram_baseline']:.3f} | |"]
+  best = min(r, key=lambda k: r[k]["evals"][600])
+  for run in ("dense_continued", "moe_upcycled"):
+    e = r[run]["evals"]
+    v600 = f"**{e[600]:.4f}**" if run == best else f"{e[600]:.4f}"
+    rows.append(f"| {NAMES[run]} | {e[300]:.4f} | {v600} | {r[run]['at_dense_flops']:.4f} |")
+  return "\n".join(rows)
+
+
+def results_table(n: dict) -> str:
+  r = n["runs"]
+  rows = ["| run | step 300 (start) | step 400 | step 500 | step 600 | training FLOPs to step 600 | "
+          "loss at the dense run's FLOPs |", "|---|---|---|---|---|---|---|"]
+  for run in ("dense_continued", "moe_upcycled"):
+    e = r[run]["evals"]
+    at = f"{r[run]['at_dense_flops']:.4f}" + (" (interpolated)" if run == "moe_upcycled" else "")
+    rows.append(f"| {NAMES[run]} | {e[300]:.4f} | {e[400]:.4f} | {e[500]:.4f} | **{e[600]:.4f}** | "
+                f"{r[run]['flops_600'] / 1e12:.2f} TFLOP | {at} |")
+  m = n["machine"]
+  rows.append("")
+  rows.append(f"Upcycled minus dense at step 600: {n['gap_600']:+.4f} nats ({n['gap_600_pct']:+.2f} %); an upcycled "
+              f"step costs {n['cost_ratio']:.2f}x a dense one. Run of {m['date'][:10]} at commit {m['commit'][:7]}: "
+              f"{m['cores']} cores, {'AVX-512' if m['cpu_has_avx512'] and not m['xla_cpu_max_isa'] else 'no AVX-512'}"
+              f", jax {m['jax']}, Python {m['python']} (`results/demo/main/`).")
+  return "\n".join(rows)
+
+
+def spread_table() -> str:
+  """The same demo on each stored CPU kind: how far its numbers move between machines."""
+  labels = sorted(p.name for p in STORE.iterdir() if (p / "machine.json").is_file())
+  rows = ["| record | XLA:CPU code | first train loss (step 1) | dense, step 100 | dense, step 600 | upcycled, step 600 "
+          "| upcycled minus dense |", "|---|---|---|---|---|---|---|"]
+  for label in labels:
+    n = numbers(label)
+    m = n["machine"]
+    isa = (f"max ISA {m['xla_cpu_max_isa']}" if m["xla_cpu_max_isa"] else
+           "AVX-512" if m["cpu_has_avx512"] else "no AVX-512")
+    from moejax import metrics
+
+    first = next(r["loss"] for r in metrics.read_jsonl(STORE / label / "dense_pretrain") if r.get("split") == "train")
+    e_d, e_u = n["runs"]["dense_continued"]["evals"], n["runs"]["moe_upcycled"]["evals"]
+    rows.append(f"| `{label}` | {isa} | {first:.7f} | {_evals(STORE / label / 'dense_pretrain')[100]:.6f} | "
+                f"{e_d[600]:.4f} | {e_u[600]:.4f} | {n['gap_600']:+.4f} |")
+  return "\n".join(rows)
+
+
+def tables() -> dict[str, str]:
+  n = numbers("main")
+  return {"readme": readme_table(n), "results": results_table(n), "spread": spread_table()}
+
+
+def _markers(name: str) -> tuple[str, str]:
+  return f"<!-- generated by scripts/demo_results.py: {name} -->", f"<!-- end of {name} -->"
+
+
+def in_doc(text: str, name: str) -> str | None:
+  """The generated block `name` as it stands in a doc's text (None if the markers are missing)."""
+  a, b = _markers(name)
+  if a not in text or b not in text:
+    return None
+  return text.split(a, 1)[1].split(b, 1)[0].strip("\n")
+
+
+def write_docs() -> None:
+  for name, table in tables().items():
+    path = DOCS[name]
+    text = path.read_text()
+    a, b = _markers(name)
+    if in_doc(text, name) is None:
+      raise SystemExit(f"{path} has no {a} ... {b} block")
+    head, rest = text.split(a, 1)
+    path.write_text(head + a + "\n" + table + "\n" + b + rest.split(b, 1)[1])
+    print(f"wrote {name} into {path.relative_to(ROOT)}")
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--store", help="a demo directory (scripts/demo.sh's WORKDIR) to keep under results/demo/")
+  ap.add_argument("--label", default="main")
+  ap.add_argument("--write-docs", action="store_true")
+  args = ap.parse_args()
+  if args.store:
+    print(f"stored {store(pathlib.Path(args.store), args.label)}")
+  if args.write_docs:
+    write_docs()
+  else:
+    for name, table in tables().items():
+      print(f"{name}:\n{table}\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
