@@ -378,16 +378,14 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
         flat = writer.write(step, "train", host)
         bar.set_step(step, loss=f"{flat['loss']:.3f}", **{f"{unit}/s": f"{rate * units_per_step:,.0f}",
                                                           "MFU": f"{100 * rate * flops_per_step / peak:.1f}%"})
-      if step % cfg.train.eval_every == 0 or step == end_step:
-        _stop_if_too_many_skips(*pending, max_skips, mngr)  # never evaluate or save a run the guard stops
-        last_eval = run_eval(s, state["params"], eval_step)
-        writer.write(step, "eval", last_eval)
-        if is_main:
-          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
-                                                      if isinstance(v, (int, float))))
+      # Save before evaluating: an eval that fails (or is killed) then never costs the steps before it, and a
+      # re-run of a finished run redoes only its eval (below).
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
-        _stop_if_too_many_skips(*pending, max_skips, mngr)
+        _stop_if_too_many_skips(*pending, max_skips, mngr)  # never save or evaluate a run the guard stops
         mngr.save(step, state, cfg, data_it)
+      if step % cfg.train.eval_every == 0 or step == end_step:
+        _stop_if_too_many_skips(*pending, max_skips, mngr)
+        last_eval = _eval_and_log(s, state, eval_step, step, writer, bar, is_main)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
         t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
       if preempt.agreed() and step < end_step:
@@ -399,6 +397,8 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
         break
     if pending is not None:
       _stop_if_too_many_skips(*pending, max_skips, mngr)
+    if start_step >= end_step:  # already finished (its final eval may have failed): only the eval is left
+      last_eval = _eval_and_log(s, state, eval_step, step, writer, bar, is_main)
   finally:
     trace.close()
     mngr.close()
@@ -413,6 +413,15 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   if is_main:
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
   return {**result, "state": state}
+
+
+def _eval_and_log(s: Setup, state: dict, eval_step: Any, step: int, writer: metrics.Writer, bar: metrics.Progress,
+                  is_main: bool) -> dict[str, float]:
+  out = run_eval(s, state["params"], eval_step)
+  writer.write(step, "eval", out)
+  if is_main:
+    bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in out.items() if isinstance(v, (int, float))))
+  return out
 
 
 def _stop_if_too_many_skips(step: int, consecutive: jax.Array, max_skips: int, mngr: checkpoint.Manager) -> None:
