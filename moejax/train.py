@@ -218,7 +218,9 @@ def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, f
   out = {k: v / max(n, 1) for k, v in sums.items()}
   if "ce_loss" in out:
     out["perplexity"] = float(math.exp(min(out["ce_loss"], 50.0)))
-  out.update(s.task.evaluate(params, s.cfg, s.mesh))
+  # The task's own evals (per-source eval of a mixture) take an ordinary param tree: a fine-tune's is its base
+  # with the adapters merged, the model its eval step runs.
+  out.update(s.task.evaluate(s.hooks.full_params(s, params) if s.hooks else params, s.cfg, s.mesh))
   return out
 
 

@@ -2,6 +2,7 @@
 fine-tuning, drop-and-grow by hand, the base never changes, sharded == one device, resume is bit-identical and
 refused on another base, `moejax merge` -> `export-hf`, bad input exits 2 with one line."""
 
+import json
 import shutil
 
 import jax
@@ -25,9 +26,9 @@ def _one():
   return sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def _write_base(d, extra=(), seed=0):
+def _write_base(d, extra=(), seed=0, exp="lm_dense_tiny"):
   """A base run dir: random params saved as a params-only step (what import-hf writes)."""
-  cfg = registry.get("lm_dense_tiny", TINY + list(extra))
+  cfg = registry.get(exp, TINY + list(extra))
   s = train.setup(cfg, _one())
   params = sharding.create_params(jax.random.key(seed), s.specs, s.mesh)
   d.mkdir(parents=True, exist_ok=True)
@@ -331,3 +332,25 @@ def test_train_merge_export_hf_from_the_cli(dense_base, tmp_path):
   with torch.no_grad():
     theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+MIX = ["data.mixture={'moejax_tasks': 1.0}", "data.tasks=['sort']", "data.task_eval_examples=4"]
+
+
+@pytest.mark.parametrize("method", ["lora", "spiel_ag"])
+def test_fine_tune_on_a_mixture_finishes_and_evaluates_every_source(tmp_path, method, capsys):
+  """Issue 28: the end-of-run eval handed the adapters alone to the per-source eval (KeyError 'embed')."""
+  base = _write_base(tmp_path / "base", MIX, exp="lm_dense_mix_tiny")
+  cfg = registry.get("lm_dense_mix_tiny", TINY + MIX + [f"peft.method={method}", f"init.peft_from={base}",
+                                                         *FAST_SELECT, "train.steps=4", "train.checkpoint_every=2"])
+  r = train.train(cfg, tmp_path / "ft", mesh=_one(), progress=False)
+  assert r["status"] == "completed" and checkpoint.step_numbers(tmp_path / "ft") == [2, 4]
+  per_source = {k for k in r["eval"] if k.startswith("moejax_tasks/")}
+  assert {"moejax_tasks/ce_loss", "moejax_tasks/exact_match", "moejax_tasks/sort/exact_match"} <= per_source
+  # `moejax eval` of the run: the same numbers (the same merged model on the same eval batches)
+  capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(tmp_path / "ft")]) == 0
+  out = json.loads(capsys.readouterr().out)
+  for k in per_source:
+    np.testing.assert_allclose(out[k], r["eval"][k], rtol=1e-6, err_msg=k)
+
