@@ -441,6 +441,10 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   if not checkpoint.step_numbers(workdir):
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   cfg = cfg or checkpoint.read_config(workdir)
+  if cfg.ttmm.clusters:
+    raise config.ConfigError(f"{workdir} is a TTMM bank ({cfg.ttmm.clusters} LoRA experts on the base "
+                             f"{cfg.init.peft_from}), not one model: evaluate it with `moejax ttmm eval --bank "
+                             f"{workdir}`")
   checkpoint.preflight(workdir, cfg, verb="eval")
   s = setup(cfg, mesh)
   with checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False, read_only=True) as mngr:
@@ -448,7 +452,7 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   if state is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   if s.hooks:
-    s.hooks.check_restored(s, state)
+    s.hooks.check_restored(s, state, "eval")
   out = run_eval(s, state["params"])
   out["step"] = step
   return out

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moejax import checkpoint, cli, config, registry, sharding, train
+from moejax.inference import cli as inference_cli
 from moejax.models import transformer
 from moejax.peft import lora, spiel
 from moejax.peft import targets as targets_lib
@@ -353,4 +354,72 @@ def test_fine_tune_on_a_mixture_finishes_and_evaluates_every_source(tmp_path, me
   out = json.loads(capsys.readouterr().out)
   for k in per_source:
     np.testing.assert_allclose(out[k], r["eval"][k], rtol=1e-6, err_msg=k)
+
+
+def _tokens(run, prompts):
+  eng = inference_cli.load_engine(run)
+  return np.asarray(eng.generate(prompts, max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+  """A base, a LoRA and a SpIEL-AG fine-tune of it (3 steps at a high LR, so greedy tokens move), and their
+  `moejax merge`d runs."""
+  d = tmp_path_factory.mktemp("fine_tunes")
+  base = _write_base(d / "base")
+  runs = {}
+  for method in ("lora", "spiel_ag"):
+    cfg = _cfg(base, method, "peft.lora_rank=2", *FAST_SELECT, "train.steps=3", "optim.lr=3e-2")
+    train.train(cfg, d / method, mesh=_one(), progress=False)
+    assert cli.main(["merge", "--workdir", str(d / method), "--to", str(d / f"{method}_merged")]) == 0
+    runs[method] = d / method
+  return base, runs
+
+
+@pytest.mark.parametrize("method", ["lora", "spiel_ag"])
+def test_generate_and_eval_of_a_fine_tune_equal_its_merged_run(fine_tunes, method, capsys):
+  base, runs = fine_tunes
+  capsys.readouterr()
+  ft, merged = runs[method], runs[method].parent / f"{method}_merged"
+  prompts = [[5, 6, 7], [9, 1, 2, 3, 4]]
+  got = _tokens(ft, prompts)
+  np.testing.assert_array_equal(got, _tokens(merged, prompts))
+  assert (got != _tokens(base, prompts)).any()  # the adapters change what is generated
+  for run in (ft, merged):  # the CLI: the fine-tune generates like its merge, no traceback
+    assert cli.main(["generate", "--workdir", str(run), "--prompt", "def f(x):", "--max-new-tokens", "6"]) == 0
+  a, b = capsys.readouterr().out.splitlines()
+  assert a == b and a.startswith("def f(x):")
+  ours, theirs = train.evaluate(ft), train.evaluate(merged)
+  assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"] == 3
+  for k in ours:  # one eval batch: the same merged weights, the same loss function (merged on the fly here)
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, err_msg=k)
+
+
+def test_a_fine_tune_whose_base_is_missing_or_changed_is_a_one_line_error(tmp_path, capsys):
+  base = _write_base(tmp_path / "base")
+  ft = tmp_path / "ft"
+  train.train(_cfg(base, "lora", "peft.lora_rank=2", "train.steps=1"), ft, mesh=_one(), progress=False)
+  generate = ["generate", "--workdir", str(ft), "--prompt", "abc", "--max-new-tokens", "2"]
+  evaluate = ["eval", "--workdir", str(ft)]
+  bench = ["bench", "infer", str(ft), "--batch", "1", "--new-tokens", "2", "--repeats", "1"]
+  capsys.readouterr()
+  base.rename(tmp_path / "elsewhere")
+  for argv in (generate, evaluate, bench):
+    assert f"the base init.peft_from={base} does not exist" in _errors(argv, capsys)
+  (tmp_path / "elsewhere").rename(base)
+  shutil.rmtree(base / "checkpoints")
+  _write_base(base, seed=1)  # another step at the same path: the fine-tune's recorded base hash differs
+  assert "refusing to generate on a different base" in _errors(generate, capsys)
+  assert "refusing to eval on a different base" in _errors(evaluate, capsys)
+  assert "refusing to generate on a different base" in _errors(bench, capsys)
+
+
+def test_generate_from_a_ttmm_bank_says_it_is_a_bank(dense_base, tmp_path, capsys):
+  from moejax.ttmm import bank
+
+  d = tmp_path / "bank"
+  (d / "checkpoints" / "1").mkdir(parents=True)
+  (d / "config.json").write_text(config.to_json(bank.bank_config(dense_base, 2, [])))
+  err = _errors(["generate", "--workdir", str(d), "--prompt", "abc", "--max-new-tokens", "2"], capsys)
+  assert "is a TTMM bank" in err and f"--ttmm {d}" in err
 

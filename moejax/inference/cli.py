@@ -135,7 +135,9 @@ def cmd_generate(args) -> int:
 
 
 def load_engine(workdir: str | pathlib.Path, exp: config.ExperimentConfig | None = None, **engine_kw):
-  """An `Engine` over a run's newest params, restored onto the run's mesh (only the params are read)."""
+  """An `Engine` over a run's newest params, restored onto the run's mesh (only the params are read). A
+  fine-tune (peft.method != none) runs as its recorded base with its adapters merged, as `moejax merge` would
+  write it; a missing or changed base is a ConfigError."""
   import jax
 
   from moejax import checkpoint, sharding
@@ -143,6 +145,15 @@ def load_engine(workdir: str | pathlib.Path, exp: config.ExperimentConfig | None
   from moejax.models import transformer
 
   exp = exp or checkpoint.read_config(workdir)
+  if exp.ttmm.clusters:
+    raise config.ConfigError(f"{workdir} is a TTMM bank ({exp.ttmm.clusters} LoRA experts), not a model: generate "
+                             f"from its base with the bank, `moejax generate --workdir {exp.init.peft_from} "
+                             f"--ttmm {workdir} --prompt ...`")
+  if exp.peft.method != "none":
+    from moejax.peft import merge
+
+    out, params, _ = merge.merged(workdir, verb="generate")
+    return engine.Engine(params, exp.model, mesh=out.mesh, **engine_kw)
   mesh = sharding.make_mesh(exp.mesh)
   specs = transformer.specs(exp.model)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs,

@@ -67,6 +67,10 @@ def load_base(cfg: config.ExperimentConfig, mesh: Mesh, specs: Any) -> tuple[Any
   if not src:
     raise config.ConfigError(f"peft.method={cfg.peft.method} needs init.peft_from=<run dir or import-hf run> "
                              "(the frozen base to fine-tune)")
+  if not pathlib.Path(src).is_dir():
+    # a fine-tune's checkpoints hold only adapters: without its base there is no model to train, eval or run
+    raise config.ConfigError(f"the base init.peft_from={src} does not exist (a fine-tune holds only adapters and "
+                             "needs the base it was trained on; put it back there)")
   base_cfg = checkpoint.read_config(src)
   mine = sharding.flatten(sharding.shapes(specs))
   theirs = sharding.flatten(sharding.shapes(tasks.get(base_cfg.task).specs(base_cfg)))
