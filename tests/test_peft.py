@@ -4,6 +4,7 @@ refused on another base, `moejax merge` -> `export-hf`, bad input exits 2 with o
 
 import json
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -423,3 +424,11 @@ def test_generate_from_a_ttmm_bank_says_it_is_a_bank(dense_base, tmp_path, capsy
   err = _errors(["generate", "--workdir", str(d), "--prompt", "abc", "--max-new-tokens", "2"], capsys)
   assert "is a TTMM bank" in err and f"--ttmm {d}" in err
 
+
+def test_generate_on_a_top1_moe_run_gives_no_training_advice(tmp_path, capsys):
+  run = _write_base(tmp_path / "top1", MOE + ["model.moe.top_k=1", "model.moe.renormalize=True"])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")  # shown however often it was shown before in this process
+    assert cli.main(["generate", "--workdir", str(run), "--prompt", "abc", "--max-new-tokens", "4"]) == 0
+  said = [str(w.message) for w in caught] + capsys.readouterr().err.splitlines()
+  assert not [m for m in said if "router gets no gradient" in m], said
