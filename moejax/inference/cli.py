@@ -2,7 +2,9 @@
 
 Everything the user can get wrong is checked before the checkpoint is read (exit 2, one line, nothing written):
 an empty prompt, a prompt plus --max-new-tokens longer than the model's max_seq_len, a negative temperature,
-top-p outside (0, 1], top-k < 0, a run directory with no checkpoint, an expert-choice model.
+top-p outside (0, 1], top-k < 0, a run directory with no checkpoint, an expert-choice model, a TTMM bank (use
+--ttmm with its base). A fine-tune (peft.method lora / spiel_*) generates as its recorded base with its adapters
+merged, exactly as its `moejax merge`d run; a missing or changed base is one line too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from moejax import config
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="continue prompts with a run's newest checkpoint (KV-cache decoding)")
-  g.add_argument("--workdir", required=True, help="a run directory (trained, upcycled or import-hf)")
+  g.add_argument("--workdir", required=True, help="a run directory (trained, upcycled, import-hf or a fine-tune)")
   g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
   g.add_argument("--prompts-file", help="a file with one prompt per line")
   g.add_argument("--max-new-tokens", type=int, default=64)
