@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
-from moejax import config, resume
+from moejax import config, resume, sharding
 
 log = logging.getLogger("moejax")
 
@@ -385,6 +385,13 @@ def load_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any, in
   except Exception as e:  # noqa: BLE001  unreadable or not this model's: either way this checkpoint cannot serve
     raise CheckpointError(f"cannot read the params of checkpoint {ckpt_dir / str(step)} ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+  # A partial restore hands back the abstract leaf for a param the checkpoint lacks (a fine-tune's adapter-only
+  # step read as a whole model): name them here rather than fail later on a ShapeDtypeStruct.
+  missing = [p for p, x in sharding.flatten(out["params"]).items() if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"checkpoint {ckpt_dir / str(step)} has no params {', '.join(missing[:3])}"
+                          f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}: it is not this "
+                          "model's (an adapter-only fine-tune? see its config's peft.method)")
   return out["params"], step
 
 

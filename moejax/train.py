@@ -16,9 +16,11 @@ import json
 import logging
 import math
 import pathlib
+import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -218,7 +220,9 @@ def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, f
   out = {k: v / max(n, 1) for k, v in sums.items()}
   if "ce_loss" in out:
     out["perplexity"] = float(math.exp(min(out["ce_loss"], 50.0)))
-  out.update(s.task.evaluate(params, s.cfg, s.mesh))
+  # The task's own evals (per-source eval of a mixture) take an ordinary param tree: a fine-tune's is its base
+  # with the adapters merged, the model its eval step runs.
+  out.update(s.task.evaluate(s.hooks.full_params(s, params) if s.hooks else params, s.cfg, s.mesh))
   return out
 
 
@@ -380,16 +384,14 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
         flat = writer.write(step, "train", host)
         bar.set_step(step, loss=f"{flat['loss']:.3f}", **{f"{unit}/s": f"{rate * units_per_step:,.0f}",
                                                           "MFU": f"{100 * rate * flops_per_step / peak:.1f}%"})
-      if step % cfg.train.eval_every == 0 or step == end_step:
-        _stop_if_too_many_skips(*pending, max_skips, mngr)  # never evaluate or save a run the guard stops
-        last_eval = run_eval(s, state["params"], eval_step)
-        writer.write(step, "eval", last_eval)
-        if is_main:
-          bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
-                                                      if isinstance(v, (int, float))))
+      # Save before evaluating: an eval that fails (or is killed) then never costs the steps before it, and a
+      # re-run of a finished run redoes only its eval (below).
       if step % cfg.train.checkpoint_every == 0 or step == end_step:
-        _stop_if_too_many_skips(*pending, max_skips, mngr)
+        _stop_if_too_many_skips(*pending, max_skips, mngr)  # never save or evaluate a run the guard stops
         mngr.save(step, state, cfg, data_it)
+      if step % cfg.train.eval_every == 0 or step == end_step:
+        _stop_if_too_many_skips(*pending, max_skips, mngr)
+        last_eval = _eval_and_log(s, state, eval_step, step, writer, bar, is_main)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
         t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
       if preempt.agreed() and step < end_step:
@@ -401,6 +403,8 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
         break
     if pending is not None:
       _stop_if_too_many_skips(*pending, max_skips, mngr)
+    if start_step >= end_step:  # already finished (its final eval may have failed): only the eval is left
+      last_eval = _eval_and_log(s, state, eval_step, step, writer, bar, is_main)
   finally:
     trace.close()
     mngr.close()
@@ -415,6 +419,15 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   if is_main:
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
   return {**result, "state": state}
+
+
+def _eval_and_log(s: Setup, state: dict, eval_step: Any, step: int, writer: metrics.Writer, bar: metrics.Progress,
+                  is_main: bool) -> dict[str, float]:
+  out = run_eval(s, state["params"], eval_step)
+  writer.write(step, "eval", out)
+  if is_main:
+    bar.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in out.items() if isinstance(v, (int, float))))
+  return out
 
 
 def _stop_if_too_many_skips(step: int, consecutive: jax.Array, max_skips: int, mngr: checkpoint.Manager) -> None:
@@ -432,6 +445,10 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   if not checkpoint.step_numbers(workdir):
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   cfg = cfg or checkpoint.read_config(workdir)
+  if cfg.ttmm.clusters:
+    raise config.ConfigError(f"{workdir} is a TTMM bank ({cfg.ttmm.clusters} LoRA experts on the base "
+                             f"{cfg.init.peft_from}), not one model: evaluate it with `moejax ttmm eval --bank "
+                             f"{workdir}`")
   checkpoint.preflight(workdir, cfg, verb="eval")
   s = setup(cfg, mesh)
   with checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False, read_only=True) as mngr:
@@ -439,7 +456,9 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   if state is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   if s.hooks:
-    s.hooks.check_restored(s, state)
-  out = run_eval(s, state["params"])
+    s.hooks.check_restored(s, state, "eval")
+  with warnings.catch_warnings():  # advice on training a top-1 router (moe.apply) says nothing about an eval
+    warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))
+    out = run_eval(s, state["params"])
   out["step"] = step
   return out

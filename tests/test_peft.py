@@ -2,7 +2,9 @@
 fine-tuning, drop-and-grow by hand, the base never changes, sharded == one device, resume is bit-identical and
 refused on another base, `moejax merge` -> `export-hf`, bad input exits 2 with one line."""
 
+import json
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from moejax import checkpoint, cli, config, registry, sharding, train
+from moejax.inference import cli as inference_cli
 from moejax.models import transformer
 from moejax.peft import lora, spiel
 from moejax.peft import targets as targets_lib
@@ -25,9 +28,9 @@ def _one():
   return sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def _write_base(d, extra=(), seed=0):
+def _write_base(d, extra=(), seed=0, exp="lm_dense_tiny"):
   """A base run dir: random params saved as a params-only step (what import-hf writes)."""
-  cfg = registry.get("lm_dense_tiny", TINY + list(extra))
+  cfg = registry.get(exp, TINY + list(extra))
   s = train.setup(cfg, _one())
   params = sharding.create_params(jax.random.key(seed), s.specs, s.mesh)
   d.mkdir(parents=True, exist_ok=True)
@@ -331,3 +334,101 @@ def test_train_merge_export_hf_from_the_cli(dense_base, tmp_path):
   with torch.no_grad():
     theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+MIX = ["data.mixture={'moejax_tasks': 1.0}", "data.tasks=['sort']", "data.task_eval_examples=4"]
+
+
+@pytest.mark.parametrize("method", ["lora", "spiel_ag"])
+def test_fine_tune_on_a_mixture_finishes_and_evaluates_every_source(tmp_path, method, capsys):
+  """Issue 28: the end-of-run eval handed the adapters alone to the per-source eval (KeyError 'embed')."""
+  base = _write_base(tmp_path / "base", MIX, exp="lm_dense_mix_tiny")
+  cfg = registry.get("lm_dense_mix_tiny", TINY + MIX + [f"peft.method={method}", f"init.peft_from={base}",
+                                                         *FAST_SELECT, "train.steps=4", "train.checkpoint_every=2"])
+  r = train.train(cfg, tmp_path / "ft", mesh=_one(), progress=False)
+  assert r["status"] == "completed" and checkpoint.step_numbers(tmp_path / "ft") == [2, 4]
+  per_source = {k for k in r["eval"] if k.startswith("moejax_tasks/")}
+  assert {"moejax_tasks/ce_loss", "moejax_tasks/exact_match", "moejax_tasks/sort/exact_match"} <= per_source
+  # `moejax eval` of the run: the same numbers (the same merged model on the same eval batches)
+  capsys.readouterr()
+  assert cli.main(["eval", "--workdir", str(tmp_path / "ft")]) == 0
+  out = json.loads(capsys.readouterr().out)
+  for k in per_source:
+    np.testing.assert_allclose(out[k], r["eval"][k], rtol=1e-6, err_msg=k)
+
+
+def _tokens(run, prompts):
+  eng = inference_cli.load_engine(run)
+  return np.asarray(eng.generate(prompts, max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+  """A base, a LoRA and a SpIEL-AG fine-tune of it (3 steps at a high LR, so greedy tokens move), and their
+  `moejax merge`d runs."""
+  d = tmp_path_factory.mktemp("fine_tunes")
+  base = _write_base(d / "base")
+  runs = {}
+  for method in ("lora", "spiel_ag"):
+    cfg = _cfg(base, method, "peft.lora_rank=2", *FAST_SELECT, "train.steps=3", "optim.lr=3e-2")
+    train.train(cfg, d / method, mesh=_one(), progress=False)
+    assert cli.main(["merge", "--workdir", str(d / method), "--to", str(d / f"{method}_merged")]) == 0
+    runs[method] = d / method
+  return base, runs
+
+
+@pytest.mark.parametrize("method", ["lora", "spiel_ag"])
+def test_generate_and_eval_of_a_fine_tune_equal_its_merged_run(fine_tunes, method, capsys):
+  base, runs = fine_tunes
+  capsys.readouterr()
+  ft, merged = runs[method], runs[method].parent / f"{method}_merged"
+  prompts = [[5, 6, 7], [9, 1, 2, 3, 4]]
+  got = _tokens(ft, prompts)
+  np.testing.assert_array_equal(got, _tokens(merged, prompts))
+  assert (got != _tokens(base, prompts)).any()  # the adapters change what is generated
+  for run in (ft, merged):  # the CLI: the fine-tune generates like its merge, no traceback
+    assert cli.main(["generate", "--workdir", str(run), "--prompt", "def f(x):", "--max-new-tokens", "6"]) == 0
+  a, b = capsys.readouterr().out.splitlines()
+  assert a == b and a.startswith("def f(x):")
+  ours, theirs = train.evaluate(ft), train.evaluate(merged)
+  assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"] == 3
+  for k in ours:  # one eval batch: the same merged weights, the same loss function (merged on the fly here)
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, err_msg=k)
+
+
+def test_a_fine_tune_whose_base_is_missing_or_changed_is_a_one_line_error(tmp_path, capsys):
+  base = _write_base(tmp_path / "base")
+  ft = tmp_path / "ft"
+  train.train(_cfg(base, "lora", "peft.lora_rank=2", "train.steps=1"), ft, mesh=_one(), progress=False)
+  generate = ["generate", "--workdir", str(ft), "--prompt", "abc", "--max-new-tokens", "2"]
+  evaluate = ["eval", "--workdir", str(ft)]
+  bench = ["bench", "infer", str(ft), "--batch", "1", "--new-tokens", "2", "--repeats", "1"]
+  capsys.readouterr()
+  base.rename(tmp_path / "elsewhere")
+  for argv in (generate, evaluate, bench):
+    assert f"the base init.peft_from={base} does not exist" in _errors(argv, capsys)
+  (tmp_path / "elsewhere").rename(base)
+  shutil.rmtree(base / "checkpoints")
+  _write_base(base, seed=1)  # another step at the same path: the fine-tune's recorded base hash differs
+  assert "refusing to generate on a different base" in _errors(generate, capsys)
+  assert "refusing to eval on a different base" in _errors(evaluate, capsys)
+  assert "refusing to generate on a different base" in _errors(bench, capsys)
+
+
+def test_generate_from_a_ttmm_bank_says_it_is_a_bank(dense_base, tmp_path, capsys):
+  from moejax.ttmm import bank
+
+  d = tmp_path / "bank"
+  (d / "checkpoints" / "1").mkdir(parents=True)
+  (d / "config.json").write_text(config.to_json(bank.bank_config(dense_base, 2, [])))
+  err = _errors(["generate", "--workdir", str(d), "--prompt", "abc", "--max-new-tokens", "2"], capsys)
+  assert "is a TTMM bank" in err and f"--ttmm {d}" in err
+
+
+def test_generate_on_a_top1_moe_run_gives_no_training_advice(tmp_path, capsys):
+  run = _write_base(tmp_path / "top1", MOE + ["model.moe.top_k=1", "model.moe.renormalize=True"])
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")  # shown however often it was shown before in this process
+    assert cli.main(["generate", "--workdir", str(run), "--prompt", "abc", "--max-new-tokens", "4"]) == 0
+  said = [str(w.message) for w in caught] + capsys.readouterr().err.splitlines()
+  assert not [m for m in said if "router gets no gradient" in m], said

@@ -1,6 +1,7 @@
 """Training: sharded == single device, kill -9 and resume == uninterrupted, damaged checkpoint fallback,
-tiny twins train, CLI errors exit 2 with one line."""
+the final checkpoint saved before the final eval, tiny twins train, CLI errors exit 2 with one line."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,6 +73,25 @@ def test_loss_decreases_and_outputs_exist(tmp_path):
   assert checkpoint.read_config(tmp_path) == cfg
   train_rows = [x for x in rows if x["split"] == "train"]
   assert all("throughput/tokens_per_s" in x and "throughput/mfu" in x for x in train_rows)
+
+
+def test_the_final_checkpoint_is_written_before_the_final_eval(tmp_path, monkeypatch):
+  cfg = _cfg("train.steps=2", "train.eval_every=100", "train.checkpoint_every=100")
+  real = train.run_eval
+
+  def failing(*a, **kw):
+    raise RuntimeError("eval failed")
+
+  monkeypatch.setattr(train, "run_eval", failing)
+  with pytest.raises(RuntimeError, match="eval failed"):
+    train.train(cfg, tmp_path / "run", progress=False)
+  assert checkpoint.step_numbers(tmp_path / "run") == [2]  # the last step survives the failed eval
+  # re-running the finished run trains nothing and redoes only the eval
+  monkeypatch.setattr(train, "run_eval", real)
+  monkeypatch.setattr(train, "make_train_step", lambda s: lambda *a: pytest.fail("a finished run trained again"))
+  r = train.train(cfg, tmp_path / "run", progress=False)
+  assert r["status"] == "completed" and r["step"] == 2 and "ce_loss" in r["eval"]
+  assert json.loads((tmp_path / "run" / "result.json").read_text())["eval"] == r["eval"]
 
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import cli, config, sharding
-from moejax.inference import engine
+from moejax.inference import decoder, engine
 from moejax.models import transformer
 
 _MOE8 = config.MoEConfig(num_experts=8, top_k=2, every=1, offset=0)
@@ -189,7 +189,12 @@ def measure_recompute(m: Model, prompt_len: int, new_tokens: int, bucket: int = 
   """Greedy generation by re-running the whole prefix per token (the pre-cache `lm.generate`), batch 1, one
   compile per `bucket` of prefix length (all compiled before timing), against the cached engine."""
   cfg = m.cfg
-  fwd = jax.jit(lambda p, t, n: jnp.argmax(transformer.forward(p, t, cfg)[0][0, n - 1]))
+
+  def greedy(p, t, n):
+    with decoder.not_training():  # traced here: no training advice from the MoE layers
+      return jnp.argmax(transformer.forward(p, t, cfg)[0][0, n - 1])
+
+  fwd = jax.jit(greedy)
   L = prompt_len + new_tokens
   buckets = sorted({min(-(-n // bucket) * bucket, cfg.max_seq_len) for n in range(prompt_len, L)})
   for b in buckets:

@@ -2,7 +2,9 @@
 
 Everything the user can get wrong is checked before the checkpoint is read (exit 2, one line, nothing written):
 an empty prompt, a prompt plus --max-new-tokens longer than the model's max_seq_len, a negative temperature,
-top-p outside (0, 1], top-k < 0, a run directory with no checkpoint, an expert-choice model.
+top-p outside (0, 1], top-k < 0, a run directory with no checkpoint, an expert-choice model, a TTMM bank (use
+--ttmm with its base). A fine-tune (peft.method lora / spiel_*) generates as its recorded base with its adapters
+merged, exactly as its `moejax merge`d run; a missing or changed base is one line too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from moejax import config
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="continue prompts with a run's newest checkpoint (KV-cache decoding)")
-  g.add_argument("--workdir", required=True, help="a run directory (trained, upcycled or import-hf)")
+  g.add_argument("--workdir", required=True, help="a run directory (trained, upcycled, import-hf or a fine-tune)")
   g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
   g.add_argument("--prompts-file", help="a file with one prompt per line")
   g.add_argument("--max-new-tokens", type=int, default=64)
@@ -135,7 +137,9 @@ def cmd_generate(args) -> int:
 
 
 def load_engine(workdir: str | pathlib.Path, exp: config.ExperimentConfig | None = None, **engine_kw):
-  """An `Engine` over a run's newest params, restored onto the run's mesh (only the params are read)."""
+  """An `Engine` over a run's newest params, restored onto the run's mesh (only the params are read). A
+  fine-tune (peft.method != none) runs as its recorded base with its adapters merged, as `moejax merge` would
+  write it; a missing or changed base is a ConfigError."""
   import jax
 
   from moejax import checkpoint, sharding
@@ -143,6 +147,15 @@ def load_engine(workdir: str | pathlib.Path, exp: config.ExperimentConfig | None
   from moejax.models import transformer
 
   exp = exp or checkpoint.read_config(workdir)
+  if exp.ttmm.clusters:
+    raise config.ConfigError(f"{workdir} is a TTMM bank ({exp.ttmm.clusters} LoRA experts), not a model: generate "
+                             f"from its base with the bank, `moejax generate --workdir {exp.init.peft_from} "
+                             f"--ttmm {workdir} --prompt ...`")
+  if exp.peft.method != "none":
+    from moejax.peft import merge
+
+    out, params, _ = merge.merged(workdir, verb="generate")
+    return engine.Engine(params, exp.model, mesh=out.mesh, **engine_kw)
   mesh = sharding.make_mesh(exp.mesh)
   specs = transformer.specs(exp.model)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs,

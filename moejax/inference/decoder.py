@@ -9,7 +9,10 @@ tokens included), so such a model is rejected with a `ConfigError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,15 @@ def inference_config(cfg: config.ModelConfig) -> config.ModelConfig:
   if m.dispatch != "dropless":
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(m, dispatch="dropless"))
   return cfg
+
+
+@contextlib.contextmanager
+def not_training():
+  """Silences `moe.apply`'s advice on training a renormalized top-1 router (its gradient): generation trains
+  nothing, so the advice would only mislead. Active while the model is traced."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))
+    yield
 
 
 SMALL_STEP_ROWS = 128  # routed rows per decode step below which CPU decoding uses ragged_dot (see decode_config)
@@ -116,7 +128,8 @@ def _block(p: dict, x_BTD: jax.Array, cache_l: dict, positions_BT: jax.Array, cf
   if "moe" in p and not prefill and _gather_experts(h, cfg):
     y = gathered_moe(p["moe"], h, cfg)
   elif "moe" in p:
-    y, _ = moe.apply(p["moe"], h, cfg, rng=None, train=False)
+    with not_training():
+      y, _ = moe.apply(p["moe"], h, cfg, rng=None, train=False)
   else:
     y = mlp.apply(p["mlp"], h, cfg.activation)
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))

@@ -35,6 +35,7 @@ class Hooks:
   base_hash: Any  # int32[4]
   base_info: dict  # path, step, hash
   state_specs: Any = None  # {params, opt_state, peft} as ParamSpec trees
+  _merge: Any = None  # the jitted merge of `full_params`, made on first use
 
   def make_train_step(self, s):
     return make_train_step(s)
@@ -45,8 +46,15 @@ class Hooks:
   def init_state(self, s, key, params=None, step=0):
     return init_state(s, key, params, step)
 
-  def check_restored(self, s, state):
-    check_restored(s, state)
+  def check_restored(self, s, state, verb="resume"):
+    check_restored(s, state, verb)
+
+  def full_params(self, s, params):
+    """The adapted model as an ordinary param tree (base + adapters merged), on the base's shardings: what the
+    task's own evals (per-source eval of a mixture) and generation read."""
+    if self._merge is None:
+      self._merge = jax.jit(lambda b, p: merged_params(s, b, p), out_shardings=self.base_shardings)
+    return self._merge(self.base, params)
 
 
 def _method_key(pc: config.PeftConfig) -> str:
@@ -59,6 +67,10 @@ def load_base(cfg: config.ExperimentConfig, mesh: Mesh, specs: Any) -> tuple[Any
   if not src:
     raise config.ConfigError(f"peft.method={cfg.peft.method} needs init.peft_from=<run dir or import-hf run> "
                              "(the frozen base to fine-tune)")
+  if not pathlib.Path(src).is_dir():
+    # a fine-tune's checkpoints hold only adapters: without its base there is no model to train, eval or run
+    raise config.ConfigError(f"the base init.peft_from={src} does not exist (a fine-tune holds only adapters and "
+                             "needs the base it was trained on; put it back there)")
   base_cfg = checkpoint.read_config(src)
   mine = sharding.flatten(sharding.shapes(specs))
   theirs = sharding.flatten(sharding.shapes(tasks.get(base_cfg.task).specs(base_cfg)))
@@ -156,13 +168,15 @@ def init_state(s, key: jax.Array, params: Any | None = None, step: int = 0) -> d
   return st
 
 
-def check_restored(s, state: dict) -> None:
+def check_restored(s, state: dict, verb: str = "resume") -> None:
+  """The restored adapters were trained on the base loaded now (its config and step, hashed); `verb` says what
+  is refused otherwise (resume, eval, merge, generate)."""
   saved = jax.device_get(state["peft"]["base_hash"])
   if (saved != jax.device_get(s.hooks.base_hash)).any():
     raise config.ConfigError(
       f"this run's checkpoint was fine-tuned from another base (config hash {saved.tolist()}); init.peft_from="
       f"{s.cfg.init.peft_from} (step {s.hooks.base_info['step']}) hashes to {s.hooks.base_info['config_hash']}: "
-      "refusing to resume on a different base")
+      f"refusing to {verb} on a different base")
 
 
 def merged_targets(s, base: Any, params: Any) -> dict[str, jax.Array]:
