@@ -94,7 +94,7 @@ def numbers(label: str = "main") -> dict:
     curves[run] = (steps, np.array([ev[s] for s in steps]), flops)
     out["runs"][run] = {"evals": ev, "flops_600": float(flops[-1])}
   budget = curves["dense_continued"][2][-1]
-  for run, (steps, vals, flops) in curves.items():
+  for run, (_steps, vals, flops) in curves.items():
     out["runs"][run]["at_dense_flops"] = float(np.interp(budget, flops, vals))
   d_, u = out["runs"]["dense_continued"]["evals"][600], out["runs"]["moe_upcycled"]["evals"][600]
   out["gap_600"], out["gap_600_pct"] = u - d_, 100 * (u - d_) / d_

@@ -13,6 +13,7 @@ these placeholders, built once per module (see `dirs`):
   {bad_st_hf}     {hf} with a truncated model.safetensors
   {moe_cfg}  a directory holding only the config.json of a tiny 8-expert top-2 MoE (prune checks it first)
   {ft}       a 1-step LoRA fine-tune of {run} (its checkpoints hold adapters only)
+  {ft_moved}, {ft_rebased}  {ft} whose recorded base is gone / is {ttmm_base} (another step: its hash differs)
   {future_run}  {run} whose config.json carries a key this moejax does not know (a run from a newer moejax)
   {file}     an existing regular file     {empty}  an existing empty directory
   {new}      a path that does not exist yet (inside the test's own directory, which is also the cwd)
@@ -214,6 +215,18 @@ CASES = [
      msg="is not a TTMM bank (it holds a lora fine-tune)"),
   _c("ttmm-build-to-is-file", "ttmm", "build", "--from", "{run}", "--clusters", "2", "--to", "{file}",
      msg="is an existing file"),
+  _c("train-peft-base-is-finetune", "train", "lm_dense_tiny", TINY, "peft.method=lora", "init.peft_from={ft}",
+     "--workdir", "{new}", msg="is a fine-tuning run"),
+  _c("train-peft-base-is-bank", "train", "lm_dense_tiny", TINY, "peft.method=lora", "init.peft_from={bank}",
+     "--workdir", "{new}", msg="is a TTMM bank"),
+  _c("generate-bank", "generate", "--workdir", "{bank}", "--prompt", "def f(", msg="is a TTMM bank"),
+  _c("eval-bank", "eval", "--workdir", "{bank}", msg="is a TTMM bank"),
+  _c("generate-finetune-base-moved", "generate", "--workdir", "{ft_moved}", "--prompt", "hi", msg="does not exist"),
+  _c("eval-finetune-base-moved", "eval", "--workdir", "{ft_moved}", msg="does not exist"),
+  _c("bench-infer-finetune-base-moved", "bench", "infer", "{ft_moved}", msg="does not exist"),
+  _c("generate-finetune-base-changed", "generate", "--workdir", "{ft_rebased}", "--prompt", "hi",
+     msg="refusing to generate on a different base"),
+  _c("eval-finetune-base-changed", "eval", "--workdir", "{ft_rebased}", msg="different base"),
   # a run written by a newer moejax (a config key this one does not know): refused, never rewritten
   _c("eval-newer-run", "eval", "--workdir", "{future_run}", msg="written by a newer moejax"),
   _c("train-resume-newer-run", "train", "lm_dense_tiny", TINY, "--workdir", "{future_run}",
@@ -330,6 +343,14 @@ def dirs(tiny_lm_run, tmp_path_factory):
   d["ft"] = root / "ft"
   assert cli.main(["train", "lm_dense_tiny", *TINY_LM, "peft.method=lora", f"init.peft_from={tiny_lm_run}",
                    "train.steps=1", "--workdir", str(d["ft"]), "--no-progress"]) == 0
+  # {ft} with its base moved away / replaced by another run (a base of another step: its hash differs)
+  for name, base in (("ft_moved", root / "no_such_base"), ("ft_rebased", d["ttmm_base"])):
+    d[name] = root / name
+    shutil.copytree(d["ft"], d[name])
+    for f in [d[name] / "config.json", *(d[name] / "checkpoints").glob("*/config/metadata")]:
+      c = json.loads(f.read_text())
+      c["init"]["peft_from"] = str(base)
+      f.write_text(json.dumps(c))
   d["future_run"] = root / "future_run"
   shutil.copytree(tiny_lm_run, d["future_run"])
   for f in [d["future_run"] / "config.json", *(d["future_run"] / "checkpoints").glob("*/config/metadata")]:

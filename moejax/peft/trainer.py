@@ -71,7 +71,7 @@ def load_base(cfg: config.ExperimentConfig, mesh: Mesh, specs: Any) -> tuple[Any
     # a fine-tune's checkpoints hold only adapters: without its base there is no model to train, eval or run
     raise config.ConfigError(f"the base init.peft_from={src} does not exist (a fine-tune holds only adapters and "
                              "needs the base it was trained on; put it back there)")
-  base_cfg = checkpoint.read_config(src)
+  base_cfg = checkpoint.read_model_config(src, "a fine-tune's base (init.peft_from)")
   mine = sharding.flatten(sharding.shapes(specs))
   theirs = sharding.flatten(sharding.shapes(tasks.get(base_cfg.task).specs(base_cfg)))
   for p in sorted(set(mine) | set(theirs)):
