@@ -87,19 +87,20 @@ def numbers(label: str = "main") -> dict:
   d = STORE / label
   out = {"machine": json.loads((d / "machine.json").read_text()), "runs": {}}
   curves = {}
+  parent = _evals(d / "dense_pretrain")
   for run in ("dense_continued", "moe_upcycled"):
     ev = _evals(d / run)
     steps = np.array(sorted(ev))
     flops = report.cumulative_flops(d / run, steps)
     curves[run] = (steps, np.array([ev[s] for s in steps]), flops)
-    out["runs"][run] = {"evals": ev, "flops_600": float(flops[-1])}
+    # step 300 is the dense parent's last eval: the upcycled model starts there (function preserved)
+    out["runs"][run] = {"evals": {300: parent[300], **ev}, "flops_600": float(flops[-1])}
   budget = curves["dense_continued"][2][-1]
   for run, (_steps, vals, flops) in curves.items():
     out["runs"][run]["at_dense_flops"] = float(np.interp(budget, flops, vals))
   d_, u = out["runs"]["dense_continued"]["evals"][600], out["runs"]["moe_upcycled"]["evals"][600]
   out["gap_600"], out["gap_600_pct"] = u - d_, 100 * (u - d_) / d_
-  out["cost_ratio"] = (out["runs"]["moe_upcycled"]["flops_600"] - curves["moe_upcycled"][2][0]) / (
-    out["runs"]["dense_continued"]["flops_600"] - curves["dense_continued"][2][0])
+  out["cost_ratio"] = report.flops_per_step(d / "moe_upcycled") / report.flops_per_step(d / "dense_continued")
   return out
 
 
