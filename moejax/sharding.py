@@ -177,7 +177,9 @@ def make_mesh(cfg: config.MeshConfig, devices: Sequence[jax.Device] | None = Non
 
 def spec_for(axes: Axes, mesh: Mesh | None = None,
              rules: Sequence[tuple[str, tuple[str, ...]]] = RULES) -> PartitionSpec:
-  """Logical axes -> PartitionSpec. Mesh axes of size 1 are dropped; each mesh axis is used at most once."""
+  """Logical axes -> PartitionSpec. Mesh axes of size 1, or absent from `mesh` (a user's mesh need not have all
+  of `MESH_AXES`), are dropped; each mesh axis is used at most once."""
+  sizes = {} if mesh is None else dict(mesh.shape)
   table = {}
   for name, mesh_axes in rules:
     table.setdefault(name, mesh_axes)
@@ -190,7 +192,7 @@ def spec_for(axes: Axes, mesh: Mesh | None = None,
     if a not in table:
       raise KeyError(f"logical axis {a!r} has no sharding rule; rules cover {sorted(table)}")
     mesh_axes = tuple(m for m in table[a]
-                      if m not in used and (mesh is None or mesh.shape[m] > 1))
+                      if m not in used and (mesh is None or sizes.get(m, 1) > 1))
     used.update(mesh_axes)
     out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return PartitionSpec(*out)

@@ -97,6 +97,17 @@ def test_partition_specs_equal_moejax_on_8_devices():
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, moejax.flax.axis_rules(mesh))
   assert {p: s.spec for p, s in sharding.flatten(shardings["params"]).items()} == want
 
+
+def test_spec_for_a_mesh_without_some_moejax_axes():
+  """docs name a (fsdp, expert, tensor) mesh: its missing `data` axis counts as size 1, as in common.py."""
+  mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  P = jax.sharding.PartitionSpec
+  assert sharding.spec_for(("batch", "seq", "act_embed"), mesh) == P(("fsdp", "expert"), None, None)
+  assert sharding.spec_for(("expert", "embed", "mlp"), mesh) == P("expert", "fsdp", "tensor")
+  assert sharding.batch_divisor(mesh) == 4
+  assert sharding.data_sharding(mesh).spec == P(("fsdp", "expert"), None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A user's NNX model (SwiGLU, Llama names) and Linen model (GELU with biases, Dense_i names), upcycled
 # ----------------------------------------------------------------------------------------------------------
