@@ -108,6 +108,53 @@ def test_spec_for_a_mesh_without_some_moejax_axes():
   assert sharding.data_sharding(mesh).spec == P(("fsdp", "expert"), None)
 
 
+def _close(got, want):
+  # float32 ops: the mesh sums the same terms in another order (and exchanges rows by all_to_all), ~1e-7
+  # relative per sum over D or F terms; 1e-5 of the values' scale leaves room for the layer's few sums.
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.max(np.abs(want)))), rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "explicit", "explicit_set_mesh", "explicit_jax_mesh_only"])
+def test_nnx_moe_under_a_user_mesh_equals_single_device(mode):
+  """A user's 3-axis mesh (no `data`), Auto axes or Explicit ones (`jax.make_mesh`'s default), with moejax's
+  `use_mesh` (expert parallelism: the layer's shard_map); `explicit_set_mesh` adds `jax.set_mesh` with params
+  born sharded and a sharded input; `explicit_jax_mesh_only` has `jax.set_mesh` alone (no expert parallelism:
+  the gathers and grouped matmuls meet Explicit shardings). Outputs, aux and gradients equal one device's."""
+  m_cfg = config.MoEConfig(num_experts=E, top_k=2)
+  model = moejax.flax.MoE(D, F, m_cfg, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (8, 6, D))
+  r_BTD = jax.random.normal(jax.random.key(2), (8, 6, D))
+
+  def loss_fn(m, x):
+    y, aux = nnx.capture(m, moejax.flax.AuxLoss)(x)
+    return _loss(y, moejax.flax.sum_named(aux), r_BTD), (y, moejax.flax.sum_named(aux))
+
+  step = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+  (_, (y_ref, aux_ref)), g_ref = step(model, x_BTD)
+
+  types = (jax.sharding.AxisType.Auto if mode == "auto" else jax.sharding.AxisType.Explicit,) * 3
+  mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=types)
+  with sharding.use_mesh(None if mode == "explicit_jax_mesh_only" else mesh):
+    if mode != "auto" and mode != "explicit":
+      with jax.set_mesh(mesh):
+        model = moejax.flax.MoE(D, F, m_cfg, rngs=nnx.Rngs(0), params=model.params())
+        assert model.experts["w_up"][...].sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+        x_BTD = jax.device_put(x_BTD, jax.sharding.PartitionSpec(("fsdp", "expert")))
+        (_, (y, aux)), g = step(model, x_BTD)
+        assert jax.typeof(y).sharding.spec == jax.typeof(x_BTD).sharding.spec  # y is sharded as x is
+    else:
+      (_, (y, aux)), g = step(model, x_BTD)
+    y_eager = model(x_BTD)  # a plain call, outside jit
+  _close(y, y_ref)
+  _close(y_eager, y_ref)
+  _close(aux, aux_ref)
+  g_ref = sharding.flatten(nnx.to_pure_dict(g_ref))
+  for path, gr in sharding.flatten(nnx.to_pure_dict(g)).items():
+    _close(gr, g_ref[path])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A user's NNX model (SwiGLU, Llama names) and Linen model (GELU with biases, Dense_i names), upcycled
 # ----------------------------------------------------------------------------------------------------------
