@@ -3,6 +3,7 @@ user-written NNX and Linen models (function preserving at step 0, trainable), mo
 
 import importlib.util
 import pathlib
+import warnings
 
 import flax.linen as nn
 import jax
@@ -154,6 +155,34 @@ def test_nnx_moe_under_a_user_mesh_equals_single_device(mode):
   for path, gr in sharding.flatten(nnx.to_pure_dict(g)).items():
     _close(gr, g_ref[path])
 
+
+def test_nnx_plain_call_is_quiet_and_jit_grad_can_close_over_the_module():
+  """Outside `nnx.capture` nothing is sown: no DeprecationWarning, the module is left as it was, and a plain
+  `jax.jit` / `jax.grad` closing over the module works as it does over an `nnx.Linear`."""
+  model = moejax.flax.MoE(D, F, config.MoEConfig(num_experts=E, top_k=2), rngs=nnx.Rngs(0))
+  cfg = config.ModelConfig(vocab_size=32, d_model=D, num_layers=2, num_heads=2, d_ff=F,
+                           moe=config.MoEConfig(num_experts=E, top_k=2))
+  lm = moejax.flax.Transformer(cfg, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 6, D))
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = model(x_BTD)
+    model(x_BTD, deterministic=True)
+    lm(_tokens())
+  assert [str(w.message) for w in caught] == []
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  assert jax.tree.structure(after) == jax.tree.structure(before)  # no sown attribute appeared
+
+  want, aux = moe.apply(model.params(), x_BTD, model.cfg)
+  np.testing.assert_array_equal(y, want)
+  np.testing.assert_allclose(jax.jit(lambda x: model(x))(x_BTD), want, atol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(model(x) ** 2))(x_BTD)
+  g_want = jax.grad(lambda x: jnp.sum(moe.apply(model.params(), x, model.cfg)[0] ** 2))(x_BTD)
+  np.testing.assert_allclose(g, g_want, atol=1e-6)
+  assert jax.jit(lambda t: lm(t))(_tokens()).shape == (4, 8, 32)
+  _, got = nnx.capture(model, moejax.flax.AuxLoss)(x_BTD)  # capture still collects
+  np.testing.assert_allclose(moejax.flax.sum_named(got), aux["aux_loss"], atol=1e-7)
 
 # ----------------------------------------------------------------------------------------------------------
 # A user's NNX model (SwiGLU, Llama names) and Linen model (GELU with biases, Dense_i names), upcycled
