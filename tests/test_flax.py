@@ -388,6 +388,54 @@ def test_upcycle_bad_input_one_line_errors_name_the_path():
   assert "'block_0/mlp'" in msg
 
 
+class LinenNested(nn.Module):
+  """`nn.Dense(d)(gelu(nn.Dense(f)(x)))`: the outer Dense is created first, so Dense_0 is *down*."""
+
+  d_ff: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.d_ff)(x)))
+
+
+class LinenHolder(nn.Module):
+  mlp_cls: type = LinenNested
+  d_ff: int = D
+
+  @nn.compact
+  def __call__(self, x):
+    return x + self.mlp_cls(self.d_ff, name="mlp")(nn.LayerNorm()(x))
+
+
+def test_linen_up_down_swapped_is_caught_at_upcycling():
+  """d_model == d_ff: the built-in `linen_gelu` layout reads Dense_0 as up, which this MLP made down; the
+  shapes fit either way, so only running the dense module can tell. Without it, a warning says so."""
+  x_BTD = jax.random.normal(jax.random.key(3), (2, 5, D))
+  m_cfg = config.MoEConfig(num_experts=E, top_k=2)
+  swapped = LinenHolder(LinenNested, d_ff=D)
+  params = swapped.init(jax.random.key(0), x_BTD)["params"]
+  with pytest.raises(moejax.flax.FlaxUpcycleError, match="'mlp' differs"):
+    moejax.flax.upcycle(params, select="mlp", moe=m_cfg, module=swapped, inputs=(x_BTD,))
+  with pytest.warns(UserWarning, match="cannot be told from the params"):
+    moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg)
+  up_down = moejax.flax.MLPLayout(up="Dense_1", down="Dense_0", activation="gelu_tanh")
+  out = moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg, mlp=up_down, module=swapped,
+                            inputs=x_BTD)["params"]  # the right mapping passes the same check
+  moe_model = LinenHolder(lambda f, name: moejax.flax.linen.MoE(f, m_cfg, activation="gelu_tanh", bias=True,
+                                                                name=name))
+  np.testing.assert_allclose(moe_model.apply({"params": out}, x_BTD),
+                             swapped.apply({"params": params}, x_BTD), atol=1e-5)
+  wide = LinenHolder(LinenNested, d_ff=F)  # D != F: the swap shows in the widths the MLP is called with
+  wide_params = wide.init(jax.random.key(0), x_BTD)["params"]
+  with pytest.raises(moejax.flax.FlaxUpcycleError, match="takes inputs of width 8"):
+    moejax.flax.upcycle(wide_params, select="mlp", moe=m_cfg, module=wide, inputs=(x_BTD,))
+  in_order = LinenHolder(LinenMlp, d_ff=D)  # big_vision's order: Dense_0 is up, square kernels, checked quietly
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    moejax.flax.upcycle(in_order.init(jax.random.key(0), x_BTD), select="mlp", moe=m_cfg, module=in_order,
+                        inputs=(x_BTD,))
+
+
 def test_wrong_activation_is_caught_at_upcycling():
   class GeluMlp(nnx.Module):
     def __init__(self, rngs):
