@@ -177,7 +177,9 @@ def make_mesh(cfg: config.MeshConfig, devices: Sequence[jax.Device] | None = Non
 
 def spec_for(axes: Axes, mesh: Mesh | None = None,
              rules: Sequence[tuple[str, tuple[str, ...]]] = RULES) -> PartitionSpec:
-  """Logical axes -> PartitionSpec. Mesh axes of size 1 are dropped; each mesh axis is used at most once."""
+  """Logical axes -> PartitionSpec. Mesh axes of size 1, or absent from `mesh` (a user's mesh need not have all
+  of `MESH_AXES`), are dropped; each mesh axis is used at most once."""
+  sizes = {} if mesh is None else dict(mesh.shape)
   table = {}
   for name, mesh_axes in rules:
     table.setdefault(name, mesh_axes)
@@ -190,7 +192,7 @@ def spec_for(axes: Axes, mesh: Mesh | None = None,
     if a not in table:
       raise KeyError(f"logical axis {a!r} has no sharding rule; rules cover {sorted(table)}")
     mesh_axes = tuple(m for m in table[a]
-                      if m not in used and (mesh is None or mesh.shape[m] > 1))
+                      if m not in used and (mesh is None or sizes.get(m, 1) > 1))
     used.update(mesh_axes)
     out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return PartitionSpec(*out)
@@ -242,6 +244,55 @@ def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
 
 def active_mesh() -> Mesh | None:
   return _ACTIVE.get()
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def _explicit_mesh_of(tree: Any) -> Any:
+  """The mesh of the first array in `tree` typed with Explicit axes (e.g. made under `jax.set_mesh` and used
+  outside it, where no context mesh says so), or None."""
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is not None and not mesh.empty and mesh.explicit_axes:
+      return mesh
+  return None
+
+
+def auto_axes(fn: Callable[..., Any], out_specs: Any) -> Callable[..., Any]:
+  """`fn` run with every mesh axis Auto, for code written for Auto axes (the MoE layer's shard_map, row gathers
+  and grouped matmuls) called under a mesh with Explicit axes, which `jax.make_mesh` gives by default: there,
+  a shard_map's in_specs must equal its inputs' sharding types and a dynamic_slice of a sharded dim is a type
+  error. JAX's `auto_axes` switches the axes for the call; moejax's own mesh (`use_mesh`) is swapped for its
+  Auto twin inside, so the shard_map's mesh matches the context. `out_specs`: a PartitionSpec per output (a
+  prefix of the output tree), the Explicit types the outputs come back with. Explicit axes are found on
+  moejax's mesh, `jax.set_mesh`'s, or else the arguments' types; with none, this is just `fn`."""
+
+  def run(*args):
+    mesh = active_mesh()
+    context = jax.sharding.get_abstract_mesh()
+    typed = None
+    if not (mesh is not None and mesh.explicit_axes) and (context.empty or not context.explicit_axes):
+      typed = _explicit_mesh_of(args)
+      if typed is None:
+        return fn(*args)
+    auto = None if mesh is None else Mesh(mesh.devices, mesh.axis_names,
+                                          axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+    def body(*a):
+      with use_mesh(auto):
+        return fn(*a)
+
+    if typed is not None:  # the arguments' mesh becomes the context the specs resolve against
+      with jax.sharding.use_abstract_mesh(typed):
+        return jax.sharding.auto_axes(body, out_sharding=out_specs)(*args)
+    # Specs resolve against the context mesh (`jax.set_mesh`); without one, against moejax's mesh by name.
+    out = out_specs if not context.empty else jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
+                                                           is_leaf=_is_spec)
+    return jax.sharding.auto_axes(body, out_sharding=out)(*args)
+
+  return run
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:

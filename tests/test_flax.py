@@ -3,6 +3,7 @@ user-written NNX and Linen models (function preserving at step 0, trainable), mo
 
 import importlib.util
 import pathlib
+import warnings
 
 import flax.linen as nn
 import jax
@@ -96,6 +97,92 @@ def test_partition_specs_equal_moejax_on_8_devices():
   abstract = jax.eval_shape(lambda: lin.init(jax.random.key(0), jnp.zeros((2, 4, D))))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, moejax.flax.axis_rules(mesh))
   assert {p: s.spec for p, s in sharding.flatten(shardings["params"]).items()} == want
+
+
+def test_spec_for_a_mesh_without_some_moejax_axes():
+  """docs name a (fsdp, expert, tensor) mesh: its missing `data` axis counts as size 1, as in common.py."""
+  mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  P = jax.sharding.PartitionSpec
+  assert sharding.spec_for(("batch", "seq", "act_embed"), mesh) == P(("fsdp", "expert"), None, None)
+  assert sharding.spec_for(("expert", "embed", "mlp"), mesh) == P("expert", "fsdp", "tensor")
+  assert sharding.batch_divisor(mesh) == 4
+  assert sharding.data_sharding(mesh).spec == P(("fsdp", "expert"), None)
+
+
+def _close(got, want):
+  # float32 ops: the mesh sums the same terms in another order (and exchanges rows by all_to_all), ~1e-7
+  # relative per sum over D or F terms; 1e-5 of the values' scale leaves room for the layer's few sums.
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.max(np.abs(want)))), rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "explicit", "explicit_set_mesh", "explicit_jax_mesh_only"])
+def test_nnx_moe_under_a_user_mesh_equals_single_device(mode):
+  """A user's 3-axis mesh (no `data`), Auto axes or Explicit ones (`jax.make_mesh`'s default), with moejax's
+  `use_mesh` (expert parallelism: the layer's shard_map); `explicit_set_mesh` adds `jax.set_mesh` with params
+  born sharded and a sharded input; `explicit_jax_mesh_only` has `jax.set_mesh` alone (no expert parallelism:
+  the gathers and grouped matmuls meet Explicit shardings). Outputs, aux and gradients equal one device's."""
+  m_cfg = config.MoEConfig(num_experts=E, top_k=2)
+  model = moejax.flax.MoE(D, F, m_cfg, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (8, 6, D))
+  r_BTD = jax.random.normal(jax.random.key(2), (8, 6, D))
+
+  def loss_fn(m, x):
+    y, aux = nnx.capture(m, moejax.flax.AuxLoss)(x)
+    return _loss(y, moejax.flax.sum_named(aux), r_BTD), (y, moejax.flax.sum_named(aux))
+
+  step = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+  (_, (y_ref, aux_ref)), g_ref = step(model, x_BTD)
+
+  types = (jax.sharding.AxisType.Auto if mode == "auto" else jax.sharding.AxisType.Explicit,) * 3
+  mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"), axis_types=types)
+  with sharding.use_mesh(None if mode == "explicit_jax_mesh_only" else mesh):
+    if mode != "auto" and mode != "explicit":
+      with jax.set_mesh(mesh):
+        model = moejax.flax.MoE(D, F, m_cfg, rngs=nnx.Rngs(0), params=model.params())
+        assert model.experts["w_up"][...].sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+        x_BTD = jax.device_put(x_BTD, jax.sharding.PartitionSpec(("fsdp", "expert")))
+        (_, (y, aux)), g = step(model, x_BTD)
+        assert jax.typeof(y).sharding.spec == jax.typeof(x_BTD).sharding.spec  # y is sharded as x is
+    else:
+      (_, (y, aux)), g = step(model, x_BTD)
+    y_eager = model(x_BTD)  # a plain call, outside jit
+  _close(y, y_ref)
+  _close(y_eager, y_ref)
+  _close(aux, aux_ref)
+  g_ref = sharding.flatten(nnx.to_pure_dict(g_ref))
+  for path, gr in sharding.flatten(nnx.to_pure_dict(g)).items():
+    _close(gr, g_ref[path])
+
+
+def test_nnx_plain_call_is_quiet_and_jit_grad_can_close_over_the_module():
+  """Outside `nnx.capture` nothing is sown: no DeprecationWarning, the module is left as it was, and a plain
+  `jax.jit` / `jax.grad` closing over the module works as it does over an `nnx.Linear`."""
+  model = moejax.flax.MoE(D, F, config.MoEConfig(num_experts=E, top_k=2), rngs=nnx.Rngs(0))
+  cfg = config.ModelConfig(vocab_size=32, d_model=D, num_layers=2, num_heads=2, d_ff=F,
+                           moe=config.MoEConfig(num_experts=E, top_k=2))
+  lm = moejax.flax.Transformer(cfg, rngs=nnx.Rngs(0))
+  x_BTD = jax.random.normal(jax.random.key(1), (2, 6, D))
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = model(x_BTD)
+    model(x_BTD, deterministic=True)
+    lm(_tokens())
+  assert [str(w.message) for w in caught] == []
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  assert jax.tree.structure(after) == jax.tree.structure(before)  # no sown attribute appeared
+
+  want, aux = moe.apply(model.params(), x_BTD, model.cfg)
+  np.testing.assert_array_equal(y, want)
+  np.testing.assert_allclose(jax.jit(lambda x: model(x))(x_BTD), want, atol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(model(x) ** 2))(x_BTD)
+  g_want = jax.grad(lambda x: jnp.sum(moe.apply(model.params(), x, model.cfg)[0] ** 2))(x_BTD)
+  np.testing.assert_allclose(g, g_want, atol=1e-6)
+  assert jax.jit(lambda t: lm(t))(_tokens()).shape == (4, 8, 32)
+  _, got = nnx.capture(model, moejax.flax.AuxLoss)(x_BTD)  # capture still collects
+  np.testing.assert_allclose(moejax.flax.sum_named(got), aux["aux_loss"], atol=1e-7)
 
 # ----------------------------------------------------------------------------------------------------------
 # A user's NNX model (SwiGLU, Llama names) and Linen model (GELU with biases, Dense_i names), upcycled
@@ -299,6 +386,54 @@ def test_upcycle_bad_input_one_line_errors_name_the_path():
   moejax.flax.upcycle(params, select="block_0/mlp", moe=m_cfg, mlp=gelu_exact)  # Linen: no module to check
   msg = err(lambda: moejax.flax.upcycle(params, select="block_0/mlpx", moe=m_cfg))
   assert "'block_0/mlp'" in msg
+
+
+class LinenNested(nn.Module):
+  """`nn.Dense(d)(gelu(nn.Dense(f)(x)))`: the outer Dense is created first, so Dense_0 is *down*."""
+
+  d_ff: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.d_ff)(x)))
+
+
+class LinenHolder(nn.Module):
+  mlp_cls: type = LinenNested
+  d_ff: int = D
+
+  @nn.compact
+  def __call__(self, x):
+    return x + self.mlp_cls(self.d_ff, name="mlp")(nn.LayerNorm()(x))
+
+
+def test_linen_up_down_swapped_is_caught_at_upcycling():
+  """d_model == d_ff: the built-in `linen_gelu` layout reads Dense_0 as up, which this MLP made down; the
+  shapes fit either way, so only running the dense module can tell. Without it, a warning says so."""
+  x_BTD = jax.random.normal(jax.random.key(3), (2, 5, D))
+  m_cfg = config.MoEConfig(num_experts=E, top_k=2)
+  swapped = LinenHolder(LinenNested, d_ff=D)
+  params = swapped.init(jax.random.key(0), x_BTD)["params"]
+  with pytest.raises(moejax.flax.FlaxUpcycleError, match="'mlp' differs"):
+    moejax.flax.upcycle(params, select="mlp", moe=m_cfg, module=swapped, inputs=(x_BTD,))
+  with pytest.warns(UserWarning, match="cannot be told from the params"):
+    moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg)
+  up_down = moejax.flax.MLPLayout(up="Dense_1", down="Dense_0", activation="gelu_tanh")
+  out = moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg, mlp=up_down, module=swapped,
+                            inputs=x_BTD)["params"]  # the right mapping passes the same check
+  moe_model = LinenHolder(lambda f, name: moejax.flax.linen.MoE(f, m_cfg, activation="gelu_tanh", bias=True,
+                                                                name=name))
+  np.testing.assert_allclose(moe_model.apply({"params": out}, x_BTD),
+                             swapped.apply({"params": params}, x_BTD), atol=1e-5)
+  wide = LinenHolder(LinenNested, d_ff=F)  # D != F: the swap shows in the widths the MLP is called with
+  wide_params = wide.init(jax.random.key(0), x_BTD)["params"]
+  with pytest.raises(moejax.flax.FlaxUpcycleError, match="takes inputs of width 8"):
+    moejax.flax.upcycle(wide_params, select="mlp", moe=m_cfg, module=wide, inputs=(x_BTD,))
+  in_order = LinenHolder(LinenMlp, d_ff=D)  # big_vision's order: Dense_0 is up, square kernels, checked quietly
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    moejax.flax.upcycle(in_order.init(jax.random.key(0), x_BTD), select="mlp", moe=m_cfg, module=in_order,
+                        inputs=(x_BTD,))
 
 
 def test_wrong_activation_is_caught_at_upcycling():

@@ -8,7 +8,8 @@ under `jax.set_mesh(mesh)` is born sharded (Flax's eager sharding). Calling one 
 
 Aux losses and routing metrics are sown, the way NNX models report intermediates: `aux_loss` (what to add to
 the training loss) as `AuxLoss`, the rest (`load_balance_loss`, `z_loss`, `expert_load`, `dropped_fraction`,
-`router_entropy`) as `RouterMetrics`; both subclass `nnx.Intermediate`. Collect them with `nnx.capture`:
+`router_entropy`) as `RouterMetrics`; both subclass `nnx.Intermediate`. Collect them with `nnx.capture`
+(a plain call sows nothing, so it leaves the module unchanged, like any stateless layer):
 
   logits, aux, metrics = nnx.capture(model, moejax.flax.AuxLoss, moejax.flax.RouterMetrics)(tokens)
   loss = cross_entropy + moejax.flax.sum_named(aux)
@@ -134,7 +135,18 @@ class MoE(_Functional):
     return y_BTD
 
 
+def capturing(module: nnx.Module) -> bool:
+  """Whether `module` runs inside `nnx.capture`. Only there do we sow: outside it Flax 0.12's `sow` stores the
+  value as a new attribute of the module (and warns that this is deprecated), a mutation that a plain `jax.jit`
+  or `jax.grad` closing over the module refuses (`TraceContextError`), where an `nnx.Linear` works. `capture`
+  marks each module it collects from with `__captures__` and removes it afterwards; `Module.sow` itself tests
+  that attribute to tell the two cases apart."""
+  return hasattr(module, "__captures__")
+
+
 def sow(module: nnx.Module, aux: Mapping[str, jax.Array]) -> None:
+  if not capturing(module):  # a plain call: nobody is collecting, and the module stays as it was
+    return
   module.sow(AuxLoss, "aux_loss", aux["aux_loss"])
   for k, v in aux.items():
     if k != "aux_loss":
@@ -166,7 +178,7 @@ class Transformer(_Functional):
     deterministic = self.deterministic if deterministic is None else deterministic
     rng = None if deterministic or self.rngs is None else self.rngs.default()
     logits_BTV, aux = transformer.forward(self.params(), tokens_BT, self.cfg, rng=rng, train=not deterministic)
-    if aux["moe"]:  # per layer: metrics["moe"][0][layer]["expert_load"], ...
+    if aux["moe"] and capturing(self):  # per layer: metrics["moe"][0][layer]["expert_load"], ...
       self.sow(AuxLoss, "aux_loss", aux["aux_loss"])
       self.sow(RouterMetrics, "moe", aux["moe"])
     return logits_BTV

@@ -11,8 +11,9 @@
 The math is moejax's own upcycling (`upcycle/core.py`): each MLP is laid out as a one-layer dense model
 (`layers/0/mlp/{w_gate,w_up,w_down,b_*}`) and goes through `core.RULES` — every expert a copy, a fresh router,
 optional expert noise, Drop-Upcycling and shared experts — with the randomness keyed by the module's path.
-With renormalized top-k, no noise and no dropped tokens the model's output is unchanged at step 0; for NNX
-models that is checked on a random input (`check=True`), which catches a layout with the wrong activation.
+With renormalized top-k, no noise and no dropped tokens the model's output is unchanged at step 0; that is
+checked on a random input (`check=True`), which catches a layout with the wrong activation or up and down
+swapped. An NNX MLP is called directly; a Linen one inside one run of the dense module (`module=`, `inputs=`).
 
 `mlp` says where gate/up/down live in the MLP: a built-in layout name (`LAYOUTS`), an `MLPLayout`, or None to
 pick the one built-in layout whose names the MLP has. Kernels are `[in, out]` (Flax's `Dense`/`Linear`).
@@ -229,15 +230,35 @@ def _upcycle_nnx(model: nnx.Module, select: str, moe: Any, mlp: Any, init: confi
   return model
 
 
+def _probe(width: int) -> jax.Array:
+  """The random input every step-0 check feeds both the dense MLP and its MoE: [2, 3, width]."""
+  return jax.random.normal(jax.random.key(0), (2, 3, width), jnp.float32)
+
+
+def _skipped(where: str, e: Exception) -> None:
+  warnings.warn(f"upcycle: could not call the MLP at {where!r} with one input ({type(e).__name__}); skipped "
+                "the step-0 equality check", stacklevel=5)
+
+
 def _check_same(dense_module: nnx.Module, params: dict, cfg: config.ModelConfig, where: str,
                 layout: MLPLayout) -> None:
-  x_BTD = jax.random.normal(jax.random.key(0), (2, 3, cfg.d_model), jnp.float32)
+  x_BTD = _probe(cfg.d_model)
   try:
     want = dense_module(x_BTD)
   except Exception as e:  # an MLP that needs more than one argument: nothing to compare with
-    warnings.warn(f"upcycle: could not call the MLP at {where!r} with one input ({type(e).__name__}); skipped "
-                  "the step-0 equality check", stacklevel=3)
+    _skipped(where, e)
     return
+  _compare(params, cfg, x_BTD, want, where, layout)
+
+
+def _compare(params: dict, cfg: config.ModelConfig, x_BTD: jax.Array, want: jax.Array, where: str,
+             layout: MLPLayout) -> None:
+  """The MoE on `x_BTD` must give the dense MLP's `want` (float32: the bound, 1e-4 of the output's scale + 1, is
+  ~1e3 float32 epsilons, room for the different summation order of two dot products)."""
+  if x_BTD.shape[-1] != cfg.d_model:
+    raise FlaxUpcycleError(f"upcycle: the MLP at {where!r} takes inputs of width {x_BTD.shape[-1]}, but its "
+                           f"layout ({layout}) makes an MoE of d_model {cfg.d_model}: which layer is up and which "
+                           "down?")
   got, _ = moe_layer.apply(params, x_BTD, cfg)
   err = float(jnp.max(jnp.abs(got - want)))
   scale = float(jnp.max(jnp.abs(want))) + 1.0
@@ -256,6 +277,15 @@ def _thaw(tree: Any) -> Any:
   return {k: _thaw(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
+def _at(tree: Any, path: str) -> Any:
+  """The sub-tree of a variables collection at a module path, or None."""
+  for k in path.split("/"):
+    if not isinstance(tree, Mapping) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
 def _dict_paths(tree: Mapping, prefix: str = "") -> list[str]:
   out = []
   for k, v in tree.items():
@@ -266,15 +296,61 @@ def _dict_paths(tree: Mapping, prefix: str = "") -> list[str]:
   return out
 
 
+def _linen_mlps(module: Any, variables: Mapping, inputs: tuple, wheres: list[str]) -> dict[str, Any]:
+  """Run the dense Linen `module` once on `inputs` to find each selected MLP's module (Linen builds compact
+  submodules only while running) and the width of what it is called with: {path: (unbound MLP, width)}; an MLP
+  the run never calls is absent."""
+  from flax import linen as nn  # noqa: PLC0415
+
+  targets = {tuple(w.split("/")): w for w in wheres}
+  found: dict[str, Any] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    where = targets.get(tuple(context.module.path)) if context.method_name == "__call__" and args else None
+    if where is not None and where not in found:
+      found[where] = (context.module.clone(parent=None), np.shape(args[0])[-1])
+    return next_fun(*args, **kwargs)
+
+  try:
+    with nn.intercept_methods(interceptor):
+      module.apply(variables, *inputs)
+  except Exception as e:
+    raise FlaxUpcycleError(f"upcycle: running the dense Linen module {type(module).__name__} on `inputs` for "
+                           f"the step-0 check failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           "pass inputs its __call__ takes, or check=False") from None
+  return found
+
+
+def _check_linen(mlp_module: Any, width: int, mlp_variables: Mapping, params: dict, cfg: config.ModelConfig,
+                 where: str, layout: MLPLayout) -> None:
+  """`_check_same` for a Linen MLP: the MLP on its own (its variables only), on a probe of the width the model
+  gives it."""
+  x_BTD = _probe(width)
+  try:
+    want = mlp_module.apply(mlp_variables, x_BTD)
+  except Exception as e:  # an MLP that needs more than one argument: nothing to compare with
+    _skipped(where, e)
+    return
+  _compare(params, cfg, x_BTD, want, where, layout)
+
+
+_LINEN_AUTONAME = re.compile(r"(^|/)[A-Z]\w*_\d+$")  # Dense_0: Linen's creation-order names
+
+
 def _upcycle_linen(variables: Mapping, select: str, moe: Any, mlp: Any, init: config.UpcycleConfig,
-                   key: jax.Array) -> dict:
+                   key: jax.Array, check: bool, module: Any, inputs: Any) -> dict:
   from flax import linen as nn  # noqa: PLC0415  (only Linen users pay for the import)
 
   has_collection = "params" in variables and isinstance(variables["params"], Mapping)
   tree = _thaw(variables["params"] if has_collection else variables)  # fresh dicts: the input is left as it was
   boxed = _is_boxed(tree)
   plain = _thaw(nn.unbox(tree)) if boxed else tree
-  for where in _select(_dict_paths(plain), select, "param tree"):
+  wheres = _select(_dict_paths(plain), select, "param tree")
+  dense_vars = {**variables, "params": tree} if has_collection else {"params": tree}
+  found = None
+  if check and module is not None:
+    found = _linen_mlps(module, dense_vars, inputs if isinstance(inputs, tuple) else (inputs,), wheres)
+  for where in wheres:
     *head, last = where.split("/")
     node = plain
     for k in head:
@@ -285,6 +361,20 @@ def _upcycle_linen(variables: Mapping, select: str, moe: Any, mlp: Any, init: co
     dense, _, _ = dense_params(flat, layout, where)
     cfg, params = upcycle_mlp(dense, moe, init, key, where=where, activation=layout.activation,
                               mesh=common.current_mesh())
+    exact = check and _exact(cfg.moe, init) and jnp.dtype(dense["w_up"].dtype) == jnp.float32
+    if exact and found is not None:
+      if where not in found:
+        warnings.warn(f"upcycle: running the Linen module on `inputs` never called the MLP at {where!r}; "
+                      "skipped its step-0 equality check", stacklevel=3)
+      else:
+        mlp_vars = {c: _at(v, where) for c, v in dense_vars.items() if _at(v, where) is not None}
+        _check_linen(*found[where], mlp_vars, params, cfg, where, layout)
+    elif exact and cfg.d_model == cfg.expert_d_ff and any(_LINEN_AUTONAME.search(n) for n in layout.roles().values()):
+      # Square kernels named in creation order: nothing in the params tells up from down (nn.Dense(d)(gelu(
+      # nn.Dense(f)(x))) creates the down layer first), and nothing was run that could.
+      warnings.warn(f"upcycle: the MLP at {where!r} has square [{cfg.d_model}, {cfg.d_model}] kernels named "
+                    f"{sorted(layout.roles().values())}, so which is up and which down cannot be told from the "
+                    "params; pass module= (the dense Linen module) and inputs= to check it", stacklevel=3)
     node[last] = params
     if boxed:
       params = jax.tree.map(lambda v, s: nn.LogicallyPartitioned(v, names=s.axes), params, moe_layer.specs(cfg),
@@ -301,17 +391,19 @@ def _upcycle_linen(variables: Mapping, select: str, moe: Any, mlp: Any, init: co
 def upcycle(model_or_params: Any, *, select: str, moe: config.MoEConfig | Mapping[str, Any],
             mlp: str | MLPLayout | Mapping[str, Any] | None = None, init: config.UpcycleConfig | None = None,
             key: jax.Array | None = None, check: bool = True,
-            axis_rules: common.FlaxRules | None = None) -> Any:
+            axis_rules: common.FlaxRules | None = None, module: Any = None, inputs: Any = ()) -> Any:
   """Replace each dense MLP at a path matching `select` by moejax's MoE layer, upcycled (see module doc).
 
   `init`: router init, expert noise, Drop-Upcycling (`config.UpcycleConfig`; its `seed` makes the key unless
-  `key` is given). `check`: for NNX, compare each new MoE layer with its MLP on a random input when the config
-  is function-preserving. `axis_rules`: Flax-format rules for the new params instead of moejax's."""
+  `key` is given). `check`: compare each new MoE layer with its MLP on a random input when the config is
+  function-preserving; for a Linen tree that needs `module` (the dense Linen module the params belong to) and
+  `inputs` (the positional arguments of its `__call__`, e.g. `(tokens,)`), which it is run on once.
+  `axis_rules`: Flax-format rules for the new params instead of moejax's."""
   init = init or config.UpcycleConfig()
   key = jax.random.key(init.seed) if key is None else key
   if isinstance(model_or_params, nnx.Module):
     return _upcycle_nnx(model_or_params, select, moe, mlp, init, key, check, axis_rules)
   if isinstance(model_or_params, Mapping):
-    return _upcycle_linen(model_or_params, select, moe, mlp, init, key)
+    return _upcycle_linen(model_or_params, select, moe, mlp, init, key, check, module, inputs)
   raise FlaxUpcycleError(f"upcycle: expected an nnx.Module or a Linen param dict, got "
                          f"{type(model_or_params).__name__}")

@@ -436,6 +436,17 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
   if m.router == "token_choice" and m.top_k == 1 and m.renormalize:
     warnings.warn(TOP1_RENORMALIZE_WARNING, stacklevel=2)
+  # Under Explicit mesh axes the layer runs with them Auto; y comes back sharded as x is, the aux replicated.
+  out_specs = (jax.typeof(x_BTD).sharding.spec, jax.sharding.PartitionSpec())
+  layer = functools.partial(_apply, cfg=cfg, train=train, causal=causal)
+  return sharding.auto_axes(layer, out_specs)(p, x_BTD, rng, mask_BT)
+
+
+def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array | None, *,
+           cfg: config.ModelConfig, train: bool, causal: bool) -> tuple[jax.Array, dict]:
+  """`apply` past its checks, with every mesh axis Auto."""
+  m = cfg.moe
+  E = m.num_experts
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
   fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)
