@@ -19,7 +19,8 @@ def lm_upcycle_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train lm_dense_tiny train.steps=300 train.schedule_steps=600 --workdir runs/lm_dense_tiny
           moejax train lm_upcycle_tiny init.upcycle_from=runs/lm_dense_tiny     (or: scripts/demo.sh)
-  Expect: validation loss 1.432 at step 600 vs 1.454 for the dense continuation (docs/results.md; one seed).
+  Expect: validation loss 1.431 at step 600 vs 1.454 for the dense continuation (results/demo/main/, docs/results.md;
+          one seed).
   """
   return config.derive(registry.get("lm_dense_tiny"), {
     "model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.every": 2, "model.moe.offset": 1,

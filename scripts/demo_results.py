@@ -101,6 +101,19 @@ def numbers(label: str = "main") -> dict:
   d_, u = out["runs"]["dense_continued"]["evals"][600], out["runs"]["moe_upcycled"]["evals"][600]
   out["gap_600"], out["gap_600_pct"] = u - d_, 100 * (u - d_) / d_
   out["cost_ratio"] = report.flops_per_step(d / "moe_upcycled") / report.flops_per_step(d / "dense_continued")
+  ev_d, ev_u = out["runs"]["dense_continued"]["evals"], out["runs"]["moe_upcycled"]["evals"]
+  common = sorted(set(ev_d) & set(ev_u) - {300})
+  behind = [s for s in common if ev_u[s] >= ev_d[s]]
+  out["ahead_from"] = next((s for s in common if s > max(behind, default=0)), None)
+  from moejax import metrics
+
+  last = [r for r in metrics.read_jsonl(d / "moe_upcycled") if r.get("split") == "train"][-1]
+  layers = sorted({k.split("/")[1] for k in last if k.startswith("moe/")}, key=int)
+  out["router"] = {"step": int(last["step"]), "entropy": [last[f"moe/{i}/router_entropy"] for i in layers],
+                   "loads": [x for i in layers for x in last[f"moe/{i}/expert_load"]],
+                   "balance": [last[f"moe/{i}/load_balance_loss"] for i in layers],
+                   "dropped": max(last[f"moe/{i}/dropped_fraction"] for i in layers), "experts":
+                   len(last[f"moe/{layers[0]}/expert_load"])}
   return out
 
 
@@ -127,8 +140,13 @@ def results_table(n: dict) -> str:
                 f"{r[run]['flops_600'] / 1e12:.2f} TFLOP | {at} |")
   m = n["machine"]
   rows.append("")
-  rows.append(f"Upcycled minus dense at step 600: {n['gap_600']:+.4f} nats ({n['gap_600_pct']:+.2f} %); an upcycled "
-              f"step costs {n['cost_ratio']:.2f}x a dense one. Run of {m['date'][:10]} at commit {m['commit'][:7]}: "
+  ro = n["router"]
+  rows.append(f"Upcycled minus dense at step 600: {n['gap_600']:+.4f} nats ({n['gap_600_pct']:+.2f} %), ahead at every "
+              f"eval from step {n['ahead_from']} on; an upcycled step costs {n['cost_ratio']:.2f}x a dense one. "
+              f"Routers at step {ro['step']}: entropy {' / '.join(f'{e:.2f}' for e in ro['entropy'])} (uniform: ln "
+              f"{ro['experts']} = {np.log(ro['experts']):.2f}), expert loads {min(ro['loads']):.2f}-{max(ro['loads']):.2f} "
+              f"(uniform {1 / ro['experts']:.3f}), load-balance loss {min(ro['balance']):.3f}-{max(ro['balance']):.3f} "
+              f"(1 = balanced), dropped {ro['dropped']:.0%}. Run of {m['date'][:10]} at commit {m['commit'][:7]}: "
               f"{m['cores']} cores, {'AVX-512' if m['cpu_has_avx512'] and not m['xla_cpu_max_isa'] else 'no AVX-512'}"
               f", jax {m['jax']}, Python {m['python']} (`results/demo/main/`).")
   return "\n".join(rows)
@@ -149,7 +167,7 @@ def spread_table() -> str:
     first = next(r["loss"] for r in metrics.read_jsonl(STORE / label / "dense_pretrain") if r.get("split") == "train")
     e_d, e_u = n["runs"]["dense_continued"]["evals"], n["runs"]["moe_upcycled"]["evals"]
     rows.append(f"| `{label}` | {isa} | {first:.7f} | {_evals(STORE / label / 'dense_pretrain')[100]:.6f} | "
-                f"{e_d[600]:.4f} | {e_u[600]:.4f} | {n['gap_600']:+.4f} |")
+                f"{e_d[600]:.6f} | {e_u[600]:.6f} | {n['gap_600']:+.6f} |")
   return "\n".join(rows)
 
 

@@ -409,15 +409,17 @@ class LinenHolder(nn.Module):
 
 def test_linen_up_down_swapped_is_caught_at_upcycling():
   """d_model == d_ff: the built-in `linen_gelu` layout reads Dense_0 as up, which this MLP made down; the
-  shapes fit either way, so only running the dense module can tell. Without it, a warning says so."""
+  shapes fit either way, so only running the dense module can tell. Without it, upcycling refuses (check=False
+  takes the user's word for the layout)."""
   x_BTD = jax.random.normal(jax.random.key(3), (2, 5, D))
   m_cfg = config.MoEConfig(num_experts=E, top_k=2)
   swapped = LinenHolder(LinenNested, d_ff=D)
   params = swapped.init(jax.random.key(0), x_BTD)["params"]
   with pytest.raises(moejax.flax.FlaxUpcycleError, match="'mlp' differs"):
     moejax.flax.upcycle(params, select="mlp", moe=m_cfg, module=swapped, inputs=(x_BTD,))
-  with pytest.warns(UserWarning, match="cannot be told from the params"):
+  with pytest.raises(moejax.flax.FlaxUpcycleError, match="cannot be told from the params"):
     moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg)
+  moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg, check=False)  # the user's word for it
   up_down = moejax.flax.MLPLayout(up="Dense_1", down="Dense_0", activation="gelu_tanh")
   out = moejax.flax.upcycle({"params": params}, select="mlp", moe=m_cfg, mlp=up_down, module=swapped,
                             inputs=x_BTD)["params"]  # the right mapping passes the same check

@@ -372,9 +372,12 @@ def _upcycle_linen(variables: Mapping, select: str, moe: Any, mlp: Any, init: co
     elif exact and cfg.d_model == cfg.expert_d_ff and any(_LINEN_AUTONAME.search(n) for n in layout.roles().values()):
       # Square kernels named in creation order: nothing in the params tells up from down (nn.Dense(d)(gelu(
       # nn.Dense(f)(x))) creates the down layer first), and nothing was run that could.
-      warnings.warn(f"upcycle: the MLP at {where!r} has square [{cfg.d_model}, {cfg.d_model}] kernels named "
-                    f"{sorted(layout.roles().values())}, so which is up and which down cannot be told from the "
-                    "params; pass module= (the dense Linen module) and inputs= to check it", stacklevel=3)
+      # Refused rather than warned: a swapped MLP upcycles into a model that silently computes something else.
+      raise FlaxUpcycleError(
+        f"upcycle: the MLP at {where!r} has square [{cfg.d_model}, {cfg.d_model}] kernels named "
+        f"{sorted(layout.roles().values())}, so which is up and which down cannot be told from the params: pass "
+        "module= (the dense Linen module) and inputs= so the step-0 check can run it, an explicit mlp= layout "
+        "with module=, or check=False once you have checked the layout yourself")
     node[last] = params
     if boxed:
       params = jax.tree.map(lambda v, s: nn.LogicallyPartitioned(v, names=s.axes), params, moe_layer.specs(cfg),

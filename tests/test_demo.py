@@ -1,0 +1,56 @@
+"""The demo's numbers: README.md's and docs/results.md's demo tables equal what `scripts/demo_results.py` prints
+from the stored raw files (`results/demo/`), and the demo's first steps are pinned, so a code change that moves the
+demo fails here until its figures are regenerated (scripts/demo_pin.py says how)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+REGENERATE = ("this change moves the demo: re-run `scripts/demo.sh runs/demo`, then `python scripts/demo_results.py "
+              "--store runs/demo --write-docs` and `python scripts/demo_pin.py --write`, and review the docs' text")
+# Across CPU kinds (XLA:CPU with and without AVX-512, measured with --xla_cpu_max_isa=AVX2) the pinned losses
+# differ by <= 1e-6 (float32 rounding of a 1.1M-param model's loss, ~2.4, is 2.4e-7 per ulp); 20x that is the bound.
+# A code change that moves the model, the data or the optimizer moves them by 1e-3 or more within a few steps.
+TOL = 2e-5
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_docs_demo_tables_equal_the_generator():
+  gen = _script("demo_results")
+  for name, table in gen.tables().items():
+    got = gen.in_doc(gen.DOCS[name].read_text(), name)
+    assert got is not None, f"{gen.DOCS[name]} has lost its generated {name} block"
+    assert got == table, (f"{gen.DOCS[name].name}'s {name} table differs from `python scripts/demo_results.py`: "
+                          "run it with --write-docs")
+
+
+def _close(got: dict, want: dict, what: str):
+  want = {split: {int(s): v for s, v in vals.items()} for split, vals in want.items()}
+  for split, vals in want.items():
+    for step, v in vals.items():
+      assert abs(got[split][step] - v) <= TOL, f"{what} {split} loss at step {step}: {got[split][step]} vs {v}; " \
+                                               + REGENERATE
+
+
+@pytest.mark.slow
+def test_the_demo_first_steps_are_pinned(tmp_path):
+  """The demo's dense pretrain to step 100 equals its stored run; the upcycled recipe from that step-100
+  checkpoint to step 150 equals results/demo/pin.json."""
+  pin = _script("demo_pin")
+  got = pin.run(tmp_path)
+  stored = pin.losses(ROOT / "results" / "demo" / "main" / "dense_pretrain")
+  want_dense = {split: {s: v for s, v in vals.items() if s <= 100} for split, vals in stored.items()}
+  assert set(got["dense"]["train"]) == set(want_dense["train"]) and set(got["dense"]["eval"]) == {50, 100}
+  _close(got["dense"], want_dense, "dense")
+  want_up = json.loads(pin.PIN.read_text())["upcycled"]
+  assert {int(s) for s in want_up["train"]} == set(got["upcycled"]["train"])
+  _close(got["upcycled"], want_up, "upcycled")
