@@ -9,6 +9,12 @@ not across CPU kinds (XLA:CPU emits other code with and without AVX-512; trainin
   * upcycled: that step-100 checkpoint upcycled by `lm_upcycle_tiny` (the demo's recipe) and trained to step 120,
     compared with `results/demo/pin.json`, which this script writes.
 
+Run it as the demo runs, on one CPU device: on 8 (data parallel) the upcycled prefix differs by ~5e-3 at step 110.
+That is not a sharding error (the upcycled params are identical, and tests/test_train.py checks sharded training
+against one device): right after upcycling the experts are identical copies, so the cross-entropy's gradient
+with respect to the router is zero up to rounding, and Adam's normalisation turns that rounding (which depends
+on the reduction order, so on the device count, the build and the CPU) into router updates of full size.
+
 Only 20 upcycled steps: top-2 routing turns a rounding-level difference into a discrete one when a near-tie flips
 (measured: two builds whose upcycled losses differed by 2.4e-7 at step 310 differed by 3e-5 at step 340 and by
 0.002 at step 600). The pin catches changes of meaning (a router init, a loss weight, a schedule: 1e-3 within a few
@@ -61,10 +67,13 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--write", action="store_true", help=f"store the upcycled prefix's losses in {PIN}")
   ap.add_argument("--workdir", help="train here (default: a temporary directory)")
+  ap.add_argument("--json", help="also write both prefixes' losses here")
   args = ap.parse_args()
   with tempfile.TemporaryDirectory(prefix="moejax-demo-pin-") as tmp:
     got = run(pathlib.Path(args.workdir or tmp))
   print(json.dumps(got["upcycled"], indent=1))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(got))
   if args.write:
     PIN.parent.mkdir(parents=True, exist_ok=True)
     PIN.write_text(json.dumps({"upcycled": got["upcycled"], "dense_argv": DENSE, "upcycled_argv": UPCYCLED},
