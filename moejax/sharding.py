@@ -246,6 +246,13 @@ def active_mesh() -> Mesh | None:
   return _ACTIVE.get()
 
 
+def platform() -> str:
+  """The platform the program being traced is for: the active mesh's devices' (a TPU topology compiled ahead
+  of time on a CPU host, `moejax compile`), else JAX's default backend. Kernel choices ask this, not the host."""
+  mesh = active_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def _is_spec(x: Any) -> bool:
   return isinstance(x, PartitionSpec)
 

@@ -77,9 +77,10 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
   precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
+  platform = None if mesh is None else mesh.devices.flat[0].platform  # a TPU topology's, on a CPU host
   for where, m in precision.towers(cfg):
-    attention.check_impl(m.attention_impl, f"{where}.attention_impl")
-    ragged_ep.check(m.moe, f"{where}.moe")
+    attention.check_impl(m.attention_impl, f"{where}.attention_impl", platform)
+    ragged_ep.check(m.moe, f"{where}.moe", platform)
   if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
     from moejax.peft import trainer as peft_trainer
 
