@@ -186,3 +186,14 @@ def test_moe_flops_ratio():
   # units of the forward, (2 + E) / 3 = 3.33x for E = 8 (measured 3.24x). A fix makes this fail: update it.
   assert 0.8 <= mb.fwd_bwd <= 1.5
   assert abs(rd.fwd_bwd - (2 + 8) / 3) < 0.2
+
+
+@pytest.mark.tpu_compile
+def test_mesh_axes_may_split_the_torus():
+  from moejax import sharding
+
+  # lm_mixtral_8x7b's mesh on v5p-128: fsdp 8 x expert 8 over a 4x4x4 torus takes no physical axis whole;
+  # jax.make_mesh refuses it, sharding.make_mesh splits physical axes instead.
+  mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1, expert=8), chips.devices(chips.parse("v5p-128")))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+  assert len({d.id for d in mesh.devices.flat}) == 64
