@@ -197,3 +197,22 @@ def test_mesh_axes_may_split_the_torus():
   mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1, expert=8), chips.devices(chips.parse("v5p-128")))
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
   assert len({d.id for d in mesh.devices.flat}) == 64
+
+
+def test_a_report_that_does_not_fit_says_which_knobs_help():
+  from moejax.aot import report
+
+  cfg = registry.get("lm_moe_tiny")
+  mem = {"params": 2**30, "opt_state": 2**31, "arguments": 3 * 2**30, "outputs": 3 * 2**30, "aliased": 3 * 2**30,
+         "temporaries": 20 * 2**30, "generated_code": 0, "peak": 23 * 2**30, "hbm": 16e9}
+  mesh = {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+  r = {"experiment": cfg.name, "topology": "v5e:2x2", "jax_topology": "v5e:2x2", "chip": "v5e", "devices": 4,
+       "mesh": mesh, "compile_s": 1.0, "gmm_backend": {"model": "ragged_dot"}, "params": 2**28,
+       "memory_per_device": mem, "fits": False, "advice": report.advice(cfg, mesh), "flops_per_device": 1e12,
+       "bytes_accessed_per_device": 1e10, "model_flops_per_step": 4e12, "collectives_per_device": {},
+       "estimate": {"compute_s": 1e12 / 197e12, "hbm_s": 1e10 / 819e9, "ici_s": 0.0, "step_s": 1e10 / 819e9,
+                    "mfu": 0.5}, "chip_source": chips.CHIPS["v5e"].source}
+  text = report.table(r)
+  assert "DOES NOT FIT" in text and "estimate" in text
+  for knob in ("model.remat=True", "mesh.fsdp=-1", "data.batch_size=8"):
+    assert knob in text, knob

@@ -70,8 +70,9 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
 def advice(cfg, mesh: dict[str, int]) -> list[str]:
   """Knobs that lower per-device memory, in the order they usually pay."""
   out = []
-  if not all(m.remat for _, m in precision.towers(cfg)):
-    out.append("model.remat=True (recompute activations in the backward pass: temporaries shrink most)")
+  for where, m in precision.towers(cfg):
+    if not m.remat:
+      out.append(f"{where}.remat=True (recompute activations in the backward pass: temporaries shrink most)")
   n = mesh["data"] * mesh["fsdp"]
   if mesh["data"] > 1:
     out.append(f"mesh.fsdp=-1 mesh.data=1 (shard params and optimizer state over {n} devices instead of "
