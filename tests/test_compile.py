@@ -216,3 +216,21 @@ def test_a_report_that_does_not_fit_says_which_knobs_help():
   assert "DOES NOT FIT" in text and "estimate" in text
   for knob in ("model.remat=True", "mesh.fsdp=-1", "data.batch_size=8"):
     assert knob in text, knob
+
+
+def test_out_of_hbm_is_a_verdict_not_a_crash():
+  from moejax.aot import report
+
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (828.95G) "
+         "exceeds available HBM (95.74G).")
+  assert report._oom_bytes(msg) == int(828.95 * 2**30)
+  cfg = registry.get("lm_mixtral_8x7b")
+  mesh = {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+  mem = {"params": 2**30, "opt_state": 2**31, "temporaries": report._oom_bytes(msg), "hbm": 95 * 2**30}
+  mem["peak"] = sum(mem[k] for k in ("params", "opt_state", "temporaries"))
+  text = report.table({"experiment": cfg.name, "topology": "v5p-128", "jax_topology": "v5p:4x4x4", "chip": "v5p",
+                       "devices": 64, "mesh": mesh, "compile_s": 1.0, "gmm_backend": {"model": "ragged_dot"},
+                       "params": 2**30, "memory_per_device": mem, "fits": False, "advice": report.advice(cfg, mesh),
+                       "xla": msg, "model_flops_per_step": 1.0, "chip_source": "x"})
+  assert "DOES NOT FIT" in text and "828.95 GiB" in text and "data.batch_size=256" in text
+  assert "model.remat" not in text  # lm_mixtral_8x7b already rematerialises

@@ -46,8 +46,8 @@ SOURCES = {
         "glennklockwood.com/garden/processors/TPUv4) = 600 GB/s bidirectional, the least sure number here",
   "v5e": "https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16; HBM2 16 GB, 819 GB/s; ICI 400 GB/s "
          "bidirectional per chip)",
-  "v5p": "https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16; HBM2e 95 GB, 2765 GB/s; ICI 1200 GB/s "
-         "bidirectional per chip)",
+  "v5p": "https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16; HBM2e 95 GiB per chip (XLA reports 95.74 GiB "
+         "available), 2765 GB/s; ICI 1200 GB/s bidirectional per chip)",
   "v6e": "https://cloud.google.com/tpu/docs/v6e (918 TFLOP/s bf16; HBM 32 GB, 1638 GB/s; ICI 800 GB/s "
          "bidirectional per chip)",
 }
@@ -55,7 +55,7 @@ SOURCES = {
 CHIPS = {
   "v4": Chip("v4", "v4", 3, 2, 32 * GIB, 275e12, 1200 * GB, 600 * GB, SOURCES["v4"]),
   "v5e": Chip("v5e", "v5e", 2, 1, 16 * GB, 197e12, 819 * GB, 400 * GB, SOURCES["v5e"]),
-  "v5p": Chip("v5p", "v5p", 3, 2, 95 * GB, 459e12, 2765 * GB, 1200 * GB, SOURCES["v5p"]),
+  "v5p": Chip("v5p", "v5p", 3, 2, 95 * GIB, 459e12, 2765 * GB, 1200 * GB, SOURCES["v5p"]),
   "v6e": Chip("v6e", "v6e", 2, 1, 32 * GB, 918e12, 1638 * GB, 800 * GB, SOURCES["v6e"]),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e", "v5": "v5p"}

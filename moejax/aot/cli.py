@@ -51,7 +51,8 @@ def run(args) -> int:
   print(text)
   if hlo_file:
     hlo_file.parent.mkdir(parents=True, exist_ok=True)
-    hlo_file.write_text(c.executable.as_text())
+    # XLA made no program when it ran out of HBM: then the lowered (unpartitioned) module is what there is.
+    hlo_file.write_text(c.executable.as_text() if c.executable is not None else c.lowered.as_text())
     print(f"wrote {hlo_file}")
   if save:
     for f in report.save(r, c, save):

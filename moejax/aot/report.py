@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -32,7 +33,15 @@ def _cost(compiled: Any) -> dict[str, float]:
   return {"flops": float(ca.get("flops", 0.0)), "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
 
 
+def _oom_bytes(message: str) -> int:
+  """`... HLO temporaries (828.95G) exceeds available HBM (95.74G)` -> the temporaries' bytes (XLA's G: GiB)."""
+  m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+  return int(float(m.group(1)) * 2 ** (10 * " KMGT".index(m.group(2)))) if m else 0
+
+
 def build(c: train_step.Compiled) -> dict[str, Any]:
+  if c.executable is None:
+    return _build_oom(c)
   cfg, s, chip, n = c.cfg, c.setup, c.topo.chip, c.topo.num_chips
   ma = c.executable.memory_analysis()
   state = s.abstract_state
@@ -67,6 +76,25 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
   }
 
 
+def _build_oom(c: train_step.Compiled) -> dict[str, Any]:
+  """The report of a step XLA would not compile for want of HBM: state bytes from the shardings, XLA's figure
+  for the temporaries, the verdict and the knobs; no FLOPs or estimate (there is no program to analyse)."""
+  cfg, s, chip = c.cfg, c.setup, c.topo.chip
+  state = s.abstract_state
+  mem = {"params": train_step.per_device_bytes(state["params"]),
+         "opt_state": train_step.per_device_bytes(state["opt_state"]), "temporaries": _oom_bytes(c.out_of_memory),
+         "hbm": int(chip.hbm_bytes)}
+  mem["peak"] = mem["params"] + mem["opt_state"] + mem["temporaries"]
+  return {
+    "experiment": cfg.name, "topology": c.topo.name, "jax_topology": c.topo.jax_name, "chip": chip.name,
+    "devices": c.topo.num_chips, "mesh": dict(s.mesh.shape), "compile_s": round(c.compile_s, 1),
+    "gmm_backend": {w: m.moe.gmm_backend for w, m in precision.towers(cfg) if m.moe.num_experts},
+    "params": sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(state["params"])),
+    "memory_per_device": mem, "fits": False, "advice": advice(cfg, dict(s.mesh.shape)), "xla": c.out_of_memory,
+    "model_flops_per_step": cfg.data.batch_size * s.task.flops_per_example(cfg), "chip_source": chip.source,
+  }
+
+
 def advice(cfg, mesh: dict[str, int]) -> list[str]:
   """Knobs that lower per-device memory, in the order they usually pay."""
   out = []
@@ -86,7 +114,28 @@ def _b(x: float) -> str:
   return f"{x / 2**30:,.2f} GiB" if x >= 2**30 else f"{x / MIB:,.1f} MiB"
 
 
+def _table_oom(r: dict[str, Any]) -> str:
+  m = r["memory_per_device"]
+  lines = [
+    f"moejax compile {r['experiment']} --topology {r['topology']} ({r['jax_topology']}, {r['devices']} chips = "
+    f"devices, mesh {r['mesh']}; XLA stopped after {r['compile_s']:.0f} s)",
+    f"  expert matmuls: {r['gmm_backend']}" if r["gmm_backend"] else "  dense model",
+    "",
+    f"  memory per device             {'':>12}   chip HBM {_b(m['hbm'])}",
+    f"    params                      {_b(m['params']):>12}   ({r['params']:,} params)",
+    f"    optimizer state             {_b(m['opt_state']):>12}",
+    f"    temporaries (XLA)           {_b(m['temporaries']):>12}",
+    f"    at least                    {_b(m['peak']):>12}   {100 * m['peak'] / m['hbm']:.0f}% of HBM -> DOES NOT FIT",
+    f"  XLA: {r['xla']}",
+  ]
+  lines += [f"      try: {a}" for a in r["advice"]]
+  lines.append(f"  no FLOPs or step-time estimate: XLA made no program. Chip numbers: {r['chip_source']}")
+  return "\n".join(lines)
+
+
 def table(r: dict[str, Any]) -> str:
+  if "xla" in r:
+    return _table_oom(r)
   m, e = r["memory_per_device"], r["estimate"]
   lines = [
     f"moejax compile {r['experiment']} --topology {r['topology']} ({r['jax_topology']}, {r['devices']} chips = "

@@ -27,9 +27,10 @@ class Compiled:
   cfg: config.ExperimentConfig
   topo: chips.Topology
   setup: train.Setup
-  executable: Any  # jax.stages.Compiled
+  executable: Any  # jax.stages.Compiled, or None when XLA refused it for want of HBM
   lowered: Any  # jax.stages.Lowered
   compile_s: float
+  out_of_memory: str = ""  # XLA's RESOURCE_EXHAUSTED message: the step does not fit the chip's HBM
 
 
 def _resolved_mesh(cfg: config.ExperimentConfig, n: int) -> dict[str, int]:
@@ -103,7 +104,13 @@ def compile_train_step(cfg: config.ExperimentConfig, topo: chips.Topology) -> Co
   step = train.make_train_step(s)
   t0 = time.perf_counter()
   lowered = step.lower(s.abstract_state, abstract_batch(s))
-  executable = lowered.compile()
+  try:
+    executable = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler stops when the program cannot fit in HBM: that *is* the answer (DOES NOT FIT).
+    return Compiled(cfg, topo, s, None, lowered, time.perf_counter() - t0, str(e).strip().splitlines()[0])
   return Compiled(cfg, topo, s, executable, lowered, time.perf_counter() - t0)
 
 
