@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import re
 
 from moejax import config
@@ -132,6 +133,9 @@ def devices(topo: Topology) -> list:
   missing = libtpu_missing()
   if missing:
     raise config.ConfigError(missing)
+  # libtpu takes a host-wide lockfile when it loads, so a second compile on this host (another shell, a test
+  # worker) would abort; describing a slice opens no TPU, so sharing the library is safe here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   kw = {"chip_config_name": "megacore"} if topo.chip.cores_per_chip == 2 else {}

@@ -7,6 +7,7 @@ memory per device vs HBM (FITS / DOES NOT FIT), FLOPs, collectives, a roofline s
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 
 
@@ -26,6 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+  # The program is for the slice, never for this host's own accelerators: keep JAX from opening them.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from moejax import config, paths, registry
   from moejax.aot import chips, moe_flops, report, train_step
 
