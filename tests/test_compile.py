@@ -234,3 +234,7 @@ def test_out_of_hbm_is_a_verdict_not_a_crash():
                        "xla": msg, "model_flops_per_step": 1.0, "chip_source": "x"})
   assert "DOES NOT FIT" in text and "828.95 GiB" in text and "data.batch_size=256" in text
   assert "model.remat" not in text  # lm_mixtral_8x7b already rematerialises
+  # One sequence per shard (64 over 8 x 8): halving the batch would fail the batch check; the length is the knob.
+  tight = report.advice(config.derive(cfg, {"data.batch_size": 64}), mesh)
+  assert tight == ["data.seq_len=2048 (one sequence per data-parallel shard already: activations scale with its "
+                   "length)"]

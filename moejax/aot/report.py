@@ -105,8 +105,18 @@ def advice(cfg, mesh: dict[str, int]) -> list[str]:
   if mesh["data"] > 1:
     out.append(f"mesh.fsdp=-1 mesh.data=1 (shard params and optimizer state over {n} devices instead of "
                f"{mesh['fsdp']})")
-  out.append(f"data.batch_size={max(1, cfg.data.batch_size // 2)} or optim.grad_accum={cfg.optim.grad_accum * 2} "
-             f"(activations scale with the per-step batch)")
+  # Only knobs the checks would accept: the (micro-)batch must still split over the data-parallel shards.
+  B, A, shards = cfg.data.batch_size, cfg.optim.grad_accum, mesh["data"] * mesh["fsdp"] * mesh["expert"]
+  halves = []
+  if B % 2 == 0 and (B // 2 // A) % shards == 0 and (B // 2) % A == 0:
+    halves.append(f"data.batch_size={B // 2}")
+  if B % (2 * A) == 0 and (B // (2 * A)) % shards == 0:
+    halves.append(f"optim.grad_accum={2 * A}")
+  if halves:
+    out.append(" or ".join(halves) + " (activations scale with the per-step batch)")
+  elif cfg.task == "lm":
+    out.append(f"data.seq_len={cfg.data.seq_len // 2} (one sequence per data-parallel shard already: activations "
+               f"scale with its length)")
   return out
 
 
