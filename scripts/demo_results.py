@@ -50,7 +50,9 @@ def _cpu() -> dict:
           "xla_cpu_max_isa": max_isa.group(1) if max_isa else None, "cores": os.cpu_count()}
 
 
-def store(src: pathlib.Path, label: str) -> pathlib.Path:
+def store(src: pathlib.Path, label: str, commit: str | None = None) -> pathlib.Path:
+  """Keep `src`'s runs as results/demo/<label>/. `commit`: the code the runs were trained with, when not this
+  checkout's HEAD (a record of an older build)."""
   import jax
   import jaxlib
 
@@ -62,9 +64,11 @@ def store(src: pathlib.Path, label: str) -> pathlib.Path:
     (to / run).mkdir(parents=True, exist_ok=True)
     for f in FILES:
       shutil.copy2(src / run / f, to / run / f)
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "moejax", "experiments"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+  dirty = ""
+  if commit is None:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "moejax", "experiments"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
   info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
           "commit": commit + ("+uncommitted" if dirty else ""), **_cpu(),
           "load_avg_1m_at_store": round(os.getloadavg()[0], 2), "python": platform.python_version(),
@@ -155,8 +159,8 @@ def results_table(n: dict) -> str:
 def spread_table() -> str:
   """The same demo on each stored CPU kind: how far its numbers move between machines."""
   labels = sorted(p.name for p in STORE.iterdir() if (p / "machine.json").is_file())
-  rows = ["| record | XLA:CPU code | first train loss (step 1) | dense, step 100 | dense, step 600 | upcycled, step 600 "
-          "| upcycled minus dense |", "|---|---|---|---|---|---|---|"]
+  rows = ["| record | commit | XLA:CPU code | first train loss (step 1) | dense, step 100 | dense, step 600 | upcycled, step 600 "
+          "| upcycled minus dense |", "|---|---|---|---|---|---|---|---|"]
   for label in labels:
     n = numbers(label)
     m = n["machine"]
@@ -166,7 +170,7 @@ def spread_table() -> str:
 
     first = next(r["loss"] for r in metrics.read_jsonl(STORE / label / "dense_pretrain") if r.get("split") == "train")
     e_d, e_u = n["runs"]["dense_continued"]["evals"], n["runs"]["moe_upcycled"]["evals"]
-    rows.append(f"| `{label}` | {isa} | {first:.7f} | {_evals(STORE / label / 'dense_pretrain')[100]:.6f} | "
+    rows.append(f"| `{label}` | {m['commit'][:7]} | {isa} | {first:.7f} | {_evals(STORE / label / 'dense_pretrain')[100]:.6f} | "
                 f"{e_d[600]:.6f} | {e_u[600]:.6f} | {n['gap_600']:+.6f} |")
   return "\n".join(rows)
 
@@ -204,10 +208,11 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--store", help="a demo directory (scripts/demo.sh's WORKDIR) to keep under results/demo/")
   ap.add_argument("--label", default="main")
+  ap.add_argument("--commit", help="with --store: the commit the runs were trained at (default: this HEAD)")
   ap.add_argument("--write-docs", action="store_true")
   args = ap.parse_args()
   if args.store:
-    print(f"stored {store(pathlib.Path(args.store), args.label)}")
+    print(f"stored {store(pathlib.Path(args.store), args.label, args.commit)}")
   if args.write_docs:
     write_docs()
   else:

@@ -11,10 +11,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REGENERATE = ("this change moves the demo: re-run `scripts/demo.sh runs/demo`, then `python scripts/demo_results.py "
               "--store runs/demo --write-docs` and `python scripts/demo_pin.py --write`, and review the docs' text")
-# Across CPU kinds (XLA:CPU with and without AVX-512, measured with --xla_cpu_max_isa=AVX2) the pinned losses
-# differ by <= 1e-6 (float32 rounding of a 1.1M-param model's loss, ~2.4, is 2.4e-7 per ulp); 20x that is the bound.
-# A code change that moves the model, the data or the optimizer moves them by 1e-3 or more within a few steps.
-TOL = 2e-5
+# Across CPU kinds (XLA:CPU with and without AVX-512, measured with --xla_cpu_max_isa=AVX2, and reported from a CPU
+# without AVX-512) the dense losses of the first 150 steps differ by <= 1e-6 (a float32 ulp of a loss of ~2.4 is
+# 2.4e-7); 20x that is the dense bound. The 20 upcycled steps route top-2, where rounding grew from 2.4e-7 to 6e-7
+# over 20-30 steps in a measured pair of builds: 1e-4 leaves room for that. A change of meaning (the model, the
+# data, the optimizer, the router) moves them by 1e-3 or more within a few steps.
+TOL = {"dense": 2e-5, "upcycled": 1e-4}
 
 
 def _script(name):
@@ -37,14 +39,14 @@ def _close(got: dict, want: dict, what: str):
   want = {split: {int(s): v for s, v in vals.items()} for split, vals in want.items()}
   for split, vals in want.items():
     for step, v in vals.items():
-      assert abs(got[split][step] - v) <= TOL, f"{what} {split} loss at step {step}: {got[split][step]} vs {v}; " \
+      assert abs(got[split][step] - v) <= TOL[what], f"{what} {split} loss at step {step}: {got[split][step]} vs {v}; " \
                                                + REGENERATE
 
 
 @pytest.mark.slow
 def test_the_demo_first_steps_are_pinned(tmp_path):
   """The demo's dense pretrain to step 100 equals its stored run; the upcycled recipe from that step-100
-  checkpoint to step 150 equals results/demo/pin.json."""
+  checkpoint to step 120 equals results/demo/pin.json."""
   pin = _script("demo_pin")
   got = pin.run(tmp_path)
   stored = pin.losses(ROOT / "results" / "demo" / "main" / "dense_pretrain")

@@ -299,7 +299,7 @@ def test_bad_input_exits_2_with_one_line(dense_base, tmp_path, capsys):
   assert "is not a fine-tuning run" in _errors(["merge", "--workdir", str(dense_base), "--to", str(tmp_path / "m")],
                                                capsys)
   assert not (tmp_path / "m").exists()
-  assert "fold its adapters in first" in _errors(
+  assert "fold the adapters in first" in _errors(
     ["export-hf", str(_ft_dir(dense_base, tmp_path)), "--to", str(tmp_path / "hf")], capsys)
   assert not (tmp_path / "hf").exists()
 
