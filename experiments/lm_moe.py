@@ -39,7 +39,9 @@ def lm_mixtral_8x7b() -> config.ExperimentConfig:
   active. Paper scale: eval_shape-tested only.
 
   Run:    moejax train lm_mixtral_8x7b data.dataset=c4 data.tfds_dir=... mesh.fsdp=-1 mesh.expert=8 (a pod)
-  Expect: not run here.
+  Expect: not run here. Compiled for v5p-128 on a CPU (`moejax compile lm_mixtral_8x7b --topology v5p-128`): as
+          configured it does not fit (829 GiB of temporaries per chip); data.batch_size=64 data.seq_len=1024 fits
+          (38.3 GiB of 95); docs/benchmarks.md.
   """
   return config.derive(registry.get("lm_dense_1b"), {
     "model.vocab_size": 32000, "model.d_model": 4096, "model.num_layers": 32, "model.num_heads": 32,

@@ -1,4 +1,4 @@
-"""`moejax experiments|train|eval|report|upcycle|bench|import-hf|export-hf|generate|merge|prune|ttmm`.
+"""`moejax experiments|train|eval|report|upcycle|compile|bench|import-hf|export-hf|generate|merge|prune|ttmm`.
 
 Bad input (unknown experiment or key, a value of the wrong type, a batch the mesh cannot split, a config that
 does not match the run's, a missing, truncated or misplaced file) exits 2 with a one-line `moejax: error: ...`
@@ -124,6 +124,12 @@ def cmd_eval(args) -> int:
   _start(args)
   print(json.dumps(train.evaluate(workdir, cfg), indent=2))
   return 0
+
+
+def cmd_compile(args) -> int:
+  from moejax.aot import cli as aot_cli  # moejax/aot: the train step compiled for a TPU slice on this host
+
+  return aot_cli.run(args)
 
 
 def cmd_report(args) -> int:
@@ -280,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="print the plan (which params become experts, which are fresh) and sizes; write nothing")
   _add_distributed_flags(u)
   u.set_defaults(fn=cmd_upcycle)
+
+  from moejax.aot import cli as aot_cli
+
+  aot_cli.add_parser(sub).set_defaults(fn=cmd_compile)
 
   b = sub.add_parser("bench", help="benchmarks: moe | train | upcycle | infer | peft | prune | ttmm (extra flags go to the benchmark)")
   b.add_argument("what", choices=BENCHES)

@@ -172,7 +172,16 @@ def make_mesh(cfg: config.MeshConfig, devices: Sequence[jax.Device] | None = Non
     raise config.ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                              f"but {n} are available")
   # Auto axes: jax.make_mesh now defaults to Explicit, which makes shard_map reject unsharded inputs.
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * 4
+  try:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose axes our mesh axes do not each take whole (fsdp=8 x expert=8 on v5p-128's 4x4x4):
+    # split physical axes rather than refuse a mesh the devices can hold (found by `moejax compile`).
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def spec_for(axes: Axes, mesh: Mesh | None = None,
@@ -244,6 +253,13 @@ def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
 
 def active_mesh() -> Mesh | None:
   return _ACTIVE.get()
+
+
+def platform() -> str:
+  """The platform the program being traced is for: the active mesh's devices' (a TPU topology compiled ahead
+  of time on a CPU host, `moejax compile`), else JAX's default backend. Kernel choices ask this, not the host."""
+  mesh = active_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _is_spec(x: Any) -> bool:

@@ -14,22 +14,22 @@ pick_python() {
   done
   echo "moejax: need Python 3.11 or 3.12 (set MOEJAX_PYTHON)" >&2; exit 1
 }
-setup_venv() {  # $1: pip extras, e.g. "test,interop"
-  local extras="$1" py
+setup_venv() {  # $1: pip extras, e.g. "test,interop"; $2: the venv directory (default .venv)
+  local extras="$1" venv="${2:-.venv}" py
   py="$(pick_python)"
-  if [ ! -x .venv/bin/python ]; then
-    echo "moejax: creating .venv with $py ($("$py" --version 2>&1))"
-    "$py" -m venv .venv
+  if [ ! -x "$venv"/bin/python ]; then
+    echo "moejax: creating $venv with $py ($("$py" --version 2>&1))"
+    "$py" -m venv "$venv"
   fi
-  local stamp=".venv/.moejax-installed-$extras-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
+  local stamp="$venv/.moejax-installed-$extras-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+    "$venv"/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     # (setuptools' multi-line note on editable installs is dropped: it is about repos unlike this one)
-    .venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" \
+    "$venv"/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" \
       | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' || true
-    .venv/bin/python -c "import moejax, jax, flax, optax, orbax.checkpoint, grain, tensorflow_datasets, chex"
+    "$venv"/bin/python -c "import moejax, jax, flax, optax, orbax.checkpoint, grain, tensorflow_datasets, chex"
     touch "$stamp"
   fi
-  export PATH="$ROOT/.venv/bin:$PATH"
+  export PATH="$ROOT/$venv/bin:$PATH"
   export TF_CPP_MIN_LOG_LEVEL=3
 }

@@ -21,5 +21,6 @@ fi
 # independent of each other and of their order; MOEJAX_TEST_WORKERS=0 runs them in this one process.
 WORKERS="${MOEJAX_TEST_WORKERS:-2}"
 python -m ruff check moejax tests experiments examples scripts
-python -m pytest -q -m "not slow and not gpu" -p no:cacheprovider -n "$WORKERS" --durations=25
-python -m pytest -q -m "slow and not gpu" -p no:cacheprovider -n "$WORKERS" --durations=15
+# tpu_compile: needs libtpu, which this .venv does not carry (scripts/test_tpu_compile.sh runs them in .venv-tpu).
+python -m pytest -q -m "not slow and not gpu and not tpu_compile" -p no:cacheprovider -n "$WORKERS" --durations=25
+python -m pytest -q -m "slow and not gpu and not tpu_compile" -p no:cacheprovider -n "$WORKERS" --durations=15

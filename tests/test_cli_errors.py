@@ -128,6 +128,16 @@ CASES = [
   _c("report-missing-dir", "report", "{new}", msg="does not exist"),
   _c("report-dir-is-file", "report", "{file}", msg="is a file, not a directory"),
   _c("report-not-a-run", "report", "{empty}", msg="has no metrics.jsonl"),
+  # compile (moejax/aot): checked by arithmetic on the config and the topology, before libtpu is asked
+  _c("compile-unknown-topology", "compile", "lm_moe_tiny", "--topology", "v5q-128", msg="did you mean 'v5p-128'"),
+  _c("compile-mesh-vs-topology", "compile", "lm_moe_tiny", "mesh.data=3", "--topology", "v5p:2x2x1",
+     msg="mesh.data=3"),
+  _c("compile-batch", "compile", "lm_moe_tiny", "data.batch_size=6", "--topology", "v5p:2x2x1",
+     msg="data.batch_size=6"),
+  _c("compile-experts", "compile", "lm_moe_tiny", "mesh.data=1", "mesh.expert=4", "model.moe.num_experts=6",
+     "--topology", "v5p:2x2x1", msg="model.moe.num_experts=6 is not divisible by mesh.expert=4"),
+  _c("compile-save-is-file", "compile", "lm_moe_tiny", "--topology", "v5p:2x2x1", "--save", "{file}",
+     msg="is an existing file"),
   _c("report-out-is-file", "report", "{run}", "--out", "{file}", msg="is an existing file"),
   # fine-tuning and data (peft, mixtures, tasks)
   _c("train-mixture-unknown-source", "train", "lm_moe_mix_tiny", "data.mixture=[('moejax_pydocs', 1.0)]",

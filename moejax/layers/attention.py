@@ -129,7 +129,7 @@ def resolve_impl(impl: str, dtype, head_dim: int, has_mask: bool, platform: str 
   causal mask (no padding or document mask, which cuDNN would take as a dense [B, 1, T, S] bias), else XLA."""
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or sharding.platform()
   fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
   return "cudnn" if platform == "gpu" and fits and not has_mask else "xla"
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moejax import sharding
 from moejax.layers import mlp
 
 BACKENDS = ("ragged_dot", "sorted", "dense", "megablox")
@@ -52,7 +53,7 @@ CHUNK_DW = 1024
 def resolve(backend: str, platform: str | None = None) -> str:
   """`auto` -> the fastest backend for the platform; an explicit name is checked and returned."""
   if backend == "auto":
-    platform = platform or jax.default_backend()
+    platform = platform or sharding.platform()
     if platform == "tpu" and _megablox() is not None:
       return "megablox"
     return "sorted" if platform == "cpu" else "ragged_dot"
@@ -105,7 +106,7 @@ def _megablox_gmm(x_MD, w_EDF, group_sizes_E):
   if ops is None:
     raise ValueError("gmm backend 'megablox' needs jax.experimental.pallas.ops.tpu.megablox, which this jax lacks; "
                      "use auto or ragged_dot")
-  on_tpu = jax.default_backend() == "tpu"
+  on_tpu = sharding.platform() == "tpu"  # the target's, not the host's: Mosaic, not interpret mode, for a TPU
   M, D = x_MD.shape
   F = w_EDF.shape[2]
   tiling = (_megablox_tile(M, on_tpu), _megablox_tile(D, on_tpu), _megablox_tile(F, on_tpu))

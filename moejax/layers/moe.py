@@ -417,6 +417,22 @@ TOP1_RENORMALIZE_WARNING = (
   "keeps an upcycled top-1 model equal to its dense source at step 0).")
 
 
+def megablox_or_ragged(backend: str, asked: str) -> str:
+  """Megablox (a Mosaic kernel) lowers for one TPU chip only, with this jax: XLA's SPMD pass cannot partition
+  it, and inside expert parallelism's shard_map its outputs lack the varying-axes types `check_vma` asks for.
+  On a TPU mesh of several devices `auto` takes ragged_dot instead and an explicit megablox is a ConfigError.
+  Found by compiling for a TPU slice on a CPU host (`moejax compile`, moejax/aot); CPU meshes (interpret mode)
+  are unaffected."""
+  mesh = sharding.active_mesh()
+  if backend != "megablox" or mesh is None or mesh.size == 1 or sharding.platform() != "tpu":
+    return backend
+  if asked == "auto":
+    return "ragged_dot"
+  raise config.ConfigError("model.moe.gmm_backend='megablox' does not lower for a TPU mesh of several devices "
+                           "(a Mosaic kernel is not partitioned by XLA, nor typed for shard_map's check_vma); use "
+                           "auto (ragged_dot there) or ragged_dot")
+
+
 def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
           train: bool = False, causal: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`.
@@ -449,6 +465,7 @@ def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array 
   E = m.num_experts
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
+  backend = megablox_or_ragged(backend, m.gmm_backend)
   fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)
   routed = {"router": p["router"], "experts": p["experts"]}
   noise_BTD = None
