@@ -75,6 +75,24 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
     raise config.ConfigError(f"data.batch_size={B} is not divisible by the {jax.process_count()} processes")
 
 
+def _opt_shardings(abstract_opt: Any, abstract_params: Any, replicated: NamedSharding) -> Any:
+  """Each optimizer-state leaf that mirrors a param (AdamW's moments: its path ends with the param's path and its
+  shape is the param's) takes that param's sharding; everything else (step counts) is replicated. XLA's own
+  derivation (the output shardings of a jitted `tx.init`) replicated the moments under FSDP on a TPU mesh, 2x the
+  params' bytes per device (found by `moejax compile`); masked transforms leave empty `MaskedNode`s, no leaves."""
+  params = {tuple(k): a for k, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  depth = max(len(k) for k in params)
+
+  def pick(path, leaf):
+    for i in range(max(0, len(path) - depth), len(path)):
+      hit = params.get(tuple(path[i:]))
+      if hit is not None and hit.shape == leaf.shape:
+        return hit.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
   precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
   platform = None if mesh is None else mesh.devices.flat[0].platform  # a TPU topology's, on a CPU host
@@ -94,13 +112,8 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
                                  specs, p_shard, is_leaf=sharding.is_spec)
   tx, sched = optim.make(cfg.optim, cfg.train.schedule_steps or cfg.train.steps, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
-  # Optimizer-state shardings as XLA derives them from the params' (moments follow their param); scalars such
-  # as step counts come back as single-device shardings and are replicated over the mesh instead.
-  # (`moejax compile` found these replicated under FSDP on a TPU mesh; giving each moment its param's sharding
-  # with optax.tree_map_params broke on masked transforms (MaskedNode leaves): still open, issue 32.)
-  opt_shardings = jax.tree.map(lambda sh: sh if isinstance(sh, NamedSharding) else replicated,
-                               jax.jit(tx.init).lower(abstract_params).compile().output_shardings)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = _opt_shardings(abstract_opt, abstract_params, replicated)
   state_shardings = {"step": replicated, "params": p_shard, "opt_state": opt_shardings}
   abstract_state = jax.tree.map(
     lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
