@@ -158,6 +158,8 @@ def results_table(n: dict) -> str:
 
 def spread_table() -> str:
   """The same demo on each stored CPU kind: how far its numbers move between machines."""
+  from moejax import metrics
+
   labels = sorted(p.name for p in STORE.iterdir() if (p / "machine.json").is_file())
   rows = ["| record | commit | XLA:CPU code | first train loss (step 1) | dense, step 100 | dense, step 600 | upcycled, step 600 "
           "| upcycled minus dense |", "|---|---|---|---|---|---|---|---|"]
@@ -166,8 +168,6 @@ def spread_table() -> str:
     m = n["machine"]
     isa = (f"max ISA {m['xla_cpu_max_isa']}" if m["xla_cpu_max_isa"] else
            "AVX-512" if m["cpu_has_avx512"] else "no AVX-512")
-    from moejax import metrics
-
     first = next(r["loss"] for r in metrics.read_jsonl(STORE / label / "dense_pretrain") if r.get("split") == "train")
     e_d, e_u = n["runs"]["dense_continued"]["evals"], n["runs"]["moe_upcycled"]["evals"]
     rows.append(f"| `{label}` | {m['commit'][:7]} | {isa} | {first:.7f} | {_evals(STORE / label / 'dense_pretrain')[100]:.6f} | "
