@@ -262,6 +262,9 @@ class OptimConfig:
   warmup_steps: int = 20
   schedule: str = "cosine"  # cosine | constant | linear
   min_lr_ratio: float = 0.1
+  # The step the decay starts at (constant LR from the warmup's end until then; 0 = right after the warmup): a
+  # warmup-stable-decay schedule, so a run can branch off another's constant phase and decay over its own length.
+  decay_start: int = 0
   weight_decay: float = 0.01
   b1: float = 0.9
   b2: float = 0.95
@@ -277,6 +280,7 @@ class OptimConfig:
     _check(self.schedule in ("cosine", "constant", "linear"), f"optim.schedule={self.schedule!r} unknown")
     _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
     _check(self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1, "optim.warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+    _check(self.decay_start >= 0, f"optim.decay_start must be >= 0, got {self.decay_start}")
     _check(self.weight_decay >= 0 and self.clip_norm >= 0,
            f"optim.weight_decay={self.weight_decay} and optim.clip_norm={self.clip_norm} must be >= 0")
     _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0,

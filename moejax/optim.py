@@ -1,5 +1,11 @@
 """optax from config: AdamW, warmup + cosine/linear/constant schedule, clipping, param groups by path regex.
 
+The schedule: linear warmup to `lr` over `warmup_steps`, then (`decay_start` > warmup) constant until
+`decay_start`, then cosine or linear decay to `lr * min_lr_ratio` at the schedule's last step. A constant phase
+followed by a decay that ends where the run ends is the warmup-stable-decay (WSD) shape: a run stopped during
+the constant phase is the same run whatever its eventual length, so one long pretraining can be branched into
+continuations that each decay over their own length (the upcycling studies' mature parents).
+
 Param groups: `optim.freeze` regexes get no updates (and no optimizer state worth the name); `optim.lr_multipliers`
 scale the learning rate of matching params (first match wins). Weight decay applies to weight matrices only
 (params named `w*`: projections, experts, routers), not to embeddings, position tables, norms, biases (also the
@@ -21,16 +27,19 @@ from moejax.layers import moe
 
 
 def schedule(cfg: config.OptimConfig, total_steps: int) -> optax.Schedule:
-  total = max(total_steps, cfg.warmup_steps + 1)
+  start = max(cfg.warmup_steps, cfg.decay_start)
+  total = max(total_steps, start + 1)
   warm = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
-  decay_steps = total - cfg.warmup_steps
+  decay_steps = total - start
   if cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
   elif cfg.schedule == "linear":
     decay = optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, decay_steps)
   else:
-    decay = optax.constant_schedule(cfg.lr)
-  return optax.join_schedules([warm, decay], [cfg.warmup_steps])
+    return optax.join_schedules([warm, optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  if start == cfg.warmup_steps:
+    return optax.join_schedules([warm, decay], [cfg.warmup_steps])
+  return optax.join_schedules([warm, optax.constant_schedule(cfg.lr), decay], [cfg.warmup_steps, start])
 
 
 def _label(path: str, cfg: config.OptimConfig) -> str:

@@ -31,7 +31,7 @@ SAFE_ON_RESUME = (
   "name",
   "train.steps", "train.eval_every", "train.eval_steps", "train.checkpoint_every", "train.keep_checkpoints",
   "train.log_every", "train.nan_guard", "train.max_consecutive_skips", "train.schedule_steps",
-  "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.weight_decay",
+  "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.min_lr_ratio", "optim.decay_start", "optim.weight_decay",
   "optim.clip_norm", "optim.grad_accum",
   "data.worker_count",
   "mesh.",

@@ -47,6 +47,7 @@ import numpy as np
 from moejax import metrics, report
 
 PRETRAIN = 300
+MATURE_PARENT = 3000  # lm_mature's default parent length (--parent-steps)
 CAPACITY_FACTORS = (1.0, 1.5, 2.0)
 # --partial: runs still in progress are drawn and tabulated too, every curve cut at the last eval step all of
 # them reached (a pilot's view; the table's "steps" column says where).
@@ -63,14 +64,40 @@ class Run:
   workdir: pathlib.Path
   overrides: tuple[str, ...] = ()
   copy_from: pathlib.Path | None = None  # resumed from a copy of this (finished) run's directory
+  start: int = PRETRAIN  # the parent's last step, where the arms branch off
 
 
 def _seed(s: int) -> tuple[str, ...]:
   return (f"train.seed={s}", f"data.shuffle_seed={s}", f"init.seed={s}")
 
 
-def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -> list[Run]:
+def flops_ratio(dense: str, sparse: str) -> float:
+  """Training FLOPs per step of experiment `sparse` over those of `dense` (the routed top-k counted)."""
+  from moejax import registry, tasks
+
+  def per_step(name: str) -> float:
+    cfg = registry.get(name)
+    return cfg.data.batch_size * tasks.get(cfg.task).flops_per_example(cfg)
+
+  return per_step(sparse) / per_step(dense)
+
+
+def matched_steps(budget: int, dense: str, sparse: str) -> int:
+  """The dense steps that cost what `budget` steps of `sparse` cost: the FLOP-matched dense arm's extra steps."""
+  return round(budget * flops_ratio(dense, sparse))
+
+
+def _steps(total: int, start: int | None = None) -> tuple[str, ...]:
+  """A run that ends at `total`, its schedule too (its own decay ends there); `start`: constant LR until then."""
+  decay = (f"optim.decay_start={start}",) if start is not None else ()
+  return (f"train.steps={total}", f"train.schedule_steps={total}", *decay)
+
+
+def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int],
+         parent_steps: int = MATURE_PARENT) -> list[Run]:
   runs: list[Run] = []
+  if study == "lm_mature":
+    return _plan_lm_mature(root, seeds, budgets, parent_steps)
   for b in budgets:
     for s in seeds:
       d = root / study / f"b{b}" / f"s{s}"
@@ -102,11 +129,14 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -
                              f"clip.text.moe.capacity_factor={cf}", *_seed(s))))
       elif study == "lm_upcycle":
         pre = d / "dense_pretrain"
+        dense, up = f"lm_dense_mix_{b}_tiny", f"lm_upcycle_mix_{b}_tiny"
+        matched = PRETRAIN + matched_steps(b, dense, up)
         runs += [
-          Run("dense_pretrain", b, s, f"lm_dense_mix_{b}_tiny", PRETRAIN, pre, (f"train.steps={PRETRAIN}", *_seed(s))),
-          Run("dense_continued", b, s, f"lm_dense_mix_{b}_tiny", total, d / "dense_continued", _seed(s), pre),
-          Run("upcycled", b, s, f"lm_upcycle_mix_{b}_tiny", total, d / "upcycled",
-              (f"init.upcycle_from={pre}", *_seed(s))),
+          Run("dense_pretrain", b, s, dense, PRETRAIN, pre, (f"train.steps={PRETRAIN}", *_seed(s))),
+          Run("dense_continued", b, s, dense, total, d / "dense_continued", _seed(s), pre),
+          Run("upcycled", b, s, up, total, d / "upcycled", (f"init.upcycle_from={pre}", *_seed(s))),
+          # the upcycled run's FLOPs spent densely: the parent's cosine stretched to end at the matched step
+          Run("dense_flops", b, s, dense, matched, d / "dense_flops", (*_steps(matched), *_seed(s)), pre),
         ]
       elif study == "capacity":
         # The clip_up study's dense runs on the 600-step schedule: the tiny model (dense_pretrain continued to
@@ -114,6 +144,35 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int]) -
         runs += select(plan("clip_up", root, [s], [300]), ["dense_continued", "dense_large"])
       else:
         raise SystemExit(f"studies: unknown study {study!r}; choose clip_up, lm_upcycle or capacity")
+  return runs
+
+
+def _plan_lm_mature(root: pathlib.Path, seeds: list[int], budgets: list[int], parent_steps: int) -> list[Run]:
+  """A long dense parent per seed at constant LR (the stable phase of a warmup-stable-decay schedule), shared by
+  every budget; per budget B, three arms that branch off it at its last step and each decay (cosine to zero) over
+  their own length: the dense continuation (B steps), the upcycled model (B steps) and the dense continuation
+  given the upcycled arm's FLOPs (B x the FLOPs ratio steps)."""
+  dense, up = "lm_dense_mix_wsd_tiny", "lm_upcycle_mix_wsd_tiny"
+  p = parent_steps
+  runs: list[Run] = []
+  for s in seeds:
+    pre = root / "lm_mature" / f"p{p}" / f"s{s}" / "dense_pretrain"
+    runs.append(Run("dense_pretrain", 0, s, dense, p, pre,
+                    ("optim.schedule=constant", *_steps(p), f"optim.decay_start={p}", *_seed(s)), start=p))
+  for b in budgets:
+    for s in seeds:
+      d = root / "lm_mature" / f"p{p}" / f"b{b}" / f"s{s}"
+      pre = root / "lm_mature" / f"p{p}" / f"s{s}" / "dense_pretrain"
+      matched = p + matched_steps(b, dense, up)
+      cosine = ("optim.schedule=cosine",)
+      runs += [
+        Run("dense_continued", b, s, dense, p + b, d / "dense_continued", (*cosine, *_steps(p + b, p), *_seed(s)),
+            pre, start=p),
+        Run("upcycled", b, s, up, p + b, d / "upcycled",
+            (f"init.upcycle_from={pre}", *_steps(p + b, p), *_seed(s)), start=p),
+        Run("dense_flops", b, s, dense, matched, d / "dense_flops", (*cosine, *_steps(matched, p), *_seed(s)),
+            pre, start=p),
+      ]
   return runs
 
 
@@ -355,6 +414,8 @@ def _finished(runs: list[Run]) -> list[Run]:
 LM_KEYS = {"moejax_pydoc/ce_loss": "pydoc loss", "moejax_pycode/ce_loss": "pycode loss",
            "moejax_tasks/ce_loss": "tasks loss", "moejax_tasks/exact_match": "tasks exact match %"}
 REFERENCE = "dense_continued"  # the paired differences are against the dense continuation of the same seed
+# The FLOP-matched reference: a run of its own whose schedule ends at the compared arm's training FLOPs.
+MATCHED = {"upcycled": "dense_flops"}
 
 
 def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
@@ -382,8 +443,14 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
       pn = "" if len(paired) == len(rs) else f" (n={len(paired)})"  # a seed whose dense partner has not run yet
       row["Δ vs dense (paired)"] = _pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
-      row["loss @ equal FLOPs"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
-      row["Δ @ equal FLOPs (paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) + pn if (
+      if any(m in {r.arm for r in group} for m in MATCHED.values()):
+        ref = MATCHED.get(arm)
+        mp = [r.seed for r in rs if ref and (ref, r.seed) in final]
+        mn = "" if len(mp) == len(rs) else f" (n={len(mp)})"
+        row["Δ vs FLOP-matched dense (paired)"] = (
+          _pm(*mean_se([final[arm, s] - final[ref, s] for s in mp]), 3) + mn if mp else "")
+      row["loss @ equal FLOPs (interpolated)"] = _pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
+      row["Δ @ equal FLOPs (interpolated, paired)"] = _pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
       keys = {k: k for k in CLIP_KEYS} if study == "clip_up" else LM_KEYS
       for k, name in keys.items():
@@ -523,7 +590,8 @@ def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path
       ax.set_xlabel("step" if x_kind == "steps" else "training TFLOPs (upcycled runs include the dense parent)")
       ax.set_ylabel("eval loss (no aux losses)")
       cut = f", runs cut at step {_STEP_CAP[0]}" if _STEP_CAP else ""
-      ax.set_title(f"{study}: +{b} steps after a {PRETRAIN}-step dense pretrain{cut}", fontsize=10)
+      start = next(r.start for r in done if r.budget == b)
+      ax.set_title(f"{study}: +{b} steps after a {start}-step dense pretrain{cut}", fontsize=10)
       ax.legend(fontsize=7)
       ax.grid(alpha=0.3)
     p = img / f"study_{study}_loss_vs_{x_kind}.png"
@@ -535,6 +603,22 @@ def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path
   if study == "clip_up":
     out += _retrieval_bars(done, img, plt)
   return out
+
+
+def parent_figure(runs: list[Run], study: str, img: pathlib.Path) -> pathlib.Path | None:
+  """The dense parents' eval loss by step (mean +- SE over seeds) with the last interval's drop per 1,000 steps
+  in the legend: is the parent still improving fast when the arms branch off it?"""
+  parents = [r for r in _finished(runs) if r.arm == "dense_pretrain"]
+  if not parents:
+    return None
+  plt = report._plt()
+  fig, ax = plt.subplots(figsize=(7, 4.3), dpi=110)
+  curves = [_curve(r)[:2] for r in parents]
+  slope = [1000 * (v[-2] - v[-1]) / (s[-1] - s[-2]) for s, v in curves if len(s) > 1]
+  label = f"dense parent, last interval -{np.mean(slope):.3f} nats / 1,000 steps" if slope else "dense parent"
+  _band(ax, curves, label, "C0")
+  return _finish(plt, fig, ax, img / f"study_{study}_parent.png", "step", "eval loss (no aux losses)",
+                 f"{study}: the dense parent at constant LR ({parents[0].steps} steps)", fontsize=10)
 
 
 def _advantage_figure(done: list[Run], study: str, img: pathlib.Path, plt) -> pathlib.Path | None:
@@ -555,14 +639,15 @@ def _advantage_figure(done: list[Run], study: str, img: pathlib.Path, plt) -> pa
       ds, dv, df = _curve(d)
       rs, rv, rf = _curve(r)
       common = np.intersect1d(ds, rs)
-      common = common[common >= PRETRAIN]
-      by_steps.append((common - PRETRAIN, np.interp(common, ds, dv) - np.interp(common, rs, rv)))
+      common = common[common >= r.start]
+      by_steps.append((common - r.start, np.interp(common, ds, dv) - np.interp(common, rs, rv)))
       ok = df >= rf[0]
       by_flops.append((df[ok] / 1e12, dv[ok] - np.interp(df[ok], rf, rv)))
     label = f"+{b}: {arm}"
     _band(axes[0], by_steps, label, f"C{i}")
     _band(axes[1], by_flops, label, f"C{i}")
-  for ax, xl in zip(axes, ("steps after the dense pretrain (step 300)", "training TFLOPs (the dense run's evals)")):
+  start = done[0].start
+  for ax, xl in zip(axes, (f"steps after the dense pretrain (step {start})", "training TFLOPs (the dense run's evals)")):
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel(xl)
     ax.set_ylabel("dense - arm eval loss (> 0: arm ahead)")
@@ -631,9 +716,11 @@ def capacity_figure(runs: list[Run], img: pathlib.Path) -> pathlib.Path | None:
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="studies", description=__doc__.split("\n\n")[0])
-  ap.add_argument("study", choices=("clip_up", "lm_upcycle", "capacity"))
+  ap.add_argument("study", choices=("clip_up", "lm_upcycle", "lm_mature", "capacity"))
   ap.add_argument("--seeds", type=int, nargs="+", default=None)
   ap.add_argument("--budgets", type=int, nargs="+", default=None)
+  ap.add_argument("--parent-steps", type=int, default=MATURE_PARENT,
+                  help="lm_mature: the dense parent's length (constant LR); every budget branches off its last step")
   ap.add_argument("--arms", nargs="+", default=None,
                   help="only these arms (and the runs they start from), e.g. dense_continued clip_up")
   ap.add_argument("--root", default="runs/studies")
@@ -646,9 +733,10 @@ def main(argv: list[str] | None = None) -> int:
                   help="with --report-only: include unfinished runs, all cut at the last eval step they share")
   a = ap.parse_args(argv)
   seeds = a.seeds or ([0] if a.study == "capacity" else [0, 1, 2])
-  budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "capacity": [300]}[a.study]
+  budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "lm_mature": [1500, 3000],
+                          "capacity": [300]}[a.study]
   root, img = pathlib.Path(a.root), pathlib.Path(a.img)
-  runs = plan(a.study, root, seeds, budgets)
+  runs = plan(a.study, root, seeds, budgets, a.parent_steps)
   if a.arms:
     runs = select(runs, a.arms)
   record = pathlib.Path(a.record)
@@ -659,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{done}  {r.workdir}  moejax train {r.experiment} {' '.join(r.overrides)}")
     return 0
   study_dir = root / ("clip_up" if a.study == "capacity" else a.study)  # capacity: the clip_up study's runs
+  if a.study == "lm_mature":  # one directory per parent length
+    study_dir = study_dir / f"p{a.parent_steps}"
   timings_path = study_dir / "timings.json"
   restored = restore_record(runs, root, record, study_dir)
   if restored:
@@ -675,9 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in [capacity_figure(runs, img)] if p]
   else:
     paths = figures(runs, a.study, img)
+    if a.study == "lm_mature":
+      paths += [p for p in [parent_figure(runs, a.study, img)] if p]
     novel = None
     if a.study == "clip_up":
-      cache = root / a.study / "novel.json"
+      cache = study_dir / "novel.json"
       novel = novel_eval(runs, cache) if not a.report_only else (read_cache(cache) or None)
     md = report.markdown_table(table(runs, a.study, novel))
     if a.study == "clip_up":
@@ -686,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         md += "\n\nThe capacity factor (CLIP-UP from the same dense parent, paired by seed):\n\n"
         md += report.markdown_table(cap_rows)
         paths += [p for p in [_capacity_figure(runs, cap_rows, img, report._plt())] if p]
-    (root / a.study).mkdir(parents=True, exist_ok=True)
-    (root / a.study / "table.md").write_text(md + "\n")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "table.md").write_text(md + "\n")
     print(md)
   timings = read_cache(timings_path)
   mine = [timings[run_key(r)] for r in runs if run_key(r) in timings]

@@ -6,4 +6,4 @@ import re
 from moejax import registry
 
 GROUPED_TWINS = tuple(n for n in registry.names()
-                      if n.startswith("scenes_clip_") or re.fullmatch(r"lm_(dense|upcycle)_mix_\d+_tiny", n))
+                      if n.startswith("scenes_clip_") or re.fullmatch(r"lm_(dense|upcycle)_mix_(\d+|wsd)_tiny", n))

@@ -1,5 +1,7 @@
 """Config and registry: typed overrides, unknown keys and experiments with suggestions, derive == CLI."""
 
+import dataclasses
+
 import pytest
 
 from moejax import config, registry
@@ -133,3 +135,25 @@ def test_saved_configs_and_code_built_configs_get_the_same_checks():
     config.validate(built)
   with pytest.raises(config.ConfigError, match="train.steps=4294967296 is out of range"):
     config.validate(config.ExperimentConfig(train=config.TrainConfig(steps=2**32)))
+
+
+def test_warmup_stable_decay_schedule():
+  """optim.decay_start: warmup, constant LR until decay_start, then the decay ending at the schedule's last step;
+  0 (the default) is the plain warmup-then-decay schedule, value for value."""
+  import numpy as np
+
+  from moejax import optim
+
+  base = config.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0)
+  plain, wsd = optim.schedule(base, 100), optim.schedule(dataclasses.replace(base, decay_start=60), 100)
+  np.testing.assert_allclose([plain(s) for s in (0, 5, 10)], [wsd(s) for s in (0, 5, 10)])  # same warmup
+  np.testing.assert_allclose([wsd(s) for s in (10, 30, 60)], 1.0)  # stable
+  np.testing.assert_allclose(wsd(80), 0.5, atol=1e-6)  # cosine over 60..100: half way is half the peak
+  assert float(wsd(100)) == 0.0 and float(plain(100)) == 0.0
+  assert float(plain(30)) < 1.0  # without decay_start the decay starts at the warmup's end
+  same = optim.schedule(dataclasses.replace(base, decay_start=5), 100)  # inside the warmup: no stable phase
+  np.testing.assert_allclose([same(s) for s in range(0, 101, 7)], [plain(s) for s in range(0, 101, 7)])
+  lin = optim.schedule(dataclasses.replace(base, schedule="linear", decay_start=50, min_lr_ratio=0.5), 100)
+  np.testing.assert_allclose([lin(50), lin(75), lin(100)], [1.0, 0.75, 0.5], atol=1e-6)
+  with pytest.raises(config.ConfigError, match="optim.decay_start must be >= 0"):
+    config.OptimConfig(decay_start=-1)

@@ -2,6 +2,7 @@
 compiles once (budget variants differ from a trained twin only in run length, checked here field by field)."""
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import test_train
 from study_twins import GROUPED_TWINS
 
-from moejax import checkpoint, config, registry, sharding, train
+from moejax import checkpoint, config, optim, registry, sharding, train
 
 TWO_STEPS = {"train.eval_steps": 1, "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 2}
 SHRINK_CLIP = {"clip.vision.num_layers": 2, "clip.text.num_layers": 2, "data.batch_size": 16,
@@ -41,6 +42,9 @@ SAME_PROGRAM = {
   "lm_dense_mix_3000_tiny": ("lm_dense_mix_300_tiny", set()),
   "lm_upcycle_mix_1500_tiny": ("lm_upcycle_mix_300_tiny", set()),
   "lm_upcycle_mix_3000_tiny": ("lm_upcycle_mix_300_tiny", set()),
+  # the mature-parent study: the same programs with a warmup-stable-decay schedule (tests/test_config.py)
+  "lm_dense_mix_wsd_tiny": ("lm_dense_mix_300_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
+  "lm_upcycle_mix_wsd_tiny": ("lm_upcycle_mix_300_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
 }
 TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
 
@@ -122,7 +126,7 @@ def _fake_run(studies, r, evals: dict[int, float], first_train_step: int) -> Non
 
 def test_studies_plan_select_and_mean_se_table(tmp_path):
   studies = _studies()
-  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  runs = [r for r in studies.plan("lm_upcycle", tmp_path, [0, 1], [300]) if r.arm != "dense_flops"]
   for r in runs:
     registry.get(r.experiment)  # every run names a registered experiment
   picked = studies.select(runs, ["upcycled"])
@@ -160,7 +164,7 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   assert moe_step > dense_step  # top-2 of 8 experts in two layers costs more per step than the dense MLPs
   np.testing.assert_allclose(studies._curve(by["dense_continued", 0])[2][-1], 600 * dense_step, rtol=1e-12)
   # at the dense runs' final FLOPs (the smallest), each seed's upcycled curve is interpolated in FLOPs
-  key = "loss @ equal FLOPs"
+  key = "loss @ equal FLOPs (interpolated)"
   assert rows["upcycled"]["equal-FLOPs point (TFLOPs)"] == f"{600 * dense_step / 1e12:.2f}"
   at = [np.interp(600 * dense_step, flops, [3.0, 2.4, 1.8 + 0.3 * s]) for s in (0, 1)]
   assert 300 * dense_step + 150 * moe_step < 600 * dense_step  # the point lies between steps 450 and 600
@@ -173,7 +177,54 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   _fake_run(studies, by3["upcycled", 2], {450: 2.4, 600: 1.8}, 301)
   up3 = {r["arm"]: r for r in studies.table(runs3, "lm_upcycle")}["upcycled"]
   assert up3["seeds"] == 3 and up3["eval loss"] == f"{np.mean([1.8, 2.1, 1.8]):.3f} ± 0.100", up3
-  assert up3["Δ vs dense (paired)"] == "-0.100 ± 0.100 (n=2)" and up3["Δ @ equal FLOPs (paired)"].endswith(" (n=2)")
+  assert up3["Δ vs dense (paired)"] == "-0.100 ± 0.100 (n=2)" and up3["Δ @ equal FLOPs (interpolated, paired)"].endswith(" (n=2)")
+
+
+def test_flop_matched_arms_end_their_own_schedules_at_the_matched_budget(tmp_path):
+  """lm_upcycle's dense_flops and lm_mature's arms: each run's schedule ends at its own last step; the dense
+  arm's extra steps cost what the upcycled arm's cost (FLOPs per step from the configs); lm_mature's parent is
+  shared by every budget, at constant LR, and its arms decay from its last step; the table compares the upcycled
+  arm with its FLOP-matched dense arm (paired), the interpolated view labelled as such."""
+  studies = _studies()
+  ratio = studies.flops_ratio("lm_dense_mix_300_tiny", "lm_upcycle_mix_300_tiny")
+  assert 1.0 < ratio < 4.0  # top-2 of 8 in two of four layers: more than the dense MLPs, less than 4x the model
+  for r in [r for r in studies.plan("lm_upcycle", tmp_path, [0], [300, 1500]) if r.arm == "dense_flops"]:
+    cfg = config.apply_overrides(registry.get(r.experiment), r.overrides)
+    assert cfg.train.steps == cfg.train.schedule_steps == r.steps == 300 + round(r.budget * ratio)
+    assert r.copy_from == r.workdir.parent / "dense_pretrain"
+
+  runs = studies.plan("lm_mature", tmp_path, [0, 1], [1500, 3000], parent_steps=2000)
+  parents = [r for r in runs if r.arm == "dense_pretrain"]
+  assert len(parents) == 2 and {r.workdir.parent.name for r in parents} == {"s0", "s1"}  # one per seed, all budgets
+  assert len(runs) == 2 + 2 * 2 * 3
+  for r in runs:
+    cfg = config.apply_overrides(registry.get(r.experiment), r.overrides)
+    assert cfg.train.steps == r.steps and cfg.train.schedule_steps == r.steps, r
+    sched = optim.schedule(cfg.optim, cfg.train.schedule_steps)
+    if r.arm == "dense_pretrain":
+      assert r.steps == 2000 and cfg.optim.schedule == "constant"
+      continue
+    parent = next(p for p in parents if p.seed == r.seed)
+    assert (r.copy_from or pathlib.Path(studies._upcycle_parent(r))) == parent.workdir
+    pcfg = config.apply_overrides(registry.get(parent.experiment), parent.overrides)
+    psched = optim.schedule(pcfg.optim, pcfg.train.schedule_steps)
+    for step in (0, 10, 500, 1999, 2000):  # the arm's LR equals the parent's until the branch point
+      np.testing.assert_allclose(sched(step), psched(step), rtol=1e-6)
+    assert float(sched(r.steps)) == 0.0 and float(sched(r.steps - 50)) > 0  # cosine to zero at its own end
+    extra = {"dense_continued": r.budget, "upcycled": r.budget, "dense_flops": round(r.budget * ratio)}[r.arm]
+    assert r.steps == 2000 + extra
+  # the table: upcycled against the dense arm that spent its FLOPs, paired by seed
+  by = {(r.arm, r.budget, r.seed): r for r in runs}
+  for s in (0, 1):
+    _fake_run(studies, by["dense_pretrain", 0, s], {1000: 3.0, 2000: 2.5}, 1)
+    for arm, end in (("dense_continued", 2.0), ("upcycled", 1.9 - 0.1 * s), ("dense_flops", 1.95)):
+      r = by[arm, 1500, s]
+      _fake_run(studies, r, {2000: 2.5, r.steps: end}, 2001 if arm == "upcycled" else 1)
+  rows = {r["arm"]: r for r in studies.table([r for r in runs if r.budget in (0, 1500)], "lm_mature")}
+  assert set(rows) == {"dense_continued", "upcycled", "dense_flops"}
+  assert rows["upcycled"]["Δ vs FLOP-matched dense (paired)"] == "-0.100 ± 0.050", rows["upcycled"]
+  assert rows["dense_continued"]["Δ vs FLOP-matched dense (paired)"] == ""
+  assert rows["dense_flops"]["steps"] == 2000 + round(1500 * ratio)
 
 
 def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent(tmp_path):
@@ -181,7 +232,7 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   runs; a parent whose child is unfinished is trained again only when its checkpoint is missing."""
   studies = _studies()
   root, record = tmp_path / "runs", tmp_path / "record"
-  runs = studies.plan("lm_upcycle", root, [0], [300])
+  runs = studies.select(studies.plan("lm_upcycle", root, [0], [300]), ["dense_continued", "upcycled"])
   by = {r.arm: r for r in runs}
   _fake_run(studies, by["dense_pretrain"], {150: 4.0, 300: 3.0}, 1)
   (by["dense_pretrain"].workdir / "checkpoints" / "300").mkdir(parents=True)
@@ -195,7 +246,7 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   assert not list(record.rglob("checkpoints")) and (record / "lm_upcycle" / "timings.json").exists()
 
   root2 = tmp_path / "clone"
-  runs2 = studies.plan("lm_upcycle", root2, [0], [300])
+  runs2 = studies.select(studies.plan("lm_upcycle", root2, [0], [300]), ["dense_continued", "upcycled"])
   assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 3
   for r, r2 in zip(runs, runs2):
     assert (r2.workdir / "metrics.jsonl").read_text() == (r.workdir / "metrics.jsonl").read_text()
