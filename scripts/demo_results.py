@@ -14,14 +14,9 @@ tests/test_demo.py fails when a doc's table differs from what this prints.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
-import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -34,29 +29,10 @@ FILES = ("config.json", "metrics.jsonl", "result.json")
 DOCS = {"readme": ROOT / "README.md", "results": ROOT / "docs" / "results.md", "spread": ROOT / "docs" / "results.md"}
 
 
-def _cpu() -> dict:
-  model = ""
-  flags = ""
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name") and not model:
-        model = line.split(":", 1)[1].strip()
-      if line.startswith("flags") and not flags:
-        flags = line
-  except OSError:
-    pass
-  max_isa = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
-  return {"cpu": model or platform.processor(), "cpu_has_avx512": "avx512f" in flags,
-          "xla_cpu_max_isa": max_isa.group(1) if max_isa else None, "cores": os.cpu_count()}
-
-
 def store(src: pathlib.Path, label: str, commit: str | None = None) -> pathlib.Path:
   """Keep `src`'s runs as results/demo/<label>/. `commit`: the code the runs were trained with, when not this
   checkout's HEAD (a record of an older build)."""
-  import jax
-  import jaxlib
-
-  from moejax import checkpoint
+  from moejax import checkpoint, provenance
   from moejax.data import lm
 
   to = STORE / label
@@ -64,16 +40,11 @@ def store(src: pathlib.Path, label: str, commit: str | None = None) -> pathlib.P
     (to / run).mkdir(parents=True, exist_ok=True)
     for f in FILES:
       shutil.copy2(src / run / f, to / run / f)
-  dirty = ""
-  if commit is None:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "moejax", "experiments"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-  info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-          "commit": commit + ("+uncommitted" if dirty else ""), **_cpu(),
-          "load_avg_1m_at_store": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "unigram_baseline": lm.unigram_baseline(checkpoint.read_config(src / "dense_pretrain").data)}
+  info = provenance.record(ROOT)
+  info["load_avg_1m_at_store"] = info.pop("load_avg_1m")
+  if commit is not None:
+    info["commit"] = commit
+  info["unigram_baseline"] = lm.unigram_baseline(checkpoint.read_config(src / "dense_pretrain").data)
   (to / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
   return to
 

@@ -10,7 +10,8 @@ steps and at equal training FLOPs) and a table.
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
 resumes from its newest checkpoint (moejax train does). SIGTERM or Ctrl-C stops the study and its running
 `moejax train` (which checkpoints first) and records the time that run spent. Each finished run's config, metrics
-and result, and the study's timings, novel-split evals and table, are copied to results/studies/ (kept in git;
+and result, and the study's timings, novel-split evals, table and provenance (one row per invocation that trained:
+commit, CPU, cores, load at start and end, versions, the steps each run went from and to), are copied to results/studies/ (kept in git;
 --record to change); a fresh clone restores them, so its reports draw the recorded runs and the study skips them
 (a recorded parent whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall
 time and CPU time (this process's children) go to ROOT/STUDY/timings.json (keyed bB/sS/ARM, not by path, so a
@@ -44,7 +45,7 @@ import time
 
 import numpy as np
 
-from moejax import metrics, report
+from moejax import metrics, provenance, report
 
 PRETRAIN = 300
 MATURE_PARENT = 3000  # lm_mature's default parent length (--parent-steps)
@@ -212,7 +213,7 @@ def todo(runs: list[Run]) -> list[Run]:
 
 
 RECORD_FILES = ("config.json", "metrics.jsonl", "result.json")
-STUDY_FILES = ("timings.json", "novel.json", "table.md")
+STUDY_FILES = ("timings.json", "novel.json", "table.md", "provenance.jsonl")
 
 
 def save_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
@@ -759,7 +760,19 @@ def main(argv: list[str] | None = None) -> int:
     a.report_only = True
   t0 = time.time()
   if not a.report_only:
-    execute(runs, timings_path)
+    before = {run_key(r): last_step(r.workdir) for r in runs}
+    start = provenance.record(pathlib.Path(__file__).resolve().parent.parent)
+    try:
+      execute(runs, timings_path)
+    finally:  # the code, machine and load every step was trained with: one row per invocation that trained
+      trained = {run_key(r): [before[run_key(r)], last_step(r.workdir)] for r in runs
+                 if last_step(r.workdir) != before[run_key(r)]}
+      if trained:
+        row = {**start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.time() - t0),
+               "runs_trained_from_to_step": trained}
+        study_dir.mkdir(parents=True, exist_ok=True)
+        with open(study_dir / "provenance.jsonl", "a") as f:
+          f.write(json.dumps(row) + "\n")
   img.mkdir(parents=True, exist_ok=True)
   if a.study == "capacity":
     paths = [p for p in [capacity_figure(runs, img)] if p]
