@@ -102,15 +102,16 @@ def test_lm_upcycle_study_twin_trains_two_steps(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def _studies():
-  import importlib.util
+  """scripts/studylib's modules as one namespace (studies.plan, studies.table, ...); `.execute_module` is the
+  module itself, for a test that swaps its training command."""
   import pathlib
+  import types
 
-  path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "studies.py"
-  spec = importlib.util.spec_from_file_location("studies", path)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules["studies"] = mod  # its dataclass resolves annotations through its module
-  spec.loader.exec_module(mod)
-  return mod
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
+  from studylib import execute, figures, plan, records, tables
+
+  ns = {k: v for m in (plan, records, execute, tables, figures) for k, v in vars(m).items() if not k.startswith("__")}
+  return types.SimpleNamespace(**ns, execute_module=execute)
 
 
 def _fake_run(studies, r, evals: dict[int, float], first_train_step: int) -> None:
@@ -157,12 +158,12 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
   # paired by seed (same parent, same data): differences (-0.2, 0.0) -> -0.1 +- 0.1
   assert rows["upcycled"]["Δ vs dense (paired)"] == "-0.100 ± 0.100", rows
   # the upcycled curve starts at its parent's step-300 eval, and its FLOPs count the parent's 300 dense steps
-  steps, vals, flops = studies._curve(by["upcycled", 0])
+  steps, vals, flops = studies.curve(by["upcycled", 0])
   assert list(steps) == [300, 450, 600] and vals[0] == 3.0
   dense_step = flops[0] / 300
   moe_step = (flops[2] - flops[1]) / 150
   assert moe_step > dense_step  # top-2 of 8 experts in two layers costs more per step than the dense MLPs
-  np.testing.assert_allclose(studies._curve(by["dense_continued", 0])[2][-1], 600 * dense_step, rtol=1e-12)
+  np.testing.assert_allclose(studies.curve(by["dense_continued", 0])[2][-1], 600 * dense_step, rtol=1e-12)
   # at the dense runs' final FLOPs (the smallest), each seed's upcycled curve is interpolated in FLOPs
   key = "loss @ equal FLOPs (interpolated)"
   assert rows["upcycled"]["equal-FLOPs point (TFLOPs)"] == f"{600 * dense_step / 1e12:.2f}"
@@ -205,7 +206,7 @@ def test_flop_matched_arms_end_their_own_schedules_at_the_matched_budget(tmp_pat
       assert r.steps == 2000 and cfg.optim.schedule == "constant"
       continue
     parent = next(p for p in parents if p.seed == r.seed)
-    assert (r.copy_from or pathlib.Path(studies._upcycle_parent(r))) == parent.workdir
+    assert (r.copy_from or pathlib.Path(studies.upcycle_parent(r))) == parent.workdir
     pcfg = config.apply_overrides(registry.get(parent.experiment), parent.overrides)
     psched = optim.schedule(pcfg.optim, pcfg.train.schedule_steps)
     for step in (0, 10, 500, 1999, 2000):  # the arm's LR equals the parent's until the branch point
@@ -253,7 +254,7 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   # the recorded time is found under the clone's other root too (and an entry added now keeps the old one)
   assert studies.read_cache(root2 / "lm_upcycle" / "timings.json") == {
     studies.run_key(runs2[1]): {"wall_s": 2.0, "cpu_s": 1.0}}
-  studies._merge_json(root2 / "lm_upcycle" / "timings.json", studies.run_key(runs2[2]), {"wall_s": 3.0, "cpu_s": 2.0})
+  studies.merge_json(root2 / "lm_upcycle" / "timings.json", studies.run_key(runs2[2]), {"wall_s": 3.0, "cpu_s": 2.0})
   assert json.loads((root2 / "lm_upcycle" / "timings.json").read_text()) == {
     "b300/s0/dense_continued": {"wall_s": 2.0, "cpu_s": 1.0}, "b300/s0/upcycled": {"wall_s": 3.0, "cpu_s": 2.0}}
   # the upcycled run resumes from nothing, so its parent (no checkpoint in the clone) trains again first
@@ -274,7 +275,7 @@ def test_study_caches_keep_every_entry_when_two_writers_share_a_root(tmp_path):
 
   def writer(tag):
     for i in range(150):
-      studies._merge_json(path, f"{tag}{i}", {"wall_s": float(i)})
+      studies.merge_json(path, f"{tag}{i}", {"wall_s": float(i)})
 
   threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
   for t in threads:
@@ -323,8 +324,8 @@ def test_capacity_factor_table_pairs_with_dropless_and_counts_buffer_flops(tmp_p
     slots = 8 * router.expert_capacity(1.0, n_tok, 8, 2) / n_tok
     extra += 6.0 * n_tok * (slots - 2) * 2 * tower.d_model * tower.d_ff * 2
   assert router.expert_capacity(1.0, n_img, 8, 2) == 5  # ceil(34 / 8): 40 slots for 34 picks
-  routed = studies._curve(by["clip_up_cf1.0", 0])[2][-1]
-  assert routed == studies._curve(by["clip_up", 0])[2][-1]  # the routed FLOPs do not see the buffer
+  routed = studies.curve(by["clip_up_cf1.0", 0])[2][-1]
+  assert routed == studies.curve(by["clip_up", 0])[2][-1]  # the routed FLOPs do not see the buffer
   np.testing.assert_allclose(float(cf["train TFLOPs (buffer slots)"]),
                              (routed + 300 * cfg.data.batch_size * extra) / 1e12, atol=0.006)
   assert float(cf["train TFLOPs (buffer slots)"]) > float(rows["clip_up"]["train TFLOPs (buffer slots)"])
@@ -353,7 +354,7 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
            "  x += 1\n"  # burn CPU until told to stop, as a training step would
            "import os\n"
            f"pathlib.Path({str(seen)!r}).write_text(str(os.getsid(0)))\n")
-  studies._command = lambda r: [sys.executable, "-c", child]
+  studies.execute_module.command = lambda r: [sys.executable, "-c", child]
 
   def stop_the_study():
     while not ready.exists():
@@ -382,13 +383,13 @@ def test_a_niced_study_runs_its_training_child_at_the_same_niceness(tmp_path):
   import pathlib
   import subprocess
 
-  studies = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "studies.py"
+  scripts = pathlib.Path(__file__).resolve().parent.parent / "scripts"
   child = "import os; print(os.getsid(0), open(f'/proc/{os.getpid()}/autogroup').read().split()[-1])"
-  code = ("import importlib.util, os, sys\n"
-          f"spec = importlib.util.spec_from_file_location('studies', {str(studies)!r})\n"
-          "mod = importlib.util.module_from_spec(spec); sys.modules['studies'] = mod; spec.loader.exec_module(mod)\n"
+  code = ("import os, sys\n"
+          f"sys.path.insert(0, {str(scripts)!r})\n"
+          "from studylib import execute\n"
           "os.nice(7)\n"
-          f"rc = mod._train([sys.executable, '-c', {child!r}])[0]\n"
+          f"rc = execute.train_child([sys.executable, '-c', {child!r}])[0]\n"
           "print(os.getsid(0), rc)\n")
   if not pathlib.Path("/proc/self/autogroup").exists():  # a kernel without autogroups: nice works as it is
     return

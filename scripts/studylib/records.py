@@ -1,0 +1,83 @@
+"""What a study keeps in git (results/studies): finished runs' configs and metrics, and the study's JSON caches
+(timings, novel-split evals, provenance), keyed by a run's place in the study rather than its path."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+
+from studylib.plan import Run, last_step
+
+RECORD_FILES = ("config.json", "metrics.jsonl", "result.json")
+
+
+STUDY_FILES = ("timings.json", "novel.json", "table.md", "provenance.jsonl")
+
+
+def save_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
+  """Copy what a run leaves besides its checkpoints (its resolved config, metrics, result) and the study's
+  timings / novel-split evals / table into `record` (tracked in git: results/studies), mirroring `root`."""
+  n = 0
+  for r in runs:
+    if last_step(r.workdir) < 0:
+      continue
+    dst = record / r.workdir.relative_to(root)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in RECORD_FILES:
+      if (r.workdir / f).exists():
+        shutil.copy2(r.workdir / f, dst / f)
+    n += 1
+  for f in STUDY_FILES:
+    if (study_dir / f).exists():
+      (record / study_dir.relative_to(root)).mkdir(parents=True, exist_ok=True)
+      shutil.copy2(study_dir / f, record / study_dir.relative_to(root) / f)
+  return n
+
+
+def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
+  """The recorded runs this root lacks (a fresh clone): their config and metrics, so reports draw them and the
+  study skips them. A run directory that exists is never touched."""
+  n = 0
+  for r in runs:
+    src = record / r.workdir.relative_to(root)
+    if (src / "metrics.jsonl").exists() and not r.workdir.exists():
+      r.workdir.mkdir(parents=True)
+      for f in RECORD_FILES:
+        if (src / f).exists():
+          shutil.copy2(src / f, r.workdir / f)
+      n += 1
+  for f in STUDY_FILES:
+    src = record / study_dir.relative_to(root) / f
+    if src.exists() and not (study_dir / f).exists():
+      study_dir.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, study_dir / f)
+  return n
+
+
+def run_key(r: Run) -> str:
+  """A run's key in its study's JSON caches (timings, novel-split evals): its place in the study, `b300/s0/clip_up`,
+  not its path, so the record restored under another `--root` still matches its runs."""
+  return f"b{r.budget}/s{r.seed}/{r.arm}"
+
+
+def read_cache(path: pathlib.Path) -> dict[str, dict]:
+  """A study's JSON cache by `run_key`; older caches keyed by the run's path (`runs/studies/clip_up/b300/s0/clip_up`)
+  read the same (their last three parts are the key)."""
+  data = json.loads(path.read_text()) if path.exists() else {}
+  return {"/".join(pathlib.PurePosixPath(k).parts[-3:]): v for k, v in data.items()}
+
+
+def merge_json(path: pathlib.Path, key: str, value: dict) -> None:
+  """Set one entry of a JSON cache: read, update and atomically replace it under an exclusive lock, so that study
+  processes sharing a root (two arms run side by side) keep each other's entries."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    data = read_cache(path)
+    data[key] = value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
