@@ -39,9 +39,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
+from studylib.docs import DOC, GENERATOR, doc_tables  # noqa: E402
 from studylib.execute import execute, novel_eval  # noqa: E402
 from studylib.figures import capacity_factor_figure, capacity_figure, figures, parent_figure  # noqa: E402
-from studylib.plan import MATURE_PARENT, PARENTS, STEP_CAP, last_step, plan, select  # noqa: E402
+from studylib.plan import BUDGETS, MATURE_PARENT, PARENTS, STEP_CAP, default_seeds, last_step, plan, select  # noqa: E402
 from studylib.records import read_cache, restore_record, run_key, save_record  # noqa: E402
 from studylib.tables import capacity_table, table  # noqa: E402
 
@@ -63,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                   help="configs, metrics and timings of finished runs, kept in git (restored into --root when missing)")
   ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
   ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished")
+  ap.add_argument("--write-docs", action="store_true",
+                  help="regenerate this study's tables in docs/results.md from --record (nothing else is read or run)")
   ap.add_argument("--partial", action="store_true",
                   help="with --report-only: include unfinished runs, all cut at the last eval step they share")
   a = ap.parse_args(argv)
-  seeds = a.seeds or ([0] if a.study == "capacity" else [0, 1, 2])
-  budgets = a.budgets or {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "lm_mature": [1500, 3000],
-                          "capacity": [300]}[a.study]
+  if a.write_docs:
+    for name, block in doc_tables(a.study, pathlib.Path(a.record), a.parent_steps).items():
+      report.write_doc_block(DOC, GENERATOR, name, block)
+      print(f"studies: wrote {name} into {DOC}")
+    return 0
+  seeds = a.seeds or default_seeds(a.study)
+  budgets = a.budgets or BUDGETS[a.study]
   root, img = pathlib.Path(a.root), pathlib.Path(a.img)
   runs = plan(a.study, root, seeds, budgets, a.parent_steps)
   if a.arms:

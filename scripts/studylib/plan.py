@@ -12,6 +12,11 @@ PRETRAIN = 300
 
 
 MATURE_PARENT = 3000  # lm_mature's default parent length (--parent-steps)
+BUDGETS = {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "lm_mature": [1500, 3000], "capacity": [300]}
+
+
+def default_seeds(study: str) -> list[int]:
+  return [0] if study == "capacity" else [0, 1, 2]
 
 
 CAPACITY_FACTORS = (1.0, 1.5, 2.0)
