@@ -3,6 +3,9 @@ steps and at equal training FLOPs) and a table.
 
   python scripts/studies.py clip_up    [--seeds 0 1 2] [--budgets 300 1500] [--root runs/studies] [--report-only]
   python scripts/studies.py lm_upcycle [--seeds 0 1 2] [--budgets 300 1500 3000]
+  python scripts/studies.py lm_mature  [--parent-steps 3000] [--budgets 1500 3000]   (mature dense parents)
+  python scripts/studies.py clip_mature [--parent-steps 3000] [--budgets 1500]
+  python scripts/studies.py STUDY --write-docs   (regenerate STUDY's tables in docs/results.md from the record)
   python scripts/studies.py capacity   (the tiny vs a 4x larger dense CLIP on moejax_scenes, one seed; the
                                         clip_up study's dense_continued and dense_large runs)
 (`scripts/studies.sh STUDY ...` is the same with the environment set up.)
@@ -10,9 +13,9 @@ steps and at equal training FLOPs) and a table.
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
 resumes from its newest checkpoint (moejax train does). SIGTERM or Ctrl-C stops the study and its running
 `moejax train` (which checkpoints first) and records the time that run spent. Each finished run's config, metrics
-and result, and the study's timings, novel-split evals, table and provenance (one row per invocation that trained:
-commit, CPU, cores, load at start and end, versions, the steps each run went from and to), are copied to results/studies/ (kept in git;
---record to change); a fresh clone restores them, so its reports draw the recorded runs and the study skips them
+and result, and the study's timings, novel-split evals, table and provenance (one row per invocation that
+trained: commit, CPU, cores, load at start and end, versions, the steps each run went from and to), are copied to
+results/studies/ (kept in git; --record to change); a fresh clone restores them, so its reports draw the recorded runs and the study skips them
 (a recorded parent whose checkpoint a new run needs is trained again: runs are deterministic). Each run's wall
 time and CPU time (this process's children) go to ROOT/STUDY/timings.json (keyed bB/sS/ARM, not by path, so a
 record restored under another --root still matches); the summary states the study's total
@@ -25,6 +28,13 @@ Runs (experiments/clip_scenes.py, experiments/lm_upcycle_mix.py), per budget B a
               budget also dense_large (4x params), shared-backbone dense_shared_pretrain + clip_up_shared, and
               clip_up_cf{1.0,1.5,2.0} (capacity dispatch)
   lm_upcycle  dense_pretrain, dense_continued, upcycled
+  and FLOP-matched arms, each a run whose own schedule ends at the matched budget: dense_flops (the dense parent
+  continued for the upcycled arm's FLOPs) and, for CLIP, sparse_flops (the sparse model from scratch for the
+  upcycled arm's whole FLOPs, parent included).
+  lm_mature / clip_mature (in ROOT/STUDY/pP/): one dense parent per seed at constant LR for P steps (the stable
+              phase of a warmup-stable-decay schedule), shared by every budget; its arms branch off at step P and
+              each decays (cosine to zero) over its own length: dense_continued, upcycled / clip_up (and
+              clip_up_dense_lr: CLIP-UP at the dense LR), dense_flops, sparse_flops (CLIP)
 A seed sets train.seed (init), data.shuffle_seed (data order) and init.seed (router init, upcycling noise).
 """
 
@@ -42,7 +52,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, be
 from studylib.docs import DOC, GENERATOR, doc_tables  # noqa: E402
 from studylib.execute import execute, novel_eval  # noqa: E402
 from studylib.figures import capacity_factor_figure, capacity_figure, figures, parent_figure  # noqa: E402
-from studylib.plan import BUDGETS, MATURE_PARENT, PARENTS, STEP_CAP, default_seeds, last_step, plan, select  # noqa: E402
+from studylib.plan import (  # noqa: E402  # noqa: E402
+  BUDGETS,
+  MATURE,
+  MATURE_PARENT,
+  PARENTS,
+  STEP_CAP,
+  default_seeds,
+  last_step,
+  plan,
+  select,
+)
 from studylib.records import read_cache, restore_record, run_key, save_record  # noqa: E402
 from studylib.tables import capacity_table, table  # noqa: E402
 
@@ -51,11 +71,12 @@ from moejax import provenance, report  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="studies", description=__doc__.split("\n\n")[0])
-  ap.add_argument("study", choices=("clip_up", "lm_upcycle", "lm_mature", "capacity"))
+  ap.add_argument("study", choices=tuple(BUDGETS))
   ap.add_argument("--seeds", type=int, nargs="+", default=None)
   ap.add_argument("--budgets", type=int, nargs="+", default=None)
   ap.add_argument("--parent-steps", type=int, default=MATURE_PARENT,
-                  help="lm_mature: the dense parent's length (constant LR); every budget branches off its last step")
+                  help="lm_mature / clip_mature: the dense parent's length (constant LR); every budget branches off its "
+                       "last step")
   ap.add_argument("--arms", nargs="+", default=None,
                   help="only these arms (and the runs they start from), e.g. dense_continued clip_up")
   ap.add_argument("--root", default="runs/studies")
@@ -88,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{done}  {r.workdir}  moejax train {r.experiment} {' '.join(r.overrides)}")
     return 0
   study_dir = root / ("clip_up" if a.study == "capacity" else a.study)  # capacity: the clip_up study's runs
-  if a.study == "lm_mature":  # one directory per parent length
+  if a.study in MATURE:  # one directory per parent length
     study_dir = study_dir / f"p{a.parent_steps}"
   timings_path = study_dir / "timings.json"
   restored = restore_record(runs, root, record, study_dir)
@@ -118,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in [capacity_figure(runs, img)] if p]
   else:
     paths = figures(runs, a.study, img)
-    if a.study == "lm_mature":
+    if a.study in MATURE:
       paths += [p for p in [parent_figure(runs, a.study, img)] if p]
     novel = None
     if a.study == "clip_up":

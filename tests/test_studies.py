@@ -45,6 +45,9 @@ SAME_PROGRAM = {
   # the mature-parent study: the same programs with a warmup-stable-decay schedule (tests/test_config.py)
   "lm_dense_mix_wsd_tiny": ("lm_dense_mix_300_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
   "lm_upcycle_mix_wsd_tiny": ("lm_upcycle_mix_300_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
+  "scenes_clip_dense_wsd_tiny": ("scenes_clip_dense_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
+  "scenes_clip_up_wsd_tiny": ("scenes_clip_up_tiny", {"optim.decay_start", "optim.min_lr_ratio"}),
+  "scenes_clip_sparse_scratch_wsd_tiny": ("scenes_clip_sparse_scratch_tiny", {"optim.min_lr_ratio"}),
 }
 TRAINED = ("scenes_clip_dense_tiny", "scenes_clip_up_shared_tiny", "lm_upcycle_mix_300_tiny")
 
@@ -139,7 +142,7 @@ def test_studies_plan_select_and_mean_se_table(tmp_path):
     assert "upcyled" in str(e) and "upcycled" in str(e)
   clip = studies.plan("clip_up", tmp_path, [0], [300, 1500])
   assert {r.arm for r in studies.select(clip, ["dense_continued"])} == {"dense_pretrain", "dense_continued"}
-  assert len([r for r in clip if r.budget == 1500]) == 5  # the knobs run at the smaller budget only
+  assert len([r for r in clip if r.budget == 1500]) == 7  # the knobs run at the smaller budget only
   cap = studies.plan("capacity", tmp_path, [0], [300])  # the clip_up study's own runs, not copies of them
   assert [r.arm for r in cap] == ["dense_pretrain", "dense_continued", "dense_large"]
   assert {r.workdir for r in cap} <= {r.workdir for r in clip}
@@ -223,9 +226,23 @@ def test_flop_matched_arms_end_their_own_schedules_at_the_matched_budget(tmp_pat
       _fake_run(studies, r, {2000: 2.5, r.steps: end}, 2001 if arm == "upcycled" else 1)
   rows = {r["arm"]: r for r in studies.table([r for r in runs if r.budget in (0, 1500)], "lm_mature")}
   assert set(rows) == {"dense_continued", "upcycled", "dense_flops"}
-  assert rows["upcycled"]["Δ vs FLOP-matched dense (paired)"] == "-0.100 ± 0.050", rows["upcycled"]
-  assert rows["dense_continued"]["Δ vs FLOP-matched dense (paired)"] == ""
+  assert rows["upcycled"]["Δ vs FLOP-matched (paired)"] == "-0.100 ± 0.050", rows["upcycled"]
+  assert rows["upcycled"]["FLOP-matched with"] == "dense_flops"
+  assert rows["dense_continued"]["Δ vs FLOP-matched (paired)"] == ""
   assert rows["dense_flops"]["steps"] == 2000 + round(1500 * ratio)
+
+  # CLIP: the sparse model from scratch given the upcycled arm's whole FLOPs (parent included), its own schedule
+  clip_ratio = studies.flops_ratio("scenes_clip_dense_wsd_tiny", "scenes_clip_up_wsd_tiny")
+  cm = {r.arm: r for r in studies.plan("clip_mature", tmp_path, [0], [1500], parent_steps=3000) if r.budget}
+  assert set(cm) == {"dense_continued", "clip_up", "clip_up_dense_lr", "dense_flops", "sparse_flops"}
+  sparse = config.apply_overrides(registry.get(cm["sparse_flops"].experiment), cm["sparse_flops"].overrides)
+  assert sparse.init.upcycle_from == "" and sparse.optim.decay_start == 0
+  assert sparse.train.steps == sparse.train.schedule_steps == round(3000 / clip_ratio + 1500)
+  up, fast = (config.apply_overrides(registry.get(cm[a].experiment), cm[a].overrides) for a in ("clip_up", "clip_up_dense_lr"))
+  assert fast.optim.lr == 2 * up.optim.lr  # the recipe's half LR, and the dense LR
+  young = {r.arm: r for r in studies.plan("clip_up", tmp_path, [0], [1500])}
+  assert young["sparse_flops"].steps == round(300 / clip_ratio + 1500)
+  assert young["dense_flops"].steps == 300 + round(1500 * clip_ratio)
 
 
 def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent(tmp_path):
@@ -414,11 +431,11 @@ def test_docs_study_tables_equal_the_generator():
   root = pathlib.Path(__file__).resolve().parent.parent
   text = docs.DOC.read_text()
   made = {}
-  for study in ("clip_up", "lm_upcycle", "lm_mature"):
+  for study in ("clip_up", "lm_upcycle", "lm_mature", "clip_mature"):
     made.update(docs.doc_tables(study, root / "results" / "studies"))
   for name, block in made.items():
     got = report.doc_block(text, docs.GENERATOR, name)
-    if got is None and name.startswith("lm_mature"):
+    if got is None and name.startswith(("lm_mature", "clip_mature")):
       continue  # a study in progress: its table joins the doc when it has runs worth reading
     assert got is not None, f"docs/results.md has lost its generated {name!r} block"
     assert got == block, f"docs/results.md's {name!r} table differs from the record: run scripts/studies.py --write-docs"

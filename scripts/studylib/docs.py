@@ -9,7 +9,7 @@ import pathlib
 import tempfile
 
 from moejax import report
-from studylib.plan import BUDGETS, MATURE_PARENT, default_seeds, plan
+from studylib.plan import BUDGETS, MATURE, MATURE_PARENT, default_seeds, plan
 from studylib.records import read_cache, restore_record
 from studylib.tables import capacity_table, table
 
@@ -23,7 +23,7 @@ def doc_tables(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARE
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
     runs = plan(study, root, default_seeds(study), BUDGETS[study], parent_steps)
-    study_dir = root / study / (f"p{parent_steps}" if study == "lm_mature" else "")
+    study_dir = root / study / (f"p{parent_steps}" if study in MATURE else "")
     restore_record(runs, root, record, study_dir)
     novel = read_cache(study_dir / "novel.json") or None
     rows = table(runs, study, novel)

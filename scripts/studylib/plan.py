@@ -12,7 +12,8 @@ PRETRAIN = 300
 
 
 MATURE_PARENT = 3000  # lm_mature's default parent length (--parent-steps)
-BUDGETS = {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "lm_mature": [1500, 3000], "capacity": [300]}
+BUDGETS = {"clip_up": [300, 1500], "lm_upcycle": [300, 1500, 3000], "lm_mature": [1500, 3000],
+           "clip_mature": [1500], "capacity": [300]}
 
 
 def default_seeds(study: str) -> list[int]:
@@ -60,6 +61,12 @@ def matched_steps(budget: int, dense: str, sparse: str) -> int:
   return round(budget * flops_ratio(dense, sparse))
 
 
+def scratch_steps(parent_steps: int, budget: int, dense: str, sparse: str) -> int:
+  """Steps of `sparse` from scratch that cost what `parent_steps` of `dense` plus `budget` of `sparse` cost: the
+  upcycled arm's whole budget, parent included, spent on the sparse model from the start."""
+  return round(parent_steps / flops_ratio(dense, sparse) + budget)
+
+
 def _steps(total: int, start: int | None = None) -> tuple[str, ...]:
   """A run that ends at `total`, its schedule too (its own decay ends there); `start`: constant LR until then."""
   decay = (f"optim.decay_start={start}",) if start is not None else ()
@@ -69,8 +76,8 @@ def _steps(total: int, start: int | None = None) -> tuple[str, ...]:
 def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int],
          parent_steps: int = MATURE_PARENT) -> list[Run]:
   runs: list[Run] = []
-  if study == "lm_mature":
-    return _plan_lm_mature(root, seeds, budgets, parent_steps)
+  if study in MATURE:
+    return _plan_mature(study, root, seeds, budgets, parent_steps)
   for b in budgets:
     for s in seeds:
       d = root / study / f"b{b}" / f"s{s}"
@@ -87,6 +94,8 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int],
           Run("sparse_scratch", b, s, f"scenes_clip_sparse_scratch{sfx}_tiny", total, d / "sparse_scratch", _seed(s)),
           Run("dense_active", b, s, f"scenes_clip_dense_active{sfx}_tiny", total, d / "dense_active", _seed(s)),
         ]
+        runs += _flop_matched(b, s, d, pre, PRETRAIN, f"scenes_clip_dense{sfx}_tiny", f"scenes_clip_up{sfx}_tiny",
+                              f"scenes_clip_sparse_scratch{sfx}_tiny")
         if b == budgets[0] and b == 300:  # the recipe's knobs, at the smaller budget
           shared = d / "dense_shared_pretrain"
           runs += [
@@ -103,49 +112,69 @@ def plan(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int],
       elif study == "lm_upcycle":
         pre = d / "dense_pretrain"
         dense, up = f"lm_dense_mix_{b}_tiny", f"lm_upcycle_mix_{b}_tiny"
-        matched = PRETRAIN + matched_steps(b, dense, up)
         runs += [
           Run("dense_pretrain", b, s, dense, PRETRAIN, pre, (f"train.steps={PRETRAIN}", *_seed(s))),
           Run("dense_continued", b, s, dense, total, d / "dense_continued", _seed(s), pre),
           Run("upcycled", b, s, up, total, d / "upcycled", (f"init.upcycle_from={pre}", *_seed(s))),
-          # the upcycled run's FLOPs spent densely: the parent's cosine stretched to end at the matched step
-          Run("dense_flops", b, s, dense, matched, d / "dense_flops", (*_steps(matched), *_seed(s)), pre),
+          *_flop_matched(b, s, d, pre, PRETRAIN, dense, up),
         ]
       elif study == "capacity":
         # The clip_up study's dense runs on the 600-step schedule: the tiny model (dense_pretrain continued to
         # 600) and the 4x larger one (dense_large); shared with that study, not run twice.
         runs += select(plan("clip_up", root, [s], [300]), ["dense_continued", "dense_large"])
       else:
-        raise SystemExit(f"studies: unknown study {study!r}; choose clip_up, lm_upcycle or capacity")
+        raise SystemExit(f"studies: unknown study {study!r}; choose {', '.join(BUDGETS)}")
   return runs
 
 
-def _plan_lm_mature(root: pathlib.Path, seeds: list[int], budgets: list[int], parent_steps: int) -> list[Run]:
+def _flop_matched(b: int, s: int, d: pathlib.Path, pre: pathlib.Path, start: int, dense: str, up: str,
+                  scratch: str = "", cosine_from: int | None = None) -> list[Run]:
+  """The FLOP-matched arms of budget `b`, seed `s`, each a run whose own schedule ends at the matched budget:
+  `dense_flops` (the dense parent continued for the upcycled arm's FLOPs: extra steps x the FLOPs ratio) and, with
+  `scratch`, `sparse_flops` (the sparse model from scratch for the upcycled arm's whole FLOPs, parent included).
+  `cosine_from`: the continuation keeps the parent's constant LR until then (a warmup-stable-decay parent)."""
+  matched = start + matched_steps(b, dense, up)
+  wsd = ("optim.schedule=cosine",) if cosine_from is not None else ()
+  runs = [Run("dense_flops", b, s, dense, matched, d / "dense_flops",
+              (*wsd, *_steps(matched, cosine_from), *_seed(s)), pre, start=start)]
+  if scratch:
+    n = scratch_steps(start, b, dense, scratch)
+    runs.append(Run("sparse_flops", b, s, scratch, n, d / "sparse_flops", (*_steps(n), *_seed(s)), start=start))
+  return runs
+
+
+# Mature-parent studies: (dense, upcycled, from-scratch experiments, extra upcycled arms: {arm: overrides}).
+MATURE = {
+  "lm_mature": ("lm_dense_mix_wsd_tiny", "lm_upcycle_mix_wsd_tiny", "", {}),
+  "clip_mature": ("scenes_clip_dense_wsd_tiny", "scenes_clip_up_wsd_tiny", "scenes_clip_sparse_scratch_wsd_tiny",
+                  {"clip_up_dense_lr": ("optim.lr=0.002",)}),  # CLIP-UP at the dense LR, beside the recipe's half
+}
+UPCYCLED_ARM = {"lm_mature": "upcycled", "clip_mature": "clip_up"}
+
+
+def _plan_mature(study: str, root: pathlib.Path, seeds: list[int], budgets: list[int], p: int) -> list[Run]:
   """A long dense parent per seed at constant LR (the stable phase of a warmup-stable-decay schedule), shared by
-  every budget; per budget B, three arms that branch off it at its last step and each decay (cosine to zero) over
-  their own length: the dense continuation (B steps), the upcycled model (B steps) and the dense continuation
-  given the upcycled arm's FLOPs (B x the FLOPs ratio steps)."""
-  dense, up = "lm_dense_mix_wsd_tiny", "lm_upcycle_mix_wsd_tiny"
-  p = parent_steps
+  every budget; per budget B, arms that branch off it at its last step and each decay (cosine to zero) over their
+  own length: the dense continuation (B steps), the upcycled model (B steps; CLIP also at the dense LR), the dense
+  continuation given the upcycled arm's FLOPs, and (CLIP) the sparse model from scratch given the upcycled arm's
+  whole FLOPs, parent included."""
+  dense, up, scratch, extra = MATURE[study]
   runs: list[Run] = []
   for s in seeds:
-    pre = root / "lm_mature" / f"p{p}" / f"s{s}" / "dense_pretrain"
+    pre = root / study / f"p{p}" / f"s{s}" / "dense_pretrain"
     runs.append(Run("dense_pretrain", 0, s, dense, p, pre,
                     ("optim.schedule=constant", *_steps(p), f"optim.decay_start={p}", *_seed(s)), start=p))
   for b in budgets:
     for s in seeds:
-      d = root / "lm_mature" / f"p{p}" / f"b{b}" / f"s{s}"
-      pre = root / "lm_mature" / f"p{p}" / f"s{s}" / "dense_pretrain"
-      matched = p + matched_steps(b, dense, up)
+      d = root / study / f"p{p}" / f"b{b}" / f"s{s}"
+      pre = root / study / f"p{p}" / f"s{s}" / "dense_pretrain"
       cosine = ("optim.schedule=cosine",)
-      runs += [
-        Run("dense_continued", b, s, dense, p + b, d / "dense_continued", (*cosine, *_steps(p + b, p), *_seed(s)),
-            pre, start=p),
-        Run("upcycled", b, s, up, p + b, d / "upcycled",
-            (f"init.upcycle_from={pre}", *_steps(p + b, p), *_seed(s)), start=p),
-        Run("dense_flops", b, s, dense, matched, d / "dense_flops", (*cosine, *_steps(matched, p), *_seed(s)),
-            pre, start=p),
-      ]
+      runs.append(Run("dense_continued", b, s, dense, p + b, d / "dense_continued",
+                      (*cosine, *_steps(p + b, p), *_seed(s)), pre, start=p))
+      for arm, over in {UPCYCLED_ARM[study]: (), **extra}.items():
+        runs.append(Run(arm, b, s, up, p + b, d / arm, (f"init.upcycle_from={pre}", *over, *_steps(p + b, p),
+                                                       *_seed(s)), start=p))
+      runs += _flop_matched(b, s, d, pre, p, dense, up, scratch, cosine_from=p)
   return runs
 
 

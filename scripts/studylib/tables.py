@@ -51,7 +51,8 @@ REFERENCE = "dense_continued"  # the paired differences are against the dense co
 
 
 # The FLOP-matched reference: a run of its own whose schedule ends at the compared arm's training FLOPs.
-MATCHED = {"upcycled": "dense_flops"}
+MATCHED = {"upcycled": "dense_flops", "clip_up": "dense_flops", "clip_up_dense_lr": "dense_flops",
+           "sparse_flops": "clip_up"}
 
 
 def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> list[dict]:
@@ -79,16 +80,17 @@ def table(runs: list[Run], study: str, novel: dict[str, dict] | None = None) -> 
       pn = "" if len(paired) == len(rs) else f" (n={len(paired)})"  # a seed whose dense partner has not run yet
       row["Δ vs dense (paired)"] = pm(*mean_se([final[arm, s] - final[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
-      if any(m in {r.arm for r in group} for m in MATCHED.values()):
+      arms = {r.arm for r in group}
+      if any(a in arms and m in arms for a, m in MATCHED.items()):  # the primary equal-FLOPs comparison
         ref = MATCHED.get(arm)
         mp = [r.seed for r in rs if ref and (ref, r.seed) in final]
         mn = "" if len(mp) == len(rs) else f" (n={len(mp)})"
-        row["Δ vs FLOP-matched dense (paired)"] = (
-          pm(*mean_se([final[arm, s] - final[ref, s] for s in mp]), 3) + mn if mp else "")
+        row["FLOP-matched with"] = ref if mp else ""
+        row["Δ vs FLOP-matched (paired)"] = pm(*mean_se([final[arm, s] - final[ref, s] for s in mp]), 3) + mn if mp else ""
       row["loss @ equal FLOPs (interpolated)"] = pm(*mean_se([at[arm, r.seed] for r in rs]), 3)
       row["Δ @ equal FLOPs (interpolated, paired)"] = pm(*mean_se([at[arm, s] - at[REFERENCE, s] for s in paired]), 3) + pn if (
         arm != REFERENCE and paired) else ""
-      keys = {k: k for k in CLIP_KEYS} if study == "clip_up" else LM_KEYS
+      keys = {k: k for k in CLIP_KEYS} if study.startswith("clip") else LM_KEYS
       for k, name in keys.items():
         vals = [curve(r, k)[1] for r in rs]
         if all(len(v) for v in vals):
