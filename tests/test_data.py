@@ -174,6 +174,25 @@ def test_packing_matches_plain_concatenation(data_dir):
   np.testing.assert_array_equal(got, ref[:n_full])
 
 
+@pytest.mark.parametrize("doc,offset", [(0, 0), (2, 0), (2, 17), (5, 300)])
+def test_a_packer_state_from_json_or_from_older_moejax_resumes_at_its_window(data_dir, doc, offset):
+  """Packing is grain's ConcatThenSplit. Its state, as orbax gives it back (JSON lists, (-1, -1) = nothing
+  buffered), and the state the pre-grain packer wrote (`{"parent", "offset"}`: the parent before the oldest
+  buffered document, tokens of it already emitted) both resume at the window the documents say: the
+  concatenation from that document, less the emitted prefix, cut into seq_len + 1."""
+  cfg = _cfg(data_dir, seq_len=40, batch_size=2)
+  src = builders.data_source("moejax_pydoc", "validation", data_dir)
+  docs = [np.append(np.frombuffer(src[i]["text"], np.uint8), 0).astype(np.int32) for i in range(len(src))]
+  want = _windows_reference([np.concatenate(docs[doc:])[offset:]], 41)[:2]
+  old = {"parent": {"next_index": doc}, "offset": offset}
+  ours = json.loads(json.dumps({"parent_state": {"next_index": doc}, "elements_from_buffer_after_checkpoint": 0,
+                                "remainder_slices": {"tokens": (offset, len(docs[doc])) if offset else (-1, -1)}}))
+  for state in (old, ours):
+    it = lm.make_iterator(cfg, "validation", repeat=False)
+    it.set_state(state)
+    np.testing.assert_array_equal(next(it)["tokens"], want)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   cfg = _cfg(data_dir)
   a = _take(lm.make_iterator(cfg, "train", seed=1), 6)
@@ -190,7 +209,7 @@ def test_state_round_trip_gives_exactly_the_next_batches(data_dir):
   it = lm.make_iterator(cfg, "train", seed=3)
   _take(it, 7)
   state = json.loads(json.dumps(it.get_state()))  # orbax stores it as JSON
-  assert state["offset"] > 0  # mid-document: the resume path that skips an emitted prefix
+  assert state["remainder_slices"]["tokens"][0] > 0  # mid-document: the resume path that skips an emitted prefix
   expected = _take(it, 5)
   fresh = lm.make_iterator(cfg, "train", seed=3)
   fresh.set_state(state)

@@ -147,7 +147,7 @@ def source_windows(source: Any, name: str, data_cfg: config.DataConfig, *, proce
   if repeat:
     ds = ds.repeat()
   ds = ds.map(_TokenizeMasked(data_cfg.tokenizer, data_cfg.text_key, is_task_source(name), data_cfg.answer_only_loss))
-  return lm._PackIterDataset(ds.to_iter_dataset(lm._READ_OPTIONS), data_cfg.seq_len + 1)
+  return lm._PackIterDataset(ds.to_iter_dataset(lm._READ_OPTIONS), data_cfg.seq_len + 1, ("tokens", "loss_mask"))
 
 
 def make_dataset(data_cfg: config.DataConfig, split: str, *, process_index: int = 0, process_count: int = 1,
