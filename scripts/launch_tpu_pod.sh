@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run `moejax train` on every worker (host) of a Cloud TPU VM pod slice. Each worker runs the same command;
+# Run `moejax train` on every worker (host) of a Cloud TPU VM pod slice, after checking here that it fits. Each worker runs the same command;
 # jax.distributed.initialize() finds the other workers through the TPU metadata server (moejax.distributed), so
 # nothing about the topology is passed here. Cannot be run without a TPU pod (and gcloud): see
 # docs/scale_out.md for the exact commands it runs.
@@ -8,7 +8,12 @@
 #   scripts/launch_tpu_pod.sh my-v5e-32 us-west4-a lm_moe_tiny mesh.data=-1 --workdir /mnt/shared/runs/moe
 #
 # DIR must be one directory that every worker sees (NFS/Filestore, or a gcsfuse-mounted bucket): the workers
-# write one checkpoint together. Steps, each on all workers at once (`gcloud ... ssh --worker=all`):
+# write one checkpoint together. First, on this machine: `moejax compile NAME [overrides] --topology T
+# --require-fit` compiles the train step for the pod's topology (T: MOEJAX_TOPOLOGY, or the pod's accelerator
+# type from `gcloud compute tpus tpu-vm describe`) and the launch is refused (exit 2) when it does not fit the
+# chips' HBM or does not compile; MOEJAX_COMPILE (default: .venv-tpu's python -m moejax.cli, made by
+# scripts/test_tpu_compile.sh, else python3 -m moejax.cli) is the moejax with the `tpu` extra that runs it;
+# MOEJAX_COMPILE_CHECK=0 skips the check. Then, each on all workers at once (`gcloud ... ssh --worker=all`):
 #   1. setup (skipped when MOEJAX_SETUP=0): clone/update the repo at $MOEJAX_REF into ~/moejax, make
 #      ~/moejax/.venv with Python 3.11 and `pip install -e . "jax[tpu]"`;
 #   2. train: `cd ~/moejax && .venv/bin/moejax train NAME ... --workdir DIR --no-progress`.
@@ -42,6 +47,36 @@ if [ -z "$REPO" ] || [ -z "$REF" ]; then
 fi
 PY="${MOEJAX_PYTHON:-python3.11}"
 read -r -a EXTRA <<< "${GCLOUD_FLAGS:-}"
+
+if [ "${MOEJAX_COMPILE_CHECK:-1}" = 1 ]; then
+  # The experiment and its overrides: the arguments before the first flag (a flag's value never holds a '=' here).
+  COMPILE_ARGS=()
+  for a in "$@"; do [[ "$a" == --* ]] && break; COMPILE_ARGS+=("$a"); done
+  TOPOLOGY="${MOEJAX_TOPOLOGY:-}"
+  if [ -z "$TOPOLOGY" ]; then
+    if [ "${MOEJAX_DRY_RUN:-0}" = 1 ]; then
+      echo "launch_tpu_pod: dry run without MOEJAX_TOPOLOGY: the fit check needs the pod's accelerator type" >&2
+      exit 2
+    fi
+    TOPOLOGY="$(gcloud compute tpus tpu-vm describe "$TPU" --zone "$ZONE" "${EXTRA[@]}" \
+                  --format='value(acceleratorType)')"
+  fi
+  if [ -n "${MOEJAX_COMPILE:-}" ]; then
+    read -r -a COMPILE <<< "$MOEJAX_COMPILE"
+  elif [ -x "$ROOT/.venv-tpu/bin/python" ]; then
+    COMPILE=("$ROOT/.venv-tpu/bin/python" -m moejax.cli)
+  else
+    COMPILE=(python3 -m moejax.cli)
+  fi
+  echo "launch_tpu_pod: checking that ${COMPILE_ARGS[0]} fits $TOPOLOGY (moejax compile --require-fit; minutes" \
+       "for a paper-size model)" >&2
+  if ! (cd "$ROOT" && JAX_PLATFORMS=cpu "${COMPILE[@]}" compile "${COMPILE_ARGS[@]}" --topology "$TOPOLOGY" \
+          --require-fit) >&2; then
+    echo "launch_tpu_pod: not launching: ${COMPILE_ARGS[0]} does not fit or does not compile for $TOPOLOGY (see" \
+         "the report above; MOEJAX_COMPILE_CHECK=0 skips this check)" >&2
+    exit 2
+  fi
+fi
 
 q() { printf '%q ' "$@"; }  # quote for the remote shell
 

@@ -238,3 +238,29 @@ def test_out_of_hbm_is_a_verdict_not_a_crash():
   tight = report.advice(config.derive(cfg, {"data.batch_size": 64}), mesh)
   assert tight == ["data.seq_len=2048 (one sequence per data-parallel shard already: activations scale with its "
                    "length)"]
+
+
+@pytest.mark.tpu_compile
+def test_the_pod_launcher_refuses_a_config_that_does_not_fit():
+  """scripts/launch_tpu_pod.sh runs `moejax compile --require-fit` for the pod's topology before any gcloud
+  command: lm_moe_tiny fits a v5p:2x2x1 and the (dry-run) launch goes on; at a batch whose logits alone exceed
+  the chips' HBM it is refused, exit 2, and nothing is started."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, MOEJAX_DRY_RUN="1", MOEJAX_REPO="r", MOEJAX_REF="c", MOEJAX_TOPOLOGY=TOPO,
+             MOEJAX_COMPILE=f"{sys.executable} -m moejax.cli")
+
+  def launch(*overrides):
+    return subprocess.run(["bash", str(root / "scripts" / "launch_tpu_pod.sh"), "pod", "zone", "lm_moe_tiny",
+                           *overrides, "--workdir", "/shared/x"], env=env, capture_output=True, text=True, timeout=900)
+
+  ok = launch()
+  assert ok.returncode == 0 and "FITS" in ok.stderr, ok.stderr[-2000:]
+  assert [line.split()[:2] for line in ok.stdout.splitlines()] == [["gcloud", "compute"]] * 2
+  big = launch("data.batch_size=4194304")  # [4M, 128, 258] f32 logits: over 130 GiB per chip of 4
+  assert big.returncode == 2 and not big.stdout, big.stdout
+  assert "DOES NOT FIT" in big.stderr and "not launching: lm_moe_tiny does not fit" in big.stderr

@@ -493,7 +493,7 @@ def _train_args(remote_cmd):
 
 def test_launch_tpu_pod_commands():
   p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_REPO="https://example.com/moejax.git",
-           MOEJAX_REF="0123abc", GCLOUD_FLAGS="--project p1 --internal-ip")
+           MOEJAX_REF="0123abc", GCLOUD_FLAGS="--project p1 --internal-ip", MOEJAX_COMPILE_CHECK="0")
   assert p.returncode == 0, p.stderr
   setup, run = [_bash_words(x) for x in p.stdout.strip().splitlines()]
   for cmd in (setup, run):
@@ -506,8 +506,23 @@ def test_launch_tpu_pod_commands():
   subprocess.run(["bash", "-n", "-c", run[13]], check=True)
   assert run[13].startswith("cd ~/moejax && ") and ".venv/bin/moejax train" in run[13]
   assert _train_args(run[13]) == [*ARGS, "--no-progress"]  # every argument arrives intact on the workers
-  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_SETUP="0", MOEJAX_REPO="r", MOEJAX_REF="c")
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_SETUP="0", MOEJAX_REPO="r", MOEJAX_REF="c",
+           MOEJAX_COMPILE_CHECK="0")
   assert len(p.stdout.strip().splitlines()) == 1
+
+
+def test_launch_tpu_pod_checks_the_fit_before_touching_the_pod():
+  """The launcher compiles the step for the pod's topology here first (`moejax compile --require-fit`) and starts
+  nothing when that fails: here the main environment has no libtpu, so the compile refuses with its own one-line
+  reason and the launch is refused after it (tests/test_compile.py runs the same with libtpu: fits / does not
+  fit). A dry run needs the topology named, since it cannot ask gcloud."""
+  env = dict(MOEJAX_REPO="r", MOEJAX_REF="c", MOEJAX_COMPILE=f"{sys.executable} -m moejax.cli")
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, **env)
+  assert p.returncode == 2 and "dry run without MOEJAX_TOPOLOGY" in p.stderr and not p.stdout
+  p = _dry("launch_tpu_pod.sh", "my-pod", "us-west4-a", *ARGS, MOEJAX_TOPOLOGY="v5p:2x2x1", **env)
+  assert p.returncode == 2 and not p.stdout, p.stdout  # no gcloud command was run or printed
+  assert "needs libtpu" in p.stderr and "[tpu]" in p.stderr  # the compile's own one-line reason
+  assert "not launching: lm_moe_tiny does not fit or does not compile for v5p:2x2x1" in p.stderr
 
 
 def test_launch_tpu_pod_needs_a_shared_workdir():

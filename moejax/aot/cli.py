@@ -20,6 +20,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                     "an explicit chip shape, v5p:4x4x4, v5e:4x4")
   c.add_argument("--save", metavar="DIR", help="write report.json (and the serialized executable) here")
   c.add_argument("--hlo", metavar="FILE", help="write the compiled (partitioned) HLO text here")
+  c.add_argument("--require-fit", action="store_true",
+                 help="exit 1 when the step does not fit the chip's HBM (a launcher's check before it starts a pod)")
   c.add_argument("--moe-flops", action="store_true",
                  help="also compile the expert MLPs alone and compare their FLOPs with the active formula, per "
                       "model.moe.gmm_backend (ragged_dot, megablox)")
@@ -60,4 +62,7 @@ def run(args) -> int:
   if save:
     for f in report.save(r, c, save):
       print(f"wrote {f}")
+  if args.require_fit and not r["fits"]:
+    print(f"moejax compile: {cfg.name} does not fit {topo.name}'s HBM as configured (--require-fit)", flush=True)
+    return 1
   return 0
