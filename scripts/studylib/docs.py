@@ -9,6 +9,7 @@ import pathlib
 import tempfile
 
 from moejax import report
+from studylib import verdicts
 from studylib.plan import BUDGETS, MATURE, MATURE_PARENT, default_seeds, plan
 from studylib.records import read_cache, restore_record
 from studylib.tables import capacity_table, table
@@ -18,13 +19,26 @@ DOC = ROOT / "docs" / "results.md"
 GENERATOR = "scripts/studies.py --write-docs"
 
 
-def doc_tables(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> dict[str, str]:
-  """{block name: markdown table} for `study` from the runs recorded under `record`."""
+def _restored(study: str, root: pathlib.Path, record: pathlib.Path, parent_steps: int) -> tuple[list, pathlib.Path]:
+  """`study`'s runs (default seeds and budgets) with the recorded ones restored under `root`; its directory."""
+  runs = plan(study, root, default_seeds(study), BUDGETS[study], parent_steps)
+  study_dir = root / study / (f"p{parent_steps}" if study in MATURE else "")
+  restore_record(runs, root, record, study_dir)
+  return runs, study_dir
+
+
+def verdict_table(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> str:
+  """The claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs."""
   with tempfile.TemporaryDirectory() as tmp:
-    root = pathlib.Path(tmp)
-    runs = plan(study, root, default_seeds(study), BUDGETS[study], parent_steps)
-    study_dir = root / study / (f"p{parent_steps}" if study in MATURE else "")
-    restore_record(runs, root, record, study_dir)
+    plans = {s: _restored(s, pathlib.Path(tmp), record, parent_steps)[0]
+             for s in ("lm_upcycle", "lm_mature", "clip_up", "clip_mature")}
+    return report.markdown_table(verdicts.rows(plans))
+
+
+def doc_tables(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> dict[str, str]:
+  """{block name: markdown table} for `study` from the runs recorded under `record`, and the verdicts table."""
+  with tempfile.TemporaryDirectory() as tmp:
+    runs, study_dir = _restored(study, pathlib.Path(tmp), record, parent_steps)
     novel = read_cache(study_dir / "novel.json") or None
     rows = table(runs, study, novel)
     blocks = {}
@@ -36,4 +50,5 @@ def doc_tables(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARE
         blocks["clip_up capacity"] = report.markdown_table(cap)
     elif rows:
       blocks[study] = report.markdown_table(rows)
-    return blocks
+  blocks["verdicts"] = verdict_table(record, parent_steps)
+  return blocks

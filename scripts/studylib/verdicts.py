@@ -1,0 +1,91 @@
+"""The papers' claims about upcycling, one verdict per claim, regime (young parent: 300 steps; mature parent: a
+constant-LR parent of thousands) and budget, computed from the finished runs (the final eval loss without aux
+losses, paired by seed: same parent, same data order).
+
+The rule, fixed before the runs: Δ = arm - reference (negative: the arm is better). With at least three seeds,
+|mean Δ| >= 3 standard errors decides it (the claim reproduces when the arm is better, is contradicted when it is
+worse); under 3 SE the effect is unresolved and five seeds are asked for; at five seeds still under 3 SE it is "no
+resolved difference". Fewer than three finished pairs: pending. A claim about growth compares the largest budget's
+Δ with the smallest's, paired by seed (Δ_large - Δ_small < 0: the advantage grows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from studylib.plan import Run, finished
+from studylib.tables import curve, mean_se, pm
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  text: str
+  studies: tuple[str, str]  # (young-parent study, mature-parent study); "" where a regime has no such arm
+  arm: str
+  reference: str
+  grows: bool = False  # the claim is that the advantage grows with the budget
+
+
+CLAIMS = (
+  Claim("The upcycled LM beats the dense continuation at equal steps (Komatsuzaki et al. 2023)",
+        ("lm_upcycle", "lm_mature"), "upcycled", "dense_continued"),
+  Claim("The upcycled LM beats the dense continuation at equal training FLOPs (Komatsuzaki et al. 2023)",
+        ("lm_upcycle", "lm_mature"), "upcycled", "dense_flops"),
+  Claim("The upcycled LM's advantage grows with the extra budget (Komatsuzaki et al. 2023)",
+        ("lm_upcycle", "lm_mature"), "upcycled", "dense_continued", grows=True),
+  Claim("CLIP-UP beats the dense CLIP at equal steps (Wang et al. 2025)",
+        ("clip_up", "clip_mature"), "clip_up", "dense_continued"),
+  Claim("CLIP-UP beats the dense CLIP at equal training FLOPs (Wang et al. 2025)",
+        ("clip_up", "clip_mature"), "clip_up", "dense_flops"),
+  Claim("CLIP-UP beats the same sparse model trained from scratch on the same FLOPs (Wang et al. 2025)",
+        ("clip_up", "clip_mature"), "clip_up", "sparse_flops"),
+  Claim("Sparse beats dense at equal active FLOPs (from scratch, same steps)",
+        ("clip_up", ""), "sparse_scratch", "dense_active"),
+)
+DECIDED_SE = 3.0
+MORE_SEEDS = 5
+
+
+def verdict(deltas: list[float]) -> str:
+  n = len(deltas)
+  if n < 3:
+    return f"pending ({n} of 3 seeds)"
+  m, se = mean_se(deltas)
+  if abs(m) >= DECIDED_SE * se:
+    return "**reproduces**" if m < 0 else "**contradicted** (the reverse holds)"
+  if n < MORE_SEEDS:
+    return f"unresolved at {n} seeds (|Δ| < {DECIDED_SE:g} SE): run {MORE_SEEDS}"
+  return f"no resolved difference at {n} seeds"
+
+
+def _finals(runs: list[Run]) -> dict[tuple[int, str, int], float]:
+  return {(r.budget, r.arm, r.seed): float(curve(r)[1][-1]) for r in finished(runs)}
+
+
+def _paired(f: dict, c: Claim, seeds: list[int], b: int) -> dict[int, float]:
+  """Seed -> the claim's Δ at budget `b`, for the seeds where both runs finished."""
+  return {s: f[b, c.arm, s] - f[b, c.reference, s] for s in seeds if (b, c.arm, s) in f and (b, c.reference, s) in f}
+
+
+def rows(plans: dict[str, list[Run]]) -> list[dict]:
+  """`plans`: study name -> its runs (restored from the record). One row per claim x regime x budget."""
+  finals = {study: _finals(runs) for study, runs in plans.items()}
+  out = []
+  for c in CLAIMS:
+    for regime, study in zip(("young parent (300 steps)", "mature parent"), c.studies):
+      if not study or study not in plans:
+        continue
+      f = finals[study]
+      budgets = sorted({b for (b, _, _) in f if b > 0} | {r.budget for r in plans[study] if r.budget > 0})
+      seeds = sorted({r.seed for r in plans[study]})
+
+      if c.grows:
+        lo, hi = _paired(f, c, seeds, budgets[0]), _paired(f, c, seeds, budgets[-1])
+        d = [hi[s] - lo[s] for s in sorted(lo.keys() & hi.keys())]
+        shown = [(f"+{budgets[0]} -> +{budgets[-1]}", d, "Δ(large) - Δ(small)")]
+      else:
+        shown = [(f"+{b}", list(_paired(f, c, seeds, b).values()), f"{c.arm} - {c.reference}") for b in budgets]
+      for budget, d, what in shown:
+        out.append({"claim": c.text, "regime": regime, "budget": budget, "Δ eval loss": what,
+                    "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d)})
+  return out
