@@ -49,7 +49,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
-from studylib.docs import DOC, GENERATOR, doc_tables  # noqa: E402
+from studylib.docs import write_docs  # noqa: E402
 from studylib.execute import execute, novel_eval  # noqa: E402
 from studylib.figures import capacity_factor_figure, capacity_figure, figures, parent_figure  # noqa: E402
 from studylib.plan import (  # noqa: E402  # noqa: E402
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                   help="with --report-only: include unfinished runs, all cut at the last eval step they share")
   a = ap.parse_args(argv)
   if a.write_docs:
-    for name, block in doc_tables(a.study, pathlib.Path(a.record), a.parent_steps).items():
-      report.write_doc_block(DOC, GENERATOR, name, block)
-      print(f"studies: wrote {name} into {DOC}")
+    for line in write_docs(a.study, pathlib.Path(a.record), a.parent_steps):
+      print(f"studies: wrote {line}")
     return 0
   seeds = a.seeds or default_seeds(a.study)
   budgets = a.budgets or BUDGETS[a.study]
