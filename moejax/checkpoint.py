@@ -9,8 +9,8 @@ requested one is never "damaged": `restore_latest(..., cfg=...)` checks each ste
 its array shapes before reading it, and raises `CheckpointError` (a `ConfigError`: exit 2) with nothing moved. Restore takes abstract targets carrying shardings, so a state saved
 on one mesh restores onto any other (a different shape or device count).
 
-Params-only steps: a run's first checkpoint made by `moejax upcycle` or `moejax import-hf` holds `{step,
-params}` and no optimizer state (a `meta` item says so). Its optimizer state would be all zeros, twice the params'
+Params-only steps: a run's first checkpoint made by `moejax upcycle`, `import-hf`, `merge` or `prune` (runs.py
+writes them) holds `{step, params}` and no optimizer state (a `meta` item says so). Its optimizer state would be all zeros, twice the params'
 bytes for Adam (an E=8 upcycle of a 120M model: 3.3 GB of zeros), so it is not written; the trainer creates it
 when it starts from such a step.
 """
@@ -287,22 +287,6 @@ class Manager:
     print(f"WARNING: {msg}", flush=True)  # once (not also through the logger)
     # Re-scan so orbax forgets the step we moved.
     self._mngr.reload()
-
-
-def write_new_run(to: str | pathlib.Path, step: int, state: Any, cfg: config.ExperimentConfig,
-                  data_iter: Any | None = None, what: str = "--to") -> None:
-  """Write a new run into `to`: `config.json` and one step (usually params-only), under `paths.claim_new_run`'s
-  lock, so a second command writing into the same new directory stops instead of interleaving with this one.
-  `moejax upcycle`, `merge`, `import-hf` and `moejax.flax.save_run` save this way."""
-  from moejax import paths
-
-  to = pathlib.Path(to)
-  primary = jax.process_index() == 0
-  with paths.claim_new_run(to, what, primary):
-    if primary:
-      (to / "config.json").write_text(config.to_json(cfg))
-    with Manager(to, keep=cfg.train.keep_checkpoints) as mngr:
-      mngr.save(step, state, cfg, data_iter, force=True)
 
 
 def _data_state_fits_process_count(data_dir: pathlib.Path, source: str, kept: str = "") -> bool:

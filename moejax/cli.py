@@ -148,7 +148,7 @@ def cmd_upcycle(args) -> int:
   in `--to`: the params and, when the run continues the dense step, the dense run's data position, but no
   optimizer state (`moejax train EXP --workdir TO` starts a fresh one, as `init.upcycle_from` would)."""
 
-  from moejax import checkpoint, config, paths, registry, train
+  from moejax import checkpoint, config, paths, registry, runs, train
 
   paths.in_dir(args.source, "--from")
   checkpoint.read_model_config(args.source, "upcycle --from")  # a fine-tune or a bank: say so, first
@@ -160,15 +160,12 @@ def cmd_upcycle(args) -> int:
     return 0
   if not args.to:
     raise config.ConfigError("moejax upcycle needs --to DIR (or --dry-run to only show the plan)")
-  to = paths.out_dir(args.to, "--to")
-  if checkpoint.step_numbers(to):
-    raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
+  to = runs.check_destination(paths.out_dir(args.to, "--to"))
   _start(args)
-  s = train.setup(cfg)
-  data_it = train.train_iterator(s)
-  params, step = train.initial_params(s, data_it)  # also moves data_it to the dense run's position
-  state = train.params_only_state(s, params, step)
-  checkpoint.write_new_run(to, step, state, cfg, data_it)  # params only: the trainer creates the optimizer state
+  t = runs.target(cfg)
+  data_it = train.train_iterator(t)
+  params, step = train.initial_params(t, data_it)  # also moves data_it to the dense run's position
+  runs.write_params_run(to, t, params, step, data_it)  # params only: the trainer creates the optimizer state
   print(f"upcycled {args.source} -> {to}/checkpoints/{step} ({cfg.name}); continue with: "
         f"moejax train {args.exp} {' '.join(args.overrides)} --workdir {to}".rstrip())
   return 0
@@ -189,13 +186,11 @@ def cmd_bench(args, rest: list[str]) -> int:
 
 
 def cmd_import_hf(args) -> int:
-  from moejax import checkpoint, config, paths
+  from moejax import paths, runs
   from moejax.interop import hf
 
   paths.in_dir(args.path, "import-hf PATH")
-  to = paths.out_dir(args.to, "--to")
-  if checkpoint.step_numbers(to):
-    raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
+  to = runs.check_destination(paths.out_dir(args.to, "--to"))
   return hf.cli_import(args.path, str(to), args.overrides)
 
 
@@ -211,17 +206,12 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-  from moejax import config, paths
+  from moejax import paths, runs
   from moejax.interop import hf
 
   src = paths.in_dir(args.workdir, "export-hf WORKDIR")
-  to = paths.out_dir(args.to, "--to")
-  if to.is_dir():  # an export writes config.json and model*.safetensors: never over a run or an earlier export
-    held = sorted(p.name for p in to.iterdir()
-                  if p.name in ("config.json", "checkpoints") or p.name.endswith((".safetensors", ".safetensors.index.json")))
-    if to.resolve() == src.resolve() or held:
-      what = "is the run itself" if to.resolve() == src.resolve() else f"already holds {', '.join(held)}"
-      raise config.ConfigError(f"--to {to} {what}; export into a new or empty directory")
+  # an export writes config.json and model*.safetensors: never over a run or an earlier export
+  to = runs.check_destination(paths.out_dir(args.to, "--to"), "export", source=src, source_is="the run itself")
   return hf.cli_export(args.workdir, str(to), args.arch, dtype=args.dtype)
 
 

@@ -94,21 +94,3 @@ class RunLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
-
-def claim_new_run(path: pathlib.Path, what: str = "--to", primary: bool = True) -> RunLock:
-  """Create `path` and lock it (`RunLock`) for a command that writes a new run there (`moejax upcycle`, `prune`,
-  `merge`, `import-hf`, `moejax.flax.save_run`); use as `with claim_new_run(to): ...write...`. Those commands
-  refuse a `path` that already holds checkpoints before their work starts; this checks again once the lock is
-  held, so two of them racing into one new directory cannot both write there: the second stops with a one-line
-  `ConfigError` and the first one's run is untouched."""
-  from moejax import checkpoint
-
-  lock = RunLock(path, what, primary)
-  if primary:
-    lock.path.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    if checkpoint.step_numbers(lock.path):
-      lock.release()
-      raise config.ConfigError(f"{what} {str(lock.path)!r} already holds checkpoints (another command wrote them "
-                               f"while this one ran); choose an empty {what}")
-  return lock

@@ -281,3 +281,36 @@ def test_bench_prune_runs_small(moe_run, capsys):
                    "--chunk", "2"]) == 0
   out = capsys.readouterr().out
   assert "| plain eval pass" in out and out.count("| EEP fitness") == 2
+
+
+def test_prune_from_python_writes_what_the_cli_writes(moe_run, tmp_path, capsys):
+  """`prune.api.prune` with a `PruneConfig` is `moejax prune` (whose defaults are PruneConfig's): the same
+  prune.json, archive and params; without `to` it writes nothing and returns the same summary."""
+  from moejax import checkpoint, cli, sharding
+  from moejax.prune import api
+  from moejax.prune import cli as prune_cli
+
+  args = cli.parse(["prune", "--from", str(moe_run), "--keep", "2", "--task", "lookup"])[0]
+  assert prune_cli.prune_config(args) == api.PruneConfig(keep=2, task="lookup")
+  flags = ["--keep", "2", "--top-k", "1", "--task", "lookup", "--budget", "4", "--prune-evals", "4",
+           "--calibration", "8", "--metric", "loss", "--seed", "3"]
+  assert cli.main(["prune", "--from", str(moe_run), *flags, "--to", str(tmp_path / "cli"), "--no-progress"]) == 0
+  assert "pruned" in capsys.readouterr().out
+  pc = api.PruneConfig(keep=2, top_k=1, task="lookup", budget=4, prune_evals=4, calibration=8, metric="loss", seed=3)
+  summary = api.prune(moe_run, pc, tmp_path / "py", progress=False)
+  on_disk = {k: json.loads((tmp_path / d / "prune.json").read_text()) for k, d in (("cli", "cli"), ("py", "py"))}
+  drop = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+  assert drop(on_disk["py"]) == drop(on_disk["cli"]) == drop(json.loads(json.dumps(summary)))
+  assert (tmp_path / "py" / "prune_archive.json").read_text() == (tmp_path / "cli" / "prune_archive.json").read_text()
+  assert checkpoint.read_config(tmp_path / "py") == checkpoint.read_config(tmp_path / "cli")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                          transformer.specs(checkpoint.read_config(tmp_path / "cli").model), is_leaf=sharding.is_spec)
+  (a, sa), (b, sb) = checkpoint.load_params(tmp_path / "py", abstract), checkpoint.load_params(tmp_path / "cli", abstract)
+  assert sa == sb == 3
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  nothing = api.prune(moe_run, dataclasses.replace(pc, method="random"), progress=False)
+  assert drop(nothing) == drop(api.prune(moe_run, dataclasses.replace(pc, method="random"), tmp_path / "r", progress=False))
+  assert not any(p.name.startswith("prune") for p in moe_run.iterdir())
+  with pytest.raises(config.ConfigError, match="prune method 'magic' unknown"):
+    api.PruneConfig(keep=2, task="lookup", method="magic")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from run_helpers import TINY_LM, tree
 
-from moejax import checkpoint, cli, config, metrics, paths, registry, resume, train
+from moejax import checkpoint, cli, config, metrics, paths, registry, resume, runs, train
 
 
 def _cfg(*extra):
@@ -90,15 +90,15 @@ def test_a_new_run_is_written_under_the_lock_and_checked_again_once_it_is_held(r
   assert checkpoint.step_numbers(to)
   # what a second command finds if the first wrote its run between the second's early check and its lock
   with pytest.raises(config.ConfigError, match=r"already holds checkpoints \(another command wrote them"):
-    paths.claim_new_run(to)
+    runs.claim(to)
   assert tree(to) == before
   lock = paths.RunLock(to)  # the refused claim let its lock go
   lock.acquire()
   lock.release()
-  with paths.claim_new_run(tmp_path / "new"):  # a claim is held until its block ends, and dropped after
+  with runs.claim(tmp_path / "new"):  # a claim is held until its block ends, and dropped after
     with pytest.raises(config.ConfigError, match="is in use by another moejax process"):
-      paths.claim_new_run(tmp_path / "new")
-  paths.claim_new_run(tmp_path / "new").release()
+      runs.claim(tmp_path / "new")
+  runs.claim(tmp_path / "new").release()
 
 def test_eval_with_another_experiment_is_refused_and_the_run_left_untouched(run):
   before = tree(run)

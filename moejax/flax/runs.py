@@ -13,7 +13,7 @@ import pathlib
 
 import jax
 
-from moejax import checkpoint, config, sharding, train
+from moejax import checkpoint, config, runs, sharding
 from moejax.flax import modules
 from moejax.models import transformer
 
@@ -36,10 +36,5 @@ def save_run(model: modules.Transformer, exp: config.ExperimentConfig, workdir: 
   if exp.task != "lm" or exp.model != model.cfg:
     raise config.ConfigError("save_run: exp.model differs from the module's config (or exp.task is not 'lm'); "
                              "pass the experiment the model was built from")
-  root = pathlib.Path(workdir)
-  if (root / "checkpoints").is_dir() and any((root / "checkpoints").iterdir()):
-    raise FileExistsError(f"save_run: {root} already holds checkpoints; choose a new directory")
-  s = train.setup(exp)
-  state = train.params_only_state(s, model.params())
-  checkpoint.write_new_run(root, 0, state, exp, what="save_run: workdir")
-  return root
+  root = runs.check_destination(workdir, what="save_run: workdir")  # a FileExistsError (and a ConfigError)
+  return runs.write_params_run(root, runs.target(exp), model.params(), what="save_run: workdir")

@@ -340,25 +340,23 @@ def cli_import(path: str, to: str, overrides: list[str] | tuple[str, ...] = ()) 
   resolved config. Then `moejax upcycle --from DIR ...` makes it an MoE, or `moejax train NAME --workdir DIR`
   fine-tunes it.
   Overrides may change training, data and mesh settings, and model settings that keep the params' shapes."""
-  from moejax import checkpoint, train
+  from moejax import runs
 
   parsed = dict(config.parse_override(o) for o in overrides)
   load_kw = {"max_seq_len": parsed["model.max_seq_len"]} if "model.max_seq_len" in parsed else {}
   exp = config.derive(experiment_from_hf(path, **load_kw), parsed)
-  s = train.setup(exp)
+  t = runs.target(exp)
   model_cfg = exp.clip if exp.task == "clip" else exp.model
   dtype = exp.clip.vision.param_dtype if exp.task == "clip" else exp.model.param_dtype
-  params, _ = load_hf(path, mesh=s.mesh, param_dtype=dtype, **load_kw)
-  want = sharding.flatten(sharding.shapes(s.specs))
+  params, _ = load_hf(path, mesh=t.mesh, param_dtype=dtype, **load_kw)
+  want = sharding.flatten(sharding.shapes(t.specs))
   got = {p: x.shape for p, x in sharding.flatten(params).items()}
   changed = sorted(p for p in set(want) | set(got)
                    if p not in want or p not in got or want[p].shape != got[p])
   if changed:
     raise config.ConfigError(f"overrides {list(overrides)} change the model's params ({changed[:6]}): an "
                              "import keeps the checkpoint's architecture (upcycle it afterwards)")
-  state = train.params_only_state(s, params)  # the trainer creates the optimizer state (see checkpoint)
-  root = pathlib.Path(to)
-  checkpoint.write_new_run(root, 0, state, exp)
+  root = runs.write_params_run(to, t, params)  # params only: the trainer creates the optimizer state
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"imported {path} ({read_config(path).get('model_type')}, {n:,} params) into {root} "
         f"as step 0; config {model_cfg.__class__.__name__} in {root / 'config.json'}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from moejax import checkpoint, config, train
+from moejax import checkpoint, config, runs, train
 
 
 def merged(workdir: str | pathlib.Path, verb: str = "merge") -> tuple[train.Setup, Any, int]:
@@ -39,10 +39,7 @@ def merge_run(workdir: str | pathlib.Path, to: str | pathlib.Path) -> tuple[path
   cfg = checkpoint.read_config(workdir)
   if cfg.peft.method == "none":
     raise config.ConfigError(f"{workdir} is not a fine-tuning run (its peft.method is none): nothing to merge")
-  if to.resolve() == workdir.resolve():
-    raise config.ConfigError(f"--to {to} is the run itself; choose a new directory")
-  if (to / "checkpoints").is_dir() and any(p.name.isdigit() for p in (to / "checkpoints").iterdir()):
-    raise config.ConfigError(f"{to} already holds checkpoints; choose an empty --to")
+  runs.check_destination(to, source=workdir, source_is="the run itself")
   out, params, step = merged(workdir)
-  checkpoint.write_new_run(to, step, train.params_only_state(out, params, step), out.cfg)
+  runs.write_params_run(to, runs.target(out.cfg, out.mesh), params, step)
   return to, step

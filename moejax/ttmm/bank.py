@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moejax import checkpoint, config, metrics, paths
+from moejax import checkpoint, config, metrics, paths, runs
 from moejax.data import pycode, tokenizer
 from moejax.ttmm import cluster, embed, experts
 
@@ -78,9 +78,7 @@ def build(base: str | pathlib.Path, clusters: int, to: str | pathlib.Path, overr
   builds several banks computes them once)."""
   base = paths.in_dir(base, "--from")
   checkpoint.resolve_step_dir(base)  # "has no checkpoints" before anything else
-  to = paths.out_dir(to, "--to")
-  if to.resolve() == base.resolve():
-    raise config.ConfigError(f"--to {to} is the base run itself; choose a new directory")
+  to = runs.check_destination(paths.out_dir(to, "--to"), "bank", source=base, source_is="the base run itself")
   return build_config(bank_config(base, clusters, overrides), to, progress=progress, mesh=mesh,
                       embeddings=embeddings)
 
@@ -105,8 +103,7 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
     raise config.ConfigError("a TTMM bank needs its base run: set init.peft_from=RUN (a dense decoder's run dir)")
   base = paths.in_dir(cfg.init.peft_from, "init.peft_from")
   checkpoint.resolve_step_dir(base)
-  if to.resolve() == base.resolve():
-    raise config.ConfigError(f"{to} is the base run itself; choose a new directory")
+  runs.check_destination(to, "bank", source=base, source_is="the base run itself", what="")  # ttmm build or train
   if checkpoint.read_model_config(base, "a TTMM bank's base (init.peft_from)").task != "lm":
     raise config.ConfigError(f"{base} holds a non-LM model; TTMM needs a decoder LM (task=lm)")
   clusters = cfg.ttmm.clusters
@@ -115,13 +112,6 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
     raise config.ConfigError(f"--clusters {clusters} but the corpus ({cfg.ttmm.corpus}, train split"
                              f"{f', ttmm.max_docs={cfg.ttmm.max_docs}' if cfg.ttmm.max_docs else ''}) has "
                              f"{len(names)} documents: choose 1..{len(names)}")
-  if (to / "config.json").is_file():
-    held = checkpoint.read_config(to)
-    if held.ttmm.clusters == 0:  # an ordinary run (a training run, a fine-tune, an import): never resumed as a bank
-      kind = f"a {held.peft.method} fine-tune" if held.peft.method != "none" else f"an ordinary {held.task} run"
-      raise config.ConfigError(f"--to {to} is not a TTMM bank (it holds {kind}); choose an empty --to")
-    if not (to / "checkpoints").is_dir() and not (to / "clusters.npz").is_file():
-      raise config.ConfigError(f"{to} holds a config.json but is not a TTMM bank; choose an empty --to")
   checkpoint.preflight(to, cfg)  # an existing bank must have been built with this config (resume)
   lock.acquire()  # an existing `to`: before anything is read or written (a new one: once it is created, below)
   toks = [tokenizer.get(cfg.data.tokenizer).encode(t) for t in texts]

@@ -1,0 +1,191 @@
+"""Pruning as a library: `prune(source, PruneConfig(keep=4, task="lookup"), to)` shrinks a trained MoE run to K
+experts per MoE layer, chosen (and, for eep, merged) for one task's calibration split, and writes an ordinary run
+directory into `to`; `moejax prune` (prune/cli.py) is its command line, flag for flag.
+
+`plan` checks everything it can before a checkpoint is read (bad input is a `ConfigError` there, before anything
+is written), `describe` is the dry run, `run` does the work. Files in `to` besides the run (a params-only step,
+config.json with num_experts = K, top_k = k, and `router_map_from` = E when the result is a merge): `prune.json`
+(the summary `run` returns) and, for eep, `prune_archive.json` (the search's archive: a rerun with the same
+settings resumes it). Without `to` nothing is written and the summary is all that comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import warnings
+
+import jax
+
+from moejax import checkpoint, config, paths, runs, sharding
+from moejax.data import tasks
+from moejax.layers import moe
+from moejax.models import transformer
+from moejax.prune import baselines, candidates, fitness, search
+
+METHODS = ("eep", "random", "frequency", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """What to prune to and how; the defaults are `moejax prune`'s."""
+
+  keep: int  # experts kept per MoE layer
+  task: str  # the moejax_tasks task whose calibration split scores candidates
+  top_k: int | None = None  # experts per token after pruning; None: min(the run's top_k, keep)
+  method: str = "eep"  # eep | random | frequency | soft
+  budget: int = 400  # eep: evaluations of the search
+  prune_evals: int | None = None  # eep: evaluations of phase 1 (pruning); None: budget / 4
+  metric: str = "exact_match"  # the fitness: exact_match | loss
+  calibration: int = 250  # calibration examples of the task (250: all)
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise config.ConfigError(f"prune method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A checked prune: the source run and its config, the settings resolved, and where the result goes."""
+
+  src: pathlib.Path
+  cfg: config.ExperimentConfig
+  pc: PruneConfig
+  top_k: int
+  search: search.SearchConfig
+  to: pathlib.Path | None
+
+
+def plan(source: str | os.PathLike, pc: PruneConfig, to: str | os.PathLike | None = None) -> Plan:
+  """Everything checkable before reading a checkpoint: the source is a whole LM MoE run, the task exists, the
+  numbers fit it, and `to` (if given) is a place for a new run."""
+  src = paths.in_dir(source, "--from")
+  cfg = checkpoint.read_model_config(src, "prune --from")
+  if cfg.task != "lm":
+    raise config.ConfigError(f"prune needs a language model run; {src} has task={cfg.task!r}")
+  try:
+    tasks.check_names([pc.task])
+  except tasks.UnknownTask as e:
+    raise config.ConfigError(f"--task: {e}") from None
+  top_k = pc.top_k if pc.top_k is not None else min(cfg.model.moe.top_k, pc.keep)
+  candidates.check_prunable(cfg.model, pc.keep, top_k)
+  if pc.calibration <= 0:
+    raise config.ConfigError(f"--calibration {pc.calibration} must be > 0")
+  budget = pc.budget if pc.method == "eep" else 1
+  prune_evals = pc.prune_evals if pc.prune_evals is not None else max(1, budget // 4)
+  sc = search.SearchConfig(budget=pc.budget, prune_evals=min(prune_evals, pc.budget),
+                           init_pop=min(30, prune_evals), metric=pc.metric, seed=pc.seed)
+  if to is not None:
+    to = runs.check_destination(paths.out_dir(to, "--to"), source=src)
+  return Plan(src, cfg, pc, top_k, sc, to)
+
+
+def _calibration(p: Plan) -> tuple[list[tuple[str, str]], dict]:
+  pairs = fitness.split_pairs(p.pc.task, "calibration", p.pc.calibration)
+  return pairs, fitness.task_batch(p.cfg, pairs)
+
+
+def describe(p: Plan) -> str:
+  """The dry run: the plan, its sizes and the calibration data; reads no checkpoint, writes nothing."""
+  pc, sc, m = p.pc, p.search, p.cfg.model.moe
+  pairs, batch = _calibration(p)
+  L = len(candidates.moe_layers(p.cfg.model))
+  return (f"prune {p.src} ({p.cfg.name}): {L} MoE layers, {m.num_experts} -> {pc.keep} experts, top-{m.top_k} "
+          f"-> top-{p.top_k}; method {pc.method}"
+          + (f", budget {sc.budget} evaluations ({sc.prune_evals} pruning, {sc.budget - sc.prune_evals} merging), "
+             f"fitness {sc.metric}, seed {sc.seed}" if pc.method == "eep" else "")
+          + f"\ncalibration: task {pc.task!r}, {len(pairs)} examples x {batch['tokens'].shape[1] - 1} positions "
+          f"(held-out test split: {len(fitness.split_pairs(pc.task, 'test'))} examples)"
+          + (f"\nwould write {p.to}" if p.to else ""))
+
+
+def prune(source: str | os.PathLike, pc: PruneConfig, to: str | os.PathLike | None = None,
+          progress: bool = True) -> dict:
+  """`run(plan(source, pc, to), progress)`: the summary (prune.json's content)."""
+  return run(plan(source, pc, to), progress)
+
+
+def run(p: Plan, progress: bool = True) -> dict:
+  """Search (eep) or pick (a baseline) the experts to keep, write the pruned run into `p.to` (when given) and
+  return the summary; `progress`: a bar on stderr for the eep search."""
+  pairs, batch = _calibration(p)
+  with warnings.catch_warnings():
+    # top-1 renormalized is what a pruned Mixtral computes at k=1; the warning is about training, not this
+    warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))
+    return _run(p, pairs, batch, progress)
+
+
+def _run(p: Plan, pairs: list[tuple[str, str]], batch: dict, progress: bool) -> dict:
+  cfg, pc, sc, to = p.cfg, p.pc, p.search, p.to
+  m = cfg.model.moe
+  L = len(candidates.moe_layers(cfg.model))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                          transformer.specs(cfg.model), is_leaf=sharding.is_spec)
+  params, step = checkpoint.load_params(p.src, abstract)
+  ev = fitness.Evaluator(params, cfg, keep=pc.keep, top_k=p.top_k, batch=batch)
+  t0 = time.time()
+  # the claim is held from the search's first result file to the checkpoint
+  with runs.claim(to) if to is not None else contextlib.nullcontext():
+    archive = []
+    if pc.method == "eep":
+      bar = _bar(sc.budget) if progress else None
+
+      def report(n, total, best):
+        if bar is not None:
+          bar.n = n
+          bar.set_postfix(best=f"{best:.2f}")
+          bar.refresh()
+
+      archive = search.run(ev, L, pc.keep, m.num_experts, sc,
+                           archive_path=to / "prune_archive.json" if to is not None else None,
+                           meta={"from": str(p.src), "task": pc.task, "top_k": p.top_k, "calibration": len(pairs)},
+                           progress=report)
+      if bar is not None:
+        bar.close()
+      chosen = search.best(archive)
+    else:
+      cand = baselines.candidate(pc.method, params, cfg.model, batch, pc.keep, pc.seed)
+      chosen = {"cand": cand, **ev([cand])[0]}
+    mapped = candidates.is_mapped_output(cfg.model, chosen["cand"])
+    if to is not None:
+      out_params = candidates.apply(params, cfg.model, chosen["cand"], mapped=mapped)
+      out_cfg = config.derive(cfg, {"model.moe.num_experts": pc.keep, "model.moe.top_k": p.top_k,
+                                    "model.moe.router_map_from": m.num_experts if mapped else 0})
+      runs.save_params(to, runs.target(out_cfg), out_params, step)
+    summary = _summary(p, step, len(pairs), chosen, mapped, ev.plain(), archive, time.time() - t0)
+    if to is not None:
+      (to / "prune.json").write_text(json.dumps(summary, indent=1))
+  return summary
+
+
+def _bar(total: int):
+  from tqdm import tqdm
+
+  return tqdm(total=total, unit="eval", file=sys.stderr, dynamic_ncols=True)
+
+
+def _summary(p: Plan, step: int, n_pairs: int, chosen: dict, mapped: bool, unpruned: dict, archive: list[dict],
+             seconds: float) -> dict:
+  keep_LK = candidates.as_selection(chosen["cand"])
+  summary = {
+    "from": str(p.src), "step": step, "task": p.pc.task, "method": p.pc.method, "keep": p.pc.keep,
+    "top_k": p.top_k, "mapped": mapped, "calibration_examples": n_pairs, "metric": p.search.metric,
+    "calibration": {"exact_match": chosen["exact_match"], "ce_loss": chosen["ce_loss"]},
+    "unpruned_calibration": unpruned,
+    "kept_experts": None if keep_LK is None else keep_LK.tolist(),
+    "candidate": candidates.to_json(chosen["cand"]), "seconds": round(seconds, 1),
+  }
+  if archive:
+    best_sel = search.best(archive, selections_only=True)
+    summary.update(evaluations=len(archive), curve=search.curve(archive),
+                   best_pruning={"exact_match": best_sel["exact_match"], "ce_loss": best_sel["ce_loss"],
+                                 "kept_experts": candidates.as_selection(best_sel["cand"]).tolist()})
+  return summary
