@@ -5,8 +5,8 @@ layers' gathered path `moe.apply_gathered`).
 
 MoE layers run with dropless dispatch whatever the training config said: a decode step routes B tokens (often
 fewer than the experts), and capacity dispatch would drop tokens depending on what else is in the batch.
-Expert-choice routing cannot decode causally (an expert picks its tokens among the whole sequence, future
-tokens included), so such a model is rejected with a `ConfigError`.
+A router that is not causal (`moejax/routers.py`; expert choice: an expert picks its tokens among the whole
+sequence, future tokens included) cannot decode, so such a model is rejected with a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,21 +19,23 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from moejax import config, sharding
+from moejax import config, routers, sharding
 from moejax.layers import embed, moe
 from moejax.models import transformer
 
 
 def inference_config(cfg: config.ModelConfig) -> config.ModelConfig:
-  """The config the decoder runs with: MoE dispatch forced to dropless; expert-choice models rejected."""
+  """The config the decoder runs with: MoE dispatch forced to dropless; a router that is not causal (the router
+  table's `causal`: expert choice) rejected."""
   m = cfg.moe
   if not m.num_experts:
     return cfg
-  if m.router == "expert_choice":
+  r = routers.get(m.router)
+  if not r.causal:
     raise config.ConfigError(
-      "model.moe.router='expert_choice' cannot generate: each expert picks its top tokens among the whole "
-      "sequence, so a token's routing depends on tokens after it (a decoder must never see the future); "
-      "generate with a token_choice model (e.g. moe.router=token_choice, upcycled from the same dense run)")
+      f"model.moe.router={m.router!r} cannot generate: {r.not_causal}, so a token's routing depends on tokens "
+      f"after it (a decoder must never see the future); generate with a model of a causal router "
+      f"({routers.causal_names()}), e.g. upcycled from the same dense run")
   if m.dispatch != "dropless":
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(m, dispatch="dropless"))
   return cfg

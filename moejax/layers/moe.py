@@ -20,6 +20,7 @@ Both gathers have a custom VJP that is again a gather (the plain transpose of a 
 - `dropless` (MegaBlocks, Gale et al. 2023): rows sorted by expert, each group padded to the gmm backend's
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
+Which of these a router takes is its capacity semantics in the router table (`moejax/routers.py`).
 Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis.
 """
 
@@ -32,7 +33,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from moejax import config, sharding
+from moejax import config, routers, sharding
 from moejax.layers import dispatch, expert_parallel, gmm, mlp, ragged_ep, router
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,8 +167,10 @@ def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax
 
 
 def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GSD: jax.Array | None, tile: int,
-          all_slots: bool = False, causal: bool = False, valid_GS: jax.Array | None = None) -> tuple[dispatch.Layout, dict]:
-  """Router + layout for one shard of sequences. `noise_GSD`: router jitter multipliers (None: no jitter).
+          all_slots: bool = False, causal: bool = False,
+          valid_GS: jax.Array | None = None) -> tuple[dispatch.Layout, dict]:
+  """Router + layout for one shard of sequences: the router table's entry (`routers.get(moe.router)`) scores and
+  selects, its capacity semantics pick the layout. `noise_GSD`: router jitter multipliers (None: no jitter).
   `all_slots` (expert-parallel dropless) lays token-choice assignments into a fixed [E, G*S] buffer: room for
   every local token at every expert, so nothing drops. `causal`: capacity ranks token-major (a decoder).
   `valid_GS` (True = real token): padding takes no slot and stays out of the router statistics; an encoder
@@ -176,16 +179,17 @@ def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GS
   m = cfg.moe
   G, S, _ = x_GSD.shape
   E = m.num_experts
+  r = routers.get(m.router)
   logits_GSE = router.logits(p_router["w"], x_GSD, noise_GSD=noise_GSD)
-  probs_GSE = router.probs(p_router, logits_GSE)
+  probs_GSE = router.probs(p_router, logits_GSE, r.score)
   n_G = None if valid_GS is None or causal else jnp.sum(valid_GS.astype(jnp.float32), 1)
-  if m.router == "expert_choice":
+  if not r.token_picks:  # each expert picks its C tokens
     C = router.expert_capacity(m.capacity_factor, S, E)
     limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * n_G / E).astype(jnp.int32)
-    routing = router.expert_choice(probs_GSE, C, valid_GS)
+    routing = r.select(probs_GSE, m, p_router, C, valid_GS)
     layout = dispatch.expert_choice_layout(routing, S, limit_G, valid_GS)
   else:
-    routing = router.token_choice(probs_GSE, m.top_k, m.renormalize, p_router.get("bias"))
+    routing = r.select(probs_GSE, m, p_router, None, valid_GS)
     if all_slots:
       flat = router.TokenChoice(*(a.reshape(1, G * S, -1) for a in routing))
       valid = None if valid_GS is None else valid_GS.reshape(1, G * S)
@@ -193,8 +197,8 @@ def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GS
     else:
       C = router.expert_capacity(m.capacity_factor, S, E, m.top_k)
       limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * m.top_k * n_G / E).astype(jnp.int32)
-      layout = dispatch.token_choice_layout(routing, E, m.dispatch, C, tile, token_major=causal, limit_G=limit_G,
-                                   valid_GS=valid_GS)
+      layout = dispatch.token_choice_layout(routing, E, m.dispatch, C, tile, token_major=causal,
+                                            limit_G=limit_G, valid_GS=valid_GS)
   return layout, router.stats(logits_GSE, probs_GSE, routing, valid_GS)
 
 
@@ -218,7 +222,8 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
   ragged = ep is not None and cfg.moe.ep_exchange == "ragged"  # layers/ragged_ep.py
-  all_slots = ep is not None and not ragged and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
+  all_slots = (ep is not None and not ragged and cfg.moe.dispatch == "dropless"
+               and routers.get(cfg.moe.router).token_picks)
   if ragged and gmm.tile_for(backend) != 1:
     backend = "ragged_dot"  # the receiver's groups are not tile-padded
   layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots,
@@ -271,20 +276,22 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
           train: bool = False, causal: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`.
 
-  `causal` (a decoder): a token's output must not depend on later tokens, so capacity ranks token-major and
-  expert-choice routing is refused. `mask_BT` (True = real token): padding is not routed (its routed output is
-  zero), takes no capacity and stays out of every router statistic (loads, aux losses, bias balancing)."""
+  `causal` (a decoder): a token's output must not depend on later tokens, so capacity ranks token-major and a
+  router that is not causal (`routers.Router.causal`: expert choice) is refused. `mask_BT` (True = real token):
+  padding is not routed (its routed output is zero), takes no capacity and stays out of every router statistic
+  (loads, aux losses, bias balancing)."""
   m = cfg.moe
-  if causal and m.router == "expert_choice":
-    raise config.ConfigError("moe.router='expert_choice' is not causal (each expert picks its tokens from the "
-                             "whole sequence, later ones included); a decoder needs moe.router='token_choice'")
+  r = routers.get(m.router)
+  if causal and not r.causal:
+    raise config.ConfigError(f"moe.router={m.router!r} is not causal ({r.not_causal}); a decoder needs a causal "
+                             f"router: {routers.causal_names()}")
   if x_BTD.ndim != 3 or x_BTD.shape[-1] != cfg.d_model:
     raise ValueError(f"moe.apply: x must be [B, T, d_model={cfg.d_model}], got {x_BTD.shape}")
   E = p["experts"]["w_up"].shape[0]
   if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, m.router_map_from or E):
     raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
-  if m.router == "token_choice" and m.top_k == 1 and m.renormalize:
+  if r.token_picks and m.top_k == 1 and m.renormalize:
     warnings.warn(TOP1_RENORMALIZE_WARNING, stacklevel=2)
   # Under Explicit mesh axes the layer runs with them Auto; y comes back sharded as x is, the aux replicated.
   out_specs = (jax.typeof(x_BTD).sharding.spec, jax.sharding.PartitionSpec())
@@ -327,11 +334,12 @@ def add_shared(p: dict, x_BTD: jax.Array, y_BTD: jax.Array, activation: str) -> 
 
 
 def gathers(x_BTD: jax.Array, cfg: config.ModelConfig) -> bool:
-  """Whether a decode step takes `apply_gathered`: fewer routed rows than experts and no expert-parallel mesh."""
+  """Whether a decode step takes `apply_gathered`: a token-picking router, fewer routed rows than experts and no
+  expert-parallel mesh."""
   B, T, _ = x_BTD.shape
   mesh = sharding.active_mesh()
   ep = mesh is not None and any(mesh.shape[a] > 1 for a in ("expert",))
-  return not ep and B * T * cfg.moe.top_k < cfg.moe.num_experts
+  return not ep and routers.get(cfg.moe.router).token_picks and B * T * cfg.moe.top_k < cfg.moe.num_experts
 
 
 def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
@@ -343,8 +351,7 @@ def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Ar
   B, T, D = x_BTD.shape
   dt = x_BTD.dtype
   x_ND = x_BTD.reshape(B * T, D)
-  logits_1NE = router.logits(p["router"]["w"], x_ND[None])
-  tc = router.token_choice(router.probs(p["router"], logits_1NE), m.top_k, m.renormalize, p["router"].get("bias"))
+  _, tc = router.choose_experts(p["router"], x_ND[None], m)
   e_NK, w_NK = tc.expert_GSK[0], tc.weight_GSK[0]
   ex = p["experts"]
 

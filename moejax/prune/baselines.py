@@ -35,9 +35,7 @@ def router_stats(params: dict, cfg: config.ModelConfig, batch: dict) -> dict[str
       p = params["layers"][str(i)]
       x, aux = transformer.block_apply(p, x, cfg, causal=True, rng=None, train=False, tap=True)
       if "moe" in p:
-        h = aux["mlp_in"]
-        probs_BTE = router.probs(p["moe"]["router"], router.logits(p["moe"]["router"]["w"], h))
-        tc = router.token_choice(probs_BTE, cfg.moe.top_k, cfg.moe.renormalize, p["moe"]["router"].get("bias"))
+        probs_BTE, tc = router.choose_experts(p["moe"]["router"], aux["mlp_in"], cfg.moe)
         onehot = jax.nn.one_hot(tc.expert_GSK, probs_BTE.shape[-1]).sum(2)
         freq.append(jnp.einsum("BTE,BT->E", onehot, valid_BT))
         soft.append(jnp.einsum("BTE,BT->E", probs_BTE, valid_BT))
