@@ -19,6 +19,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from moejax import routers
+
 
 class ConfigError(ValueError):
   """Bad config or override: the message names the key and, where it can, the closest valid one."""
@@ -64,7 +66,7 @@ class MoEConfig:
   offset: int = 1
   layers: tuple[int, ...] = ()
   d_ff: int = 0  # per-expert hidden width; 0 -> the model's d_ff (what upcycling needs)
-  router: str = "token_choice"  # token_choice | expert_choice
+  router: str = "token_choice"  # a name in the router table (moejax/routers.py): token_choice | expert_choice
   renormalize: bool = True  # Mixtral renormalizes the top-k weights; Switch / vmoe do not
   dispatch: str = "dropless"  # dropless | capacity
   capacity_factor: float = 1.25  # capacity dispatch and expert-choice routing
@@ -92,8 +94,10 @@ class MoEConfig:
     if self.num_experts:
       _check(1 <= self.top_k <= self.num_experts,
              f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
-    _check(self.router in ("token_choice", "expert_choice"),
-           f"moe.router={self.router!r} unknown; choose 'token_choice' or 'expert_choice'")
+    if self.router not in routers.TABLE:
+      close = difflib.get_close_matches(self.router, routers.names(), n=1)
+      raise ConfigError(f"moe.router={self.router!r} unknown{f'; did you mean {close[0]!r}?' if close else ''} "
+                        f"(routers: {', '.join(routers.names())}; they register in moejax/routers.py)")
     _check(self.dispatch in ("dropless", "capacity"),
            f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
     _check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense", "megablox"),
@@ -101,14 +105,15 @@ class MoEConfig:
     _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
     _check(self.ep_exchange in ("fixed", "ragged"), f"moe.ep_exchange={self.ep_exchange!r}: choose fixed or ragged")
     _check(self.ep_buffer_factor >= 0, f"moe.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = never drop)")
-    _check(self.ep_exchange != "ragged" or (self.dispatch == "dropless" and self.router == "token_choice"),
-           f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and moe.router='token_choice' (got "
+    token_picks = routers.get(self.router).token_picks
+    _check(self.ep_exchange != "ragged" or (self.dispatch == "dropless" and token_picks),
+           f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and a token-choice router (got "
            f"{self.dispatch!r}, {self.router!r}); capacity and expert-choice layouts are fixed-size already")
     _check(self.every >= 1 and 0 <= self.offset < self.every,
            f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
     _check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,
            "moe.d_ff, moe.jitter and moe.num_shared_experts must be >= 0")
-    _check(self.router_map_from == 0 or (self.num_experts and self.router == "token_choice"),
+    _check(self.router_map_from == 0 or (self.num_experts and token_picks),
            f"moe.router_map_from={self.router_map_from} needs a token-choice MoE (num_experts > 0)")
 
   def is_moe_layer(self, i: int) -> bool:
@@ -499,11 +504,12 @@ class ExperimentConfig:
 
   def __post_init__(self):
     _check(self.task in ("lm", "clip"), f"task={self.task!r} unknown; choose 'lm' or 'clip'")
-    # A decoder must not see the future; expert choice picks each expert's tokens from the whole sequence.
-    _check(self.task != "lm" or not self.model.moe.num_experts or self.model.moe.router == "token_choice",
-           f"model.moe.router={self.model.moe.router!r} is not causal: each expert picks its tokens from the whole "
-           f"sequence, so a decoder's earlier outputs would depend on later tokens; a causal LM (task='lm') needs "
-           f"model.moe.router='token_choice' (expert choice is for encoders, e.g. clip.vision.moe.router)")
+    # A decoder must not see the future: its router must be causal (the router table says which are).
+    r = routers.get(self.model.moe.router)
+    _check(self.task != "lm" or not self.model.moe.num_experts or r.causal,
+           f"model.moe.router={r.name!r} is not causal: {r.not_causal}, so a decoder's earlier outputs would "
+           f"depend on later tokens; a causal LM (task='lm') needs a causal router: {routers.causal_names()} (the "
+           f"others are for encoders, e.g. clip.vision.moe.router)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,6 +19,24 @@ def tree(root: pathlib.Path) -> dict[str, str]:
           for p in sorted(root.rglob("*"))}
 
 
+def recompute_greedy(params, prompt, cfg, n: int, width: int = 32) -> np.ndarray:
+  """Greedy decoding the slow way, the reference for the KV-cache decoder: the whole prefix through
+  `transformer.forward` for every token (padded to `width` after the prefix, which a causal model never sees: one
+  compile)."""
+  import jax
+  import jax.numpy as jnp
+
+  from moejax.models import transformer
+
+  fwd = jax.jit(lambda p, t, i: jnp.argmax(transformer.forward(p, t, cfg)[0][0, i]))
+  toks = list(prompt)
+  for _ in range(n):
+    buf = np.zeros((1, width), np.int32)
+    buf[0, :len(toks)] = toks
+    toks.append(int(fwd(params, buf, len(toks) - 1)))
+  return np.asarray(toks[len(prompt):])
+
+
 def numpy_params(cfg, seed: int = 0) -> dict:
   """A decoder's params drawn with numpy (cheaper than eager jax.random per param on 2 cores), O(1) activations;
   router weights give O(1) logits, so routing differs between tokens and a wrong expert column shows up."""

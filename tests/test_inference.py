@@ -72,18 +72,6 @@ def test_cached_decode_equals_full_recompute(name):
                                err_msg=f"{name}: decode step {j}")
 
 
-def _recompute_greedy(params, prompt, cfg, n, width=32):
-  """Greedy decoding the slow way: the whole prefix through the model for every token (padded to `width`
-  after the prefix, which a causal model never sees: one compile)."""
-  fwd = jax.jit(lambda p, t, i: jnp.argmax(transformer.forward(p, t, cfg)[0][0, i]))
-  toks = list(prompt)
-  for _ in range(n):
-    buf = np.zeros((1, width), np.int32)
-    buf[0, :len(toks)] = toks
-    toks.append(int(fwd(params, buf, len(toks) - 1)))
-  return np.asarray(toks[len(prompt):])
-
-
 def test_engine_greedy_equals_recompute_and_compiles_once():
   cfg = CONFIGS["moe_shared"]
   params = _params(cfg)
@@ -91,7 +79,7 @@ def test_engine_greedy_equals_recompute_and_compiles_once():
   eng = engine.Engine(params, cfg)
   out = eng.generate(prompts, max_new_tokens=12)
   for p, o in zip(prompts, out):
-    np.testing.assert_array_equal(o, _recompute_greedy(params, p, decoder.inference_config(cfg), 12))
+    np.testing.assert_array_equal(o, run_helpers.recompute_greedy(params, p, decoder.inference_config(cfg), 12))
   assert eng.traces["prefill"] <= 1 and eng.traces["decode"] <= 1  # (0 if another test compiled this bucket)
   traced = dict(eng.traces)
   # Another budget, sampling knobs, seed, streaming chunk, EOS id, and other params of the same model, in the

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax import cli, config, sharding
+from moejax import cli, config, routers, sharding
 from moejax.bench import moe_peer
 from moejax.layers import gmm, mlp, moe, router
 
@@ -42,7 +42,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   ap.add_argument("--configs", nargs="+", default=None, help=f"from {list(CPU_CONFIGS) + list(GPU_CONFIGS)}")
   ap.add_argument("--variants", nargs="+", default=["dropless/auto"],
                   help="dispatch/backend pairs: dropless|capacity / auto|sorted|ragged_dot|dense")
-  ap.add_argument("--router", default="token_choice", choices=["token_choice", "expert_choice"])
+  ap.add_argument("--router", default="token_choice", choices=routers.names(), help="a name in moejax/routers.py")
   ap.add_argument("--capacity-factor", type=float, default=1.25)
   ap.add_argument("--gpu", action="store_true", help="the scaled bf16 set (G, G-fg) instead of S, M, M-fg")
   ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 (CPU), bf16 (--gpu)")
@@ -112,7 +112,7 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
     bwd[v] = lambda b=b, p=p: b(p, x)
     peer_cfg = peer_cfg or (cfg, p)
   peers = _peers(args)
-  if peers and peer_cfg and args.router == "token_choice" and dt == jnp.float32:
+  if peers and peer_cfg and routers.get(args.router).hf and dt == jnp.float32:  # transformers computes HF's router
     pf, pb, skipped = moe_peer.peer_fns(peers, peer_cfg[1], peer_cfg[0], x, g)
     fwd.update(pf)
     bwd.update(pb)

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from flax.core import meta
 
-from moejax import config, sharding
+from moejax import config, routers, sharding
 from moejax.flax import common, modules
 from moejax.layers import moe as moe_layer
 from moejax.upcycle import core
@@ -149,8 +149,8 @@ def dense_params(flat: Mapping[str, Any], layout: MLPLayout, where: str) -> tupl
 
 def _exact(m: config.MoEConfig, init: config.UpcycleConfig) -> bool:
   """Whether this MoE config keeps the dense function at step 0 (so the check applies)."""
-  return (m.router == "token_choice" and m.renormalize and m.dispatch == "dropless" and init.expert_noise_std == 0
-          and init.drop_ratio == 0)
+  return (routers.get(m.router).token_picks and m.renormalize and m.dispatch == "dropless"
+          and init.expert_noise_std == 0 and init.drop_ratio == 0)
 
 
 def _mesh_of(x: Any) -> Any:

@@ -8,13 +8,13 @@ Sharded over `batch` (the data-parallel axes) and over the kv-head axis where `t
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from moejax import config, sharding
+from moejax.layers import attention
 
-AXES = ("batch", None, "act_heads", None)  # [B, S, G, K]
+AXES = attention.CACHE_AXES  # [B, S, G, K]
 
 
 def shape(cfg: config.ModelConfig, batch: int, max_len: int) -> tuple[int, int, int, int]:
@@ -37,9 +37,3 @@ def nbytes(cfg: config.ModelConfig, batch: int, max_len: int, dtype) -> int:
   B, S, G, K = shape(cfg, batch, max_len)
   return 2 * cfg.num_layers * B * S * G * K * jnp.dtype(dtype).itemsize
 
-
-def write(buf_BSGK: jax.Array, new_BTGK: jax.Array, positions_BT: jax.Array) -> jax.Array:
-  """Scatter each sequence's new rows into its own slots (a per-row position, so ragged batches work)."""
-  B = buf_BSGK.shape[0]
-  rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
-  return buf_BSGK.at[rows_B1, positions_BT].set(new_BTGK.astype(buf_BSGK.dtype), mode="drop")

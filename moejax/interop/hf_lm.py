@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from moejax import config
+from moejax import config, routers
 
 DENSE_ARCHS = ("llama", "mistral", "qwen2")
 MOE_ARCHS = ("mixtral", "qwen2_moe")
@@ -187,8 +187,8 @@ def export_arch(cfg: config.ModelConfig, arch: str = "auto") -> str:
   if cfg.bias:
     problems.append("model.bias=True")
   m = cfg.moe
-  if m.num_experts and m.router != "token_choice":
-    problems.append(f"moe.router={m.router!r} (HF MoE decoders route token-choice)")
+  if m.num_experts and not routers.get(m.router).hf:  # the router table says what HF can hold
+    problems.append(f"moe.router={m.router!r} ({routers.get(m.router).no_hf})")
   if m.router_map_from:
     problems.append(f"moe.router_map_from={m.router_map_from}: a merged (EEP) model maps its router's "
                     f"{m.router_map_from} expert probabilities onto {m.num_experts} experts (router/map), which HF "

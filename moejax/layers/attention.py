@@ -109,6 +109,43 @@ def apply(p: dict, x_BTD: jax.Array, *, causal: bool, rope_theta: float | None =
   return output(p, o_BTHK)
 
 
+CACHE_AXES = ("batch", None, "act_heads", None)  # a layer's KV cache, k and v: [B, S, G, K]
+
+
+def cache_write(buf_BSGK: jax.Array, new_BTGK: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  """Scatter each sequence's new rows into its own slots (a per-row position, so ragged batches work)."""
+  B = buf_BSGK.shape[0]
+  rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+  return buf_BSGK.at[rows_B1, positions_BT].set(new_BTGK.astype(buf_BSGK.dtype), mode="drop")
+
+
+def apply_cached(p: dict, x_BTD: jax.Array, cache: dict, positions_BT: jax.Array, *, prefill: bool,
+                 rope_theta: float | None, rope_scaling: config.RopeScalingConfig | None,
+                 impl: str = "auto") -> tuple[jax.Array, dict]:
+  """Causal self-attention over a KV cache (`moejax/inference`): -> (output [B, T, D], the layer's updated cache
+  {"k", "v"} [B, S, G, K]). Slot s of sequence b holds its token at position s. `prefill`: a right-padded prompt
+  attends to itself (causal: a real token never sees a pad) and fills slots 0..T-1; otherwise the new tokens go to
+  slots `positions_BT` and attend to slots 0..position of their own sequence."""
+  q_BTHK, k_BTGK, v_BTGK = project(p, x_BTD, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                                   positions_BT=positions_BT)
+  q_BTHK = sharding.constrain(q_BTHK, ("batch", "seq", "act_heads", None))
+  if prefill:
+    o_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, causal=True, impl=impl)
+    k_all = jax.lax.dynamic_update_slice(cache["k"], k_BTGK.astype(cache["k"].dtype), (0, 0, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache["v"], v_BTGK.astype(cache["v"].dtype), (0, 0, 0, 0))
+  else:
+    k_all = cache_write(cache["k"], k_BTGK, positions_BT)
+    v_all = cache_write(cache["v"], v_BTGK, positions_BT)
+    S = k_all.shape[1]
+    # Query at position t sees slots 0..t of its own sequence; later slots are stale or empty.
+    mask_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions_BT[:, :, None]
+    o_BTHK = attend(q_BTHK, k_all.astype(q_BTHK.dtype), v_all.astype(q_BTHK.dtype), causal=False,
+                    mask_B1TS=mask_BTS[:, None], impl=impl)
+  k_all = sharding.constrain(k_all, CACHE_AXES)
+  v_all = sharding.constrain(v_all, CACHE_AXES)
+  return output(p, o_BTHK), {"k": k_all, "v": v_all}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The attention kernel, selectable (`model.attention_impl`)
 # ----------------------------------------------------------------------------------------------------------

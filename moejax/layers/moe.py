@@ -9,9 +9,9 @@ Param paths (stable; upcycling and checkpoint import rely on them; E experts, F 
   shared/{w_gate,w_up,w_down,...}   a dense MLP of width Fs (moe.num_shared_experts > 0)
   shared_gate/w [D, 1]              Qwen-MoE's sigmoid gate on the shared output (moe.shared_gate)
 
-Dispatch. Every routed (token, slot) assignment gets a row in an expert buffer `[M, D]`, and the layer is two
-row gathers around the expert MLP: `x_M = x[row_token]`, `y_token = sum_k w_k * y_M[pos_k]`. Both gathers have
-a custom VJP that is again a gather (the plain transpose of a gather is a scatter-add, slow on CPU).
+Dispatch (`layers/dispatch.py`). Every routed (token, slot) assignment gets a row in an expert buffer `[M, D]`,
+and the layer is two row gathers around the expert MLP: `x_M = x[row_token]`, `y_token = sum_k w_k * y_M[pos_k]`.
+Both gathers have a custom VJP that is again a gather (the plain transpose of a gather is a scatter-add, slow on CPU).
 - `capacity` (GShard/Switch): C = ceil(capacity_factor * k * S / E) slots per expert per sequence. A decoder
   (`causal`) ranks token-major, so a token's slot depends only on earlier tokens; an encoder places all top-1
   choices before top-2 ones, so overflow drops the lower-priority choices first. The buffer is `[E, G*C, D]`
@@ -20,6 +20,7 @@ a custom VJP that is again a gather (the plain transpose of a gather is a scatte
 - `dropless` (MegaBlocks, Gale et al. 2023): rows sorted by expert, each group padded to the gmm backend's
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
+Which of these a router takes is its capacity semantics in the router table (`moejax/routers.py`).
 Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis.
 """
 
@@ -28,13 +29,12 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from moejax import config, sharding
-from moejax.layers import expert_parallel, gmm, mlp, ragged_ep, router
+from moejax import config, routers, sharding
+from moejax.layers import dispatch, expert_parallel, gmm, mlp, ragged_ep, router
 
 # ----------------------------------------------------------------------------------------------------------
 # Params
@@ -129,162 +129,6 @@ def balance_router_biases(params: dict, moe_aux: dict, exp: config.ExperimentCon
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Row gathers with gather-only VJPs
-# ----------------------------------------------------------------------------------------------------------
-
-
-@jax.custom_vjp
-def take_rows(x_ND: jax.Array, idx_M: jax.Array, inv_NJ: jax.Array) -> jax.Array:
-  """out[m] = x[idx[m]] (zero where idx[m] >= N). `inv_NJ[n]` lists the rows that read x[n] (>= M: none),
-  which makes the VJP a gather-and-sum instead of a scatter-add."""
-  return jnp.take(x_ND, idx_M, axis=0, mode="fill", fill_value=0)
-
-
-def _take_rows_fwd(x_ND, idx_M, inv_NJ):
-  return take_rows(x_ND, idx_M, inv_NJ), (idx_M, inv_NJ)
-
-
-def _take_rows_bwd(res, g_MD):
-  _, inv_NJ = res
-  # One [N, D] gather per slot, summed: XLA fuses these into one pass (a [N, J, D] gather then sum does not).
-  dx_ND = sum(jnp.take(g_MD, inv_NJ[:, j], axis=0, mode="fill", fill_value=0) for j in range(inv_NJ.shape[1]))
-  return dx_ND, None, None
-
-
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
-
-
-@jax.custom_vjp
-def combine(y_MD: jax.Array, w_NK: jax.Array, pos_NK: jax.Array, row_src_M: jax.Array) -> jax.Array:
-  """y[n] = sum_k w[n, k] * y_M[pos[n, k]] (rows pos >= M read as zero), in one fused gather pass; the VJP
-  gathers the output gradient back to the rows through `row_src_M` (no scatter)."""
-  return sum(jnp.take(y_MD, pos_NK[:, k], axis=0, mode="fill", fill_value=0) * w_NK[:, k, None]
-             for k in range(pos_NK.shape[1]))
-
-
-def _combine_fwd(y_MD, w_NK, pos_NK, row_src_M):
-  return combine(y_MD, w_NK, pos_NK, row_src_M), (y_MD, w_NK, pos_NK, row_src_M)
-
-
-def _combine_bwd(res, g_ND):
-  y_MD, w_NK, pos_NK, row_src_M = res
-  N, K = w_NK.shape
-  row_w_M = jnp.take(w_NK.reshape(-1), row_src_M, mode="fill", fill_value=0)
-  row_token_M = jnp.where(row_src_M < N * K, row_src_M // K, N)
-  g_MD = jnp.take(g_ND, row_token_M, axis=0, mode="fill", fill_value=0)
-  # dw[n, k] = <g[n], y[pos[n, k]]>, computed row by row in buffer order (one sequential pass over y beside the
-  # gathered g that dy needs anyway) and then gathered as scalars: no K gathers of [N, D] rows of y.
-  dw_M = jnp.sum(g_MD * y_MD, -1)
-  dw_NK = jnp.take(dw_M, pos_NK, mode="fill", fill_value=0)
-  return g_MD * row_w_M[:, None], dw_NK, None, None
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Layouts: where each (token, slot) assignment lives in the expert buffer
-# ----------------------------------------------------------------------------------------------------------
-
-
-class Layout(NamedTuple):
-  pos_NK: jax.Array  # int32 [N, K]: buffer row of each assignment; M where dropped / not chosen
-  weight_NK: jax.Array  # float32 [N, K]: combine weights
-  row_src_M: jax.Array  # int32 [M]: the assignment n*K + k in each row; N*K for empty rows
-  group_sizes_E: jax.Array | None  # int32 [E] padded group sizes (sorted rows), or None: a fixed [E, M/E] buffer
-  dropped: jax.Array  # float32 scalar: assignments (tokens, for expert choice) dropped, padding not counted
-  routed: jax.Array  # float32 scalar: assignments (tokens, for expert choice) routed, padding not counted
-
-
-def _ranks(e_GA: jax.Array, E: int) -> jax.Array:
-  """Rank of each assignment among the earlier ones of its group that chose the same expert."""
-  onehot_GAE = jax.nn.one_hot(e_GA, E, dtype=jnp.int32)  # e == E (no expert) -> zero row
-  return jnp.sum((jnp.cumsum(onehot_GAE, 1) - 1) * onehot_GAE, -1)
-
-
-def _row_sources(pos_A: jax.Array, M: int) -> jax.Array:
-  A = pos_A.shape[0]
-  return jnp.full((M,), A, jnp.int32).at[pos_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
-
-
-def sorted_layout(e_A: jax.Array, E: int, tile: int) -> tuple[jax.Array, jax.Array, int]:
-  """Dropless: rows sorted by expert, each group padded to a multiple of `tile`. e_A == E marks no assignment.
-  Returns (pos_A, padded group sizes, M)."""
-  A = e_A.shape[0]
-  rank_A = _ranks(e_A[None], E)[0]
-  sizes_E = jnp.sum(jax.nn.one_hot(e_A, E, dtype=jnp.int32), 0)
-  padded_E = (sizes_E + tile - 1) // tile * tile
-  M = -(-(A + E * (tile - 1)) // tile) * tile  # sum_e ceil(n_e / tile) * tile <= A + E (tile - 1)
-  starts_E = jnp.concatenate([gmm.group_starts(padded_E), jnp.full((1,), M, padded_E.dtype)])
-  pos_A = jnp.where(e_A < E, starts_E[e_A] + rank_A, M).astype(jnp.int32)
-  return pos_A, padded_E.astype(jnp.int32), M
-
-
-def capacity_layout(e_GA: jax.Array, E: int, C: int, limit_G: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Fixed buffer [E, G, C]: assignment a of group g goes to row e*G*C + g*C + rank, or is dropped (row M)
-  when C (or `limit_G[g]` <= C) earlier assignments of the group chose e; e == E is no assignment (padding).
-  Returns (pos_GA, kept_GA)."""
-  G = e_GA.shape[0]
-  rank_GA = _ranks(e_GA, E)
-  kept_GA = (rank_GA < (C if limit_G is None else jnp.minimum(limit_G, C)[:, None])) & (e_GA < E)
-  g_G1 = jnp.arange(G, dtype=jnp.int32)[:, None]
-  pos_GA = jnp.where(kept_GA, e_GA * (G * C) + g_G1 * C + rank_GA, E * G * C).astype(jnp.int32)
-  return pos_GA, kept_GA
-
-
-def token_choice_layout(tc: router.TokenChoice, E: int, dispatch: str, capacity: int, tile: int, *,
-                        token_major: bool = False, limit_G: jax.Array | None = None,
-                        valid_GS: jax.Array | None = None) -> Layout:
-  """Rows for token-choice assignments. Padding (`valid_GS` False) is not dispatched at all. Capacity ranks the
-  assignments of a sequence either token-major (`token_major`: token 0's choices, then token 1's, ...: a
-  token's slot depends only on earlier tokens, as a decoder needs) or slot-major (all top-1 choices, then all
-  top-2, ...: top-1 priority, GShard/Switch, for encoders). `limit_G`: per-sequence slots in use (<= capacity)."""
-  G, S, K = tc.expert_GSK.shape
-  expert_GSK = tc.expert_GSK if valid_GS is None else jnp.where(valid_GS[..., None], tc.expert_GSK, E)
-  routed = jnp.sum((expert_GSK < E).astype(jnp.float32))
-  if dispatch == "dropless":
-    pos_A, sizes_E, M = sorted_layout(expert_GSK.reshape(-1), E, tile)
-    pos_NK, dropped = pos_A.reshape(G * S, K), jnp.zeros((), jnp.float32)
-  elif token_major:
-    pos_GA, kept_GA = capacity_layout(expert_GSK.reshape(G, S * K), E, capacity, limit_G)
-    pos_NK = pos_GA.reshape(G * S, K)
-    sizes_E, M = None, E * G * capacity
-    dropped = routed - jnp.sum(kept_GA.astype(jnp.float32))
-  else:
-    e_GA = jnp.swapaxes(expert_GSK, 1, 2).reshape(G, K * S)
-    pos_GA, kept_GA = capacity_layout(e_GA, E, capacity, limit_G)
-    pos_NK = jnp.swapaxes(pos_GA.reshape(G, K, S), 1, 2).reshape(G * S, K)
-    sizes_E, M = None, E * G * capacity
-    dropped = routed - jnp.sum(kept_GA.astype(jnp.float32))
-  return Layout(pos_NK, tc.weight_GSK.reshape(G * S, K), _row_sources(pos_NK.reshape(-1), M), sizes_E, dropped,
-                routed)
-
-
-def expert_choice_layout(ec: router.ExpertChoice, S: int, limit_G: jax.Array | None = None,
-                         valid_GS: jax.Array | None = None) -> Layout:
-  """Buffer [E, G, C]; token n's slots are the E experts (pos M where e did not pick n). Picks past
-  `limit_G[g]` or of padding are left out (their rows stay empty)."""
-  G, E, C = ec.token_GEC.shape
-  N, M = G * S, E * G * C
-  keep_GEC = jnp.ones(ec.token_GEC.shape, bool)
-  if limit_G is not None:
-    keep_GEC &= jnp.arange(C)[None, None, :] < limit_G[:, None, None]
-  if valid_GS is not None:
-    keep_GEC &= jnp.take_along_axis(valid_GS, ec.token_GEC.reshape(G, E * C), 1).reshape(G, E, C)
-  n_EGC = jnp.swapaxes(jnp.where(keep_GEC, ec.token_GEC + (jnp.arange(G, dtype=jnp.int32) * S)[:, None, None], N),
-                       0, 1)
-  e_EGC = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[:, None, None], n_EGC.shape)
-  rows_EGC = jnp.arange(M, dtype=jnp.int32).reshape(E, G, C)
-  pos_NE = jnp.full((N, E), M, jnp.int32).at[n_EGC, e_EGC].set(rows_EGC, mode="drop")
-  weight_NE = jnp.zeros((N, E), ec.weight_GEC.dtype).at[n_EGC, e_EGC].set(jnp.swapaxes(ec.weight_GEC, 0, 1),
-                                                                           mode="drop")
-  v_N = jnp.ones((N,), bool) if valid_GS is None else valid_GS.reshape(N)
-  dropped = jnp.sum((jnp.all(pos_NE == M, -1) & v_N).astype(jnp.float32))  # real tokens no expert picked
-  row_src_M = jnp.where(n_EGC < N, n_EGC * E + e_EGC, N * E).reshape(-1)
-  return Layout(pos_NE, weight_NE, row_src_M, None, dropped, jnp.sum(v_N.astype(jnp.float32)))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Experts
 # ----------------------------------------------------------------------------------------------------------
 
@@ -323,8 +167,10 @@ def experts_apply(ex: dict, x_MD: jax.Array, activation: str, group_sizes_E: jax
 
 
 def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GSD: jax.Array | None, tile: int,
-          all_slots: bool = False, causal: bool = False, valid_GS: jax.Array | None = None) -> tuple[Layout, dict]:
-  """Router + layout for one shard of sequences. `noise_GSD`: router jitter multipliers (None: no jitter).
+          all_slots: bool = False, causal: bool = False,
+          valid_GS: jax.Array | None = None) -> tuple[dispatch.Layout, dict]:
+  """Router + layout for one shard of sequences: the router table's entry (`routers.get(moe.router)`) scores and
+  selects, its capacity semantics pick the layout. `noise_GSD`: router jitter multipliers (None: no jitter).
   `all_slots` (expert-parallel dropless) lays token-choice assignments into a fixed [E, G*S] buffer: room for
   every local token at every expert, so nothing drops. `causal`: capacity ranks token-major (a decoder).
   `valid_GS` (True = real token): padding takes no slot and stays out of the router statistics; an encoder
@@ -333,36 +179,28 @@ def route(p_router: dict, x_GSD: jax.Array, cfg: config.ModelConfig, *, noise_GS
   m = cfg.moe
   G, S, _ = x_GSD.shape
   E = m.num_experts
+  r = routers.get(m.router)
   logits_GSE = router.logits(p_router["w"], x_GSD, noise_GSD=noise_GSD)
-  probs_GSE = router.probs(p_router, logits_GSE)
+  probs_GSE = router.probs(p_router, logits_GSE, r.score)
   n_G = None if valid_GS is None or causal else jnp.sum(valid_GS.astype(jnp.float32), 1)
-  if m.router == "expert_choice":
+  if not r.token_picks:  # each expert picks its C tokens
     C = router.expert_capacity(m.capacity_factor, S, E)
     limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * n_G / E).astype(jnp.int32)
-    routing = router.expert_choice(probs_GSE, C, valid_GS)
-    layout = expert_choice_layout(routing, S, limit_G, valid_GS)
+    routing = r.select(probs_GSE, m, p_router, C, valid_GS)
+    layout = dispatch.expert_choice_layout(routing, S, limit_G, valid_GS)
   else:
-    routing = router.token_choice(probs_GSE, m.top_k, m.renormalize, p_router.get("bias"))
+    routing = r.select(probs_GSE, m, p_router, None, valid_GS)
     if all_slots:
       flat = router.TokenChoice(*(a.reshape(1, G * S, -1) for a in routing))
       valid = None if valid_GS is None else valid_GS.reshape(1, G * S)
-      layout = token_choice_layout(flat, E, "capacity", G * S, tile, valid_GS=valid)
+      layout = dispatch.token_choice_layout(flat, E, "capacity", G * S, tile, valid_GS=valid)
     else:
       C = router.expert_capacity(m.capacity_factor, S, E, m.top_k)
       limit_G = None if n_G is None else jnp.ceil(m.capacity_factor * m.top_k * n_G / E).astype(jnp.int32)
-      layout = token_choice_layout(routing, E, m.dispatch, C, tile, token_major=causal, limit_G=limit_G,
-                                   valid_GS=valid_GS)
+      layout = dispatch.token_choice_layout(routing, E, m.dispatch, C, tile, token_major=causal,
+                                            limit_G=limit_G, valid_GS=valid_GS)
   return layout, router.stats(logits_GSE, probs_GSE, routing, valid_GS)
 
-
-def dispatch_rows(x_ND: jax.Array, layout: Layout) -> jax.Array:
-  N, K = layout.pos_NK.shape
-  row_token_M = jnp.where(layout.row_src_M < N * K, layout.row_src_M // K, N)
-  return take_rows(x_ND, row_token_M, layout.pos_NK)
-
-
-def combine_rows(y_MD: jax.Array, layout: Layout) -> jax.Array:
-  return combine(y_MD, layout.weight_NK.astype(y_MD.dtype), layout.pos_NK, layout.row_src_M)
 
 
 def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation: str, backend: str) -> jax.Array:
@@ -370,11 +208,11 @@ def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation:
   sorted groups, run the grouped matmul, and put the results back in place (zeros elsewhere)."""
   L, Q, D = x_LQD.shape
   e_A = jnp.where(valid_LQ, jnp.arange(L, dtype=jnp.int32)[:, None], L).reshape(-1)
-  pos_A, sizes_L, M = sorted_layout(e_A, L, gmm.tile_for(backend))
-  row_src_M = _row_sources(pos_A, M)
-  x_MD = take_rows(x_LQD.reshape(L * Q, D), row_src_M, pos_A[:, None])
+  pos_A, sizes_L, M = dispatch.sorted_layout(e_A, L, gmm.tile_for(backend))
+  row_src_M = dispatch.row_sources(pos_A, M)
+  x_MD = dispatch.take_rows(x_LQD.reshape(L * Q, D), row_src_M, pos_A[:, None])
   y_MD = experts_apply(ex, x_MD, activation, sizes_L, backend)
-  return take_rows(y_MD, pos_A, row_src_M[:, None]).reshape(L, Q, D)
+  return dispatch.take_rows(y_MD, pos_A, row_src_M[:, None]).reshape(L, Q, D)
 
 
 def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: jax.Array | None, *,
@@ -384,13 +222,14 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
   ragged = ep is not None and cfg.moe.ep_exchange == "ragged"  # layers/ragged_ep.py
-  all_slots = ep is not None and not ragged and cfg.moe.dispatch == "dropless" and cfg.moe.router == "token_choice"
+  all_slots = (ep is not None and not ragged and cfg.moe.dispatch == "dropless"
+               and routers.get(cfg.moe.router).token_picks)
   if ragged and gmm.tile_for(backend) != 1:
     backend = "ragged_dot"  # the receiver's groups are not tile-padded
   layout, st = route(p["router"], x_GSD, cfg, noise_GSD=noise_GSD, tile=gmm.tile_for(backend), all_slots=all_slots,
                      causal=causal, valid_GS=valid_GS)
   st = dict(st, dropped=layout.dropped, routed=layout.routed)
-  x_MD = dispatch_rows(x_GSD.reshape(G * S, D), layout)
+  x_MD = dispatch.dispatch_rows(x_GSD.reshape(G * S, D), layout)
   if ep is None:
     y_MD = experts_apply(p["experts"], x_MD, cfg.activation, layout.group_sizes_E, backend)
   elif ragged:  # exactly the routed rows travel, by ragged_all_to_all
@@ -407,7 +246,7 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
       valid_ER = None
       fn = lambda x, v: experts_apply(p["experts"], x.reshape(-1, D), cfg.activation, None, backend).reshape(x.shape)
     y_MD = expert_parallel.exchange(x_MD.reshape(E, M // E, D), valid_ER, ep, fn).reshape(M, D)
-  return combine_rows(y_MD, layout).reshape(G, S, D), st
+  return dispatch.combine_rows(y_MD, layout).reshape(G, S, D), st
 
 
 TOP1_RENORMALIZE_WARNING = (
@@ -437,20 +276,22 @@ def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array 
           train: bool = False, causal: bool = False, mask_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """MoE MLP on `x [B, T, D]` -> (y [B, T, D], aux); aux keys as in `router.aux_from_stats`.
 
-  `causal` (a decoder): a token's output must not depend on later tokens, so capacity ranks token-major and
-  expert-choice routing is refused. `mask_BT` (True = real token): padding is not routed (its routed output is
-  zero), takes no capacity and stays out of every router statistic (loads, aux losses, bias balancing)."""
+  `causal` (a decoder): a token's output must not depend on later tokens, so capacity ranks token-major and a
+  router that is not causal (`routers.Router.causal`: expert choice) is refused. `mask_BT` (True = real token):
+  padding is not routed (its routed output is zero), takes no capacity and stays out of every router statistic
+  (loads, aux losses, bias balancing)."""
   m = cfg.moe
-  if causal and m.router == "expert_choice":
-    raise config.ConfigError("moe.router='expert_choice' is not causal (each expert picks its tokens from the "
-                             "whole sequence, later ones included); a decoder needs moe.router='token_choice'")
+  r = routers.get(m.router)
+  if causal and not r.causal:
+    raise config.ConfigError(f"moe.router={m.router!r} is not causal ({r.not_causal}); a decoder needs a causal "
+                             f"router: {routers.causal_names()}")
   if x_BTD.ndim != 3 or x_BTD.shape[-1] != cfg.d_model:
     raise ValueError(f"moe.apply: x must be [B, T, d_model={cfg.d_model}], got {x_BTD.shape}")
   E = p["experts"]["w_up"].shape[0]
   if E != m.num_experts or p["router"]["w"].shape != (cfg.d_model, m.router_map_from or E):
     raise ValueError(f"moe.apply: params have {E} experts and router {p['router']['w'].shape}; the config "
                      f"says num_experts={m.num_experts}, d_model={cfg.d_model}")
-  if m.router == "token_choice" and m.top_k == 1 and m.renormalize:
+  if r.token_picks and m.top_k == 1 and m.renormalize:
     warnings.warn(TOP1_RENORMALIZE_WARNING, stacklevel=2)
   # Under Explicit mesh axes the layer runs with them Auto; y comes back sharded as x is, the aux replicated.
   out_specs = (jax.typeof(x_BTD).sharding.spec, jax.sharding.PartitionSpec())
@@ -478,9 +319,47 @@ def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array 
   else:
     y_BTD, st = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD, mask_BT)
   aux = router.aux_from_stats(st, st["dropped"] / jnp.maximum(st["routed"], 1.0), m)
-  if "shared" in p:
-    s_BTD = mlp.apply(p["shared"], x_BTD, cfg.activation)
-    if "shared_gate" in p:
-      s_BTD = s_BTD * jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, p["shared_gate"]["w"].astype(x_BTD.dtype)))
-    y_BTD = y_BTD + s_BTD
-  return sharding.constrain(y_BTD, ("batch", "seq", "act_embed")), aux
+  return sharding.constrain(add_shared(p, x_BTD, y_BTD, cfg.activation), ("batch", "seq", "act_embed")), aux
+
+
+def add_shared(p: dict, x_BTD: jax.Array, y_BTD: jax.Array, activation: str) -> jax.Array:
+  """The routed output `y` plus the shared experts' (DeepSeek-MoE / Qwen-MoE; Qwen's sigmoid gate when present):
+  the one place they combine, for the layer and for the decoder's gathered path alike."""
+  if "shared" not in p:
+    return y_BTD
+  s_BTD = mlp.apply(p["shared"], x_BTD, activation)
+  if "shared_gate" in p:
+    s_BTD = s_BTD * jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x_BTD, p["shared_gate"]["w"].astype(x_BTD.dtype)))
+  return y_BTD + s_BTD
+
+
+def gathers(x_BTD: jax.Array, cfg: config.ModelConfig) -> bool:
+  """Whether a decode step takes `apply_gathered`: a token-picking router, fewer routed rows than experts and no
+  expert-parallel mesh."""
+  B, T, _ = x_BTD.shape
+  mesh = sharding.active_mesh()
+  ep = mesh is not None and any(mesh.shape[a] > 1 for a in ("expert",))
+  return not ep and routers.get(cfg.moe.router).token_picks and B * T * cfg.moe.top_k < cfg.moe.num_experts
+
+
+def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
+  """The MoE MLP for a few tokens (B*T*k < E, a decode step): gather each assignment's expert weights and apply
+  them as a batched mat-vec, so a step reads only the experts its tokens chose (the memory-bound decode regime),
+  instead of a grouped matmul sized for many tokens. Same routing as `apply` at inference (no jitter, nothing
+  dropped), same expert math (`mlp.hidden`), the same shared experts (`add_shared`)."""
+  m = cfg.moe
+  B, T, D = x_BTD.shape
+  dt = x_BTD.dtype
+  x_ND = x_BTD.reshape(B * T, D)
+  _, tc = router.choose_experts(p["router"], x_ND[None], m)
+  e_NK, w_NK = tc.expert_GSK[0], tc.weight_GSK[0]
+  ex = p["experts"]
+
+  def lin(x_NKI, name):
+    y = jnp.einsum("NKI,NKIO->NKO", x_NKI, jnp.take(ex["w_" + name], e_NK, axis=0).astype(dt))
+    return y + jnp.take(ex["b_" + name], e_NK, axis=0).astype(dt) if "b_" + name in ex else y
+
+  x_NKD = jnp.broadcast_to(x_ND[:, None], (B * T, m.top_k, D))
+  h_NKF = mlp.hidden(lin(x_NKD, "gate") if "w_gate" in ex else None, lin(x_NKD, "up"), cfg.activation)
+  y_ND = jnp.sum(lin(h_NKF, "down") * w_NK[..., None].astype(dt), axis=1)
+  return add_shared(p, x_BTD, y_ND.reshape(B, T, D), cfg.activation)

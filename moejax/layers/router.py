@@ -1,4 +1,5 @@
 """Routers: token-choice top-k and expert-choice, their aux losses and metrics. All router math is float32.
+Which router a config uses, and what it may be used for, is the router table's (`moejax/routers.py`).
 
 Tokens come in groups `[G, S, ...]` (one group = one sequence). Expert-choice selection and capacity limits act
 within a group, so the result does not depend on how the batch is split across devices.
@@ -25,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax import config
+from moejax import config, routers
 
 
 class TokenChoice(NamedTuple):
@@ -56,10 +57,11 @@ def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.A
   return jnp.einsum("GSD,DE->GSE", x, w_DE.astype(jnp.float32))
 
 
-def probs(p_router: dict, logits_GSE: jax.Array) -> jax.Array:
-  """Router probabilities: softmax over the router's experts, then, for a merged model (EEP, Liu et al. 2024),
-  mapped onto the kept experts by `router/map` [K, E]: p' = p @ map^T (float32). Top-k picks over p'."""
-  probs_GSE = jax.nn.softmax(logits_GSE, -1)
+def probs(p_router: dict, logits_GSE: jax.Array, score=routers.softmax) -> jax.Array:
+  """Router probabilities: the router's `score` (`routers.Router.score`: softmax over its experts by default),
+  then, for a merged model (EEP, Liu et al. 2024), mapped onto the kept experts by `router/map` [K, E]:
+  p' = p @ map^T (float32). Top-k picks over p'."""
+  probs_GSE = score(logits_GSE)
   if "map" not in p_router:
     return probs_GSE
   return jnp.einsum("GSE,KE->GSK", probs_GSE, p_router["map"].astype(jnp.float32))
@@ -96,13 +98,14 @@ def expert_capacity(capacity_factor: float, group_size: int, num_experts: int, k
 
 
 def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None, slots: bool = False) -> float:
-  """Average experts applied per token, for active params and FLOPs: top_k for token choice; for expert choice
+  """Average experts applied per token (from the router's capacity semantics, `routers.CAPACITY`), for active
+  params and FLOPs: top_k for token choice; for expert choice
   E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S).
   `slots`: what capacity dispatch computes instead, its whole [E, C] buffer per group of S tokens, empty slots
   included: E * C / S with C = expert_capacity(capacity_factor, S, E, top_k) (about capacity_factor * top_k),
   the cost the capacity factor trades against drops; the same as without `slots` for dropless token choice."""
   E = moe.num_experts
-  if moe.router == "expert_choice":
+  if not routers.get(moe.router).token_picks:
     if seq_len is None:
       return float(moe.capacity_factor)
     return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
@@ -111,6 +114,14 @@ def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None, slots: 
   if seq_len is None:
     return float(moe.capacity_factor * moe.top_k)
   return E * expert_capacity(moe.capacity_factor, seq_len, E, moe.top_k) / seq_len
+
+
+def choose_experts(p_router: dict, x_GSD: jax.Array, moe: config.MoEConfig) -> tuple[jax.Array, TokenChoice]:
+  """(probabilities [G, S, E], top-k choices) of a token-picking router (`routers.Router.token_picks`) as at
+  inference: no jitter, no padding. The decoder's gathered path and pruning's router statistics read them."""
+  r = routers.get(moe.router)
+  probs_GSE = probs(p_router, logits(p_router["w"], x_GSD), r.score)
+  return probs_GSE, r.select(probs_GSE, moe, p_router, None, None)
 
 
 def expert_choice(probs_GSE: jax.Array, capacity: int, valid_GS: jax.Array | None = None) -> ExpertChoice:

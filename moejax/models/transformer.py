@@ -55,24 +55,40 @@ def block_specs(cfg: config.ModelConfig, i: int) -> dict:
 
 def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: bool, rng: jax.Array | None,
                 train: bool, use_rope: bool = True, mask_BT: jax.Array | None = None,
-                causal_routing: bool | None = None, segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """One pre-norm block. Returns the new residual stream and the MoE aux dict ({} for dense layers).
+                causal_routing: bool | None = None, segment_ids_BT: jax.Array | None = None,
+                cache: dict | None = None, positions_BT: jax.Array | None = None, prefill: bool = False,
+                tap: bool = False) -> tuple[jax.Array, dict] | tuple[jax.Array, dict, dict]:
+  """One pre-norm block: the model's only one (training, the towers, the KV-cache decoder and pruning's router
+  statistics all run it). Returns the new residual stream and the MoE aux dict ({} for dense layers).
   `causal_routing` (default: `causal`): route as a decoder must, each token's output independent of later
-  tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False."""
+  tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False.
+  `cache` (the KV-cache decoder, `moejax/inference`): this layer's {"k", "v"} [B, S, G, K]; the tokens sit at
+  `positions_BT`, `prefill` marks a whole right-padded prompt (else a decode step, whose MoE layers read only
+  the experts their few tokens chose: `moe.apply_gathered`). Then returns (x, aux, the updated cache).
+  `tap`: aux also holds the MLP's input under "mlp_in" (pruning reads the router's view of each token)."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
-  x_BTD = x_BTD + attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
-                                  rope_scaling=cfg.rope_scaling, mask_BT=mask_BT, segment_ids_BT=segment_ids_BT,
-                                  impl=cfg.attention_impl)
-  x_BTD = sharding.constrain(x_BTD, ("batch", "seq", "act_embed"))
+  if cache is None:
+    a_BTD = attention.apply(p["attn"], h, causal=causal, rope_theta=cfg.rope_theta if use_rope else None,
+                            rope_scaling=cfg.rope_scaling, mask_BT=mask_BT, segment_ids_BT=segment_ids_BT,
+                            impl=cfg.attention_impl)
+  else:
+    a_BTD, cache = attention.apply_cached(p["attn"], h, cache, positions_BT, prefill=prefill,
+                                          rope_theta=cfg.rope_theta if use_rope else None,
+                                          rope_scaling=cfg.rope_scaling, impl=cfg.attention_impl)
+  x_BTD = sharding.constrain(x_BTD + a_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
-  if "moe" in p:
+  if "moe" in p and cache is not None and not prefill and moe.gathers(h, cfg):
+    y, aux = moe.apply_gathered(p["moe"], h, cfg), {}
+  elif "moe" in p:
     routing_causal = causal if causal_routing is None else causal_routing
     y, aux = moe.apply(p["moe"], h, cfg, rng=rng, train=train, causal=routing_causal, mask_BT=mask_BT)
     y = ad_checkpoint.checkpoint_name(y, "moe_out")  # what remat_policy=save_moe keeps
   else:
     y, aux = mlp.apply(p["mlp"], h, cfg.activation), {}
+  if tap:
+    aux = dict(aux, mlp_in=h)
   x_BTD = sharding.constrain(x_BTD + y, ("batch", "seq", "act_embed"))
-  return x_BTD, aux
+  return (x_BTD, aux) if cache is None else (x_BTD, aux, cache)
 
 
 def specs(cfg: config.ModelConfig) -> dict:

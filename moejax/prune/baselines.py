@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import config
-from moejax.layers import attention, embed, mlp, moe, router
+from moejax.layers import embed, router
 from moejax.models import transformer
 from moejax.prune import candidates
 
@@ -19,8 +19,8 @@ METHODS = ("eep", "random", "frequency", "soft")
 
 def router_stats(params: dict, cfg: config.ModelConfig, batch: dict) -> dict[str, np.ndarray]:
   """{"frequency": [L, E] top-k choices, "soft": [L, E] summed router probabilities} over the real tokens of
-  `batch` (positions up to each example's EOS), for the MoE layers in `candidates.moe_layers` order. The block
-  is `transformer.block_apply`, opened up to read the MoE input."""
+  `batch` (positions up to each example's EOS), for the MoE layers in `candidates.moe_layers` order. The layers
+  are the model's own block (`transformer.block_apply`), tapped for each MoE layer's input."""
   tokens_BT = batch["tokens"][:, :-1]
   mask_BT = batch["loss_mask"][:, 1:]
   T = tokens_BT.shape[1]
@@ -33,19 +33,12 @@ def router_stats(params: dict, cfg: config.ModelConfig, batch: dict) -> dict[str
     freq, soft = [], []
     for i in range(cfg.num_layers):
       p = params["layers"][str(i)]
-      h = transformer.norm_apply(cfg, p["attn_norm"], x)
-      x = x + attention.apply(p["attn"], h, causal=True, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
-      h = transformer.norm_apply(cfg, p["mlp_norm"], x)
+      x, aux = transformer.block_apply(p, x, cfg, causal=True, rng=None, train=False, tap=True)
       if "moe" in p:
-        probs_BTE = router.probs(p["moe"]["router"], router.logits(p["moe"]["router"]["w"], h))
-        tc = router.token_choice(probs_BTE, cfg.moe.top_k, cfg.moe.renormalize, p["moe"]["router"].get("bias"))
+        probs_BTE, tc = router.choose_experts(p["moe"]["router"], aux["mlp_in"], cfg.moe)
         onehot = jax.nn.one_hot(tc.expert_GSK, probs_BTE.shape[-1]).sum(2)
         freq.append(jnp.einsum("BTE,BT->E", onehot, valid_BT))
         soft.append(jnp.einsum("BTE,BT->E", probs_BTE, valid_BT))
-        y, _ = moe.apply(p["moe"], h, cfg, causal=True)
-      else:
-        y = mlp.apply(p["mlp"], h, cfg.activation)
-      x = x + y
     return jnp.stack(freq), jnp.stack(soft)
 
   f, s = jax.device_get(stats(params, tokens_BT))

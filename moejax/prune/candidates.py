@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import config
+from moejax import config, routers
 
 
 def moe_layers(cfg: config.ModelConfig) -> list[str]:
@@ -31,8 +31,9 @@ def check_prunable(cfg: config.ModelConfig, keep: int, top_k: int) -> None:
   m = cfg.moe
   if not m.num_experts:
     raise config.ConfigError("prune needs an MoE run (model.moe.num_experts > 0); this run is dense")
-  if m.router != "token_choice":
-    raise config.ConfigError(f"prune needs token-choice routing; this run has moe.router={m.router!r}")
+  if not routers.get(m.router).token_picks:
+    raise config.ConfigError(f"prune needs token-choice routing (each token picks its top-k experts); this run has "
+                             f"moe.router={m.router!r}")
   if m.router_map_from:
     raise config.ConfigError("this run is already a merged (EEP) model with a router/map; prune its source run")
   if not 1 <= keep < m.num_experts:
