@@ -11,7 +11,6 @@ Before anything is written, the requested config is checked against the run's sa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -21,16 +20,16 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from moejax import checkpoint, config, metrics, optim, paths, precision, profiling, resume, sharding, tasks
+from moejax import checkpoint, config, methods, metrics, paths, precision, profiling, resume, tasks
+from moejax import step as step_lib
 from moejax.layers import attention, moe, ragged_ep
 
 log = logging.getLogger("moejax")
@@ -45,179 +44,34 @@ def _count_skips(counts: dict, skipped: jax.Array) -> dict:
           "since_log": counts["since_log"] + skipped}
 
 
-@dataclasses.dataclass
-class Setup:
-  """Everything derived from a config and a mesh before the first step."""
-
-  cfg: config.ExperimentConfig
-  mesh: Mesh
-  task: Any
-  specs: Any
-  param_shardings: Any
-  tx: Any
-  lr_schedule: Any
-  state_shardings: Any
-  abstract_state: Any
-  batch_sharding: NamedSharding
-  hooks: Any = None  # fine-tuning (moejax.peft.trainer.Hooks): its own state, train and eval steps
-
-
-def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
-  B, A = cfg.data.batch_size, cfg.optim.grad_accum
-  div = sharding.batch_divisor(mesh)
-  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in sharding.MESH_AXES)
-  if B % A:
-    raise config.ConfigError(f"data.batch_size={B} is not divisible by optim.grad_accum={A}")
-  if (B // A) % div:
-    raise config.ConfigError(f"batch of {B // A} sequences per micro-step (data.batch_size={B} / optim.grad_accum="
-                             f"{A}) is not divisible by the {div} data-parallel shards of mesh ({shape})")
-  if B % jax.process_count():
-    raise config.ConfigError(f"data.batch_size={B} is not divisible by the {jax.process_count()} processes")
-
-
-def _opt_shardings(abstract_opt: Any, abstract_params: Any, replicated: NamedSharding) -> Any:
-  """Each optimizer-state leaf that mirrors a param (AdamW's moments: its path ends with the param's path and its
-  shape is the param's) takes that param's sharding; everything else (step counts) is replicated. XLA's own
-  derivation (the output shardings of a jitted `tx.init`) replicated the moments under FSDP on a TPU mesh, 2x the
-  params' bytes per device (found by `moejax compile`); masked transforms leave empty `MaskedNode`s, no leaves."""
-  params = {tuple(k): a for k, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-  depth = max(len(k) for k in params)
-
-  def pick(path, leaf):
-    for i in range(max(0, len(path) - depth), len(path)):
-      hit = params.get(tuple(path[i:]))
-      if hit is not None and hit.shape == leaf.shape:
-        return hit.sharding
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
-
-
-def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> step_lib.Setup:
+  """The config's training method (methods.py) set up on `mesh` (default: the config's), after the checks every
+  method shares."""
   precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
   platform = None if mesh is None else mesh.devices.flat[0].platform  # a TPU topology's, on a CPU host
   for where, m in precision.towers(cfg):
     attention.check_impl(m.attention_impl, f"{where}.attention_impl", platform)
     ragged_ep.check(m.moe, f"{where}.moe", platform)
-  if cfg.peft.method != "none":  # a frozen base + adapters: see moejax/peft
-    from moejax.peft import trainer as peft_trainer
-
-    return peft_trainer.setup(cfg, mesh)
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  check_batch(cfg, mesh)
-  task = tasks.get(cfg.task)
-  specs = task.specs(cfg)
-  p_shard = sharding.param_shardings(specs, mesh)
-  abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                 specs, p_shard, is_leaf=sharding.is_spec)
-  tx, sched = optim.make(cfg.optim, cfg.train.schedule_steps or cfg.train.steps, abstract_params)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = _opt_shardings(abstract_opt, abstract_params, replicated)
-  state_shardings = {"step": replicated, "params": p_shard, "opt_state": opt_shardings}
-  abstract_state = jax.tree.map(
-    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-    {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt},
-    state_shardings)
-  return Setup(cfg, mesh, task, specs, p_shard, tx, sched, state_shardings, abstract_state,
-               sharding.data_sharding(mesh))
+  return methods.get(cfg).setup(cfg, mesh)
 
 
-def init_state(s: Setup, key: jax.Array, params: Any | None = None, step: int = 0) -> dict:
+def init_state(s: step_lib.Setup, key: jax.Array, params: Any | None = None, step: int = 0) -> dict:
   """Fresh state; `params` (e.g. upcycled) replaces the random init. Everything is born sharded."""
-  if s.hooks:
-    return s.hooks.init_state(s, key, params, step)
-  if params is None:
-    params = sharding.create_params(key, s.specs, s.mesh)
-  state = params_only_state(s, params, step)
-  state["opt_state"] = jax.jit(s.tx.init, out_shardings=s.state_shardings["opt_state"])(state["params"])
-  return state
+  return methods.get(s.cfg).init_state(s, key, params, step)
 
 
-def params_only_state(s: Setup, params: Any, step: int = 0) -> dict:
-  """`{step, params}` on their shardings: what `moejax upcycle` and `moejax import-hf` save (no optimizer
-  state; see checkpoint), and what `init_state` adds a fresh optimizer state to."""
-  return {"step": jax.device_put(jnp.asarray(step, jnp.int32), s.state_shardings["step"]),
-          "params": jax.device_put(params, s.param_shardings)}
+params_only_state = step_lib.params_only_state  # what every command that writes a params-only run saves
 
 
-def accumulated_grads(lossf: Callable, params: Any, batch: Any, rng: jax.Array, A: int) -> tuple[Any, Any]:
-  """Gradient of `lossf(params, batch, rng) -> (loss, metrics)` and its metrics. With `A` > 1 the batch is split
-  into A micro-batches of B/A (micro-batch i gets `fold_in(rng, i)`): the gradients are averaged in float32 and
-  the metrics meaned (so, e.g., a load-balance loss is formed per micro-batch)."""
-  grad_fn = jax.value_and_grad(lossf, has_aux=True)
-  if A == 1:
-    (_, m), g = grad_fn(params, batch, rng)
-    return g, m
-  micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
-
-  def body(carry, b):
-    g_acc, i = carry
-    (_, m), g = grad_fn(params, b, jax.random.fold_in(rng, i))
-    return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32) / A, g_acc, g), i + 1), m
-
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (g, _), ms = jax.lax.scan(body, (zeros, 0), micro)
-  return g, jax.tree.map(lambda x: jnp.mean(x, 0), ms)
+def make_train_step(s: step_lib.Setup):
+  return methods.get(s.cfg).make_train_step(s)
 
 
-def make_train_step(s: Setup):
-  if s.hooks:
-    return s.hooks.make_train_step(s)
-  cfg, task, tx = s.cfg, s.task, s.tx
-  base_key = jax.random.key(cfg.train.seed)
-  A = cfg.optim.grad_accum
-
-  def grads_and_metrics(params, batch, rng):
-    g, m = accumulated_grads(lambda p, b, r: task.loss_fn(p, b, cfg, rng=r, train=True), params, batch, rng, A)
-    return jax.tree.map(lambda x, p: x.astype(p.dtype), g, params), m
-
-  def train_step(state, batch):
-    step = state["step"]
-    rng = jax.random.fold_in(base_key, step)
-    with sharding.use_mesh(s.mesh):
-      grads, m = grads_and_metrics(state["params"], batch, rng)
-    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    lr = s.lr_schedule(step)  # clocked by the global step (see optim.make)
-    new_params = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), state["params"], updates)
-    if "moe" in m:  # aux-loss-free balancing, where a model (or CLIP tower) has moe.bias_balance_rate > 0
-      new_params = moe.balance_router_biases(new_params, m["moe"], cfg)
-    grad_norm = optim.global_norm(grads)
-    ok = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) if cfg.train.nan_guard else jnp.bool_(True)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = {"step": step + 1, "params": keep(new_params, state["params"]),
-                 "opt_state": keep(new_opt, state["opt_state"])}
-    m = dict(m, grad_norm=grad_norm, lr=lr, skipped=(~ok).astype(jnp.int32))
-    return new_state, m
-
-  return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
-                 out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+def make_eval_step(s: step_lib.Setup):
+  return methods.get(s.cfg).make_eval_step(s)
 
 
-def make_eval_step(s: Setup):
-  if s.hooks:
-    return s.hooks.make_eval_step(s)
-  cfg, task = s.cfg, s.task
-
-  def eval_step(params, batch):
-    with sharding.use_mesh(s.mesh):
-      _, m = task.loss_fn(params, batch, cfg, rng=None, train=False)
-    return m
-
-  return jax.jit(eval_step, in_shardings=(s.param_shardings, s.batch_sharding))
-
-
-def global_batch(local: dict, s: Setup) -> dict:
-  """Process-local numpy batch -> one global jax.Array per field, sharded over the batch axes."""
-  out = {}
-  for k, v in local.items():
-    v = np.asarray(v)
-    shard = NamedSharding(s.mesh, sharding.spec_for(("batch",) + (None,) * (v.ndim - 1), s.mesh))
-    out[k] = jax.make_array_from_process_local_data(shard, v)
-  return out
-
-
-def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, float]:
+def run_eval(s: step_lib.Setup, params: Any, eval_step: Any | None = None) -> dict[str, float]:
   """Mean of the task's eval metrics over `train.eval_steps` batches of the eval split, + the task's evals."""
   eval_step = eval_step or make_eval_step(s)
   # repeat=True: every process runs the same number of eval steps even when their shards differ in size.
@@ -226,7 +80,7 @@ def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, f
   sums: dict[str, float] = {}
   n = 0
   for local in it:
-    m = eval_step(params, global_batch(local, s))
+    m = eval_step(params, step_lib.global_batch(local, s))
     for k, v in m.items():
       if k != "moe":
         sums[k] = sums.get(k, 0.0) + float(v)
@@ -238,7 +92,7 @@ def run_eval(s: Setup, params: Any, eval_step: Any | None = None) -> dict[str, f
     out["perplexity"] = float(math.exp(min(out["ce_loss"], 50.0)))
   # The task's own evals (per-source eval of a mixture) take an ordinary param tree: a fine-tune's is its base
   # with the adapters merged, the model its eval step runs.
-  out.update(s.task.evaluate(s.hooks.full_params(s, params) if s.hooks else params, s.cfg, s.mesh))
+  out.update(s.task.evaluate(methods.get(s.cfg).full_params(s, params), s.cfg, s.mesh))
   return out
 
 
@@ -271,14 +125,14 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-def train_iterator(s: Setup) -> Any:
+def train_iterator(s: step_lib.Setup) -> Any:
   """This process's shard of the training stream (endless), positioned at its start."""
   cfg = s.cfg
   return s.task.make_iterator(cfg, cfg.data.train_split, process_index=jax.process_index(),
                               process_count=jax.process_count(), seed=cfg.data.shuffle_seed, repeat=True)
 
 
-def initial_params(s: Setup, data_it: Any) -> tuple[Any | None, int]:
+def initial_params(s: step_lib.Setup, data_it: Any) -> tuple[Any | None, int]:
   """Params to start from when no checkpoint of this run exists: upcycled from a dense run, or None (random).
   An upcycled run that continues the dense step also continues the dense run's data stream."""
   if not s.cfg.init.upcycle_from:
@@ -297,10 +151,9 @@ def train(cfg: config.ExperimentConfig, workdir: str | pathlib.Path, *, mesh: Me
   `workdir` that another process is training in is a `ConfigError` (`paths.RunLock`)."""
   workdir = paths.check_local(workdir, "workdir")
   config.validate(cfg)  # a config built in code gets the checks the CLI's gets
-  if cfg.ttmm.clusters:  # a TTMM bank: one LoRA per cluster of the corpus, all trained in one program (ttmm/)
-    from moejax.ttmm import bank
-
-    return bank.build_config(cfg, workdir, progress=progress, mesh=mesh)
+  method = methods.get(cfg)
+  if hasattr(method, "train"):  # a method with its own loop (a TTMM bank: embed, cluster, then K LoRAs at once)
+    return method.train(cfg, workdir, progress=progress, mesh=mesh)
   lock = paths.RunLock(workdir, "--workdir", primary=jax.process_index() == 0)
   try:
     return _train(cfg, workdir, mesh, progress, lock)
@@ -326,8 +179,8 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   try:
     data_it = train_iterator(s)
     start_step, state = mngr.restore_latest(s.abstract_state, data_it, cfg=cfg)
-    if s.hooks and state is not None:
-      s.hooks.check_restored(s, state)  # a fine-tuning run resumes only on the base it started from
+    if state is not None:
+      methods.get(cfg).check_restored(s, state)  # e.g. a fine-tune resumes only on the base it started from
   except BaseException:
     mngr.close()
     raise
@@ -376,7 +229,7 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   trace = profiling.StepTrace(cfg.train.profile_steps, workdir, enabled=is_main)
   try:
     while step < end_step:
-      batch = global_batch(next(data_it), s)
+      batch = step_lib.global_batch(next(data_it), s)
       trace.before(step + 1)
       state, m = train_step(state, batch)
       counts = _count_skips(counts, m["skipped"])
@@ -437,8 +290,8 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   return {**result, "state": state}
 
 
-def _eval_and_log(s: Setup, state: dict, eval_step: Any, step: int, writer: metrics.Writer, bar: metrics.Progress,
-                  is_main: bool) -> dict[str, float]:
+def _eval_and_log(s: step_lib.Setup, state: dict, eval_step: Any, step: int, writer: metrics.Writer,
+                  bar: metrics.Progress, is_main: bool) -> dict[str, float]:
   out = run_eval(s, state["params"], eval_step)
   writer.write(step, "eval", out)
   if is_main:
@@ -461,18 +314,15 @@ def evaluate(workdir: str | pathlib.Path, cfg: config.ExperimentConfig | None = 
   if not checkpoint.step_numbers(workdir):
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
   cfg = cfg or checkpoint.read_config(workdir)
-  if cfg.ttmm.clusters:
-    raise config.ConfigError(f"{workdir} is a TTMM bank ({cfg.ttmm.clusters} LoRA experts on the base "
-                             f"{cfg.init.peft_from}), not one model: evaluate it with `moejax ttmm eval --bank "
-                             f"{workdir}`")
+  method = methods.get(cfg)
+  getattr(method, "check_eval", lambda c, w: None)(cfg, workdir)  # a TTMM bank is no one model to eval
   checkpoint.preflight(workdir, cfg, verb="eval")
   s = setup(cfg, mesh)
   with checkpoint.Manager(workdir, keep=cfg.train.keep_checkpoints, async_save=False, read_only=True) as mngr:
     step, state = mngr.restore_latest(s.abstract_state, cfg=cfg, verb="eval")
   if state is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
-  if s.hooks:
-    s.hooks.check_restored(s, state, "eval")
+  method.check_restored(s, state, "eval")
   with warnings.catch_warnings():  # advice on training a top-1 router (moe.apply) says nothing about an eval
     warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))
     out = run_eval(s, state["params"])

@@ -105,7 +105,7 @@ def run(name: str, cfg: config.ExperimentConfig, out: pathlib.Path, full_from: p
   s = train.setup(cfg)
   rows = _rows(d)
   ev = [r for r in rows if r["split"] == "eval"]
-  if s.hooks:
+  if s.extra is not None:  # a fine-tune
     tunable, mem = peft_trainer.tunable_count(s), peft_trainer.state_bytes(s)
   else:
     import jax

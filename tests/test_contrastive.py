@@ -10,6 +10,7 @@ import pytest
 from clip_helpers import random_clip_batch, tiny_clip_cfg
 
 from moejax import config, sharding
+from moejax import step as step_lib
 from moejax.tasks import contrastive
 
 
@@ -225,7 +226,7 @@ def test_train_step_balances_both_towers_router_biases():
                     "clip.vision.moe.bias_balance_rate": 0.01, "clip.text.moe.bias_balance_rate": 0.03})
   s = train.setup(cfg)
   state = train.init_state(s, jax.random.key(0))
-  new, m = train.make_train_step(s)(state, train.global_batch(random_batch(cfg, 16), s))
+  new, m = train.make_train_step(s)(state, step_lib.global_batch(random_batch(cfg, 16), s))
   for tower, rate in (("vision", 0.01), ("text", 0.03)):
     bias = np.asarray(new["params"][tower]["layers"]["0"]["moe"]["router"]["bias"])
     load = np.asarray(m["moe"][f"{tower}/0"]["expert_load"])

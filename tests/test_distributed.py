@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from moejax import checkpoint, config, distributed, metrics, registry, sharding, train, upcycle
+from moejax import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "scripts" / "launch_local.sh"
@@ -559,8 +560,8 @@ def _params_np(state):
 
 
 def _sigterm_at_call(n):
-  """train.global_batch that sends this process SIGTERM (as a scheduler would) while building batch `n`."""
-  real = train.global_batch
+  """step.global_batch that sends this process SIGTERM (as a scheduler would) while building batch `n`."""
+  real = step_lib.global_batch
   calls = [0]
 
   def global_batch(local, s):
@@ -576,13 +577,13 @@ def test_sigterm_checkpoints_exits_cleanly_and_resume_equals_uninterrupted(tmp_p
   cfg = registry.get("lm_dense_tiny", _TINY_DENSE)
   ref = train.train(cfg, tmp_path / "ref", progress=False)
   run = tmp_path / "run"
-  monkeypatch.setattr(train, "global_batch", _sigterm_at_call(3))  # during step 3: no checkpoint is due
+  monkeypatch.setattr(step_lib, "global_batch", _sigterm_at_call(3))  # during step 3: no checkpoint is due
   r = train.train(cfg, run, progress=False)
   assert (r["status"], r["step"]) == ("preempted", 3)
   assert json.loads((run / "result.json").read_text())["status"] == "preempted"
   assert checkpoint.Manager(run).all_steps() == [3]
   # Resumed at 3; SIGTERM during step 4, where the scheduled checkpoint (checkpoint_every=4) is also written.
-  monkeypatch.setattr(train, "global_batch", _sigterm_at_call(1))
+  monkeypatch.setattr(step_lib, "global_batch", _sigterm_at_call(1))
   r = train.train(cfg, run, progress=False)
   assert (r["status"], r["step"]) == ("preempted", 4)
   assert checkpoint.Manager(run).all_steps() == [3, 4]
@@ -688,7 +689,7 @@ def test_two_processes_expert_parallel_match_one_process(two_process_run):
   for _ in range(STEPS):
     local = [next(it) for it in its]
     batch = {k: np.concatenate([x[k] for x in local]) for k in local[0]}
-    state, m = step_fn(state, train.global_batch(batch, s))
+    state, m = step_fn(state, step_lib.global_batch(batch, s))
     losses.append(float(m["loss"]))
   np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=1e-5)
   step, saved = checkpoint.Manager(wd, async_save=False).restore_latest(s.abstract_state)
@@ -808,7 +809,7 @@ def test_two_processes_upcycle_a_one_process_dense_run(tmp_path):
   losses = []
   for _ in rows:
     local = [next(it) for it in its]
-    state, m = step_fn(state, train.global_batch({k: np.concatenate([x[k] for x in local]) for k in local[0]}, s))
+    state, m = step_fn(state, step_lib.global_batch({k: np.concatenate([x[k] for x in local]) for k in local[0]}, s))
     losses.append(float(m["loss"]))
   np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=1e-5)
   _, saved = checkpoint.Manager(wd, async_save=False).restore_latest(s.abstract_state)

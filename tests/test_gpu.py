@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moejax import config, registry, sharding, train
+from moejax import step as step_lib
 from moejax.layers import attention, gmm, moe
 
 pytestmark = pytest.mark.gpu
@@ -79,7 +80,7 @@ def test_bf16_train_steps_on_gpu_keep_fp32_state_and_learn():
   step = train.make_train_step(s)
   state = train.init_state(s, jax.random.key(0))
   tokens = np.tile(np.arange(65, dtype=np.int32) % 16, (8, 1))
-  batch = train.global_batch({"tokens": tokens}, s)
+  batch = step_lib.global_batch({"tokens": tokens}, s)
   losses = []
   for _ in range(20):
     state, m = step(state, batch)

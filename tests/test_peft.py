@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moejax import checkpoint, cli, config, registry, sharding, train
+from moejax import step as step_lib
 from moejax.inference import cli as inference_cli
 from moejax.models import transformer
 from moejax.peft import lora, spiel
@@ -61,14 +62,14 @@ def _np(tree):
 
 
 def _batch(s):
-  return train.global_batch(next(train.train_iterator(s)), s)
+  return step_lib.global_batch(next(train.train_iterator(s)), s)
 
 
 def _run(s, n, state=None):
   state = state or train.init_state(s, jax.random.key(0))
   step, it = train.make_train_step(s), train.train_iterator(s)
   for _ in range(n):
-    state, _ = step(state, train.global_batch(next(it), s))
+    state, _ = step(state, step_lib.global_batch(next(it), s))
   return state
 
 
@@ -78,10 +79,10 @@ def test_lora_with_b_zero_is_the_base_exactly(dense_base):
   assert all(np.abs(v).sum() > 0 for k, v in _np(state["params"]).items() if k.endswith("/a"))
   from moejax.peft import trainer
 
-  merged = trainer.merged_params(s, s.hooks.base, state["params"])
+  merged = trainer.merged_params(s, s.extra.base, state["params"])
   tokens = _batch(s)["tokens"][:, :-1]
   a, _ = transformer.forward(merged, tokens, s.cfg.model)
-  b, _ = transformer.forward(s.hooks.base, tokens, s.cfg.model)
+  b, _ = transformer.forward(s.extra.base, tokens, s.cfg.model)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -94,12 +95,12 @@ def test_lora_merge_is_factored_lora_and_merged_run_is_the_adapted_model(dense_b
   # the factored form x @ W + (alpha / r) (x @ A) @ B, per target view, equals x @ merge(W)
   scale = cfg.peft.lora_alpha / cfg.peft.lora_rank
   for p in ("layers/0/mlp/w_down", "layers/1/attn/wq", "layers/1/attn/wo"):
-    t, node = s.hooks.targets[p], targets_lib.get(r["state"]["params"]["lora"], p)
+    t, node = s.extra.targets[p], targets_lib.get(r["state"]["params"]["lora"], p)
     assert np.abs(np.asarray(node["b"])).max() > 0  # B trained away from 0
-    w3 = t.to3(targets_lib.get(s.hooks.base, p))[0]
+    w3 = t.to3(targets_lib.get(s.extra.base, p))[0]
     xr = jax.random.normal(jax.random.key(2), (5, t.rows))
     factored = xr @ w3 + scale * (xr @ node["a"][0]) @ node["b"][0]
-    np.testing.assert_allclose(xr @ t.to3(lora.merge(t, targets_lib.get(s.hooks.base, p), node, scale))[0],
+    np.testing.assert_allclose(xr @ t.to3(lora.merge(t, targets_lib.get(s.extra.base, p), node, scale))[0],
                                factored, atol=1e-5)
   # moejax merge writes an ordinary run whose forward pass is the adapted one
   assert cli.main(["merge", "--workdir", str(tmp_path / "ft"), "--to", str(tmp_path / "merged")]) == 0
@@ -110,10 +111,10 @@ def test_lora_merge_is_factored_lora_and_merged_run_is_the_adapted_model(dense_b
   merged, step = checkpoint.load_params(tmp_path / "merged", abstract)
   assert step == 3
   tokens = _batch(s)["tokens"][:, :-1]
-  adapted, _ = transformer.forward(trainer.merged_params(s, s.hooks.base, r["state"]["params"]), tokens, cfg.model)
+  adapted, _ = transformer.forward(trainer.merged_params(s, s.extra.base, r["state"]["params"]), tokens, cfg.model)
   plain, _ = transformer.forward(merged, tokens, cfg.model)
   np.testing.assert_allclose(np.asarray(plain), np.asarray(adapted), atol=1e-5)
-  base_logits, _ = transformer.forward(s.hooks.base, tokens, cfg.model)
+  base_logits, _ = transformer.forward(s.extra.base, tokens, cfg.model)
   assert np.abs(np.asarray(plain) - np.asarray(base_logits)).max() > 1e-3  # the adapters did something
 
 
@@ -122,19 +123,19 @@ def test_spiel_density_one_without_reselection_is_full_fine_tuning(dense_base):
   ft = registry.get("lm_dense_tiny", TINY + common + ["optim.freeze=['embed/.*', '.*norm/scale']"])
   sp = _cfg(dense_base, "spiel_ag", *common, "peft.density=1.0", "peft.reselect=False")
   s_ft, s_sp = train.setup(ft, _one()), train.setup(sp, _one())
-  base_copy = jax.tree.map(jnp.copy, s_sp.hooks.base)  # the full run donates its params
+  base_copy = jax.tree.map(jnp.copy, s_sp.extra.base)  # the full run donates its params
   full = _run(s_ft, 4, train.init_state(s_ft, jax.random.key(0), base_copy))
   sparse = _run(s_sp, 4)
   from moejax.peft import trainer
 
-  merged = _np(trainer.merged_params(s_sp, s_sp.hooks.base, sparse["params"]))
+  merged = _np(trainer.merged_params(s_sp, s_sp.extra.base, sparse["params"]))
   ref = _np(full["params"])
   assert merged.keys() == ref.keys()
   moved = 0
   for k in ref:
     np.testing.assert_allclose(merged[k], ref[k], atol=1e-5, err_msg=k)
-    moved += np.abs(ref[k] - np.asarray(targets_lib.get(s_sp.hooks.base, k))).max() > 1e-3
-  assert moved == len(s_sp.hooks.targets)  # every target trained, and only they
+    moved += np.abs(ref[k] - np.asarray(targets_lib.get(s_sp.extra.base, k))).max() > 1e-3
+  assert moved == len(s_sp.extra.targets)  # every target trained, and only they
 
 
 def test_drop_and_grow_by_accumulated_gradient_by_hand():
@@ -220,11 +221,11 @@ def test_int_sort_ranks_equal_stable_float_argsort():
 def test_only_adapters_change_base_bit_identical_and_resume_exact(tmp_path):
   base = _write_base(tmp_path / "base")
   cfg = _cfg(base, "spiel_ag", *FAST_SELECT, "train.steps=8", "train.checkpoint_every=4", "optim.lr=1e-2")
-  before = _np(checkpoint.load_params(base, train.setup(cfg, _one()).hooks.base)[0])
+  before = _np(checkpoint.load_params(base, train.setup(cfg, _one()).extra.base)[0])
   r = train.train(cfg, tmp_path / "a", mesh=_one(), progress=False)
   s = train.setup(cfg, _one())
-  assert _np(s.hooks.base).keys() == before.keys()
-  for k, v in _np(s.hooks.base).items():
+  assert _np(s.extra.base).keys() == before.keys()
+  for k, v in _np(s.extra.base).items():
     np.testing.assert_array_equal(v, before[k], err_msg=k)
   # the checkpoint holds adapters, their optimizer state and selection statistics only: no base weights
   assert set(r["state"]) == {"step", "params", "opt_state", "peft"}
@@ -234,12 +235,12 @@ def test_only_adapters_change_base_bit_identical_and_resume_exact(tmp_path):
   n_changed = 0
   for k, v in flat.items():
     if k.endswith("/indices"):
-      t = s.hooks.targets[k[len("spiel/"):-len("/indices")]]
+      t = s.extra.targets[k[len("spiel/"):-len("/indices")]]
       assert v.shape == init[k].shape == (t.experts, spiel.count(t, cfg.peft))
       for e in range(t.experts):  # unique and in range, per expert
         assert len(np.unique(v[e])) == v.shape[1] and 0 <= v[e].min() and v[e].max() < t.size
       n_changed += (v != init[k]).any()
-  assert n_changed == len(s.hooks.targets)  # reselection happened on every target
+  assert n_changed == len(s.extra.targets)  # reselection happened on every target
   # resume from step 4 (newest step removed) == uninterrupted, bit for bit, indices included
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "8")
@@ -329,7 +330,7 @@ def test_train_merge_export_hf_from_the_cli(dense_base, tmp_path):
 
   state = checkpoint.Manager(ft).restore_latest(s.abstract_state)[1]
   tokens = np.asarray(_batch(s)["tokens"][:2, :-1])
-  ours, _ = transformer.forward(trainer.merged_params(s, s.hooks.base, state["params"]), tokens, cfg.model)
+  ours, _ = transformer.forward(trainer.merged_params(s, s.extra.base, state["params"]), tokens, cfg.model)
   model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
   with torch.no_grad():
     theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from moejax import config, registry, sharding, train
+from moejax import step as step_lib
 from moejax.models import transformer
 
 # A one-block MoE decoder: bf16 must pass through attention, the expert MLPs and the router.
@@ -39,7 +40,7 @@ def _losses(overrides: dict, steps: int = 50) -> tuple[list[float], dict]:
   state = train.init_state(s, jax.random.key(0))
   losses = []
   for b in _batches(steps, cfg):
-    state, m = step_fn(state, train.global_batch(b, s))
+    state, m = step_fn(state, step_lib.global_batch(b, s))
     losses.append(float(m["ce_loss"]))
   return losses, state
 

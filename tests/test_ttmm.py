@@ -149,7 +149,7 @@ def test_k_experts_in_one_program_equal_k_separate_lora_runs(base_dir, k, device
     for name in ("params", "opt_state"):
       for x, y in zip(jax.tree.leaves(experts.expert_slice(init[name], 1)), jax.tree.leaves(fresh[name])):
         np.testing.assert_array_equal(x, np.asarray(y))
-  ref_step = s.hooks.make_train_step(s)
+  ref_step = peft_trainer.make_train_step(s)
   for e in range(k):
     ref = {"step": jnp.zeros((), jnp.int32), "peft": jax.device_put(jax.device_get(state["peft"])),
            **jax.device_put(experts.expert_slice(init, e))}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import config, precision, sharding, train
+from moejax import step as step_lib
 from moejax.aot import chips
 
 
@@ -26,7 +27,7 @@ from moejax.aot import chips
 class Compiled:
   cfg: config.ExperimentConfig
   topo: chips.Topology
-  setup: train.Setup
+  setup: step_lib.Setup
   executable: Any  # jax.stages.Compiled, or None when XLA refused it for want of HBM
   lowered: Any  # jax.stages.Lowered
   compile_s: float
@@ -83,7 +84,7 @@ def for_target(cfg: config.ExperimentConfig, sizes: dict[str, int]) -> config.Ex
   return config.derive(cfg, overrides) if overrides else cfg
 
 
-def abstract_batch(s: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(s: step_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """The task's batch as ShapeDtypeStructs on the batch sharding (the fields `bench train` feeds)."""
   cfg = s.cfg
   B = cfg.data.batch_size

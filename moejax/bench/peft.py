@@ -37,7 +37,7 @@ class _Timer(bench_train._Timer):
     self.n += steps
 
   def row(self) -> dict:
-    if self.s.hooks:
+    if self.s.extra is not None:  # a fine-tune
       tunable, mem = peft_trainer.tunable_count(self.s), peft_trainer.state_bytes(self.s)
     else:
       tunable = sum(int(x.size) for x in jax.tree.leaves(self.s.abstract_state["params"]))

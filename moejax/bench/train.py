@@ -13,9 +13,10 @@ import jax
 import numpy as np
 
 from moejax import cli, config, metrics, registry, train
+from moejax import step as step_lib
 
 
-def _synthetic_batch(s: train.Setup) -> dict:
+def _synthetic_batch(s: step_lib.Setup) -> dict:
   cfg = s.cfg
   if cfg.task == "lm":
     local = {"tokens": np.random.default_rng(0).integers(
@@ -26,7 +27,7 @@ def _synthetic_batch(s: train.Setup) -> dict:
     local = {"images": rng.standard_normal((cfg.data.batch_size, c.image_size, c.image_size, c.channels),
                                            dtype=np.float32),
              "tokens": rng.integers(1, c.text.vocab_size, (cfg.data.batch_size, c.text.max_seq_len), dtype=np.int32)}
-  return train.global_batch(local, s)
+  return step_lib.global_batch(local, s)
 
 
 class _Timer:

@@ -1,2 +1,3 @@
 """Parameter-efficient fine-tuning of a frozen base: LoRA (`lora.py`) and SpIEL sparse fine-tuning with
-drop-and-grow (`spiel.py`), the trainer's hooks (`trainer.py`) and `moejax merge` (`merge.py`)."""
+drop-and-grow (`spiel.py`), each an adapter of the fine-tuning method (`trainer.py`, in moejax/methods.py's
+table), and `moejax merge` (`merge.py`)."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import config, sharding
+from moejax.peft import adamw
 from moejax.peft import targets as targets_lib
 
 
@@ -38,3 +39,38 @@ def delta(t: targets_lib.Target, p: dict, scale: float) -> jax.Array:
 
 def merge(t: targets_lib.Target, w: jax.Array, p: dict, scale: float) -> jax.Array:
   return (w.astype(jnp.float32) + delta(t, p, scale)).astype(w.dtype)
+
+
+class Adapter:
+  """LoRA in the fine-tuning trainer (peft/trainer.py): both factors train, each by AdamW; merge W + scale A@B.
+  A TTMM bank's experts are this adapter vmapped over K (ttmm/experts.py)."""
+
+  key = "lora"
+
+  def check(self, cfg: config.ExperimentConfig, tg: dict[str, targets_lib.Target]) -> None:
+    for t in tg.values():
+      check(t, cfg.peft.lora_rank)
+
+  def specs(self, t: targets_lib.Target, pc: config.PeftConfig) -> dict:
+    return specs(t, pc.lora_rank)
+
+  def opt_specs(self, t: targets_lib.Target, node: dict, pc: config.PeftConfig) -> dict:
+    return {n: adamw.state_specs(s.shape, s.axes, False) for n, s in node.items()}
+
+  def aux_specs(self, tg: dict[str, targets_lib.Target], pc: config.PeftConfig) -> dict:
+    return {}
+
+  def trainable(self, node: dict) -> dict:
+    return node
+
+  def fold(self, t: targets_lib.Target, w: jax.Array, node: dict, ab: dict, pc: config.PeftConfig) -> jax.Array:
+    return merge(t, w, ab, pc.lora_alpha / pc.lora_rank)
+
+  def update(self, t, ab, g, opt, node, lr, pc, oc: config.OptimConfig):
+    new, st = {}, {}
+    for n in ("a", "b"):
+      new[n], st[n] = adamw.update(ab[n], g[n], opt[n], lr, oc)
+    return new, st
+
+  def after(self, tg, step, g_w, nodes, opt, aux, pc, total):
+    return nodes, opt, {}

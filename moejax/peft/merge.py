@@ -10,9 +10,11 @@ import pathlib
 from typing import Any
 
 from moejax import checkpoint, config, runs, train
+from moejax import step as step_lib
+from moejax.peft import trainer
 
 
-def merged(workdir: str | pathlib.Path, verb: str = "merge") -> tuple[train.Setup, Any, int]:
+def merged(workdir: str | pathlib.Path, verb: str = "merge") -> tuple[step_lib.Setup, Any, int]:
   """(the merged model's Setup (peft.method=none), its params on that Setup's shardings, the step) of a
   fine-tuning run's newest adapters on the base its config records. A missing base, or one whose config or step
   changed since the fine-tune (its hash), is a ConfigError naming it; `verb` says what was refused."""
@@ -29,9 +31,9 @@ def merged(workdir: str | pathlib.Path, verb: str = "merge") -> tuple[train.Setu
     step, state = mngr.restore_latest(s.abstract_state, cfg=cfg, verb="eval")
   if state is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}")
-  s.hooks.check_restored(s, state, verb)
+  trainer.check_restored(s, state, verb)
   out = train.setup(config.derive(cfg, {"peft.method": "none", "init.peft_from": ""}), s.mesh)
-  return out, s.hooks.full_params(s, state["params"]), step
+  return out, trainer.full_params(s, state["params"]), step
 
 
 def merge_run(workdir: str | pathlib.Path, to: str | pathlib.Path) -> tuple[pathlib.Path, int]:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import config, sharding
-from moejax.peft import lora
+from moejax.peft import adamw, lora
 from moejax.peft import targets as targets_lib
 
 
@@ -93,28 +93,8 @@ def in_phase(step: jax.Array, pc: config.PeftConfig, total_steps: int) -> jax.Ar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimizers on the deltas
+# SpIEL-MA's optimizer on the deltas (SpIEL-AG's is AdamW: adamw.py)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def adamw(p, g, st, lr, oc: config.OptimConfig):
-  """AdamW with a per-element bias-correction clock `age` (steps seen). Weight decay pulls the deltas (or LoRA
-  factors) to 0, i.e. the adapted weights towards the pretrained ones. Same arithmetic as optax.adamw."""
-  age = st["age"] + 1.0
-  m = oc.b1 * st["m"] + (1.0 - oc.b1) * g
-  v = oc.b2 * st["v"] + (1.0 - oc.b2) * (g * g)
-  m_hat = m / (1.0 - oc.b1 ** age)
-  v_hat = v / (1.0 - oc.b2 ** age)
-  u = m_hat / (jnp.sqrt(v_hat) + oc.eps)
-  if oc.weight_decay:
-    u = u + oc.weight_decay * p
-  return p - lr * u, {"m": m, "v": v, "age": jnp.broadcast_to(age, st["age"].shape)}
-
-
-def adamw_state_specs(shape: tuple[int, ...], axes, per_element: bool) -> dict:
-  zero = sharding.zeros
-  return {"m": sharding.param(zero, shape, axes), "v": sharding.param(zero, shape, axes),
-          "age": sharding.param(zero, shape if per_element else (), axes if per_element else ())}
 
 
 def sm3(values_k, g_k, row_R, col_C, indices_k, cols: int, lr, eps: float):
@@ -239,3 +219,111 @@ def base_hash(text: str) -> np.ndarray:
   import hashlib
 
   return np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.int32).copy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fine-tuning trainer's adapters (peft/trainer.py): SpIEL-AG and SpIEL-MA
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Spiel:
+  """What both SpIEL variants share: `{values, indices}` per target, the values train, W + scatter merges."""
+
+  key = "spiel"
+
+  def check(self, cfg: config.ExperimentConfig, tg: dict[str, targets_lib.Target]) -> None:
+    if cfg.peft.match_lora_rank:
+      for t in tg.values():
+        lora.check(t, cfg.peft.match_lora_rank)
+
+  def specs(self, t: targets_lib.Target, pc: config.PeftConfig) -> dict:
+    return specs(t, pc)
+
+  def trainable(self, node: dict) -> jax.Array:
+    return node["values"]
+
+  def fold(self, t: targets_lib.Target, w: jax.Array, node: dict, values: jax.Array, pc: config.PeftConfig):
+    return merge(t, w, {"values": values, "indices": node["indices"]})
+
+  def aux_specs(self, tg: dict[str, targets_lib.Target], pc: config.PeftConfig) -> dict:
+    return {}
+
+  @staticmethod
+  def reselect(tg: dict, completed: jax.Array, pc: config.PeftConfig, total: int, nodes: dict, opt: dict, grow):
+    """Drop-and-grow on every target at once, after the steps `is_reselection` names; `grow(p, t, node, opt,
+    n_drop) -> (node, opt)` is the variant's, vmapped over experts."""
+    frac = drop_fraction(completed, pc, total)
+
+    def go(nn, oo):
+      nn, oo = dict(nn), dict(oo)
+      for p, t in tg.items():
+        k = nn[p]["values"].shape[1]
+        nn[p], oo[p] = grow(p, t, nn[p], oo[p], jnp.floor(k * frac).astype(jnp.int32))
+      return nn, oo
+
+    return jax.lax.cond(is_reselection(completed, pc, total), go, lambda a, b: (a, b), nodes, opt)
+
+
+class AG(_Spiel):
+  """SpIEL-AG: AdamW on the values (a per-element clock), indices grown by accumulated dense gradients."""
+
+  def opt_specs(self, t: targets_lib.Target, node: dict, pc: config.PeftConfig) -> dict:
+    v = node["values"]
+    return {"values": adamw.state_specs(v.shape, v.axes, True)}
+
+  def aux_specs(self, tg: dict[str, targets_lib.Target], pc: config.PeftConfig) -> dict:
+    cand = {}
+    for p, t in tg.items():
+      shape, ax = (t.experts, count(t, pc)), (t.expert_axis, None)
+      cand[p] = {"idx": sharding.param(sharding.zeros, shape, ax, jnp.int32),
+                 **{n: sharding.param(sharding.zeros, shape, ax) for n in ("g", "g2", "n")}}
+    return {"cand": targets_lib.nest(cand)}
+
+  def update(self, t, values, g, opt, node, lr, pc, oc: config.OptimConfig):
+    v, o = adamw.update(values, g, opt["values"], lr, oc)
+    return {"values": v, "indices": node["indices"]}, {"values": o}
+
+  def after(self, tg: dict, step: jax.Array, g_w: dict, nodes: dict, opt: dict, aux: dict, pc: config.PeftConfig,
+            total: int):
+    """The phase's candidate statistics from the dense gradients `g_w`, then drop-and-grow by them."""
+    cand = targets_lib.by_target(aux["cand"], tg)
+    start = step % pc.reselection_interval == 0
+    phase = in_phase(step, pc, total)
+    new_cand = {}
+    for p, t in tg.items():
+      g_EN = t.to3(g_w[p]).reshape(t.experts, t.size)
+      new_cand[p] = jax.lax.cond(phase, lambda c, g: jax.vmap(accumulate, (0, 0, None))(c, g, start),
+                                 lambda c, g: c, cand[p], g_EN)
+
+    def grow(p, t, node, o, n_drop):
+      v, i, o = jax.vmap(grow_ag, (0, 0, 0, 0, None, None))(node["values"], node["indices"], o["values"],
+                                                            new_cand[p], n_drop, t.size)
+      return {"values": v, "indices": i}, {"values": o}
+
+    nodes, opt = self.reselect(tg, step + 1, pc, total, nodes, opt, grow)
+    return nodes, opt, {"cand": targets_lib.nest(new_cand)}
+
+
+class MA(_Spiel):
+  """SpIEL-MA: SM3 on the values (row and column accumulators), indices grown by SM3's statistics."""
+
+  def opt_specs(self, t: targets_lib.Target, node: dict, pc: config.PeftConfig) -> dict:
+    ax = (t.expert_axis, None)
+    return {"values": {"row": sharding.param(sharding.zeros, (t.experts, t.rows), ax),
+                       "col": sharding.param(sharding.zeros, (t.experts, t.cols), ax)}}
+
+  def update(self, t, values, g, opt, node, lr, pc, oc: config.OptimConfig):
+    o = opt["values"]
+    v, row, col = jax.vmap(lambda v, g, r, c, i: sm3(v, g, r, c, i, t.cols, lr, pc.sm3_eps))(
+      values, g, o["row"], o["col"], node["indices"])
+    return {"values": v, "indices": node["indices"]}, {"values": {"row": row, "col": col}}
+
+  def after(self, tg: dict, step: jax.Array, g_w: dict, nodes: dict, opt: dict, aux: dict, pc: config.PeftConfig,
+            total: int):
+    def grow(p, t, node, o, n_drop):
+      v, i = jax.vmap(grow_ma, (0, 0, 0, 0, None))(node["values"], node["indices"], o["values"]["row"],
+                                                   o["values"]["col"], n_drop)
+      return {"values": v, "indices": i}, o
+
+    nodes, opt = self.reselect(tg, step + 1, pc, total, nodes, opt, grow)
+    return nodes, opt, {}

@@ -1,8 +1,9 @@
 """K LoRA experts trained in one program: every adapter, optimizer moment and batch carries a leading expert axis
-K, the step is the fine-tuning trainer's LoRA step (moejax/peft/trainer.py: merge W + (alpha/r) A@B, the task's
-loss, clip by each expert's own gradient norm, AdamW, NaN guard) vmapped over K, and K is laid out over the mesh's
-batch axes (the logical name "batch": data, fsdp, expert), so the experts train in parallel across devices with
-no communication (embarrassingly parallel, as the paper notes); a K those axes do not divide is replicated. The frozen base is one replicated copy.
+K, the step is the fine-tuning trainer's LoRA step (`peft.trainer.rule` in `step.make_train_step`: merge
+W + (alpha/r) A@B, the task's loss, clip by each expert's own gradient norm, AdamW, NaN guard) vmapped over K
+(`stacked=True`), and K is laid out over the mesh's batch axes (the logical name "batch": data, fsdp, expert),
+so the experts train in parallel across devices with no communication (embarrassingly parallel, as the paper
+notes); a K those axes do not divide is replicated. The frozen base is one replicated copy.
 
 State: `{step, params: {lora: {<target>: {a [K,E,R,r], b [K,E,r,C]}}}, opt_state (same, per moment),
 peft: {base_hash}}`, saved as ordinary orbax checkpoints in the bank. Expert k's data is random windows of
@@ -22,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import config, optim, sharding, tasks
-from moejax.peft import lora, spiel
+from moejax import step as step_lib
 from moejax.peft import targets as targets_lib
 from moejax.peft import trainer as peft_trainer
 
@@ -42,6 +43,10 @@ class ExpertSetup:
   batch_sharding: NamedSharding
   lr_schedule: Any
   cache: dict = dataclasses.field(default_factory=dict)  # compiled programs reused across calls (test-time TTT)
+
+  @property
+  def task(self) -> Any:
+    return tasks.get(self.cfg.task)
 
   @property
   def scale(self) -> float:
@@ -91,8 +96,7 @@ def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | 
                "peft": sharding.param_shardings(aux, mesh)}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
   for n, v in specs.items():
-    abstract[n] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), v, shardings[n],
-                               is_leaf=sharding.is_spec)
+    abstract[n] = step_lib.abstract(v, shardings[n])
   batch_sh = NamedSharding(mesh, sharding.spec_for((expert_axis(k, mesh), None, None), mesh))
   sched = optim.schedule(cfg.optim, cfg.train.schedule_steps or cfg.train.steps)
   return ExpertSetup(cfg, mesh, k, tg, params, shards, info, {"params": ad, "opt_state": op}, shardings, abstract,
@@ -121,59 +125,14 @@ def init_state(es: ExpertSetup, key: jax.Array) -> dict:
   return st
 
 
-def _clip(tree: Any, norm: jax.Array, max_norm: float) -> Any:
-  if max_norm <= 0:
-    return tree
-  keep = norm < max_norm  # optax.clip_by_global_norm's arithmetic (as the fine-tuning trainer)
-  return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), tree)
-
-
-def expert_update(es: ExpertSetup, params: dict, opt: dict, base: Any, batch: dict, step: jax.Array,
-                  rng: jax.Array) -> tuple[dict, dict, dict]:
-  """One expert's LoRA step (no expert axis): what the fine-tuning trainer does for a LoRA run."""
-  cfg, tg, oc = es.cfg, es.targets, es.cfg.optim
-  task = tasks.get(cfg.task)
-  trainable = targets_lib.by_target(params["lora"], tg)
-  merge = lambda tr: {p: lora.merge(t, targets_lib.get(base, p), tr[p], es.scale) for p, t in tg.items()}
-  eff, vjp = jax.vjp(merge, trainable)
-  lossf = lambda e, b, r: task.loss_fn(targets_lib.replace(base, e), b, cfg, rng=r, train=True)
-  from moejax import train  # (train imports the peft trainer lazily; keep this module importable on its own)
-
-  g_eff, m = train.accumulated_grads(lossf, eff, batch, rng, oc.grad_accum)
-  (g_tr,) = vjp(g_eff)
-  grad_norm = optim.global_norm(g_tr)
-  g_tr = _clip(g_tr, grad_norm, oc.clip_norm)
-  lr = es.lr_schedule(step)
-  o = targets_lib.by_target(opt, tg)
-  new_nodes, new_opt = {}, {}
-  for p in tg:
-    new_nodes[p], new_opt[p] = {}, {}
-    for n in ("a", "b"):
-      new_nodes[p][n], new_opt[p][n] = spiel.adamw(trainable[p][n], g_tr[p][n], o[p][n], lr, oc)
-  new_params, new_opt = {"lora": targets_lib.nest(new_nodes)}, targets_lib.nest(new_opt)
-  ok = jnp.isfinite(m["loss"]) & jnp.isfinite(grad_norm) if cfg.train.nan_guard else jnp.bool_(True)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  m = {k: v for k, v in m.items() if k != "moe"}
-  return keep(new_params, params), keep(new_opt, opt), dict(m, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
-
-
 def make_train_step(es: ExpertSetup):
-  """`(state, batch {"tokens": [K, B, T+1]}) -> (state, metrics [K] each)`: all K experts, one jitted program."""
-  base_key = jax.random.key(es.cfg.train.seed)
-
-  def train_step(state, base, batch):
-    step = state["step"]
-    rng = jax.random.fold_in(base_key, step)  # the fine-tuning trainer's per-step key, shared by the experts
-    one = lambda p, o, b: expert_update(es, p, o, base, b, step, rng)
-    new_p, new_o, m = jax.vmap(one)(state["params"], state["opt_state"], batch)
-    return {"step": step + 1, "params": new_p, "opt_state": new_o, "peft": state["peft"]}, m
-
+  """`(state, batch {"tokens": [K, B, T+1]}) -> (state, metrics [K] each)`: all K experts, one jitted program:
+  the fine-tuning trainer's LoRA step (`peft.trainer.rule`) vmapped over K by `step.make_train_step`."""
   if "step" not in es.cache:
-    es.cache["step"] = jax.jit(train_step, in_shardings=(es.state_shardings, es.base_shardings,
-                                                         {"tokens": es.batch_sharding}),
-                               out_shardings=(es.state_shardings, None), donate_argnums=(0,))
-  jitted = es.cache["step"]
-  return lambda state, batch: jitted(state, es.base, batch)
+    select, apply = peft_trainer.rule(es.cfg, es.targets)
+    es.cache["step"] = step_lib.make_train_step(es, select, apply, clip_grads=True, frozen=es.base,
+                                                frozen_shardings=es.base_shardings, stacked=True)
+  return es.cache["step"]
 
 
 class ClusterBatches:
