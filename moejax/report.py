@@ -288,7 +288,7 @@ def write_doc_block(path: pathlib.Path, generator: str, name: str, block: str) -
 
 
 def flops_per_step(workdir: pathlib.Path, slots: bool = False) -> float:
-  """`slots`: capacity dispatch counted by its whole expert buffer (router.experts_per_token), not top_k."""
+  """`slots`: capacity dispatch counted by its whole expert buffer (routers.experts_per_token), not top_k."""
   from moejax import checkpoint, tasks
 
   cfg = checkpoint.read_config(workdir)

@@ -108,6 +108,37 @@ def causal_names() -> str:
   return ", ".join(n for n, r in TABLE.items() if r.causal)
 
 
+def experts_per_token(moe: Any, seq_len: int | None = None, slots: bool = False) -> float:
+  """Average experts applied per token (from the router's capacity semantics, `routers.CAPACITY`), for active
+  params and FLOPs: top_k for token choice; for expert choice
+  E * C / S with C = router.expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S).
+  `slots`: what capacity dispatch computes instead, its whole [E, C] buffer per group of S tokens, empty slots
+  included: E * C / S with C = router.expert_capacity(capacity_factor, S, E, top_k) (about capacity_factor * top_k),
+  the cost the capacity factor trades against drops; the same as without `slots` for dropless token choice."""
+  from moejax.layers import router
+
+  E = moe.num_experts
+  if not get(moe.router).token_picks:
+    if seq_len is None:
+      return float(moe.capacity_factor)
+    return E * router.expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
+  if not (slots and moe.dispatch == "capacity"):
+    return float(moe.top_k)
+  if seq_len is None:
+    return float(moe.capacity_factor * moe.top_k)
+  return E * router.expert_capacity(moe.capacity_factor, seq_len, E, moe.top_k) / seq_len
+
+
+def choose_experts(p_router: dict, x_GSD: Any, moe: Any) -> tuple[Any, Any]:
+  """(probabilities [G, S, E], top-k choices) of a token-picking router (`routers.Router.token_picks`) as at
+  inference: no jitter, no padding. The decoder's gathered path and pruning's router statistics read them."""
+  from moejax.layers import router
+
+  r = get(moe.router)
+  probs_GSE = router.probs(p_router, router.logits(p_router["w"], x_GSD), r.score)
+  return probs_GSE, r.select(probs_GSE, moe, p_router, None, None)
+
+
 register(Router(
   "token_choice", token_top_k, "dispatch", causal=True,
   hf="the softmax top-k gate of Mixtral / Qwen2-MoE (router/w -> the gate's weight, moe.renormalize -> "

@@ -11,7 +11,7 @@ CORE = ("moejax.train", "moejax.step", "moejax.models", "moejax.layers", "moejax
 METHOD_PACKAGES = ("moejax.peft", "moejax.ttmm", "moejax.prune")
 # Being taken apart by the run-writing work (moejax/runs.py: one destination check, one params-only writer);
 # delete this entry with it.
-KNOWN_CYCLES = [{"moejax.checkpoint", "moejax.paths"}]
+KNOWN_CYCLES: list[set[str]] = []  # none left
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -22,12 +22,28 @@ def _modules() -> dict[str, pathlib.Path]:
   return out
 
 
+def _type_checking(node: ast.AST) -> bool:
+  test = getattr(node, "test", None)
+  return isinstance(node, ast.If) and (
+    (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or
+    (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST):
+  """Every node of `tree` except those under `if TYPE_CHECKING:` (imports for annotations only, never run)."""
+  todo = [tree]
+  while todo:
+    node = todo.pop()
+    yield node
+    todo.extend(c for c in ast.iter_child_nodes(node) if not _type_checking(c))
+
+
 def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
   """Every moejax module `name` imports, anywhere in the file (`from a import b` counts a.b when that is a
   module, else a)."""
   package = name if path.name == "__init__.py" else name.rpartition(".")[0]
   found = set()
-  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+  for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
     if isinstance(node, ast.Import):
       found.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom):
@@ -88,8 +104,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
   return out
 
 
-def test_the_graph_sees_in_function_imports():
+def test_the_graph_sees_in_function_imports_and_skips_type_only_ones():
   g = _graph()
+  assert "moejax.config" not in g["moejax.layers.router"]  # `if TYPE_CHECKING:` only (annotations)
   assert "moejax.upcycle" in g["moejax.train"]  # imported inside `initial_params` only
   assert "moejax.ttmm.cli" in g["moejax.cli"]
 

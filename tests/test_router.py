@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import config
+from moejax import config, routers
 from moejax.layers import router
 
 
@@ -175,8 +175,8 @@ def test_expert_choice_active_params_and_flops_use_its_capacity():
                               moe=config.MoEConfig(num_experts=8, every=1, offset=0, **kw))
 
   ec, tc2 = lm(router="expert_choice", top_k=1, capacity_factor=2.0), lm(top_k=2)
-  assert router.experts_per_token(ec.moe, 64) == 2.0
-  assert router.experts_per_token(config.MoEConfig(num_experts=8, router="expert_choice", capacity_factor=1.0), 12) \
+  assert routers.experts_per_token(ec.moe, 64) == 2.0
+  assert routers.experts_per_token(config.MoEConfig(num_experts=8, router="expert_choice", capacity_factor=1.0), 12) \
     == 8 * 2 / 12  # C = ceil(12 / 8) = 2
   assert transformer.num_params(ec, active=True) == transformer.num_params(tc2, active=True)
   assert transformer.flops_per_token(ec, 64) == transformer.flops_per_token(tc2, 64)
@@ -217,7 +217,7 @@ def test_capacity_dispatch_slot_flops_count_the_whole_buffer():
                           moe=config.MoEConfig(num_experts=8, every=1, offset=0, top_k=2, dispatch="capacity",
                                                capacity_factor=1.25))
   C = router.expert_capacity(1.25, 12, 8, 2)  # ceil(3.75) = 4 slots of 12 tokens' 24 picks -> 32 slots
-  assert router.experts_per_token(lm.moe, 12, slots=True) == 8 * C / 12 == 32 / 12
+  assert routers.experts_per_token(lm.moe, 12, slots=True) == 8 * C / 12 == 32 / 12
   assert lm.activation == "swiglu"  # three expert matrices (gate, up, down); num_params counts whole params
   assert transformer.flops_per_token(lm, 12, slots=True) - transformer.flops_per_token(lm, 12) == pytest.approx(
     6.0 * (32 / 12 - 2) * 3 * 32 * 64 * 2, rel=1e-3)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from moejax import cli, config, routers, sharding
 from moejax.bench import moe_peer
-from moejax.layers import gmm, mlp, moe, router
+from moejax.layers import gmm, mlp, moe
 
 # name: (tokens, d_model, d_ff per expert, experts, top_k)
 CPU_CONFIGS = {"S": (2048, 256, 512, 8, 2), "M": (8192, 512, 1024, 8, 2), "M-fg": (8192, 512, 256, 32, 4)}
@@ -121,7 +121,7 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
   t_fwd = _time_interleaved(fwd, args.iters, args.stat)
   t_bwd = {} if args.fwd_only else _time_interleaved(bwd, args.iters, args.stat)
   # forward FLOPs of the routed experts (= the dense floor's); expert choice applies ~capacity_factor experts
-  k_eff = router.experts_per_token(_model_cfg(D, F, E, k, dtype, "dropless", "auto", args.router,
+  k_eff = routers.experts_per_token(_model_cfg(D, F, E, k, dtype, "dropless", "auto", args.router,
                                               args.capacity_factor).moe, seq)
   useful = 2 * 3 * tokens * k_eff * D * F
   rows = []

@@ -351,7 +351,7 @@ def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Ar
   B, T, D = x_BTD.shape
   dt = x_BTD.dtype
   x_ND = x_BTD.reshape(B * T, D)
-  _, tc = router.choose_experts(p["router"], x_ND[None], m)
+  _, tc = routers.choose_experts(p["router"], x_ND[None], m)
   e_NK, w_NK = tc.expert_GSK[0], tc.weight_GSK[0]
   ex = p["experts"]
 

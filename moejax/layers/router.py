@@ -21,12 +21,13 @@ Aux losses (weighted in config, added to the training loss by the decoder):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from moejax import config, routers
+if TYPE_CHECKING:  # annotations only: config imports the router table, which calls into this module
+  from moejax import config
 
 
 class TokenChoice(NamedTuple):
@@ -57,7 +58,11 @@ def logits(w_DE: jax.Array, x_GSD: jax.Array, *, jitter: float = 0.0, rng: jax.A
   return jnp.einsum("GSD,DE->GSE", x, w_DE.astype(jnp.float32))
 
 
-def probs(p_router: dict, logits_GSE: jax.Array, score=routers.softmax) -> jax.Array:
+def _softmax(logits_GSE: jax.Array) -> jax.Array:
+  return jax.nn.softmax(logits_GSE, -1)
+
+
+def probs(p_router: dict, logits_GSE: jax.Array, score=_softmax) -> jax.Array:
   """Router probabilities: the router's `score` (`routers.Router.score`: softmax over its experts by default),
   then, for a merged model (EEP, Liu et al. 2024), mapped onto the kept experts by `router/map` [K, E]:
   p' = p @ map^T (float32). Top-k picks over p'."""
@@ -95,33 +100,6 @@ def expert_capacity(capacity_factor: float, group_size: int, num_experts: int, k
   if capacity_factor <= 0:
     raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
   return max(1, min(group_size, math.ceil(capacity_factor * k * group_size / num_experts)))
-
-
-def experts_per_token(moe: config.MoEConfig, seq_len: int | None = None, slots: bool = False) -> float:
-  """Average experts applied per token (from the router's capacity semantics, `routers.CAPACITY`), for active
-  params and FLOPs: top_k for token choice; for expert choice
-  E * C / S with C = expert_capacity(capacity_factor, S, E) (about capacity_factor; exactly that without S).
-  `slots`: what capacity dispatch computes instead, its whole [E, C] buffer per group of S tokens, empty slots
-  included: E * C / S with C = expert_capacity(capacity_factor, S, E, top_k) (about capacity_factor * top_k),
-  the cost the capacity factor trades against drops; the same as without `slots` for dropless token choice."""
-  E = moe.num_experts
-  if not routers.get(moe.router).token_picks:
-    if seq_len is None:
-      return float(moe.capacity_factor)
-    return E * expert_capacity(moe.capacity_factor, seq_len, E) / seq_len
-  if not (slots and moe.dispatch == "capacity"):
-    return float(moe.top_k)
-  if seq_len is None:
-    return float(moe.capacity_factor * moe.top_k)
-  return E * expert_capacity(moe.capacity_factor, seq_len, E, moe.top_k) / seq_len
-
-
-def choose_experts(p_router: dict, x_GSD: jax.Array, moe: config.MoEConfig) -> tuple[jax.Array, TokenChoice]:
-  """(probabilities [G, S, E], top-k choices) of a token-picking router (`routers.Router.token_picks`) as at
-  inference: no jitter, no padding. The decoder's gathered path and pruning's router statistics read them."""
-  r = routers.get(moe.router)
-  probs_GSE = probs(p_router, logits(p_router["w"], x_GSD), r.score)
-  return probs_GSE, r.select(probs_GSE, moe, p_router, None, None)
 
 
 def expert_choice(probs_GSE: jax.Array, capacity: int, valid_GS: jax.Array | None = None) -> ExpertChoice:

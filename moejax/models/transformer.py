@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import ad_checkpoint
 
-from moejax import config, sharding
-from moejax.layers import attention, embed, mlp, moe, norms, router
+from moejax import config, routers, sharding
+from moejax.layers import attention, embed, mlp, moe, norms
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -162,7 +162,7 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: config.ModelConfig, *, rng:
 
 def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | None = None, slots: bool = False) -> int:
   """Total params, or params active per token when `active`: top_k of E experts for token choice, the expert
-  choice capacity (router.experts_per_token, at `seq_len` when given) for expert choice; `slots`: capacity
+  choice capacity (routers.experts_per_token, at `seq_len` when given) for expert choice; `slots`: capacity
   dispatch's whole buffer instead of top_k."""
   total = 0
   for path, s in sharding.flatten(specs(cfg), is_leaf=sharding.is_spec).items():
@@ -170,14 +170,14 @@ def num_params(cfg: config.ModelConfig, active: bool = False, seq_len: int | Non
     for d in s.shape:
       n *= d
     if active and "/moe/experts/" in path:
-      n = int(n * router.experts_per_token(cfg.moe, seq_len, slots) // cfg.moe.num_experts)
+      n = int(n * routers.experts_per_token(cfg.moe, seq_len, slots) // cfg.moe.num_experts)
     total += n
   return total
 
 
 def flops_per_token(cfg: config.ModelConfig, seq_len: int, slots: bool = False) -> float:
   """Training FLOPs per token: 6 x active matmul params + attention (the PaLM appendix-B estimate); `slots`:
-  capacity dispatch counts its whole expert buffer, empty slots included (router.experts_per_token)."""
+  capacity dispatch counts its whole expert buffer, empty slots included (routers.experts_per_token)."""
   # The input lookup is free; with tied embeddings the same table is the (costly) output projection.
   n_active = num_params(cfg, active=True, seq_len=seq_len, slots=slots)
   n_active -= 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model

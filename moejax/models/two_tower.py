@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import config, sharding
-from moejax.layers import router
+from moejax import config, routers, sharding
 from moejax.models import text, transformer, vit
 
 # CLIP clips the learned inverse temperature at 100 so training cannot make the logits arbitrarily sharp.
@@ -118,7 +117,7 @@ def _active_size(path: str, shape: tuple[int, ...], moe_cfg: config.MoEConfig, s
                  slots: bool = False) -> float:
   n = float(np.prod(shape)) if shape else 1.0
   if "/moe/experts/" in path and moe_cfg.num_experts:
-    n *= router.experts_per_token(moe_cfg, seq_len, slots) / moe_cfg.num_experts
+    n *= routers.experts_per_token(moe_cfg, seq_len, slots) / moe_cfg.num_experts
   return n
 
 
@@ -146,7 +145,7 @@ def _block_flops_per_token(cfg: config.ExperimentConfig, tower: str, slots: bool
 def flops_per_example(cfg: config.ExperimentConfig, slots: bool = False) -> float:
   """Training FLOPs per image-text pair (fwd + bwd): both towers' active matmul params x their token counts,
   attention scores, the patch embedding and projections, and the pair's row of the global similarity matrix.
-  `slots`: capacity dispatch counts its whole expert buffer (router.experts_per_token), not the routed top_k."""
+  `slots`: capacity dispatch counts its whole expert buffer (routers.experts_per_token), not the routed top_k."""
   c = cfg.clip
   v, t = c.vision, c.text
   n_img, n_txt = vit.num_tokens(c), t.max_seq_len

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import config
-from moejax.layers import embed, router
+from moejax import config, routers
+from moejax.layers import embed
 from moejax.models import transformer
 from moejax.prune import candidates
 
@@ -35,7 +35,7 @@ def router_stats(params: dict, cfg: config.ModelConfig, batch: dict) -> dict[str
       p = params["layers"][str(i)]
       x, aux = transformer.block_apply(p, x, cfg, causal=True, rng=None, train=False, tap=True)
       if "moe" in p:
-        probs_BTE, tc = router.choose_experts(p["moe"]["router"], aux["mlp_in"], cfg.moe)
+        probs_BTE, tc = routers.choose_experts(p["moe"]["router"], aux["mlp_in"], cfg.moe)
         onehot = jax.nn.one_hot(tc.expert_GSK, probs_BTE.shape[-1]).sum(2)
         freq.append(jnp.einsum("BTE,BT->E", onehot, valid_BT))
         soft.append(jnp.einsum("BTE,BT->E", probs_BTE, valid_BT))
