@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import checkpoint, config, paths, precision, sharding, tasks, train
-from moejax.layers import attention, ragged_ep
+from moejax import checkpoint, config, paths, sharding
+from moejax import step as step_lib
 
 KINDS = ("run", "bank", "export")
 # What an export writes: a directory holding any of them is not one to write an export into.
@@ -98,7 +98,7 @@ def claim(path: str | os.PathLike, what: str = "--to", primary: bool | None = No
 @dataclasses.dataclass(frozen=True)
 class Target:
   """What a params-only run of `cfg` is written on. It shares `train.Setup`'s `cfg`, `mesh`, `task`, `specs` and
-  `param_shardings` (so `train.train_iterator` and `train.initial_params` accept it) and has no optimizer."""
+  `param_shardings` (so `train.train_iterator` and `train.initial_params` accept it: `step.Setup`'s fields of those names) and has no optimizer."""
 
   cfg: config.ExperimentConfig
   mesh: Mesh
@@ -110,14 +110,8 @@ class Target:
 def target(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> Target:
   """`cfg`'s params on `mesh` (default: the config's own), after the checks `train.setup` makes (dtype policy,
   attention and expert-exchange backends, batch against the mesh), so the run it writes can train."""
-  precision.check_train(cfg)
-  platform = None if mesh is None else mesh.devices.flat[0].platform  # a TPU topology's, on a CPU host
-  for where, m in precision.towers(cfg):
-    attention.check_impl(m.attention_impl, f"{where}.attention_impl", platform)
-    ragged_ep.check(m.moe, f"{where}.moe", platform)
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  train.check_batch(cfg, mesh)
-  task = tasks.get(cfg.task)
+  step_lib.check_config(cfg, mesh)
+  mesh, task = step_lib.prepare(cfg, mesh)
   specs = task.specs(cfg)
   return Target(cfg, mesh, task, specs, sharding.param_shardings(specs, mesh))
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from moejax import config, optim, sharding, tasks
+from moejax import config, optim, precision, sharding, tasks
+from moejax.layers import attention, ragged_ep
 
 
 @dataclasses.dataclass
@@ -55,6 +56,17 @@ def check_batch(cfg: config.ExperimentConfig, mesh: Mesh) -> None:
                              f"{A}) is not divisible by the {div} data-parallel shards of mesh ({shape})")
   if B % jax.process_count():
     raise config.ConfigError(f"data.batch_size={B} is not divisible by the {jax.process_count()} processes")
+
+
+def check_config(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> None:
+  """What every run that could train must satisfy before anything is built: the dtype policy (no float16, fp32
+  master params: moejax/precision.py), an attention implementation and an expert-parallel exchange the mesh's
+  platform has (a TPU topology's, on a CPU host)."""
+  precision.check_train(cfg)
+  platform = None if mesh is None else mesh.devices.flat[0].platform
+  for where, m in precision.towers(cfg):
+    attention.check_impl(m.attention_impl, f"{where}.attention_impl", platform)
+    ragged_ep.check(m.moe, f"{where}.moe", platform)
 
 
 def prepare(cfg: config.ExperimentConfig, mesh: Mesh | None) -> tuple[Mesh, Any]:

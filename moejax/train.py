@@ -28,9 +28,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moejax import checkpoint, config, methods, metrics, paths, precision, profiling, resume, tasks
+from moejax import checkpoint, config, methods, metrics, paths, profiling, resume, tasks
 from moejax import step as step_lib
-from moejax.layers import attention, moe, ragged_ep
+from moejax.layers import moe
 
 log = logging.getLogger("moejax")
 
@@ -47,11 +47,7 @@ def _count_skips(counts: dict, skipped: jax.Array) -> dict:
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None) -> step_lib.Setup:
   """The config's training method (methods.py) set up on `mesh` (default: the config's), after the checks every
   method shares."""
-  precision.check_train(cfg)  # no float16, fp32 master params (moejax/precision.py)
-  platform = None if mesh is None else mesh.devices.flat[0].platform  # a TPU topology's, on a CPU host
-  for where, m in precision.towers(cfg):
-    attention.check_impl(m.attention_impl, f"{where}.attention_impl", platform)
-    ragged_ep.check(m.moe, f"{where}.moe", platform)
+  step_lib.check_config(cfg, mesh)
   return methods.get(cfg).setup(cfg, mesh)
 
 
