@@ -116,6 +116,8 @@ def test_report_memory_is_the_state_bytes(lm_report):
   assert "FITS" in out and "DOES NOT FIT" not in out and out.count("estimate") >= 2
   assert (d / "step.hlo").read_text().startswith("HloModule")
   assert (d / "save" / "train_step.bin").stat().st_size > 0
+  prov = r["provenance"]  # a stored report says which code, host and versions produced it
+  assert prov["jax"] and prov["cores"] >= 1 and "load_avg_1m" in prov and "commit" in prov
 
 
 @pytest.mark.tpu_compile

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moejax import precision
+from moejax import precision, provenance
 from moejax.aot import hlo, train_step
 
 MIB = 2**20
@@ -189,6 +189,8 @@ def save(r: dict[str, Any], c: train_step.Compiled, out_dir: str | pathlib.Path)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = [out / "report.json"]
+  # Where the figures came from (commit, this host's CPU and load, versions): a stored report is a result.
+  r = {**r, "provenance": provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)}
   files[0].write_text(json.dumps(r, indent=2, default=str))
   try:
     import pickle
