@@ -266,3 +266,19 @@ def test_the_pod_launcher_refuses_a_config_that_does_not_fit():
   big = launch("data.batch_size=4194304")  # [4M, 128, 258] f32 logits: over 130 GiB per chip of 4
   assert big.returncode == 2 and not big.stdout, big.stdout
   assert "DOES NOT FIT" in big.stderr and "not launching: lm_moe_tiny does not fit" in big.stderr
+
+
+@pytest.mark.tpu_compile
+def test_gradient_accumulation_counts_every_micro_step():
+  """optim.grad_accum=2 runs the same tokens as two micro-steps in a `lax.scan`, whose body XLA's cost analysis
+  counts once; the report scales it, so the step's FLOPs match the unaccumulated step's (the optimizer update,
+  once per step, is counted twice: a small over-count) instead of halving."""
+  from moejax.aot import report, train_step
+
+  topo = chips.parse(TOPO)
+  one, two = (report.build(train_step.compile_train_step(registry.get("lm_moe_tiny", [f"optim.grad_accum={a}"]),
+                                                         topo)) for a in (1, 2))
+  assert two["micro_steps_counted"] == 2 and one["micro_steps_counted"] == 1
+  assert 0.95 <= two["flops_per_device"] / one["flops_per_device"] <= 1.10, (two["flops_per_device"],
+                                                                              one["flops_per_device"])
+  assert "x optim.grad_accum=2" in report.table(two)

@@ -57,6 +57,12 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
   cost = _cost(c.executable)
   coll = hlo.collectives(c.executable.as_text())
   coll_bytes = sum(v["bytes"] for v in coll.values())
+  # With gradient accumulation the micro-steps are a `lax.scan`, a while loop whose body XLA's cost analysis and
+  # the HLO text count once: scale by the trip count (the once-per-step optimizer update is then counted A times,
+  # a small over-count next to A forward+backward passes).
+  A = cfg.optim.grad_accum
+  cost = {k: v * A for k, v in cost.items()}
+  coll_bytes *= A
   model_flops = cfg.data.batch_size * s.task.flops_per_example(cfg)  # per step, all devices
   times = {"compute_s": cost["flops"] / chip.peak_bf16_flops, "hbm_s": cost["bytes_accessed"] / chip.hbm_bytes_per_s,
            "ici_s": coll_bytes / chip.ici_bytes_per_s}
@@ -69,7 +75,7 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
     "memory_per_device": mem, "fits": mem["peak"] <= mem["hbm"],
     "advice": [] if mem["peak"] <= mem["hbm"] else advice(cfg, dict(s.mesh.shape)),
     "flops_per_device": cost["flops"], "bytes_accessed_per_device": cost["bytes_accessed"],
-    "model_flops_per_step": model_flops, "collectives_per_device": coll,
+    "model_flops_per_step": model_flops, "collectives_per_device": coll, "micro_steps_counted": A,
     "estimate": {**times, "step_s": step_s, "mfu": model_flops / (step_s * chip.peak_bf16_flops * n),
                  "note": "roofline lower bound from published peaks (perfect overlap); an estimate, not a measurement"},
     "chip_source": chip.source,
@@ -165,10 +171,13 @@ def table(r: dict[str, Any]) -> str:
     lines.append(f"      try: {a}")
   lines += [
     "",
-    f"  per step, per device          FLOPs {r['flops_per_device']:.3e}   HBM bytes {r['bytes_accessed_per_device']:.3e}",
+    f"  per step, per device          FLOPs {r['flops_per_device']:.3e}   HBM bytes {r['bytes_accessed_per_device']:.3e}"
+    + (f"   (XLA's count of one micro-step x optim.grad_accum={A})" if (A := r.get("micro_steps_counted", 1)) > 1
+       else ""),
     f"  model FLOPs per step (all devices, 6 x active params x tokens + attention)   {r['model_flops_per_step']:.3e}"
     f"   compiled / model = {r['flops_per_device'] * r['devices'] / max(r['model_flops_per_step'], 1):.2f}x",
-    "  collectives per device (static count, result bytes)",
+    "  collectives per device (static count, result bytes)"
+    + (f": the micro-step loop's once, x{A} in the ICI estimate" if A > 1 else ""),
   ]
   for kind, v in r["collectives_per_device"].items():
     lines.append(f"    {kind:<20} {v['count']:>5} ops {_b(v['bytes']):>12}")
