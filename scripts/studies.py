@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         study_dir.mkdir(parents=True, exist_ok=True)
         with open(study_dir / "provenance.jsonl", "a") as f:
           f.write(json.dumps(row) + "\n")
+        # A study stopped part-way (SIGTERM) keeps what finished in the record too, not only a completed one.
+        done = [r for r in runs if last_step(r.workdir) >= r.steps]  # a part-trained run is not a record
+        print(f"studies: {save_record(done, root, record, study_dir)} finished runs' configs and metrics recorded in "
+              f"{record}")
   img.mkdir(parents=True, exist_ok=True)
   if a.study == "capacity":
     paths = [p for p in [capacity_figure(runs, img)] if p]
