@@ -19,9 +19,18 @@ DOC = ROOT / "docs" / "results.md"
 GENERATOR = "scripts/studies.py --write-docs"
 
 
+def _seeds(study: str, record: pathlib.Path, parent_steps: int) -> list[int]:
+  """The default seeds and any others the record holds (a verdict under 3 SE asks for seeds 3 and 4)."""
+  d = record / study / (f"p{parent_steps}" if study in MATURE else "")
+  found = {int(x.name[1:]) for x in d.glob("*/s*") if x.name[1:].isdigit()} | {
+    int(x.name[1:]) for x in d.glob("s*") if x.name[1:].isdigit()}
+  return sorted(set(default_seeds(study)) | found)
+
+
 def _restored(study: str, root: pathlib.Path, record: pathlib.Path, parent_steps: int) -> tuple[list, pathlib.Path]:
-  """`study`'s runs (default seeds and budgets) with the recorded ones restored under `root`; its directory."""
-  runs = plan(study, root, default_seeds(study), BUDGETS[study], parent_steps)
+  """`study`'s runs (every recorded seed, default budgets) with the recorded ones restored under `root`; its
+  directory."""
+  runs = plan(study, root, _seeds(study, record, parent_steps), BUDGETS[study], parent_steps)
   study_dir = root / study / (f"p{parent_steps}" if study in MATURE else "")
   restore_record(runs, root, record, study_dir)
   return runs, study_dir
