@@ -5,8 +5,10 @@ checks that every block in the doc equals what this prints."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import tempfile
+from collections.abc import Iterator
 
 from moejax import report
 from studylib import verdicts
@@ -19,29 +21,39 @@ DOC = ROOT / "docs" / "results.md"
 GENERATOR = "scripts/studies.py --write-docs"
 
 
+STUDIES = ("lm_upcycle", "lm_mature", "clip_up", "clip_mature")
+Restored = dict[str, tuple[list, pathlib.Path]]  # study -> (its runs, its directory) under a scratch root
+
+
+def _study_dir(root: pathlib.Path, study: str, parent_steps: int) -> pathlib.Path:
+  return root / study / (f"p{parent_steps}" if study in MATURE else "")
+
+
 def _seeds(study: str, record: pathlib.Path, parent_steps: int) -> list[int]:
   """The default seeds and any others the record holds (a verdict under 3 SE asks for seeds 3 and 4)."""
-  d = record / study / (f"p{parent_steps}" if study in MATURE else "")
+  d = _study_dir(record, study, parent_steps)
   found = {int(x.name[1:]) for x in d.glob("*/s*") if x.name[1:].isdigit()} | {
     int(x.name[1:]) for x in d.glob("s*") if x.name[1:].isdigit()}
   return sorted(set(default_seeds(study)) | found)
 
 
-def _restored(study: str, root: pathlib.Path, record: pathlib.Path, parent_steps: int) -> tuple[list, pathlib.Path]:
-  """`study`'s runs (every recorded seed, default budgets) with the recorded ones restored under `root`; its
-  directory."""
-  runs = plan(study, root, _seeds(study, record, parent_steps), BUDGETS[study], parent_steps)
-  study_dir = root / study / (f"p{parent_steps}" if study in MATURE else "")
-  restore_record(runs, root, record, study_dir)
-  return runs, study_dir
-
-
-def verdict_table(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> str:
-  """The claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs."""
+@contextlib.contextmanager
+def restored(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> Iterator[Restored]:
+  """Every upcycling study's runs (every recorded seed, default budgets), the recorded ones restored into one
+  scratch root that lives as long as the `with` block: the study tables, the verdicts and README's summary all
+  read this one restore."""
   with tempfile.TemporaryDirectory() as tmp:
-    plans = {s: _restored(s, pathlib.Path(tmp), record, parent_steps)[0]
-             for s in ("lm_upcycle", "lm_mature", "clip_up", "clip_mature")}
-    return report.markdown_table(verdicts.rows(plans))
+    root, out = pathlib.Path(tmp), {}
+    for study in STUDIES:
+      runs = plan(study, root, _seeds(study, record, parent_steps), BUDGETS[study], parent_steps)
+      out[study] = runs, _study_dir(root, study, parent_steps)
+      restore_record(runs, root, record, out[study][1])
+    yield out
+
+
+def verdict_table(studies: Restored) -> str:
+  """The claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs."""
+  return report.markdown_table(verdicts.rows({s: runs for s, (runs, _) in studies.items()}))
 
 
 README = ROOT / "README.md"
@@ -61,53 +73,48 @@ def _paired_recall(runs: list, arm: str, budget: int) -> str:
   return " / ".join(out) if any(out) else ""
 
 
-def readme_table(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> str:
+def readme_table(studies: Restored) -> str:
   """README's summary: each arm of each study against the dense continuation of the same seed, at equal steps
   and at equal training FLOPs (the FLOP-matched run with its own schedule where it has run, otherwise the
   interpolated view, labelled), and CLIP's paired retrieval difference."""
   lines = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for study, label in STUDY_LABEL.items():
-      runs, _ = _restored(study, pathlib.Path(tmp), record, parent_steps)
-      for row in table(runs, study):
-        if row["arm"] in REFERENCE_ARMS:
-          continue
-        b = int(row["budget"][1:])
-        flops = row.get("Δ vs FLOP-matched (paired)", "")
-        flops = (f"{flops} (vs {row['FLOP-matched with']}, its own schedule)" if flops else
-                 f"{row['Δ @ equal FLOPs (interpolated, paired)']} (interpolated)")
-        same_steps = row["arm"] != "sparse_flops"  # a from-scratch run of another length: only its FLOPs match
-        lines.append({"study": f"{label}, +{b:,}", "arm": row["arm"], "seeds": row["seeds"],
-                      "Δ at equal steps": row["Δ vs dense (paired)"] if same_steps else "",
-                      "Δ at equal training FLOPs": flops,
-                      "R@1 t2i / i2t (points)": _paired_recall(runs, row["arm"], b) if study.startswith("clip") else ""})
+  for study, label in STUDY_LABEL.items():
+    runs, _ = studies[study]
+    for row in table(runs, study):
+      if row["arm"] in REFERENCE_ARMS:
+        continue
+      b = int(row["budget"][1:])
+      flops = row.get("Δ vs FLOP-matched (paired)", "")
+      flops = (f"{flops} (vs {row['FLOP-matched with']}, its own schedule)" if flops else
+               f"{row['Δ @ equal FLOPs (interpolated, paired)']} (interpolated)")
+      same_steps = row["arm"] != "sparse_flops"  # a from-scratch run of another length: only its FLOPs match
+      lines.append({"study": f"{label}, +{b:,}", "arm": row["arm"], "seeds": row["seeds"],
+                    "Δ at equal steps": row["Δ vs dense (paired)"] if same_steps else "",
+                    "Δ at equal training FLOPs": flops,
+                    "R@1 t2i / i2t (points)": _paired_recall(runs, row["arm"], b) if study.startswith("clip") else ""})
   return report.markdown_table(lines)
 
 
-def doc_tables(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> dict[str, str]:
-  """{block name: markdown table} for `study` from the runs recorded under `record`, and the verdicts table."""
-  with tempfile.TemporaryDirectory() as tmp:
-    runs, study_dir = _restored(study, pathlib.Path(tmp), record, parent_steps)
-    novel = read_cache(study_dir / "novel.json") or None
-    rows = table(runs, study, novel)
-    blocks = {}
-    if study == "clip_up":
-      for b in dict.fromkeys(r["budget"] for r in rows):
-        blocks[f"clip_up {b}"] = report.markdown_table([r for r in rows if r["budget"] == b])
-      cap = capacity_table(runs, read_cache(study_dir / "timings.json"))
-      if cap:
-        blocks["clip_up capacity"] = report.markdown_table(cap)
-    elif rows:
-      blocks[study] = report.markdown_table(rows)
-  blocks["verdicts"] = verdict_table(record, parent_steps)
+def study_tables(study: str, studies: Restored) -> dict[str, str]:
+  """{block name: markdown table} of `study`'s recorded runs (the verdicts and README's summary are separate)."""
+  runs, study_dir = studies[study]
+  rows = table(runs, study, read_cache(study_dir / "novel.json") or None)
+  if study != "clip_up":
+    return {study: report.markdown_table(rows)} if rows else {}
+  blocks = {f"clip_up {b}": report.markdown_table([r for r in rows if r["budget"] == b])
+            for b in dict.fromkeys(r["budget"] for r in rows)}
+  cap = capacity_table(runs, read_cache(study_dir / "timings.json"))
+  if cap:
+    blocks["clip_up capacity"] = report.markdown_table(cap)
   return blocks
 
 
 def write_docs(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> list[str]:
   """Write `study`'s blocks and the verdicts into docs/results.md, and README's summary; the blocks written."""
-  done = []
-  for name, block in doc_tables(study, record, parent_steps).items():
+  with restored(record, parent_steps) as studies:
+    blocks = {**study_tables(study, studies), "verdicts": verdict_table(studies)}
+    readme = readme_table(studies)
+  for name, block in blocks.items():
     report.write_doc_block(DOC, GENERATOR, name, block)
-    done.append(f"{name} -> {DOC.relative_to(ROOT)}")
-  report.write_doc_block(README, GENERATOR, "readme", readme_table(record, parent_steps))
-  return done + [f"readme -> {README.relative_to(ROOT)}"]
+  report.write_doc_block(README, GENERATOR, "readme", readme)
+  return [f"{name} -> {DOC.relative_to(ROOT)}" for name in blocks] + [f"readme -> {README.relative_to(ROOT)}"]
