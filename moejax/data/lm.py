@@ -78,7 +78,7 @@ class _PackIterator(grain.DatasetIterator):
     as the remainder, sliced from `offset`), so runs checkpointed by older moejax resume exactly.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, length: int, features: tuple[str, ...]):
+  def __init__(self, parent: grain.DatasetIterator, features: tuple[str, ...]):
     super().__init__(parent)
     self._features = features
 
@@ -117,7 +117,7 @@ class _PackIterDataset(grain.IterDataset):
     self._length, self._features = length, features
 
   def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._length, self._features)
+    return _PackIterator(self._parent.__iter__(), self._features)
 
   def __str__(self) -> str:
     return f"_PackIterDataset(length={self._length}, features={self._features})"
