@@ -51,9 +51,9 @@ class ExperimentConfig:
     # A decoder must not see the future: its router must be causal (the router table says which are).
     r = routers.get(self.model.moe.router)
     check(self.task != "lm" or not self.model.moe.num_experts or r.causal,
-           f"model.moe.router={r.name!r} is not causal: {r.not_causal}, so a decoder's earlier outputs would "
-           f"depend on later tokens; a causal LM (task='lm') needs a causal router: {routers.causal_names()} (the "
-           f"others are for encoders, e.g. clip.vision.moe.router)")
+          f"model.moe.router={r.name!r} is not causal: {r.not_causal}, so a decoder's earlier outputs would "
+          f"depend on later tokens; a causal LM (task='lm') needs a causal router: {routers.causal_names()} (the "
+          f"others are for encoders, e.g. clip.vision.moe.router)")
 
 
 # ----------------------------------------------------------------------------------------------------------

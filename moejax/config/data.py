@@ -42,9 +42,9 @@ class DataConfig:
     check(not dup, f"data.mixture names {dup} more than once")
     for n, w in self.mixture:
       check(w >= 0 and w == w and w != float("inf"), f"data.mixture: weight of {n!r} is {w}; weights must be "
-             "finite and >= 0")
+            "finite and >= 0")
     check(not self.mixture or sum(w for _, w in self.mixture) > 0,
-           f"data.mixture: all weights are 0 ({dict(self.mixture)}); give at least one source a weight > 0")
+          f"data.mixture: all weights are 0 ({dict(self.mixture)}); give at least one source a weight > 0")
     if self.tasks:
       try:
         task_names.check_names(self.tasks)

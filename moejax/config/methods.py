@@ -59,15 +59,15 @@ class PeftConfig:
   def __post_init__(self):
     check(self.method in PEFT_METHODS, f"peft.method={self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}")
     check(self.lora_rank >= 1 and self.lora_alpha > 0, f"peft.lora_rank={self.lora_rank} must be >= 1 and "
-           f"peft.lora_alpha={self.lora_alpha} > 0")
+          f"peft.lora_alpha={self.lora_alpha} > 0")
     check(0.0 < self.density <= 1.0, f"peft.density={self.density} must be in (0, 1]")
     check(self.match_lora_rank >= 0, f"peft.match_lora_rank={self.match_lora_rank} must be >= 0")
     check(1 <= self.selection_accum_steps < self.reselection_interval,
-           f"need 1 <= peft.selection_accum_steps ({self.selection_accum_steps}) < peft.reselection_interval "
-           f"({self.reselection_interval})")
+          f"need 1 <= peft.selection_accum_steps ({self.selection_accum_steps}) < peft.reselection_interval "
+          f"({self.reselection_interval})")
     check(0.0 <= self.drop_fraction <= 1.0, f"peft.drop_fraction={self.drop_fraction} must be in [0, 1]")
     check(self.drop_schedule in ("linear", "cosine"),
-           f"peft.drop_schedule={self.drop_schedule!r}: choose linear or cosine")
+          f"peft.drop_schedule={self.drop_schedule!r}: choose linear or cosine")
     check(self.sm3_eps > 0, f"peft.sm3_eps={self.sm3_eps} must be > 0")
     check(bool(self.targets) or self.method == "none", "peft.targets is empty")
 
@@ -97,13 +97,13 @@ class TtmmConfig:
 
   def __post_init__(self):
     check(self.ttt_neighbors >= 1 and self.ttt_steps >= 0,
-           f"ttmm.ttt_neighbors={self.ttt_neighbors} must be >= 1 and ttmm.ttt_steps={self.ttt_steps} >= 0")
+          f"ttmm.ttt_neighbors={self.ttt_neighbors} must be >= 1 and ttmm.ttt_steps={self.ttt_steps} >= 0")
     check(self.clusters >= 0, f"ttmm.clusters={self.clusters} must be >= 0 (0: not a TTMM bank)")
     check(self.beta > 0, f"ttmm.beta={self.beta} must be > 0 (the kernel width; the reference uses 0.2)")
     check(0.0 <= self.tau < 1.0, f"ttmm.tau={self.tau} must be in [0, 1) (the reference uses 0.01)")
     check(self.max_merge >= 1, f"ttmm.max_merge={self.max_merge} must be >= 1")
     check(self.prefix_tokens >= 1 and self.doc_tokens >= 1,
-           f"ttmm.prefix_tokens={self.prefix_tokens} and ttmm.doc_tokens={self.doc_tokens} must be >= 1")
+          f"ttmm.prefix_tokens={self.prefix_tokens} and ttmm.doc_tokens={self.doc_tokens} must be >= 1")
     check(self.embedder == "base" or self.embedder.startswith("hf:"),
-           f"ttmm.embedder={self.embedder!r} unknown; choose base or hf:<dir>")
+          f"ttmm.embedder={self.embedder!r} unknown; choose base or hf:<dir>")
     check(self.max_docs >= 0, f"ttmm.max_docs={self.max_docs} must be >= 0")

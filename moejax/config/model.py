@@ -48,28 +48,28 @@ class MoEConfig:
     check(self.num_experts >= 0, f"moe.num_experts must be >= 0, got {self.num_experts}")
     if self.num_experts:
       check(1 <= self.top_k <= self.num_experts,
-             f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+            f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
     if self.router not in routers.TABLE:
       close = difflib.get_close_matches(self.router, routers.names(), n=1)
       raise ConfigError(f"moe.router={self.router!r} unknown{f'; did you mean {close[0]!r}?' if close else ''} "
                         f"(routers: {', '.join(routers.names())}; they register in moejax/routers.py)")
     check(self.dispatch in ("dropless", "capacity"),
-           f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
+          f"moe.dispatch={self.dispatch!r} unknown; choose 'dropless' or 'capacity'")
     check(self.gmm_backend in ("auto", "ragged_dot", "sorted", "dense", "megablox"),
-           f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted, dense or megablox")
+          f"moe.gmm_backend={self.gmm_backend!r} unknown; choose auto, ragged_dot, sorted, dense or megablox")
     check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
     check(self.ep_exchange in ("fixed", "ragged"), f"moe.ep_exchange={self.ep_exchange!r}: choose fixed or ragged")
     check(self.ep_buffer_factor >= 0, f"moe.ep_buffer_factor={self.ep_buffer_factor} must be >= 0 (0 = never drop)")
     token_picks = routers.get(self.router).token_picks
     check(self.ep_exchange != "ragged" or (self.dispatch == "dropless" and token_picks),
-           f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and a token-choice router (got "
-           f"{self.dispatch!r}, {self.router!r}); capacity and expert-choice layouts are fixed-size already")
+          f"moe.ep_exchange='ragged' needs moe.dispatch='dropless' and a token-choice router (got "
+          f"{self.dispatch!r}, {self.router!r}); capacity and expert-choice layouts are fixed-size already")
     check(self.every >= 1 and 0 <= self.offset < self.every,
-           f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
+          f"moe.every={self.every}, moe.offset={self.offset}: need every >= 1 and 0 <= offset < every")
     check(self.d_ff >= 0 and self.jitter >= 0 and self.num_shared_experts >= 0,
-           "moe.d_ff, moe.jitter and moe.num_shared_experts must be >= 0")
+          "moe.d_ff, moe.jitter and moe.num_shared_experts must be >= 0")
     check(self.router_map_from == 0 or (self.num_experts and token_picks),
-           f"moe.router_map_from={self.router_map_from} needs a token-choice MoE (num_experts > 0)")
+          f"moe.router_map_from={self.router_map_from} needs a token-choice MoE (num_experts > 0)")
 
   def is_moe_layer(self, i: int) -> bool:
     if not self.num_experts:
@@ -96,14 +96,14 @@ class RopeScalingConfig:
 
   def __post_init__(self):
     check(self.type in ("none", "linear", "llama3"),
-           f"model.rope_scaling.type={self.type!r}: choose none, linear or llama3")
+          f"model.rope_scaling.type={self.type!r}: choose none, linear or llama3")
     check(self.factor > 0, f"model.rope_scaling.factor={self.factor} must be > 0")
     if self.type == "llama3":
       check(0 < self.low_freq_factor < self.high_freq_factor,
-             f"model.rope_scaling: need 0 < low_freq_factor ({self.low_freq_factor}) < high_freq_factor "
-             f"({self.high_freq_factor})")
+            f"model.rope_scaling: need 0 < low_freq_factor ({self.low_freq_factor}) < high_freq_factor "
+            f"({self.high_freq_factor})")
       check(self.original_max_seq_len > 0,
-             f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0")
+            f"model.rope_scaling.original_max_seq_len={self.original_max_seq_len} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +137,22 @@ class ModelConfig:
 
   def __post_init__(self):
     check(self.d_model > 0 and self.num_layers > 0 and self.num_heads > 0 and self.d_ff > 0,
-           f"model: d_model, num_layers, num_heads, d_ff must be > 0, got {self}")
+          f"model: d_model, num_layers, num_heads, d_ff must be > 0, got {self}")
     check(self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
-           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}")
+          f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}")
     if not self.head_dim:
       check(self.d_model % self.num_heads == 0,
-             f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim")
+            f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; set model.head_dim")
     check(self.activation in ("swiglu", "gelu", "gelu_tanh", "quick_gelu"),
-           f"model.activation={self.activation!r}: choose swiglu, gelu, gelu_tanh or quick_gelu")
+          f"model.activation={self.activation!r}: choose swiglu, gelu, gelu_tanh or quick_gelu")
     check(self.norm in ("rms", "layer"), f"model.norm={self.norm!r}: choose rms or layer")
     for f in ("param_dtype", "compute_dtype"):
       v = getattr(self, f)
       check(v in ("float32", "bfloat16", "float16"), f"model.{f}={v!r}: choose float32, bfloat16 or float16")
     check(self.remat_policy in ("full", "dots", "dots_no_batch", "save_moe"),
-           f"model.remat_policy={self.remat_policy!r}: choose full, dots, dots_no_batch or save_moe")
+          f"model.remat_policy={self.remat_policy!r}: choose full, dots, dots_no_batch or save_moe")
     check(self.attention_impl in ("auto", "xla", "cudnn", "einsum"),
-           f"model.attention_impl={self.attention_impl!r}: choose auto, xla, cudnn or einsum")
+          f"model.attention_impl={self.attention_impl!r}: choose auto, xla, cudnn or einsum")
     for i in self.moe.layers:
       check(0 <= i < self.num_layers, f"model.moe.layers has {i}, outside [0, model.num_layers={self.num_layers})")
 
@@ -216,20 +216,20 @@ class ClipConfig:
 
   def __post_init__(self):
     check(self.image_size > 0 and self.patch_size > 0 and self.channels > 0 and self.embed_dim > 0,
-           f"clip.image_size={self.image_size}, clip.patch_size={self.patch_size}, clip.channels={self.channels} and "
-           f"clip.embed_dim={self.embed_dim} must be > 0")
+          f"clip.image_size={self.image_size}, clip.patch_size={self.patch_size}, clip.channels={self.channels} and "
+          f"clip.embed_dim={self.embed_dim} must be > 0")
     check(self.image_size % self.patch_size == 0,
-           f"clip.image_size={self.image_size} is not divisible by clip.patch_size={self.patch_size}")
+          f"clip.image_size={self.image_size} is not divisible by clip.patch_size={self.patch_size}")
     check(self.pool in ("cls", "mean"), f"clip.pool={self.pool!r}: choose cls or mean")
     check(self.loss in ("softmax", "sigmoid"), f"clip.loss={self.loss!r}: choose softmax or sigmoid")
     check(self.text_pool in ("eos", "argmax"), f"clip.text_pool={self.text_pool!r}: choose eos or argmax")
     check(0 <= self.eos_id < self.text.vocab_size,
-           f"clip.eos_id={self.eos_id} must be in [0, clip.text.vocab_size={self.text.vocab_size})")
+          f"clip.eos_id={self.eos_id} must be in [0, clip.text.vocab_size={self.text.vocab_size})")
     check(len(self.image_mean) in (1, self.channels) and len(self.image_std) in (1, self.channels),
-           f"clip.image_mean={self.image_mean} and clip.image_std={self.image_std} need 1 or clip.channels="
-           f"{self.channels} values each")
+          f"clip.image_mean={self.image_mean} and clip.image_std={self.image_std} need 1 or clip.channels="
+          f"{self.channels} values each")
     check(all(s > 0 for s in self.image_std), f"clip.image_std={self.image_std} must be > 0")
     check(self.augment_shift >= 0 and self.augment_noise >= 0 and self.eval_examples >= 0,
-           "clip.augment_shift, clip.augment_noise and clip.eval_examples must be >= 0")
+          "clip.augment_shift, clip.augment_noise and clip.eval_examples must be >= 0")
     check(all("{}" in t for t in self.zeroshot_templates),
-           f"clip.zeroshot_templates={self.zeroshot_templates}: each needs a '{{}}' for the class name")
+          f"clip.zeroshot_templates={self.zeroshot_templates}: each needs a '{{}}' for the class name")

@@ -53,9 +53,9 @@ class OptimConfig:
     check(self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1, "optim.warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
     check(self.decay_start >= 0, f"optim.decay_start must be >= 0, got {self.decay_start}")
     check(self.weight_decay >= 0 and self.clip_norm >= 0,
-           f"optim.weight_decay={self.weight_decay} and optim.clip_norm={self.clip_norm} must be >= 0")
+          f"optim.weight_decay={self.weight_decay} and optim.clip_norm={self.clip_norm} must be >= 0")
     check(0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0,
-           f"optim: need 0 <= b1 < 1, 0 <= b2 < 1 and eps > 0, got b1={self.b1}, b2={self.b2}, eps={self.eps}")
+          f"optim: need 0 <= b1 < 1, 0 <= b2 < 1 and eps > 0, got b1={self.b1}, b2={self.b2}, eps={self.eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class TrainConfig:
   def __post_init__(self):
     check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
     check(not self.profile_steps or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]),
-           f"train.profile_steps={list(self.profile_steps)}: give [N, M] with 1 <= N <= M (trace steps N..M), or []")
+          f"train.profile_steps={list(self.profile_steps)}: give [N, M] with 1 <= N <= M (trace steps N..M), or []")
     check(self.schedule_steps >= 0, f"train.schedule_steps must be >= 0, got {self.schedule_steps}")
     for f in ("eval_every", "eval_steps", "checkpoint_every", "log_every", "keep_checkpoints", "max_consecutive_skips"):
       check(getattr(self, f) >= 1, f"train.{f} must be >= 1, got {getattr(self, f)}")
