@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
   if not a.report_only:
     before = {run_key(r): last_step(r.workdir) for r in runs}
     start = provenance.record(pathlib.Path(__file__).resolve().parent.parent)
+    completed = False
     try:
       execute(runs, timings_path)
+      completed = True
     finally:  # the code, machine and load every step was trained with: one row per invocation that trained
       trained = {run_key(r): [before[run_key(r)], last_step(r.workdir)] for r in runs
                  if last_step(r.workdir) != before[run_key(r)]}
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         study_dir.mkdir(parents=True, exist_ok=True)
         with open(study_dir / "provenance.jsonl", "a") as f:
           f.write(json.dumps(row) + "\n")
-        # A study stopped part-way (SIGTERM) keeps what finished in the record too, not only a completed one.
-        done = [r for r in runs if last_step(r.workdir) >= r.steps]  # a part-trained run is not a record
+      if trained and not completed:  # stopped part-way (SIGTERM): what finished is recorded too (a completed
+        done = [r for r in runs if last_step(r.workdir) >= r.steps]  # invocation records everything below)
         print(f"studies: {save_record(done, root, record, study_dir)} finished runs' configs and metrics recorded in "
               f"{record}")
   img.mkdir(parents=True, exist_ok=True)
