@@ -138,9 +138,34 @@ def test_batch_not_divisible_by_batch_axes_errors():
     moe.apply(p, jnp.zeros((4, 8, 16)), cfg)
 
 
-def test_expert_axis_of_one_uses_no_shard_map():
-  cfg = _cfg()
-  p, x, _, mesh, _ = _setup(cfg, config.MeshConfig(data=8))
+@pytest.mark.parametrize("mesh_cfg", [config.MeshConfig(data=8), config.MeshConfig(data=2, fsdp=4),
+                                      config.MeshConfig(data=4, tensor=2)])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_data_parallel_mesh_equals_single_device(mesh_cfg, dispatch):
+  """No expert axis: the layer runs per device on its own tokens (experts replicated, fsdp / tensor shards
+  gathered at the shard_map boundary), and still equals one device: outputs, aux losses and gradients."""
+  _compare(_cfg(dispatch=dispatch, capacity_factor=0.75 if dispatch == "capacity" else 1.0), mesh_cfg)
+
+
+def _lowered(cfg, mesh_cfg, x_shape=(8, 8, 16)):
+  p, _, _, mesh, _ = _setup(cfg, mesh_cfg)
   with sharding.use_mesh(mesh):
-    text = jax.jit(lambda p, x: moe.apply(p, x, cfg)[0]).lower(p, x).as_text()
+    return jax.jit(lambda p, x: moe.apply(p, x, cfg)[0]).lower(p, jnp.zeros(x_shape)).as_text()
+
+
+def test_data_parallel_mesh_routes_per_device_without_exchange():
+  """Data parallelism alone takes the layer's shard_map (each device sorts and multiplies only its own rows;
+  under XLA's partitioner the sort and grouped matmul ran on every token on every device) and no all_to_all."""
+  text = _lowered(_cfg(), config.MeshConfig(data=8))
   assert "all_to_all" not in text and "all-to-all" not in text
+  assert "manual_computation" in text or "SPMDFullToShardShape" in text  # the shard_map's body
+  # a batch the data axis does not divide has no per-device layout: XLA partitions the layer, as before
+  text = _lowered(_cfg(), config.MeshConfig(data=8), x_shape=(4, 8, 16))
+  assert "manual_computation" not in text and "SPMDFullToShardShape" not in text
+
+
+@pytest.mark.parametrize("mesh_cfg", [config.MeshConfig(data=8), config.MeshConfig(data=2, expert=4)])
+def test_megablox_inside_the_shard_map_equals_single_device(mesh_cfg):
+  """Megablox (Pallas interpret mode on CPU) in the layer's shard_map, which runs without check_vma for it:
+  the gradients JAX's transpose gives there equal one device's (replicated router, sharded experts, tokens)."""
+  _compare(_cfg(dispatch="dropless", gmm_backend="megablox", num_experts=4), mesh_cfg)

@@ -128,6 +128,16 @@ def libtpu_missing() -> str | None:
   return None
 
 
+def libtpu_version() -> str | None:
+  """The installed libtpu wheel's version (the TPU compiler a report's figures come from), or None."""
+  import importlib.metadata
+
+  try:
+    return importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def devices(topo: Topology) -> list:
   """The slice's device descriptions (one per chip: v4 and v5p in megacore mode), from libtpu, on any host."""
   missing = libtpu_missing()

@@ -24,7 +24,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                  help="exit 1 when the step does not fit the chip's HBM (a launcher's check before it starts a pod)")
   c.add_argument("--moe-flops", action="store_true",
                  help="also compile the expert MLPs alone and compare their FLOPs with the active formula, per "
-                      "model.moe.gmm_backend (ragged_dot, megablox)")
+                      "model.moe.gmm_backend (ragged_dot, megablox); with an expert axis, one MoE layer's "
+                      "exchanged bytes against the routed tokens")
   return c
 
 
@@ -53,6 +54,12 @@ def run(args) -> int:
     r["moe_flops_ratio"] = {x.backend: {"forward": x.fwd, "forward_backward": x.fwd_bwd, "rows": x.rows,
                                         **({"error": x.error} if x.error else {})} for x in ratios}
     text += "\n\n" + moe_flops.table(c.cfg, topo, ratios)
+    x = moe_flops.exchange(c.cfg, topo)
+    if x is not None:
+      r["moe_exchange"] = {"kind": x.kind, "expert_axis": x.ep, "routed_bytes": x.routed_bytes,
+                           "buffer_bytes": x.buffer_bytes, "ratio": x.ratio, "layer_flops_ratio": x.flops_ratio,
+                           **({"error": x.error} if x.error else {})}
+      text += "\n" + moe_flops.exchange_table(x, c.cfg.model)
   print(text)
   if hlo_file:
     hlo_file.parent.mkdir(parents=True, exist_ok=True)

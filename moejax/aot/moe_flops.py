@@ -86,3 +86,74 @@ def table(cfg: config.ExperimentConfig, topo: chips.Topology, ratios: list[Ratio
     else:
       lines.append(f"    {r.backend:<12} forward {r.fwd:.2f}x   forward + backward {r.fwd_bwd:.2f}x")
   return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """Expert parallelism's token exchange in one MoE layer's forward, compiled on the experiment's mesh."""
+
+  kind: str  # moe.ep_exchange: fixed or ragged
+  ep: int  # expert-axis size
+  routed_bytes: float  # per device, both directions: local tokens x k x d_model x dtype x 2
+  buffer_bytes: float  # per device: the all-to-all / ragged-all-to-all results in the compiled HLO
+  flops_ratio: float  # the layer's compiled forward FLOPs per device / its active FLOPs per device
+  error: str = ""
+
+  @property
+  def ratio(self) -> float:
+    return self.buffer_bytes / self.routed_bytes
+
+
+def exchange(cfg: config.ExperimentConfig, topo: chips.Topology, tower: str = "model") -> Exchange | None:
+  """Compile one MoE layer's forward (`moe.apply`, as the train step calls it on a micro-batch) on the
+  experiment's mesh for the topology; None when the mesh has no expert axis. The exchanged bytes are the
+  compiled collectives' static result buffers (`aot/hlo.py`), which is what the chips allocate and, for the
+  fixed exchange, what travels; a ragged exchange moves only the routed rows inside its buffer. The FLOPs ratio
+  counts a kernel at its buffer's rows where its cost estimate does (megablox: its grid visits only the tiles
+  that hold routed rows, but its cost estimate is of the whole buffer)."""
+  from moejax.aot import hlo, train_step
+
+  m = cfg.model if tower == "model" else getattr(cfg.clip, tower.split(".")[-1])
+  mesh = sharding.make_mesh(cfg.mesh, chips.devices(topo))
+  ep = mesh.shape["expert"]
+  if ep == 1 or not m.moe.num_experts:
+    return None
+  cfg = train_step.for_target(cfg, dict(mesh.shape))
+  m = cfg.model if tower == "model" else getattr(cfg.clip, tower.split(".")[-1])
+  B = cfg.data.batch_size // cfg.optim.grad_accum
+  T = cfg.data.seq_len if cfg.task == "lm" else (m.max_seq_len if tower.endswith("text") else
+                                                  (cfg.clip.image_size // cfg.clip.patch_size) ** 2)
+  D, dt = m.d_model, jnp.dtype(m.compute_dtype)
+  specs = moe.specs(m)
+  p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs,
+                   sharding.param_shardings(specs, mesh), is_leaf=sharding.is_spec)
+  x = jax.ShapeDtypeStruct((B, T, D), dt, sharding=sharding.data_sharding(mesh, 3))
+  local_tokens = B * T / sharding.batch_divisor(mesh)
+  routed = local_tokens * m.moe.top_k * D * dt.itemsize * 2
+  active = active_flops(m, local_tokens * m.moe.top_k)
+
+  def f(p, x):
+    with sharding.use_mesh(mesh):
+      return moe.apply(p, x, m, causal=cfg.task == "lm")[0]
+
+  try:
+    compiled = jax.jit(f).lower(p, x).compile()
+  except Exception as err:  # noqa: BLE001 -- reported, not fatal
+    return Exchange(m.moe.ep_exchange, ep, routed, float("nan"), float("nan"), f"{type(err).__name__}: {err}"[:200])
+  col = hlo.collectives(compiled.as_text())
+  buf = sum(col.get(k, {}).get("bytes", 0) for k in ("all-to-all", "ragged-all-to-all"))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return Exchange(m.moe.ep_exchange, ep, routed, float(buf), cost["flops"] / active)
+
+
+def exchange_table(x: Exchange, m: config.ModelConfig) -> str:
+  E, k = m.moe.num_experts, m.moe.top_k
+  if x.error:
+    return f"  expert exchange ({x.kind}, expert axis {x.ep}): did not compile: {x.error}"
+  why = (f"fixed blocks: every local token has room at every expert, E/k = {E / k:.0f}x" if x.kind == "fixed" else
+         f"ragged: a buffer of {x.ep} x the local rows unless moe.ep_buffer_factor caps it; only routed rows move")
+  return (f"  expert exchange in one MoE layer's forward ({x.kind}, expert axis {x.ep}), per device\n"
+          f"    all-to-all buffers {x.buffer_bytes / 2**20:,.1f} MiB vs routed tokens x k x d_model x dtype x 2 "
+          f"{x.routed_bytes / 2**20:,.1f} MiB = {x.ratio:.2f}x ({why})\n"
+          f"    layer forward FLOPs / active {x.flops_ratio:.2f}x (kernels counted at their buffers' rows)")

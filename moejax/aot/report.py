@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from moejax import precision, provenance
-from moejax.aot import hlo, train_step
+from moejax.aot import chips, hlo, train_step
 
 MIB = 2**20
 
@@ -199,7 +199,8 @@ def save(r: dict[str, Any], c: train_step.Compiled, out_dir: str | pathlib.Path)
   out.mkdir(parents=True, exist_ok=True)
   files = [out / "report.json"]
   # Where the figures came from (commit, this host's CPU and load, versions): a stored report is a result.
-  r = {**r, "provenance": provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)}
+  r = {**r, "provenance": {**provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent),
+                           "libtpu": chips.libtpu_version()}}
   files[0].write_text(json.dumps(r, indent=2, default=str))
   try:
     import pickle

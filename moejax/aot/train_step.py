@@ -71,16 +71,13 @@ def check(cfg: config.ExperimentConfig, topo: chips.Topology) -> dict[str, int]:
 
 
 def for_target(cfg: config.ExperimentConfig, sizes: dict[str, int]) -> config.ExperimentConfig:
-  """The config a TPU run would trace, `gmm_backend=auto` resolved here so the report names it: megablox on one
-  chip, ragged_dot on several (moe.megablox_or_ragged says why)."""
+  """The config a TPU run would trace, `gmm_backend=auto` resolved here so the report names it: megablox where
+  it imports (`check` has made the batch split over the batch axes, so the MoE layer runs per device inside its
+  shard_map, where the kernel lowers: `moe.megablox_or_ragged`)."""
   from moejax.layers import gmm
 
-  overrides = {}
-  one_chip = int(np.prod(list(sizes.values()))) == 1
-  for where, m in precision.towers(cfg):
-    if m.moe.num_experts and m.moe.gmm_backend == "auto":
-      backend = gmm.resolve("auto", "tpu")
-      overrides[f"{where}.moe.gmm_backend"] = backend if backend != "megablox" or one_chip else "ragged_dot"
+  overrides = {f"{where}.moe.gmm_backend": gmm.resolve("auto", "tpu")
+               for where, m in precision.towers(cfg) if m.moe.num_experts and m.moe.gmm_backend == "auto"}
   return config.derive(cfg, overrides) if overrides else cfg
 
 

@@ -21,7 +21,8 @@ Both gathers have a custom VJP that is again a gather (the plain transpose of a 
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
 Which of these a router takes is its capacity semantics in the router table (`moejax/routers.py`).
-Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis.
+Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis;
+data parallelism alone takes the same shard_map with every expert replicated (each device its own tokens).
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: j
   Returns (y, router stats with the drop counts "dropped" / "routed" added)."""
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
+  if ep is not None and not ep.exchanges:
+    ep = None  # data parallelism only: this device's tokens, every expert here
   ragged = ep is not None and cfg.moe.ep_exchange == "ragged"  # layers/ragged_ep.py
   all_slots = (ep is not None and not ragged and cfg.moe.dispatch == "dropless"
                and routers.get(cfg.moe.router).token_picks)
@@ -256,20 +259,21 @@ TOP1_RENORMALIZE_WARNING = (
   "keeps an upcycled top-1 model equal to its dense source at step 0).")
 
 
-def megablox_or_ragged(backend: str, asked: str) -> str:
-  """Megablox (a Mosaic kernel) lowers for one TPU chip only, with this jax: XLA's SPMD pass cannot partition
-  it, and inside expert parallelism's shard_map its outputs lack the varying-axes types `check_vma` asks for.
-  On a TPU mesh of several devices `auto` takes ragged_dot instead and an explicit megablox is a ConfigError.
-  Found by compiling for a TPU slice on a CPU host (`moejax compile`, moejax/aot); CPU meshes (interpret mode)
-  are unaffected."""
+def megablox_or_ragged(backend: str, asked: str, ep: expert_parallel.Plan | None) -> str:
+  """Megablox (a Mosaic kernel) lowers for one TPU chip, or per device inside the layer's shard_map
+  (`expert_parallel.plan`: every mesh whose batch axes split the batch). XLA's SPMD pass cannot partition it, so
+  on a TPU mesh of several devices without that shard_map (a batch the batch axes do not divide) `auto` takes
+  ragged_dot and an explicit megablox is a ConfigError. Found by compiling for a TPU slice on a CPU host
+  (`moejax compile`, moejax/aot); CPU meshes (interpret mode) are unaffected."""
   mesh = sharding.active_mesh()
-  if backend != "megablox" or mesh is None or mesh.size == 1 or sharding.platform() != "tpu":
+  if (backend != "megablox" or mesh is None or mesh.size == 1 or sharding.platform() != "tpu"
+      or ep is not None):
     return backend
   if asked == "auto":
     return "ragged_dot"
   raise config.ConfigError("model.moe.gmm_backend='megablox' does not lower for a TPU mesh of several devices "
-                           "(a Mosaic kernel is not partitioned by XLA, nor typed for shard_map's check_vma); use "
-                           "auto (ragged_dot there) or ragged_dot")
+                           "unless the layer runs per device (a Mosaic kernel is not partitioned by XLA): make the "
+                           "batch divisible by the mesh's batch axes, or use auto / ragged_dot")
 
 
 def apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, rng: jax.Array | None = None,
@@ -306,7 +310,7 @@ def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array 
   E = m.num_experts
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
-  backend = megablox_or_ragged(backend, m.gmm_backend)
+  backend = megablox_or_ragged(backend, m.gmm_backend, ep)
   fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)
   routed = {"router": p["router"], "experts": p["experts"]}
   noise_BTD = None
@@ -317,7 +321,7 @@ def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array 
   if ep is None:
     y_BTD, st = fwd(routed, x_BTD, noise_BTD, mask_BT)
   else:
-    y_BTD, st = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD, mask_BT)
+    y_BTD, st = expert_parallel.shard(fwd, ep, routed, x_BTD, noise_BTD, mask_BT, check_vma=backend != "megablox")
   aux = router.aux_from_stats(st, st["dropped"] / jnp.maximum(st["routed"], 1.0), m)
   return sharding.constrain(add_shared(p, x_BTD, y_BTD, cfg.activation), ("batch", "seq", "act_embed")), aux
 
