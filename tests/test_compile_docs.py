@@ -1,0 +1,41 @@
+"""docs/benchmarks.md's `moejax compile` tables equal what `scripts/compile_results.py` prints from the stored
+reports (results/compile/<target>/report.json), and every target named there has a stored report. Reading the
+reports needs no libtpu: this runs in the main suite."""
+
+import importlib.util
+import json
+import pathlib
+
+from moejax import report
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _gen():
+  spec = importlib.util.spec_from_file_location("compile_results", ROOT / "scripts" / "compile_results.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_docs_compile_tables_equal_the_generator():
+  gen = _gen()
+  text = gen.DOC.read_text()
+  for target in gen.TARGETS:
+    assert gen.load(target) is not None, f"results/compile/{target}/report.json is missing: run compile_results --run"
+    got = report.doc_block(text, gen.GENERATOR, target)
+    assert got is not None, f"docs/benchmarks.md has lost its generated {target} block"
+    assert got == gen.table(target), f"{target}'s table differs from `python {gen.GENERATOR}`: run it"
+
+
+def test_stored_reports_are_whole_and_say_where_they_came_from():
+  gen = _gen()
+  for target, (exp, overrides, topo, moe_flops) in gen.TARGETS.items():
+    r = json.loads((gen.STORE / target / "report.json").read_text())
+    assert r["experiment"] == exp and r["command"] == "moejax " + " ".join(gen.command(target, "out/"))
+    m = r["memory_per_device"]
+    assert r["fits"] == (m["peak"] <= m["hbm"])  # the verdict is the arithmetic
+    prov = r["provenance"]
+    assert prov["commit"] and prov["jax"] and prov["libtpu"] and prov["cores"] >= 1 and "load_avg_1m" in prov
+    if moe_flops:
+      assert set(r["moe_flops_ratio"]) == {"ragged_dot", "megablox"}
