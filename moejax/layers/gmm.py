@@ -22,6 +22,9 @@ padding and come out zero). Backends:
   last group are zeroed here (the kernel leaves them unwritten).
 
 `auto` picks `sorted` on CPU, `ragged_dot` on GPU, and `megablox` on TPU where it imports (else `ragged_dot`).
+
+Not a backend: `looped_mlp`, a CPU decode step's expert MLP (`moe.apply_looped`), for a few rows per expert: one
+product of a static row count per expert that has rows, its weights read once (see its docstring).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ Both gathers have a custom VJP that is again a gather (the plain transpose of a 
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
 Which of these a router takes is its capacity semantics in the router table (`moejax/routers.py`).
+A KV-cache decode step (`moejax/inference`) may take another path for its few tokens, with the same routing and
+expert math (`decode_path`): `apply_looped` on CPU, `apply_gathered` for fewer routed rows than experts elsewhere.
 Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis;
 data parallelism alone takes the same shard_map with every expert replicated (each device its own tokens).
 """
