@@ -444,10 +444,11 @@ def looped_mlp(x_MD: jax.Array, ex: dict, group_sizes_E: jax.Array, activation: 
   multiplies >= 256, and its chunk loops are sized for many rows. Why not `ragged_dot`: XLA:CPU lowers it to a
   masked product over every expert (E x the FLOPs). Here a `fori_loop` over experts switches, per expert, to a
   branch of a static row count (`loop_row_counts`, the smallest >= its group): one product per projection whose
-  weights are read once, at most LOOP_TILE - 1 spare rows, and nothing at all for an expert without rows (the
+  weights are read once, a few spare rows (see LOOP_TILE), and nothing at all for an expert without rows (the
   zero branch does not slice its weights). A branch may run past its group into the next experts' rows: the
   loop goes in expert order, so they are overwritten with their own results, and rows past the last group are
-  never combined. `max_rows`: the most rows one expert can have (every group must be <= the last count)."""
+  never combined. `max_rows`: the most rows one expert is expected to get (the counts are fine up to it; a
+  larger group takes the all-rows branch, so nothing is ever cut off)."""
   M, D = x_MD.shape
   E = ex["w_up"].shape[0]
   dt = x_MD.dtype

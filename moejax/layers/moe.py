@@ -340,10 +340,11 @@ def add_shared(p: dict, x_BTD: jax.Array, y_BTD: jax.Array, activation: str) -> 
 
 
 # Routed rows (tokens x top_k) per decode step up to which a CPU decode step takes `apply_looped`. Measured on a
-# 2-core CPU (load 4-9) at peer_moe's layer (d_model 512, 8 experts top-2, d_ff 1408), ms per layer step: looped
-# vs sorted grouped matmul 10 vs 23 at 64 rows, 16 vs 23 at 128, 22-26 vs 29-48 at 256, 33-37 vs 39-50 at 512;
-# ragged_dot (E x the FLOPs on CPU) 50-130 throughout; level with `apply_gathered` at 2 rows (2 ms). Past 256
-# rows the gain is small and the compiled branches (`gmm.loop_row_counts`) keep growing: sorted takes over.
+# 2-core CPU (load 3-9) at peer_moe's layer (d_model 512, 8 experts top-2, d_ff 1408), ms per layer step, best
+# of 5: looped vs the sorted grouped matmul 10 vs 21-24 at 64 rows, 15-16 vs 23-32 at 128, 22-26 vs 29-48 at 256,
+# 33-37 vs 39-50 at 512; ragged_dot (E x the FLOPs on CPU) 48-130 throughout; `apply_gathered` 2.6-3.7 at 2 rows
+# (looped 1.9-2.2) but 19 at 4 (looped 4). Past 256 rows the gain is small and the compiled branches
+# (`gmm.loop_row_counts`) keep growing, so the sorted grouped matmul takes over.
 LOOP_MAX_ROWS = 256
 
 
