@@ -47,12 +47,12 @@ def test_registered_router_trains_generates_and_export_refuses(registered, tmp_p
   y_softmax, _ = moe.apply(p_moe, x_BTD, config.derive(cfg, {"model.moe.router": "token_choice"}).model)
   assert np.abs(np.asarray(y_toy) - np.asarray(y_softmax)).max() > 1e-4
   # KV-cache generation == recomputing the whole prefix per token, on the run's mesh (the batch is padded to
-  # its 8 data shards: the grouped-matmul path) and with one prompt and no mesh (the gathered decode path).
+  # its 8 data shards: the grouped-matmul path) and with one prompt and no mesh (the looped CPU decode path).
   prompts = [[5, 6, 7], [9, 1, 2, 3, 4, 8, 8, 2]]
   icfg = decoder.inference_config(cfg.model)
   for p, out in zip(prompts, eng.generate(prompts, max_new_tokens=8)):
     np.testing.assert_array_equal(out, run_helpers.recompute_greedy(params, p, icfg, 8))
-  assert moe.gathers(jnp.zeros((1, 1, cfg.model.d_model)), icfg)
+  assert moe.decode_path(jnp.zeros((1, 1, cfg.model.d_model)), icfg) == "looped"  # on CPU, auto backend
   single = engine.Engine(jax.device_get(params), cfg.model)
   np.testing.assert_array_equal(single.generate(prompts[:1], max_new_tokens=8)[0],
                                 run_helpers.recompute_greedy(jax.device_get(params), prompts[0], icfg, 8))

@@ -1,7 +1,14 @@
 """The decoder forward with a KV cache: `prefill` (a whole right-padded prompt) and `decode` (new tokens at
 per-sequence positions). Same params, same block as `models/transformer.forward`: each layer is
 `transformer.block_apply` with its slice of the cache (attention over the cache, and in a decode step the MoE
-layers' gathered path `moe.apply_gathered`).
+layers' decode path, `moe.decode_path`).
+
+A decode step routes B tokens, not a training batch, and the MoE layer's grouped matmuls are sized for many rows:
+on CPU `ragged_dot` lowers to a masked product over every expert (E x the FLOPs) and the sorted backend pads each
+expert's group to 32 rows. So on CPU (`gmm_backend=auto`) a step of up to `moe.LOOP_MAX_ROWS` routed rows takes
+`moe.apply_looped`, which multiplies each expert's own rows with its weights read once (as transformers' Mixtral
+block loops over the experts that got tokens); on accelerators a step of fewer routed rows than experts takes
+`moe.apply_gathered` (the chosen experts' weights gathered, a batched mat-vec), and larger ones the layer itself.
 
 MoE layers run with dropless dispatch whatever the training config said: a decode step routes B tokens (often
 fewer than the experts), and capacity dispatch would drop tokens depending on what else is in the batch.
@@ -48,21 +55,6 @@ def not_training():
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))
     yield
-
-
-SMALL_STEP_ROWS = 128  # routed rows per decode step below which CPU decoding uses ragged_dot (see decode_config)
-
-
-def decode_config(cfg: config.ModelConfig, tokens: int) -> config.ModelConfig:
-  """The config for a decode step of `tokens` tokens. On CPU, `auto` picks the sorted grouped matmul, whose
-  per-expert loops cost a fixed ~15 ms per MoE layer per step on a 2-core machine; for a few routed rows
-  (< SMALL_STEP_ROWS) `ragged_dot` (on CPU a masked product over every expert: E x the FLOPs of a few rows) is
-  several times faster (measured: docs/benchmarks.md). Accelerators keep `auto` (ragged_dot there anyway)."""
-  m = cfg.moe
-  if (m.num_experts and m.gmm_backend == "auto" and jax.default_backend() == "cpu"
-      and tokens * m.top_k < SMALL_STEP_ROWS):
-    return dataclasses.replace(cfg, moe=dataclasses.replace(m, gmm_backend="ragged_dot"))
-  return cfg
 
 
 def _logits(params: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:

@@ -80,8 +80,6 @@ def decode_fn(params: dict, st: State, steps: jax.Array, s: sampling.Sampling, s
               cfg: config.ModelConfig) -> State:
   """Up to `steps` decode steps, on device, stopping early when every sequence is done."""
 
-  step_cfg = decoder.decode_config(cfg, st.tokens_BS.shape[0])
-
   def cond(carry):
     i, st = carry
     return (i < steps) & ~jnp.all(st.done_B)
@@ -90,7 +88,7 @@ def decode_fn(params: dict, st: State, steps: jax.Array, s: sampling.Sampling, s
     i, st = carry
     pos_B1 = (st.length_B - 1)[:, None]
     last_B1 = jnp.take_along_axis(st.tokens_BS, pos_B1, axis=1)
-    logits_B1V, cache = decoder.decode(params, last_B1, pos_B1, st.cache, step_cfg)
+    logits_B1V, cache = decoder.decode(params, last_B1, pos_B1, st.cache, cfg)
     return i + 1, _append(st._replace(cache=cache), logits_B1V[:, 0], s, stop)
 
   return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]

@@ -22,6 +22,9 @@ padding and come out zero). Backends:
   last group are zeroed here (the kernel leaves them unwritten).
 
 `auto` picks `sorted` on CPU, `ragged_dot` on GPU, and `megablox` on TPU where it imports (else `ragged_dot`).
+
+Not a backend: `looped_mlp`, a CPU decode step's expert MLP (`moe.apply_looped`), for a few rows per expert: one
+product of a static row count per expert that has rows, its weights read once (see its docstring).
 """
 
 from __future__ import annotations
@@ -409,3 +412,69 @@ def _sorted_mlp_bwd(activation, res, dy_MD):
 
 
 sorted_mlp.defvjp(_sorted_mlp_fwd, _sorted_mlp_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decode-step expert MLP on CPU (`looped_mlp`): a few routed rows per expert, weights read once per expert.
+# ----------------------------------------------------------------------------------------------------------
+
+# Row counts of `looped_mlp`'s products: every count up to LOOP_TILE, then steps of LOOP_TILE up to 32 rows and of a
+# quarter of the power of two below beyond (40, 48, 56, 64, 80, 96, ...). An expert's group of n rows runs as one
+# product of the smallest listed count >= n: a few spare rows per expert (< 8 up to 64 rows, < 25% beyond), and a
+# layer compiles ~20 branches for a step of 256 tokens (every extra branch is another compiled expert MLP).
+LOOP_TILE = 8
+
+
+def loop_row_counts(max_rows: int, all_rows: int) -> list[int]:
+  """The static row counts `looped_mlp` compiles a product for (see LOOP_TILE), up to the first >= `max_rows`
+  (the most rows one expert can get: the tokens, as a token picks an expert at most once), plus `all_rows`
+  (every routed row at one expert: a router that repeated a pick) if that is more, so any group fits one."""
+  counts = list(range(1, min(LOOP_TILE, max_rows) + 1))
+  while counts[-1] < max_rows:
+    s = counts[-1]
+    counts.append(s + max(LOOP_TILE, (1 << (s.bit_length() - 1)) // 4))
+  return counts + [all_rows] if all_rows > counts[-1] else counts
+
+
+def looped_mlp(x_MD: jax.Array, ex: dict, group_sizes_E: jax.Array, activation: str, max_rows: int) -> jax.Array:
+  """`y[rows of e] = MLP_e(x[rows of e])` for sorted, unpadded groups (a tile-1 `dispatch.sorted_layout`), the
+  same math as `experts_apply` (gate, up, `mlp.hidden`, down, biases if present), for a decode step's few rows.
+
+  Why not `sorted_mlp`: its groups are padded to TILE=32 rows, so a step of 64 routed rows over 8 experts
+  multiplies >= 256, and its chunk loops are sized for many rows. Why not `ragged_dot`: XLA:CPU lowers it to a
+  masked product over every expert (E x the FLOPs). Here a `fori_loop` over experts switches, per expert, to a
+  branch of a static row count (`loop_row_counts`, the smallest >= its group): one product per projection whose
+  weights are read once, a few spare rows (see LOOP_TILE), and nothing at all for an expert without rows (the
+  zero branch does not slice its weights). A branch may run past its group into the next experts' rows: the
+  loop goes in expert order, so they are overwritten with their own results, and rows past the last group are
+  never combined. `max_rows`: the most rows one expert is expected to get (the counts are fine up to it; a
+  larger group takes the all-rows branch, so nothing is ever cut off)."""
+  M, D = x_MD.shape
+  E = ex["w_up"].shape[0]
+  dt = x_MD.dtype
+  counts = loop_row_counts(max_rows, M)
+  spare = counts[-1]
+  x_PD = jnp.concatenate([x_MD, jnp.zeros((spare, D), dt)])  # a branch reads (and writes) up to `spare` past M
+  starts_E = group_starts(group_sizes_E)
+  counts_C = jnp.asarray(counts, jnp.int32)
+
+  def product(rows: int):
+    def run(e, y_PD):
+      x_rD = lax.dynamic_slice_in_dim(x_PD, starts_E[e], rows, 0)
+
+      def lin(x, name):
+        y = jnp.dot(x, ex["w_" + name][e].astype(dt))
+        return y + ex["b_" + name][e].astype(dt) if "b_" + name in ex else y
+
+      h_rF = mlp.hidden(lin(x_rD, "gate") if "w_gate" in ex else None, lin(x_rD, "up"), activation)
+      return lax.dynamic_update_slice_in_dim(y_PD, lin(h_rF, "down"), starts_E[e], 0)
+    return run
+
+  branches = [lambda e, y_PD: y_PD] + [product(r) for r in counts]
+
+  def per_expert(e, y_PD):
+    n = group_sizes_E[e]
+    return lax.switch(jnp.where(n > 0, jnp.searchsorted(counts_C, n) + 1, 0), branches, e, y_PD)
+
+  y_PD = lax.fori_loop(0, E, per_expert, jnp.zeros((M + spare, D), dt))
+  return y_PD[:M]

@@ -21,6 +21,8 @@ Both gathers have a custom VJP that is again a gather (the plain transpose of a 
   tile, experts applied with a grouped matmul (`layers/gmm.py`); nothing is dropped.
 - expert-choice routing uses the fixed `[E, G*C, D]` buffer (each expert has exactly C tokens per sequence).
 Which of these a router takes is its capacity semantics in the router table (`moejax/routers.py`).
+A KV-cache decode step (`moejax/inference`) may take another path for its few tokens, with the same routing and
+expert math (`decode_path`): `apply_looped` on CPU, `apply_gathered` for fewer routed rows than experts elsewhere.
 Expert parallelism (`layers/expert_parallel.py`) wraps the same code in one `shard_map` over the expert axis;
 data parallelism alone takes the same shard_map with every expert replicated (each device its own tokens).
 """
@@ -337,13 +339,33 @@ def add_shared(p: dict, x_BTD: jax.Array, y_BTD: jax.Array, activation: str) -> 
   return y_BTD + s_BTD
 
 
-def gathers(x_BTD: jax.Array, cfg: config.ModelConfig) -> bool:
-  """Whether a decode step takes `apply_gathered`: a token-picking router, fewer routed rows than experts and no
-  expert-parallel mesh."""
+# Routed rows (tokens x top_k) per decode step up to which a CPU decode step takes `apply_looped`. Measured on a
+# 2-core CPU (load 3-9) at peer_moe's layer (d_model 512, 8 experts top-2, d_ff 1408), ms per layer step, best
+# of 5: looped vs the sorted grouped matmul 10 vs 21-24 at 64 rows, 15-16 vs 23-32 at 128, 22-26 vs 29-48 at 256,
+# 33-37 vs 39-50 at 512; ragged_dot (E x the FLOPs on CPU) 48-130 throughout; `apply_gathered` 2.6-3.7 at 2 rows
+# (looped 1.9-2.2) but 19 at 4 (looped 4). Past 256 rows the gain is small and the compiled branches
+# (`gmm.loop_row_counts`) keep growing, so the sorted grouped matmul takes over.
+LOOP_MAX_ROWS = 256
+
+
+def decode_path(x_BTD: jax.Array, cfg: config.ModelConfig) -> str:
+  """Which expert path a decode step's MoE layer takes (`transformer.block_apply` with a cache, not prefill):
+  - "looped" (`apply_looped`): on CPU with `gmm_backend=auto`, no mesh of several devices, at most
+    LOOP_MAX_ROWS routed rows: every expert multiplies its own rows, its weights read once;
+  - "gathered" (`apply_gathered`): elsewhere, fewer routed rows than experts and no expert-parallel mesh;
+  - "layer" (`apply`, dropless): the rest, and any router that is not token-picking.
+  An explicit `gmm_backend` on CPU keeps the layer (or the gathered path), as asked."""
+  m = cfg.moe
   B, T, _ = x_BTD.shape
+  rows = B * T * m.top_k
   mesh = sharding.active_mesh()
+  if not routers.get(m.router).token_picks:
+    return "layer"
+  if (m.gmm_backend == "auto" and sharding.platform() == "cpu" and (mesh is None or mesh.size == 1)
+      and rows <= LOOP_MAX_ROWS):
+    return "looped"
   ep = mesh is not None and any(mesh.shape[a] > 1 for a in ("expert",))
-  return not ep and routers.get(cfg.moe.router).token_picks and B * T * cfg.moe.top_k < cfg.moe.num_experts
+  return "gathered" if not ep and rows < m.num_experts else "layer"
 
 
 def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
@@ -367,3 +389,18 @@ def apply_gathered(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Ar
   h_NKF = mlp.hidden(lin(x_NKD, "gate") if "w_gate" in ex else None, lin(x_NKD, "up"), cfg.activation)
   y_ND = jnp.sum(lin(h_NKF, "down") * w_NK[..., None].astype(dt), axis=1)
   return add_shared(p, x_BTD, y_ND.reshape(B, T, D), cfg.activation)
+
+
+def apply_looped(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig) -> jax.Array:
+  """The MoE MLP for a CPU decode step: the layer's dropless dispatch with unpadded groups (the layout `apply`
+  builds for a tile-1 backend) around `gmm.looped_mlp`, which multiplies each expert's own rows with its
+  weights read once. Same routing as `apply` at inference (no jitter, nothing dropped), the same dispatch and
+  combine, the same expert math and shared experts (`add_shared`); no router statistics (nothing trains)."""
+  m = cfg.moe
+  B, T, D = x_BTD.shape
+  x_ND = x_BTD.reshape(B * T, D)
+  _, tc = routers.choose_experts(p["router"], x_ND[None], m)
+  layout = dispatch.token_choice_layout(tc, m.num_experts, "dropless", 0, 1)
+  x_MD = dispatch.dispatch_rows(x_ND, layout)
+  y_MD = gmm.looped_mlp(x_MD, p["experts"], layout.group_sizes_E, cfg.activation, max_rows=B * T)
+  return add_shared(p, x_BTD, dispatch.combine_rows(y_MD, layout).reshape(B, T, D), cfg.activation)

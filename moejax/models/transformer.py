@@ -63,8 +63,9 @@ def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: b
   `causal_routing` (default: `causal`): route as a decoder must, each token's output independent of later
   tokens (see moe.apply). A tower read out at one pooled token that sees the whole input passes False.
   `cache` (the KV-cache decoder, `moejax/inference`): this layer's {"k", "v"} [B, S, G, K]; the tokens sit at
-  `positions_BT`, `prefill` marks a whole right-padded prompt (else a decode step, whose MoE layers read only
-  the experts their few tokens chose: `moe.apply_gathered`). Then returns (x, aux, the updated cache).
+  `positions_BT`, `prefill` marks a whole right-padded prompt (else a decode step, whose MoE layers take the
+  decode path `moe.decode_path` picks: each expert's own rows on CPU, `moe.apply_looped`, or the weights of the
+  experts a few tokens chose, `moe.apply_gathered`). Then returns (x, aux, the updated cache).
   `tap`: aux also holds the MLP's input under "mlp_in" (pruning reads the router's view of each token)."""
   h = norm_apply(cfg, p["attn_norm"], x_BTD)
   if cache is None:
@@ -77,7 +78,10 @@ def block_apply(p: dict, x_BTD: jax.Array, cfg: config.ModelConfig, *, causal: b
                                           rope_scaling=cfg.rope_scaling, impl=cfg.attention_impl)
   x_BTD = sharding.constrain(x_BTD + a_BTD, ("batch", "seq", "act_embed"))
   h = norm_apply(cfg, p["mlp_norm"], x_BTD)
-  if "moe" in p and cache is not None and not prefill and moe.gathers(h, cfg):
+  path = moe.decode_path(h, cfg) if "moe" in p and cache is not None and not prefill else "layer"
+  if path == "looped":
+    y, aux = moe.apply_looped(p["moe"], h, cfg), {}
+  elif path == "gathered":
     y, aux = moe.apply_gathered(p["moe"], h, cfg), {}
   elif "moe" in p:
     routing_causal = causal if causal_routing is None else causal_routing
