@@ -48,5 +48,6 @@ def lm_upcycle_1b_e32() -> config.ExperimentConfig:
     "init.upcycle_from": "runs/lm_dense_1b",
     "train.steps": 150_000,  # the last step: 50k more after the dense run's 100k (init.continue_step)
     "train.schedule_steps": 100_000,  # the dense run's schedule, continued
+    "optim.grad_accum": 1,  # fits v5p-32 in one step (docs/benchmarks.md); the dense parent's v5e-16 needs 4
     "mesh.expert": 8,
   })

@@ -68,7 +68,7 @@ fi
 # 2. Training throughput: lm_dense_1b (24 x 2048, GQA 16/8, fp32 master params, bf16 compute, cuDNN attention via
 # attention_impl=auto) and its twin with 8 experts top-2 in every other MLP (the upcycling layout, as bench infer's
 # gpu_1b_e8), ragged_dot grouped matmuls (gmm_backend=auto). Remat keeps the matmul outputs (dots_no_batch).
-COMMON=("${SIZE[@]}" model.remat=True model.remat_policy=dots_no_batch mesh.data=-1 mesh.fsdp=1 ${GPU_CHECK_OVERRIDES:-})
+COMMON=("${SIZE[@]}" model.remat=True model.remat_policy=dots_no_batch optim.grad_accum=1 mesh.data=-1 mesh.fsdp=1 ${GPU_CHECK_OVERRIDES:-})
 MOE=(model.moe.num_experts=8 model.moe.top_k=2 model.moe.every=2 model.moe.offset=1)
 step train_dense moejax bench train lm_dense_1b "${COMMON[@]}" --steps "$STEPS"
 step train_moe moejax bench train lm_dense_1b "${COMMON[@]}" "${MOE[@]}" --steps "$STEPS"

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import cli, config, sharding
+from moejax import cli, config, provenance, sharding
 from moejax.inference import decoder, engine
 from moejax.models import transformer
 
@@ -347,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise config.ConfigError("--peer needs torch and transformers, which the base install does not carry: "
                              "pip install -e '.[interop]'")
   models = [load(args.model)] + ([load(args.vs)] if args.vs else [])
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   print(f"Command: `moejax bench infer {' '.join(argv)}`  \nMachine: {machine()}  ")
   for m in models:
     loss = f", validation loss {m.val_loss:.4f}" if m.val_loss is not None else ""
@@ -386,5 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\npeer: torch {p0['torch']} ({p0['threads']} threads), transformers {p0['transformers']}, float32, "
           "generate(do_sample=False, cache_implementation='static')\n")
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bw, **extra}, indent=2))
+    # Where the figures came from: the command, commit, CPU, cores, versions, and the load at start and end.
+    prov = {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "command": f"moejax bench infer {' '.join(argv)}"}
+    pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bw, **extra, "provenance": prov},
+                                                  indent=2))
   return 0
