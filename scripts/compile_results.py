@@ -70,7 +70,7 @@ def _gib(x: float) -> str:
 
 
 def _ms(s: float) -> str:
-  return f"{s * 1e3:,.1f} ms" if s < 10 else f"{s:,.1f} s"
+  return f"{s * 1e3:,.3g} ms" if s < 1 else f"{s:,.2f} s"
 
 
 def load(target: str) -> dict | None:

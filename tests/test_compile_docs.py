@@ -39,3 +39,24 @@ def test_stored_reports_are_whole_and_say_where_they_came_from():
     assert prov["commit"] and prov["jax"] and prov["libtpu"] and prov["cores"] >= 1 and "load_avg_1m" in prov
     if moe_flops:
       assert set(r["moe_flops_ratio"]) == {"ragged_dot", "megablox"}
+
+
+def _infer():
+  spec = importlib.util.spec_from_file_location("infer_results", ROOT / "scripts" / "infer_results.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_docs_infer_table_equals_the_generator_and_readme_quotes_it():
+  gen = _infer()
+  text = gen.DOC.read_text()
+  for name, f in gen.RUNS.items():
+    assert (gen.STORE / f).exists(), f"results/bench/{f} is missing"
+    assert report.doc_block(text, gen.GENERATOR, name) == gen.table(name), f"run `python {gen.GENERATOR}`"
+  # README's bench infer row quotes the MoE twin's ratios at each batch from the same file.
+  d = json.loads((gen.STORE / gen.RUNS["peer_moe decode vs transformers"]).read_text())
+  ratios = " / ".join(f"{r['moejax_decode_tok_s'] / r['peer_decode_tok_s']:.2f}x" for r in d["peer"]
+                      if r["model"] == "peer_moe")
+  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench infer"))
+  assert f"**{ratios}**" in row, f"README's bench infer row should quote {ratios}"
