@@ -30,9 +30,9 @@ def test_docs_compile_tables_equal_the_generator():
 
 def test_stored_reports_are_whole_and_say_where_they_came_from():
   gen = _gen()
-  for target, (exp, overrides, topo, moe_flops) in gen.TARGETS.items():
+  for target, (exp, _, topo, moe_flops) in gen.TARGETS.items():
     r = json.loads((gen.STORE / target / "report.json").read_text())
-    assert r["experiment"] == exp and r["command"] == "moejax " + " ".join(gen.command(target, "out/"))
+    assert r["experiment"] == exp and r["topology"] == topo and r["command"] == "moejax " + " ".join(gen.command(target, "out/"))
     m = r["memory_per_device"]
     assert r["fits"] == (m["peak"] <= m["hbm"])  # the verdict is the arithmetic
     prov = r["provenance"]
