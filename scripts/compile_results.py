@@ -100,7 +100,9 @@ def table(target: str) -> str:
   if "flops_per_device" in r:
     e = r["estimate"]
     ratio = r["flops_per_device"] * r["devices"] / r["model_flops_per_step"]
-    rows += [("compiled FLOPs / model FLOPs (6 x active params x tokens + attention)", f"{ratio:.2f}x"),
+    loops = r.get("windowed_einsum_loops")
+    rows += [("compiled FLOPs / model FLOPs (6 x active params x tokens + attention)", f"{ratio:.2f}x"
+              + (f" (undercounted: {loops} windowed-einsum loops, each body counted once)" if loops else "")),
              ("step time, roofline ESTIMATE (not a measurement)",
               f">= {_ms(e['step_s'])} (compute {_ms(e['compute_s'])}, HBM {_ms(e['hbm_s'])}, ICI {_ms(e['ici_s'])})"),
              ("MFU, ESTIMATE", f"<= {100 * e['mfu']:.1f}%")]

@@ -55,7 +55,8 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
   mem["peak"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["generated_code"]
   mem["hbm"] = int(chip.hbm_bytes)
   cost = _cost(c.executable)
-  coll = hlo.collectives(c.executable.as_text())
+  text = c.executable.as_text()
+  coll = hlo.collectives(text)
   coll_bytes = sum(v["bytes"] for v in coll.values())
   # With gradient accumulation the micro-steps are a `lax.scan`, a while loop whose body XLA's cost analysis and
   # the HLO text count once: scale by the trip count (the once-per-step optimizer update is then counted A times,
@@ -76,6 +77,7 @@ def build(c: train_step.Compiled) -> dict[str, Any]:
     "advice": [] if mem["peak"] <= mem["hbm"] else advice(cfg, dict(s.mesh.shape)),
     "flops_per_device": cost["flops"], "bytes_accessed_per_device": cost["bytes_accessed"],
     "model_flops_per_step": model_flops, "collectives_per_device": coll, "micro_steps_counted": A,
+    "windowed_einsum_loops": hlo.windowed_einsum_loops(text),
     "estimate": {**times, "step_s": step_s, "mfu": model_flops / (step_s * chip.peak_bf16_flops * n),
                  "note": "roofline lower bound from published peaks (perfect overlap); an estimate, not a measurement"},
     "chip_source": chip.source,
@@ -183,6 +185,10 @@ def table(r: dict[str, Any]) -> str:
     lines.append(f"    {kind:<20} {v['count']:>5} ops {_b(v['bytes']):>12}")
   if not r["collectives_per_device"]:
     lines.append("    none")
+  if r.get("windowed_einsum_loops"):
+    lines.append(f"  CAUTION: XLA made {r['windowed_einsum_loops']} windowed-einsum loops (a matmul with its all-gather "
+                 "or reduce-scatter, one shard per iteration); its cost analysis counts a loop body once, so the "
+                 "FLOPs, bytes and the estimate below undercount")
   lines += [
     "",
     f"  ESTIMATE (roofline from {r['chip']} peaks; not a measurement): compute {1e3 * e['compute_s']:.3f} ms, "
