@@ -162,6 +162,27 @@ def _print_table(rows: list[dict], peak: float) -> None:
     print(line)
 
 
+QUIET_LOAD = 2.0  # a comparison is called level or ahead only when the 1-minute load stayed under this
+LEVEL = 0.05  # within 5% of the best peer's fwd+bwd ratio counts as level
+
+
+def verdict(rows: list[dict], loads: tuple[float, float]) -> str:
+  """One config's moejax layer (the fastest variant) against the best peer, fwd+bwd ratios to the dense floor:
+  "ahead" / "level" / "behind", or "not judged" when there is no peer or the load (at start, at end) reached
+  QUIET_LOAD: on this 2-core machine a loaded run moves ratios by more than the margins in question."""
+  ours = [r["fwdbwd_ratio"] for r in rows if "fwdbwd_ratio" in r and r["variant"] not in ("dense", *moe_peer.PEERS)]
+  peers = [r["fwdbwd_ratio"] for r in rows if "fwdbwd_ratio" in r and r["variant"] in moe_peer.PEERS]
+  if not ours or not peers:
+    return "not judged: no peer ran"
+  a, b = min(ours), min(peers)
+  what = f"moejax fwd+bwd {a:.2f}x vs best peer {b:.2f}x"
+  if max(loads) >= QUIET_LOAD:
+    return f"not judged ({what}): load {max(loads):.1f} >= {QUIET_LOAD:g}; re-run on a quiet machine"
+  if a <= b * (1 - LEVEL):
+    return f"ahead ({what}, load {max(loads):.1f})"
+  return f"{'level' if a <= b * (1 + LEVEL) else 'behind'} ({what}, load {max(loads):.1f})"
+
+
 def main(argv: list[str]) -> int:
   args = _parse(argv)
   table = GPU_CONFIGS if args.gpu else CPU_CONFIGS
@@ -189,10 +210,14 @@ def main(argv: list[str]) -> int:
         f"interleaved calls; router {args.router}")
   rows = []
   for n in names:
+    before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     r = bench_config(n, every[n], args.variants, args)
+    after = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    for row in r:
+      row.update(load_start=round(before, 2), load_end=round(after, 2))
     rows.extend(r)
     _print_table(r, args.peak_tflops)
-    print()
+    print(f"{n}: load {before:.1f} at start, {after:.1f} at end; {verdict(r, (before, after))}\n")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
