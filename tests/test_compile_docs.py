@@ -11,15 +11,15 @@ from moejax import report
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _gen():
-  spec = importlib.util.spec_from_file_location("compile_results", ROOT / "scripts" / "compile_results.py")
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
 
 
 def test_docs_compile_tables_equal_the_generator():
-  gen = _gen()
+  gen = _script("compile_results")
   text = gen.DOC.read_text()
   for target in gen.TARGETS:
     assert gen.load(target) is not None, f"results/compile/{target}/report.json is missing: run compile_results --run"
@@ -29,7 +29,7 @@ def test_docs_compile_tables_equal_the_generator():
 
 
 def test_stored_reports_are_whole_and_say_where_they_came_from():
-  gen = _gen()
+  gen = _script("compile_results")
   for target, (exp, _, topo, moe_flops) in gen.TARGETS.items():
     r = json.loads((gen.STORE / target / "report.json").read_text())
     assert r["experiment"] == exp and r["topology"] == topo and r["command"] == "moejax " + " ".join(gen.command(target, "out/"))
@@ -41,15 +41,8 @@ def test_stored_reports_are_whole_and_say_where_they_came_from():
       assert set(r["moe_flops_ratio"]) == {"ragged_dot", "megablox"}
 
 
-def _infer():
-  spec = importlib.util.spec_from_file_location("infer_results", ROOT / "scripts" / "infer_results.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_docs_infer_table_equals_the_generator_and_readme_quotes_it():
-  gen = _infer()
+  gen = _script("infer_results")
   text = gen.DOC.read_text()
   for name, f in gen.RUNS.items():
     assert (gen.STORE / f).exists(), f"results/bench/{f} is missing"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import config, sharding
+from moejax import config, precision, sharding
 from moejax.aot import chips
 from moejax.layers import moe
 
@@ -39,7 +39,7 @@ def active_flops(m: config.ModelConfig, rows: int) -> float:
 
 def check(cfg: config.ExperimentConfig, topo: chips.Topology, backends=("ragged_dot", "megablox"),
           tower: str = "model") -> list[Ratio]:
-  m = cfg.model if tower == "model" else getattr(cfg.clip, tower.split(".")[-1])
+  m = dict(precision.towers(cfg))[tower]
   if not m.moe.num_experts:
     raise config.ConfigError(f"{cfg.name}: {tower}.moe.num_experts=0, a dense model has no expert MLP to check")
   tokens = cfg.data.batch_size * (cfg.data.seq_len if cfg.task == "lm" else 1)
@@ -113,13 +113,12 @@ def exchange(cfg: config.ExperimentConfig, topo: chips.Topology, tower: str = "m
   that hold routed rows, but its cost estimate is of the whole buffer)."""
   from moejax.aot import hlo, train_step
 
-  m = cfg.model if tower == "model" else getattr(cfg.clip, tower.split(".")[-1])
+  cfg = train_step.for_target(cfg)
+  m = dict(precision.towers(cfg))[tower]
   mesh = sharding.make_mesh(cfg.mesh, chips.devices(topo))
   ep = mesh.shape["expert"]
   if ep == 1 or not m.moe.num_experts:
     return None
-  cfg = train_step.for_target(cfg, dict(mesh.shape))
-  m = cfg.model if tower == "model" else getattr(cfg.clip, tower.split(".")[-1])
   B = cfg.data.batch_size // cfg.optim.grad_accum
   T = cfg.data.seq_len if cfg.task == "lm" else (m.max_seq_len if tower.endswith("text") else
                                                   (cfg.clip.image_size // cfg.clip.patch_size) ** 2)

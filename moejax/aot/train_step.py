@@ -70,7 +70,7 @@ def check(cfg: config.ExperimentConfig, topo: chips.Topology) -> dict[str, int]:
   return sizes
 
 
-def for_target(cfg: config.ExperimentConfig, sizes: dict[str, int]) -> config.ExperimentConfig:
+def for_target(cfg: config.ExperimentConfig) -> config.ExperimentConfig:
   """The config a TPU run would trace, `gmm_backend=auto` resolved here so the report names it: megablox where
   it imports (`check` has made the batch split over the batch axes, so the MoE layer runs per device inside its
   shard_map, where the kernel lowers: `moe.megablox_or_ragged`)."""
@@ -96,7 +96,8 @@ def abstract_batch(s: step_lib.Setup) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def compile_train_step(cfg: config.ExperimentConfig, topo: chips.Topology) -> Compiled:
-  cfg = for_target(cfg, check(cfg, topo))
+  check(cfg, topo)
+  cfg = for_target(cfg)
   mesh = sharding.make_mesh(cfg.mesh, chips.devices(topo))
   s = train.setup(cfg, mesh)
   step = train.make_train_step(s)

@@ -162,6 +162,11 @@ def _print_table(rows: list[dict], peak: float) -> None:
     print(line)
 
 
+def _load() -> float:
+  """The 1-minute load average (0 where the OS has none)."""
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 QUIET_LOAD = 2.0  # a comparison is called level or ahead only when the 1-minute load stayed under this
 LEVEL = 0.05  # within 5% of the best peer's fwd+bwd ratio counts as level
 
@@ -204,15 +209,14 @@ def main(argv: list[str]) -> int:
   if set(args.peers) & set(moe_peer.PEERS) and not moe_peer.available():
     raise SystemExit("--peers needs torch and transformers (pip install 'moejax[interop]')")
   dev = jax.devices()[0]
-  load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
   print(f"moejax bench moe: jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}, load avg {load[0]:.1f}; {args.stat} of {args.iters} "
+        f"{platform.processor() or platform.machine()}, load avg {_load():.1f}; {args.stat} of {args.iters} "
         f"interleaved calls; router {args.router}")
   rows = []
   for n in names:
-    before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    before = _load()
     r = bench_config(n, every[n], args.variants, args)
-    after = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    after = _load()
     for row in r:
       row.update(load_start=round(before, 2), load_end=round(after, 2))
     rows.extend(r)

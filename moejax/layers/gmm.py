@@ -104,15 +104,15 @@ def _megablox_tile(n: int, on_tpu: bool) -> int:
   return next((t for t in ((512, 256, 128) if on_tpu else (128, 64, 32, 16, 8)) if n % t == 0), n)
 
 
+def _megablox_tiling(m: int, k: int, n: int, *, on_tpu: bool) -> tuple[int, int, int]:
+  return _megablox_tile(m, on_tpu), _megablox_tile(k, on_tpu), _megablox_tile(n, on_tpu)
+
+
 # Tilings as lookup functions of each call's (m, k, n): the kernel's backward calls gmm with k and n swapped
 # (and tgmm), so one fixed (tm, tk, tn) tuple would put D's tile on an F-sized dimension there (a block that is
-# neither a multiple of 128 nor the whole dimension does not lower on TPU).
-def _lut_tpu(m: int, k: int, n: int) -> tuple[int, int, int]:
-  return _megablox_tile(m, True), _megablox_tile(k, True), _megablox_tile(n, True)
-
-
-def _lut_interpret(m: int, k: int, n: int) -> tuple[int, int, int]:
-  return _megablox_tile(m, False), _megablox_tile(k, False), _megablox_tile(n, False)
+# neither a multiple of 128 nor the whole dimension does not lower on TPU). Made once, so the kernel's
+# non-differentiable `tiling` argument is the same object on every call.
+_TILING = {on_tpu: functools.partial(_megablox_tiling, on_tpu=on_tpu) for on_tpu in (True, False)}
 
 
 def _megablox_gmm(x_MD, w_EDF, group_sizes_E):
@@ -122,7 +122,7 @@ def _megablox_gmm(x_MD, w_EDF, group_sizes_E):
                      "use auto or ragged_dot")
   on_tpu = sharding.platform() == "tpu"  # the target's, not the host's: Mosaic, not interpret mode, for a TPU
   M = x_MD.shape[0]
-  tiling = _lut_tpu if on_tpu else _lut_interpret
+  tiling = _TILING[on_tpu]
   # Rows past the last group are never written by the kernel (garbage, NaN in interpret mode): zero them on the
   # way in and out, so their cotangents (and any NaN in them) are dropped by the selects.
   valid_M1 = (jnp.arange(M) < jnp.sum(group_sizes_E))[:, None]

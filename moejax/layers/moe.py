@@ -220,12 +220,11 @@ def _sorted_experts(ex: dict, x_LQD: jax.Array, valid_LQ: jax.Array, activation:
 
 def _forward(p: dict, x_GSD: jax.Array, noise_GSD: jax.Array | None, valid_GS: jax.Array | None, *,
              cfg: config.ModelConfig, backend: str, ep: expert_parallel.Plan | None, causal: bool):
-  """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh).
+  """Route, dispatch, experts, combine for the sequences of one device (all of them without a mesh). `ep`: the
+  expert-parallel plan whose axis the tokens travel along, None when they stay here.
   Returns (y, router stats with the drop counts "dropped" / "routed" added)."""
   G, S, D = x_GSD.shape
   E = cfg.moe.num_experts
-  if ep is not None and not ep.exchanges:
-    ep = None  # data parallelism only: this device's tokens, every expert here
   ragged = ep is not None and cfg.moe.ep_exchange == "ragged"  # layers/ragged_ep.py
   all_slots = (ep is not None and not ragged and cfg.moe.dispatch == "dropless"
                and routers.get(cfg.moe.router).token_picks)
@@ -313,7 +312,9 @@ def _apply(p: dict, x_BTD: jax.Array, rng: jax.Array | None, mask_BT: jax.Array 
   backend = gmm.resolve(m.gmm_backend)
   ep = expert_parallel.plan(sharding.active_mesh(), E, x_BTD.shape[0])
   backend = megablox_or_ragged(backend, m.gmm_backend, ep)
-  fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep, causal=causal)
+  # Data parallelism alone runs the layer in the same shard_map, but each device keeps its tokens: no exchange.
+  fwd = functools.partial(_forward, cfg=cfg, backend=backend, ep=ep if ep is not None and ep.exchanges else None,
+                          causal=causal)
   routed = {"router": p["router"], "experts": p["experts"]}
   noise_BTD = None
   if train and m.jitter > 0 and rng is not None:
