@@ -1,6 +1,9 @@
 """Exact-match tasks: generators (deterministic, disjoint splits, answers checked independently), the TFDS set,
 teacher-forced exact match (hand-made cases; equal to greedy decoding; the eval path equal to a per-example loop)."""
 
+import hashlib
+import itertools
+import json
 import re
 
 import jax
@@ -21,7 +24,7 @@ def greedy_generate(params, prompt_BT, cfg, n):
   return np.concatenate([np.asarray(prompt_BT), np.stack(new).astype(np.asarray(prompt_BT).dtype)], axis=1)
 
 
-SMALL = {"test": 40, "calibration": 30, "train": 200}
+SMALL = {"test": 40, "calibration": 30, "train": 200, "dev": 30}
 
 
 def _independent_answer(task: str, prompt: str) -> str:
@@ -46,14 +49,37 @@ def test_generator_deterministic_disjoint_and_correct(task):
   assert {k: len(v) for k, v in a.items()} == SMALL
   prompts = {k: {p for p, _ in v} for k, v in a.items()}
   assert sum(len(v) for v in prompts.values()) == sum(SMALL.values())  # no duplicate within a split either
-  assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["calibration"]
-  assert not prompts["calibration"] & prompts["test"]
+  assert set(prompts) == set(tasks.SPLITS)
+  for x, y in itertools.combinations(tasks.SPLITS, 2):
+    assert not prompts[x] & prompts[y], (x, y)
   for split in a.values():
     for p, ans in split:
       assert ans == _independent_answer(task, p), p
-  # Growing the train split leaves test and calibration as they were.
+  # Growing the train split leaves test and calibration as they were (dev, drawn after it, changes).
   bigger = tasks.splits(task, 0, dict(SMALL, train=300))
   assert bigger["test"] == a["test"] and bigger["calibration"] == a["calibration"]
+  assert bigger["dev"] != a["dev"]
+  # and dev, drawn last, changes none of the others
+  no_dev = tasks.splits(task, 0, dict(SMALL, dev=0))
+  assert no_dev["dev"] == [] and all(no_dev[k] == a[k] for k in ("test", "calibration", "train"))
+
+
+# sha256 (first 16 hex digits) of json.dumps(splits(task)[split]) at the default sizes, computed before the dev
+# split existed (moejax_tasks 1.0.0): adding a split must leave the examples every result was measured on alone.
+SPLITS_1_0_0 = {
+  "addition": {"test": "2b882417385b79a0", "calibration": "b5a54eb822f3145a", "train": "e68254095890550e"},
+  "lookup": {"test": "6c65df412d196245", "calibration": "41c80817feb7fb1f", "train": "166e5854e4f0c929"},
+  "reverse": {"test": "25e2c14ddd0d1ff4", "calibration": "e08cfb21e3260a66", "train": "330fdcc4444b0e26"},
+  "sort": {"test": "d99a84bd724bef95", "calibration": "24c470710c9ded4c", "train": "c3fb69f2d0bae201"},
+}
+
+
+@pytest.mark.parametrize("task", tasks.NAMES)
+def test_default_splits_are_those_of_1_0_0_and_dev_is_new(task):
+  s = tasks.splits(task)
+  got = {k: hashlib.sha256(json.dumps(s[k]).encode()).hexdigest()[:16] for k in SPLITS_1_0_0[task]}
+  assert got == SPLITS_1_0_0[task]
+  assert len(s["dev"]) == tasks.SPLIT_SIZES["dev"] == 250
 
 
 def test_task_shapes_are_what_the_docstring_says():

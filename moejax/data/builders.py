@@ -99,13 +99,18 @@ class MoejaxTasks(BundledBuilder):
   """Seeded exact-match tasks (addition, sort, reverse, lookup) as prompt -> answer records; see `tasks.py`.
   `text` is prompt + answer (what a plain LM pipeline reads); the mixture pipeline masks the loss to the answer."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": f"Tasks {', '.join(tasks.NAMES)}; seed {tasks.DEFAULT_SEED}; sizes {tasks.SPLIT_SIZES}."}
+  # A new split is a new version: a cache built at 1.0.0 lacks `dev`, and TFDS rebuilds only for a new version.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": f"Tasks {', '.join(tasks.NAMES)}; seed {tasks.DEFAULT_SEED}; sizes test 500, calibration 250, train 6000.",
+    "1.1.0": "Adds the dev split (250 per task, EEP's re-ranking), drawn after train: train, calibration and test "
+             "are the examples of 1.0.0.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = tfds.features.FeaturesDict({k: tfds.features.Text() for k in ("text", "prompt", "answer", "task")})
     return info(self, features, "Synthetic exact-match tasks (seeded): multi-digit addition, sorting digits, "
-                "reversing a string, key-value lookup; train / calibration / test disjoint by prompt.")
+                "reversing a string, key-value lookup; train / calibration / dev / test disjoint by prompt.")
 
   def _split_generators(self, dl_manager):
     del dl_manager

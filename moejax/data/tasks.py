@@ -6,9 +6,10 @@ Tasks (each prompt starts with the task's name, so a model can tell them apart i
   reverse   "reverse:qkzat="     -> "taqzk"     3..8 lowercase letters
   lookup    "lookup:b=4,x=0,k=7?x=" -> "0"      3..5 distinct keys with digit values, one key asked
 
-Splits: `test`, `calibration` and `train` are drawn in that order from one seeded stream per task, and a prompt
-already drawn for an earlier split is skipped, so the three are disjoint by prompt (tested). Changing a split's
-size changes the later splits but never the earlier ones (test stays fixed).
+Splits: `test`, `calibration`, `train` and `dev` are drawn in that order from one seeded stream per task, and a
+prompt already drawn for an earlier split is skipped, so the four are disjoint by prompt (tested). Changing a
+split's size changes the later splits but never the earlier ones (test stays fixed). `dev` (EEP's re-ranking split,
+prune/search.py) came last, after the others were in use: drawing it last left every earlier split as it was.
 
 As tokens, an example is `prompt + answer + EOS`; the loss mask is 1 on the answer tokens and the EOS (the tokens
 the model must produce) and 0 on the prompt. Exact match with one teacher-forced forward pass: greedy decoding
@@ -26,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-SPLITS = ("train", "calibration", "test")
-SPLIT_SIZES = {"test": 500, "calibration": 250, "train": 6000}  # per task
+SPLITS = ("train", "calibration", "dev", "test")
+SPLIT_SIZES = {"test": 500, "calibration": 250, "train": 6000, "dev": 250}  # per task, in drawing order
 
 
 def _addition(rng: np.random.Generator) -> tuple[str, str]:
@@ -83,7 +84,7 @@ def splits(task: str, seed: int = DEFAULT_SEED,
   rng = np.random.default_rng(_task_seed(task, seed))
   seen: set[str] = set()
   out: dict[str, list[tuple[str, str]]] = {}
-  for split in ("test", "calibration", "train"):
+  for split in SPLIT_SIZES:  # the drawing order: a new split goes last, or the earlier ones change
     examples = []
     tries = 0
     while len(examples) < sizes[split]:
