@@ -1,12 +1,15 @@
 """The EEP study of docs/results.md ("Expert pruning"): a trained multi-domain MoE pruned 8 -> 4 and 8 -> 2
-experts for two tasks; EEP (search on the calibration split) against the baselines (random subsets, most
+experts for two tasks; EEP (search on the calibration split, its best `--rerank` [20] re-ranked on the dev split,
+as the paper does) against the calibration-best of the same search, the baselines (random subsets, most
 frequently routed, largest summed router probability, best phase-1 pruning) and the unpruned model, scored on
 the held-out TEST split of the task (500 examples), the other task's test split and the text domains' loss.
 
   python scripts/eep_study.py --run runs/lm_moe_mix_eep --out runs/eep_study --budget 400
 
-Resumable: each search's archive is `OUT/<task>_k<keep>/prune_archive.json`; rerun the same command to
-continue. Writes OUT/results.json, OUT/table.md and docs/img/eep_search_curves.png (--png).
+Resumable: each search's archive is `OUT/<task>_k<keep>_archive.json` (the re-ranking's record in it); rerun the
+same command to continue (a row finished before re-ranking existed is redone from its finished archive: only
+the re-ranking and the evaluations run again). Writes OUT/results.json, OUT/table.md and
+docs/img/eep_search_curves.png (--png).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main() -> int:
   ap.add_argument("--keeps", default="4:2,2:1", help="keep:top_k pairs")
   ap.add_argument("--budget", type=int, default=400)
   ap.add_argument("--calibration", type=int, default=250)
+  ap.add_argument("--rerank", type=int, default=20, help="the best N by calibration re-ranked on dev [20; 0: off]")
+  ap.add_argument("--dev", type=int, default=250, help="dev examples per task for the re-ranking [250: all]")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--random-seeds", type=int, default=3)
   ap.add_argument("--png", default="docs/img/eep_search_curves.png")
@@ -75,26 +80,38 @@ def main() -> int:
   print("unpruned", results["unpruned"], flush=True)
   for task in task_names:
     calib = fitness.task_batch(cfg, fitness.split_pairs(task, "calibration", args.calibration))
+    dev_pairs = fitness.split_pairs(task, "dev", args.dev)
     for keep, top_k in keeps:
       key = f"{task}_k{keep}"
-      if key in results and results[key].get("done"):
+      if key in results and results[key].get("done") and (not args.rerank or "rerank" in results[key]):
         continue
       t0 = time.time()
       cal_ev = fitness.Evaluator(params, cfg, keep=keep, top_k=top_k, batch=calib)
-      arch = search.run(cal_ev, L, keep, E, search.SearchConfig(budget=args.budget, prune_evals=max(1, args.budget // 4),
-                                                                 init_pop=min(30, max(1, args.budget // 4)),
-                                                                 seed=args.seed),
-                        archive_path=out / f"{key}_archive.json", meta={"task": task, "top_k": top_k},
+      sc = search.SearchConfig(budget=args.budget, prune_evals=max(1, args.budget // 4),
+                               init_pop=min(30, max(1, args.budget // 4)), seed=args.seed)
+      arch = search.run(cal_ev, L, keep, E, sc, archive_path=out / f"{key}_archive.json",
+                        meta={"task": task, "top_k": top_k},
                         progress=lambda n, b, f, key=key: print(f"  {key}: {n}/{b} best {f:.2f}", flush=True)
                         if n % 20 < 4 else None)
-      t_search = time.time() - t0
-      methods = {"eep": search.best(arch), "best_pruning": search.best(arch, selections_only=True)}
+      # a row redone only to re-rank resumed a finished archive: its search time is the first run's
+      t_search = results.get(key, {}).get("search_seconds", round(time.time() - t0, 1))
+      # padded to the calibration batch's width: the same shape reuses the fitness's compilation
+      dev = fitness.task_batch(cfg, dev_pairs, calib["tokens"].shape[1]) if args.rerank else None
+      rerank = search.rerank(arch, cal_ev.on(dev) if args.rerank else None, args.rerank, sc.metric,
+                             archive_path=out / f"{key}_archive.json",
+                             info={"split": "dev", "examples": len(dev_pairs)})
+      methods = {"eep": arch[rerank["chosen"]] if rerank else search.best(arch),
+                 "best_pruning": search.best(arch, selections_only=True)}
+      if rerank:
+        methods["eep_calibration_best"] = search.best(arch)
       for m in ("frequency", "soft"):
         methods[m] = {"cand": baselines.candidate(m, params, cfg.model, calib, keep, 0)}
       for s in range(args.random_seeds):
         methods[f"random{s}"] = {"cand": baselines.candidate("random", params, cfg.model, calib, keep, s)}
-      row = {"keep": keep, "top_k": top_k, "search_seconds": round(t_search, 1), "curve": search.curve(arch),
+      row = {"keep": keep, "top_k": top_k, "search_seconds": t_search, "curve": search.curve(arch),
              "evaluations": len(arch), "unpruned_calibration": cal_ev.plain(), "methods": {}}
+      if rerank:
+        row["rerank"] = rerank
       test_ev = {t: fitness.Evaluator(params, cfg, keep=keep, top_k=top_k, batch=test[t]) for t in task_names}
       for name, c in methods.items():
         cand = c["cand"]
@@ -133,8 +150,12 @@ def write_table(results, task_names, keeps, path) -> None:
         continue
       ms = row["methods"]
       rnd = [v for k, v in ms.items() if k.startswith("random")]
-      order = [("EEP", ms["eep"]), ("best phase-1 pruning", ms["best_pruning"]), ("frequency", ms["frequency"]),
-               ("soft activation", ms["soft"])]
+      # a row from before the re-ranking has no "rerank": its EEP is the calibration-best
+      eep = [("EEP", ms["eep"])] if "rerank" not in row else [
+        (f"EEP (best on dev of the top {row['rerank']['n']})", ms["eep"]),
+        ("EEP calibration-best (no re-ranking)", ms["eep_calibration_best"])]
+      order = eep + [("best phase-1 pruning", ms["best_pruning"]), ("frequency", ms["frequency"]),
+                     ("soft activation", ms["soft"])]
       for label, r in order:
         lines.append(f"| {task} | {keep} ({top_k}) | {label} | "
                      + " | ".join(f"{r['test'][t]['exact_match']:.3f}" for t in task_names) + " | "

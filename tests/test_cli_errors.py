@@ -316,6 +316,12 @@ CASES = [
   _c("prune-to-holds-a-run", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--to", "{run}",
      msg="already holds checkpoints"),
   _c("prune-no-to", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", msg="needs --to DIR"),
+  _c("prune-rerank-negative", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--rerank", "-1",
+     "--to", "{new}", msg="--rerank -1 must be >= 0"),
+  _c("prune-dev-zero", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--dev", "0", "--to",
+     "{new}", msg="--dev 0 must be > 0"),
+  _c("prune-rerank-not-a-number", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--rerank",
+     "all", "--to", "{new}", msg="argument --rerank: invalid int value: 'all'"),
   _c("prune-bad-method", "prune", "--from", "{moe_cfg}", "--keep", "4", "--task", "lookup", "--method", "magic",
      "--to", "{new}", msg="invalid choice: 'magic'"),
 ]

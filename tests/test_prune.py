@@ -1,5 +1,6 @@
 """EEP expert pruning / merging (moejax/prune): candidate exactness, the decoder honours `router/map`, the
-jitted fitness compiles once, the search is seeded and resumes after a kill to the same result."""
+jitted fitness compiles once, the search is seeded and resumes after a kill to the same result, the dev-split
+re-ranking keeps the dev-best of the calibration top N (and --rerank 0 is the search without it)."""
 
 import dataclasses
 import json
@@ -196,6 +197,35 @@ def test_search_is_seeded_resumes_after_a_kill_and_follows_the_phases(tmp_path):
     search.run(_fake_evaluate, 2, 4, 8, sc, archive_path=tmp_path / "x.json")
 
 
+def test_rerank_keeps_the_dev_best_of_the_calibration_top_n(tmp_path):
+  """The paper's last step on real parts: a short search scored by the fitness on lookup's calibration split,
+  its best 4 re-scored on the dev split; here the calibration-best is not the dev-best, and the dev-best is kept."""
+  params = _params(BYTE_CFG.model)
+  cal, dev = (fitness.task_batch(BYTE_CFG, fitness.split_pairs("lookup", s, 16)) for s in ("calibration", "dev"))
+  ev = fitness.Evaluator(params, BYTE_CFG, keep=3, top_k=2, batch=cal)
+  sc = search.SearchConfig(budget=8, prune_evals=8, init_pop=8, metric="loss", seed=0)
+  path = tmp_path / "archive.json"
+  arch = search.run(ev, 2, 3, 6, sc, archive_path=path)
+  before = path.read_bytes()
+  rec = search.rerank(arch, ev.on(dev), 4, "loss", archive_path=path, info={"split": "dev"})
+  assert ev.traces == 1  # the dev batch has the calibration batch's shape: nothing new compiled
+  top4 = sorted(arch, key=lambda a: -a["fitness"])[:4]  # no ties in the losses here
+  assert [r["eval"] for r in rec["candidates"]] == [a["eval"] for a in top4]
+  want = fitness.Evaluator(params, BYTE_CFG, keep=3, top_k=2, batch=dev)([a["cand"] for a in top4])  # a 2nd, plain
+  for r, w in zip(rec["candidates"], want):
+    assert r["ce_loss"] == pytest.approx(w["ce_loss"], abs=1e-6) and r["fitness"] == pytest.approx(-100 * w["ce_loss"])
+  dev_best = top4[int(np.argmin([w["ce_loss"] for w in want]))]["eval"]
+  assert rec["calibration_best"] == search.best(arch)["eval"] != dev_best  # the case this test is about
+  assert rec["chosen"] == dev_best and rec["split"] == "dev" and rec["n"] == 4
+  saved = json.loads(path.read_text())
+  assert saved["rerank"] == json.loads(json.dumps(rec))
+  assert len(search.run(ev, 2, 3, 6, sc, archive_path=path)) == 8  # the record does not stop a resume
+  # n = 0: no re-ranking (nothing evaluated), and the file is again the search's alone, byte for byte
+  assert search.rerank(arch, None, 0, "loss", archive_path=path) is None and path.read_bytes() == before
+  with pytest.raises(config.ConfigError, match="--rerank -1 must be >= 0"):
+    search.rerank(arch, ev.on(dev), -1, "loss")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # `moejax prune`: an ordinary run dir that eval / generate / export-hf accept
 # ----------------------------------------------------------------------------------------------------------
@@ -234,18 +264,25 @@ def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_pa
   assert cli.main(["prune", "--from", str(moe_run), "--keep", "2", "--task", "lookup", "--dry-run"]) == 0
   out = capsys.readouterr().out
   assert "4 -> 2 experts, top-2 -> top-2" in out and "calibration: task 'lookup', 250 examples" in out
-  # eep with a tiny budget: phase 1 only (selections) -> a plain MoE that exports
+  assert "re-ranking: the best 20 by calibration re-scored on 250 dev examples" in out
+  # eep with a tiny budget: phase 1 only (selections) -> a plain MoE that exports; all 6 re-ranked on dev
   to = tmp_path / "pruned"
   assert cli.main(["prune", "--from", str(moe_run), "--keep", "2", "--top-k", "1", "--task", "lookup", "--budget",
-                   "6", "--prune-evals", "6", "--calibration", "16", "--metric", "loss", "--to", str(to),
-                   "--no-progress"]) == 0
+                   "6", "--prune-evals", "6", "--calibration", "16", "--dev", "16", "--metric", "loss", "--to",
+                   str(to), "--no-progress"]) == 0
+  assert "the best of the top 6 re-ranked" in capsys.readouterr().out
   summary = json.loads((to / "prune.json").read_text())
   assert summary["evaluations"] == 6 and not summary["mapped"] and len(summary["kept_experts"]) == 2
   cfg = checkpoint.read_config(to)
   assert (cfg.model.moe.num_experts, cfg.model.moe.top_k, cfg.model.moe.router_map_from) == (2, 1, 0)
   assert checkpoint.step_numbers(to) == [3]
-  assert json.loads(json.dumps(summary["calibration"]))["ce_loss"] == pytest.approx(
-    min(a["ce_loss"] for a in json.loads((to / "prune_archive.json").read_text())["archive"]))
+  saved = json.loads((to / "prune_archive.json").read_text())
+  rerank = saved["rerank"]
+  assert summary["rerank"] == rerank and (rerank["n"], rerank["examples"], len(rerank["candidates"])) == (20, 16, 6)
+  kept = saved["archive"][rerank["chosen"]]  # the dev-best of the six, its calibration scores in the summary
+  assert summary["dev"]["ce_loss"] == min(r["ce_loss"] for r in rerank["candidates"])
+  assert summary["calibration"] == {"exact_match": kept["exact_match"], "ce_loss": kept["ce_loss"]}
+  assert summary["candidate"] == kept["cand"]
   capsys.readouterr()
   assert cli.main(["eval", "--workdir", str(to)]) == 0 and "ce_loss" in json.loads(capsys.readouterr().out)
   assert cli.main(["generate", "--workdir", str(to), "--prompt", "lookup:a=1?a=", "--max-new-tokens", "3"]) == 0
@@ -283,25 +320,40 @@ def test_bench_prune_runs_small(moe_run, capsys):
   assert "| plain eval pass" in out and out.count("| EEP fitness") == 2
 
 
-def test_prune_from_python_writes_what_the_cli_writes(moe_run, tmp_path, capsys):
+def test_prune_from_python_writes_what_the_cli_writes(moe_run, tmp_path, capsys, monkeypatch):
   """`prune.api.prune` with a `PruneConfig` is `moejax prune` (whose defaults are PruneConfig's): the same
-  prune.json, archive and params; without `to` it writes nothing and returns the same summary."""
+  prune.json, archive and params; without `to` it writes nothing and returns the same summary. Both with --rerank
+  0: the search as it was before the re-ranking, the calibration-best kept, the dev split never read, and nothing
+  about a re-ranking in prune.json or the archive."""
   from moejax import checkpoint, cli, sharding
   from moejax.prune import api
   from moejax.prune import cli as prune_cli
 
+  read = fitness.split_pairs
+
+  def no_dev(task, split, n=None):
+    assert split != "dev", "--rerank 0 read the dev split"
+    return read(task, split, n)
+
+  monkeypatch.setattr(fitness, "split_pairs", no_dev)
+
   args = cli.parse(["prune", "--from", str(moe_run), "--keep", "2", "--task", "lookup"])[0]
   assert prune_cli.prune_config(args) == api.PruneConfig(keep=2, task="lookup")
   flags = ["--keep", "2", "--top-k", "1", "--task", "lookup", "--budget", "4", "--prune-evals", "4",
-           "--calibration", "8", "--metric", "loss", "--seed", "3"]
+           "--calibration", "8", "--rerank", "0", "--metric", "loss", "--seed", "3"]
   assert cli.main(["prune", "--from", str(moe_run), *flags, "--to", str(tmp_path / "cli"), "--no-progress"]) == 0
   assert "pruned" in capsys.readouterr().out
-  pc = api.PruneConfig(keep=2, top_k=1, task="lookup", budget=4, prune_evals=4, calibration=8, metric="loss", seed=3)
+  pc = api.PruneConfig(keep=2, top_k=1, task="lookup", budget=4, prune_evals=4, calibration=8, rerank=0,
+                       metric="loss", seed=3)
   summary = api.prune(moe_run, pc, tmp_path / "py", progress=False)
   on_disk = {k: json.loads((tmp_path / d / "prune.json").read_text()) for k, d in (("cli", "cli"), ("py", "py"))}
   drop = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
   assert drop(on_disk["py"]) == drop(on_disk["cli"]) == drop(json.loads(json.dumps(summary)))
   assert (tmp_path / "py" / "prune_archive.json").read_text() == (tmp_path / "cli" / "prune_archive.json").read_text()
+  saved = json.loads((tmp_path / "py" / "prune_archive.json").read_text())
+  assert set(saved) == {"meta", "rng", "archive"} and not {"dev", "rerank"} & set(summary)
+  arch = [dict(a, cand=candidates.from_json(a["cand"])) for a in saved["archive"]]
+  assert summary["candidate"] == candidates.to_json(search.best(arch)["cand"])
   assert checkpoint.read_config(tmp_path / "py") == checkpoint.read_config(tmp_path / "cli")
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
@@ -314,3 +366,4 @@ def test_prune_from_python_writes_what_the_cli_writes(moe_run, tmp_path, capsys)
   assert not any(p.name.startswith("prune") for p in moe_run.iterdir())
   with pytest.raises(config.ConfigError, match="prune method 'magic' unknown"):
     api.PruneConfig(keep=2, task="lookup", method="magic")
+

@@ -1,12 +1,14 @@
 """Pruning as a library: `prune(source, PruneConfig(keep=4, task="lookup"), to)` shrinks a trained MoE run to K
-experts per MoE layer, chosen (and, for eep, merged) for one task's calibration split, and writes an ordinary run
-directory into `to`; `moejax prune` (prune/cli.py) is its command line, flag for flag.
+experts per MoE layer, chosen (and, for eep, merged) for one task's calibration split (eep: the best 20 of the
+search then re-ranked on the task's dev split), and writes an ordinary run directory into `to`; `moejax prune`
+(prune/cli.py) is its command line, flag for flag.
 
 `plan` checks everything it can before a checkpoint is read (bad input is a `ConfigError` there, before anything
 is written), `describe` is the dry run, `run` does the work. Files in `to` besides the run (a params-only step,
 config.json with num_experts = K, top_k = k, and `router_map_from` = E when the result is a merge): `prune.json`
-(the summary `run` returns) and, for eep, `prune_archive.json` (the search's archive: a rerun with the same
-settings resumes it). Without `to` nothing is written and the summary is all that comes back.
+(the summary `run` returns) and, for eep, `prune_archive.json` (the search's archive, with the re-ranking's
+record under "rerank": a rerun with the same settings resumes it). Without `to` nothing is written and the
+summary is all that comes back.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class PruneConfig:
   prune_evals: int | None = None  # eep: evaluations of phase 1 (pruning); None: budget / 4
   metric: str = "exact_match"  # the fitness: exact_match | loss
   calibration: int = 250  # calibration examples of the task (250: all)
+  rerank: int = 20  # eep: the best N by calibration re-scored on the dev split, the best there kept; 0: off
+  dev: int = 250  # dev examples of the task for the re-ranking (250: all)
   seed: int = 0
 
   def __post_init__(self):
@@ -78,6 +82,10 @@ def plan(source: str | os.PathLike, pc: PruneConfig, to: str | os.PathLike | Non
   candidates.check_prunable(cfg.model, pc.keep, top_k)
   if pc.calibration <= 0:
     raise config.ConfigError(f"--calibration {pc.calibration} must be > 0")
+  if pc.rerank < 0:
+    raise config.ConfigError(f"--rerank {pc.rerank} must be >= 0 (0: keep the calibration-best, no dev split)")
+  if pc.dev <= 0:
+    raise config.ConfigError(f"--dev {pc.dev} must be > 0")
   budget = pc.budget if pc.method == "eep" else 1
   prune_evals = pc.prune_evals if pc.prune_evals is not None else max(1, budget // 4)
   sc = search.SearchConfig(budget=pc.budget, prune_evals=min(prune_evals, pc.budget),
@@ -92,6 +100,13 @@ def _calibration(p: Plan) -> tuple[list[tuple[str, str]], dict]:
   return pairs, fitness.task_batch(p.cfg, pairs)
 
 
+def _dev(p: Plan, calibration: dict) -> tuple[list[tuple[str, str]], dict]:
+  """The re-ranking's examples, padded to the calibration batch's width when narrower: with as many examples as
+  calibration (the default, 250 each) the dev batch has its shape and the fitness compiles nothing new."""
+  pairs = fitness.split_pairs(p.pc.task, "dev", p.pc.dev)
+  return pairs, fitness.task_batch(p.cfg, pairs, min_length=calibration["tokens"].shape[1])
+
+
 def describe(p: Plan) -> str:
   """The dry run: the plan, its sizes and the calibration data; reads no checkpoint, writes nothing."""
   pc, sc, m = p.pc, p.search, p.cfg.model.moe
@@ -103,6 +118,8 @@ def describe(p: Plan) -> str:
              f"fitness {sc.metric}, seed {sc.seed}" if pc.method == "eep" else "")
           + f"\ncalibration: task {pc.task!r}, {len(pairs)} examples x {batch['tokens'].shape[1] - 1} positions "
           f"(held-out test split: {len(fitness.split_pairs(pc.task, 'test'))} examples)"
+          + (f"\nre-ranking: the best {pc.rerank} by calibration re-scored on {len(_dev(p, batch)[0])} dev "
+             "examples, the best there kept" if pc.method == "eep" and pc.rerank else "")
           + (f"\nwould write {p.to}" if p.to else ""))
 
 
@@ -134,7 +151,7 @@ def _run(p: Plan, pairs: list[tuple[str, str]], batch: dict, progress: bool) -> 
   t0 = time.time()
   # the claim is held from the search's first result file to the checkpoint
   with runs.claim(to) if to is not None else contextlib.nullcontext():
-    archive = []
+    archive, rerank = [], None
     if pc.method == "eep":
       bar = _bar(sc.budget) if progress else None
 
@@ -144,13 +161,17 @@ def _run(p: Plan, pairs: list[tuple[str, str]], batch: dict, progress: bool) -> 
           bar.set_postfix(best=f"{best:.2f}")
           bar.refresh()
 
-      archive = search.run(ev, L, pc.keep, m.num_experts, sc,
-                           archive_path=to / "prune_archive.json" if to is not None else None,
+      archive_path = to / "prune_archive.json" if to is not None else None
+      archive = search.run(ev, L, pc.keep, m.num_experts, sc, archive_path=archive_path,
                            meta={"from": str(p.src), "task": pc.task, "top_k": p.top_k, "calibration": len(pairs)},
                            progress=report)
       if bar is not None:
         bar.close()
-      chosen = search.best(archive)
+      # the dev split is read only when used: --rerank 0 evaluates (and writes) what it did before re-ranking
+      dev_pairs, dev_batch = _dev(p, batch) if pc.rerank else ([], None)
+      rerank = search.rerank(archive, ev.on(dev_batch) if pc.rerank else None, pc.rerank, sc.metric,
+                             archive_path=archive_path, info={"split": "dev", "examples": len(dev_pairs)})
+      chosen = archive[rerank["chosen"]] if rerank else search.best(archive)
     else:
       cand = baselines.candidate(pc.method, params, cfg.model, batch, pc.keep, pc.seed)
       chosen = {"cand": cand, **ev([cand])[0]}
@@ -160,7 +181,7 @@ def _run(p: Plan, pairs: list[tuple[str, str]], batch: dict, progress: bool) -> 
       out_cfg = config.derive(cfg, {"model.moe.num_experts": pc.keep, "model.moe.top_k": p.top_k,
                                     "model.moe.router_map_from": m.num_experts if mapped else 0})
       runs.save_params(to, runs.target(out_cfg), out_params, step)
-    summary = _summary(p, step, len(pairs), chosen, mapped, ev.plain(), archive, time.time() - t0)
+    summary = _summary(p, step, len(pairs), chosen, mapped, ev.plain(), archive, time.time() - t0, rerank)
     if to is not None:
       (to / "prune.json").write_text(json.dumps(summary, indent=1))
   return summary
@@ -173,7 +194,7 @@ def _bar(total: int):
 
 
 def _summary(p: Plan, step: int, n_pairs: int, chosen: dict, mapped: bool, unpruned: dict, archive: list[dict],
-             seconds: float) -> dict:
+             seconds: float, rerank: dict | None = None) -> dict:
   keep_LK = candidates.as_selection(chosen["cand"])
   summary = {
     "from": str(p.src), "step": step, "task": p.pc.task, "method": p.pc.method, "keep": p.pc.keep,
@@ -188,4 +209,7 @@ def _summary(p: Plan, step: int, n_pairs: int, chosen: dict, mapped: bool, unpru
     summary.update(evaluations=len(archive), curve=search.curve(archive),
                    best_pruning={"exact_match": best_sel["exact_match"], "ce_loss": best_sel["ce_loss"],
                                  "kept_experts": candidates.as_selection(best_sel["cand"]).tolist()})
+  if rerank:  # absent with --rerank 0: that summary is the one without re-ranking, key for key
+    won = next(r for r in rerank["candidates"] if r["eval"] == rerank["chosen"])
+    summary.update(dev={"exact_match": won["exact_match"], "ce_loss": won["ce_loss"]}, rerank=rerank)
   return summary

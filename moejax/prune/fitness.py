@@ -1,4 +1,5 @@
-"""The EEP fitness: a task's exact match (or answer loss) on its calibration split, for a batch of candidates.
+"""The EEP fitness: a task's exact match (or answer loss) on its calibration split (or, re-ranking the search's
+best, its dev split), for a batch of candidates.
 
 One jitted function, compiled once per (model, candidate-batch size): the candidate matrices M, R [C, L, K, E]
 are *arguments*, merged into the experts inside the jit (`candidates.merge_moe`), and `lax.map` runs the C
@@ -13,7 +14,7 @@ position 0 (`data.tasks.padded_batch`); exact match = every answer token (and th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +27,13 @@ from moejax.models import transformer
 from moejax.prune import candidates
 
 
-def task_batch(cfg: config.ExperimentConfig, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
-  """`{"tokens", "loss_mask"}` [N, 8j + 1] of (prompt, answer) pairs, as `lm_eval.evaluate_tasks` builds them."""
+def task_batch(cfg: config.ExperimentConfig, pairs: Sequence[tuple[str, str]],
+               min_length: int = 0) -> dict[str, np.ndarray]:
+  """`{"tokens", "loss_mask"}` [N, 8j + 1] of (prompt, answer) pairs, as `lm_eval.evaluate_tasks` builds them;
+  at least `min_length` wide (another batch's: the same shape reuses its compilation; padding scores nothing)."""
   tok = tokenizer.get(cfg.data.tokenizer)
   length = max(len(tok.encode(p)) + len(tok.encode(a)) + 1 for p, a in pairs)
-  length = -(-length // 8) * 8 + 1
+  length = max(-(-length // 8) * 8 + 1, min_length)
   if length - 1 > cfg.model.max_seq_len:
     raise config.ConfigError(f"task examples need {length - 1} positions, more than model.max_seq_len="
                              f"{cfg.model.max_seq_len}")
@@ -86,13 +89,22 @@ class Evaluator:
 
   def __call__(self, cands: Sequence[dict]) -> list[dict[str, float]]:
     """[{"exact_match", "ce_loss"}] per candidate, in `chunk`-sized calls (the last one padded)."""
+    return self._score(cands, self.batch)
+
+  def on(self, batch: dict) -> Callable[[Sequence[dict]], list[dict[str, float]]]:
+    """`self`, scoring on another example batch (EEP's dev-split re-ranking) through the same jitted function: a
+    batch of the same shape compiles nothing new."""
+    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()}, jax.devices()[0])
+    return lambda cands: self._score(cands, batch)
+
+  def _score(self, cands: Sequence[dict], batch: dict) -> list[dict[str, float]]:
     out = []
     for i in range(0, len(cands), self.chunk):
       part = list(cands[i:i + self.chunk])
       part += [part[-1]] * (self.chunk - len(part))
       M = np.stack([np.asarray(c["M"], np.float32) for c in part])
       R = np.stack([np.asarray(c["R"], np.float32) for c in part])
-      em_C, ce_C = jax.device_get(self._many(self.params, M, R, self.batch))
+      em_C, ce_C = jax.device_get(self._many(self.params, M, R, batch))
       out += [{"exact_match": float(e), "ce_loss": float(c)} for e, c in zip(em_C, ce_C)]
     return out[:len(cands)]
 

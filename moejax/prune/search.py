@@ -12,13 +12,18 @@ otherwise a Gaussian mutation: each group (a layer's M, a layer's R) is changed 
 is renormalised to sum 1 with probability `renorm_prob` [0.1]. Phase 2 starts from the whole archive, the
 phase-1 selections included (the reference does the same).
 
+Then the re-ranking (`rerank`, the paper's last step): the best `n` [20] of the whole archive by calibration
+fitness are scored with the same fitness on the task's dev split (disjoint from calibration and test), and the
+best there is the result; n = 0 keeps the calibration-best.
+
 Departures: ties in fitness (exact match on a few hundred examples ties often) are broken by the answer loss,
-lower first, instead of at random; the optional dev-split re-ranking of the reference is not implemented (the
-study reports held-out test accuracy of the best calibration candidate instead).
+lower first, instead of at random, both in the search and among the re-ranked (there, then the better calibration
+rank, which is how the reference's argmax breaks a tie on dev).
 
 Seeded and resumable: the archive (`archive.json`: every candidate with its scores, the settings and the numpy
 generator's state after each evaluation batch) is rewritten atomically after each batch, so a killed search
-continues from the last batch and reaches the same final archive as an uninterrupted one.
+continues from the last batch and reaches the same final archive as an uninterrupted one. The re-ranking's record
+is added to it under "rerank" (absent with n = 0: that file is byte for byte the one without re-ranking).
 """
 
 from __future__ import annotations
@@ -190,6 +195,34 @@ def run(evaluate: Callable[[list[dict]], list[dict]], L: int, K: int, E: int, sc
     if progress:
       progress(len(archive), sc.budget, best(archive)["fitness"])
   return archive
+
+
+def rerank(archive: list[dict], evaluate: Callable[[list[dict]], list[dict]], n: int, metric: str, *,
+           archive_path: str | pathlib.Path | None = None, info: dict | None = None) -> dict | None:
+  """The paper's last step: the best `n` of the archive by calibration (`_order`) scored by `evaluate` (the same
+  fitness on the dev split), the best there chosen. Returns (and, with `archive_path`, adds to that archive file
+  under "rerank") the record: {"n", **info, "calibration_best", "chosen" (archive indices, `eval`), "candidates":
+  [{"eval", "calibration_rank", "calibration_fitness", "fitness", "exact_match", "ce_loss"} (dev scores)]}.
+  n = 0: no re-ranking, None, and an earlier record leaves the file (a finished search rerun with n = 0)."""
+  if n < 0:
+    raise config.ConfigError(f"--rerank {n} must be >= 0 (0: no re-ranking)")
+  path = pathlib.Path(archive_path) if archive_path else None
+  if n == 0:
+    if path and path.is_file():
+      state = json.loads(path.read_text())
+      if state.pop("rerank", None) is not None:
+        _save(path, state)
+    return None
+  order = _order(archive)[:n]
+  scores = evaluate([archive[i]["cand"] for i in order])
+  rows = [{"eval": archive[i]["eval"], "calibration_rank": r, "calibration_fitness": archive[i]["fitness"],
+           "fitness": fitness.fitness(s, metric), **s} for r, (i, s) in enumerate(zip(order, scores))]
+  won = _order(rows)[0]  # dev fitness, then dev answer loss, then calibration rank (rows are in that order)
+  record = {"n": n, **(info or {}), "calibration_best": rows[0]["eval"], "chosen": rows[won]["eval"],
+            "candidates": rows}
+  if path:
+    _save(path, dict(json.loads(path.read_text()), rerank=record))
+  return record
 
 
 def curve(archive: list[dict]) -> list[float]:
