@@ -198,6 +198,7 @@ def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
   return out
 
 
-def write(record: pathlib.Path, doc: pathlib.Path = DOC, img: pathlib.Path = IMG) -> None:
+def write(record: pathlib.Path, doc: pathlib.Path = DOC, img: pathlib.Path = IMG) -> pathlib.Path | None:
+  """The block into `doc`; the figure (None: no records to draw)."""
   report.write_doc_block(doc, GENERATOR, BLOCK, block(record))
-  figure(record, img)
+  return figure(record, img)

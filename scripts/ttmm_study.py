@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
   if a.write_docs:
     import ttmm_report
 
-    ttmm_report.write(pathlib.Path(a.record) if a.record else ttmm_report.STORED)
-    print(f"wrote {ttmm_report.DOC.relative_to(ROOT)} and {ttmm_report.IMG.relative_to(ROOT)}")
+    img = ttmm_report.write(pathlib.Path(a.record) if a.record else ttmm_report.STORED)
+    print(f"wrote {ttmm_report.DOC.relative_to(ROOT)}" + (f" and {img.relative_to(ROOT)}" if img else ""))
     return 0
   ran = run_study(a)
   print(f"ttmm_study: ran {len(ran)} parts: {', '.join(ran) or 'none (all recorded)'}")
