@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--holdout", type=float, default=0.1, help="held-out share of each document (convergence check)")
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--lr", type=float, default=3e-3)
-  ap.add_argument("--eval-every", type=int, default=50)
+  ap.add_argument("--eval-every", type=int, default=25, help="held-out loss and checkpoint every N steps")
   ap.add_argument("--max-docs", type=int, default=0, help="0 = every document (twins: a few)")
   ap.add_argument("--neighbors", type=int, default=8, help="TTT: the prompt's nearest training documents")
   ap.add_argument("--ttt-steps", type=int, nargs="+", default=list(TTT_STEPS))
