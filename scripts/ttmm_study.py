@@ -106,7 +106,10 @@ def run_study(a: argparse.Namespace) -> list[str]:
       return {**{x: v for x, v in out.items() if x != "bank"}, "heldout_mean": [
         {"step": r["step"], "loss": r["loss"]} for r in rows if r.get("split") == "heldout"]}
 
-    rec.run(f"{name}/bank", build)  # a recorded bank whose directory is gone is built again, its record kept
+    if rec.done(f"{name}/bank"):  # recorded, its directory gone (records copied to a fresh root): built again for
+      build()                     # an evaluation that still needs it; the record of the first build is kept
+    else:
+      rec.run(f"{name}/bank", build)
     if not emb_file.is_file():
       np.save(emb_file, np.load(d / "clusters.npz")["embeddings"])
     return d
