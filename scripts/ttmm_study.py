@@ -1,107 +1,200 @@
-"""The TTMM study (docs/results.md): banks of K in --ks LoRA experts built on one base decoder trained on the code
-corpus, each evaluated on the held-out documents (perplexity of each document's rest after its 50-token prompt)
-against the base, the nearest expert alone, the logit ensemble of the kept experts, a whole-corpus LoRA (a K=1
-bank with the largest bank's total steps) and test-time training, with measured test-time cost per prompt.
-Writes results.json, table.md and ttmm_perplexity_vs_k.png into --out.
+"""The TTMM study (docs/results.md, issues 16 and 31): banks of K LoRA experts, each expert trained for
+`--epochs` passes over its own cluster, on one base decoder trained on the code corpus, for every seed of the
+clustering and expert training; evaluated on the test half of the held-out documents against the base, the
+nearest expert alone, the logit ensemble of the kept experts, the whole-corpus LoRA (K = 1: every bank's total
+budget in one adapter; and a K = 1 LoRA given only one expert's mean steps of the largest bank), and test-time
+training (TTT) whose steps and learning rate are chosen on the dev half; with each method's cost per query.
 
-  moejax train lm_dense_pycode_tiny --workdir runs/pycode_base
-  python scripts/ttmm_study.py --base runs/pycode_base --out runs/ttmm_study [--ks 1 4 16] [--steps 40]
+  python scripts/ttmm_study.py --root runs/ttmm_study [--seeds 0 1 2] [--ks 1 4 16 64] [--epochs 3]
+  python scripts/ttmm_study.py --write-docs [--record results/studies/ttmm]
+
+Resumable: every finished part (the base, a (K, seed) bank, an evaluation, a TTT grid point) leaves a JSON record
+(its result, wall and CPU seconds, provenance: commit, CPU, cores, load, jax) in --record (default ROOT/record;
+copy it to results/studies/ttmm to keep it), and a part whose record exists is skipped; a bank cut short resumes
+from its newest checkpoint. The base (lm_dense_pycode_tiny, 400 steps) is trained in ROOT/base unless --base names
+one. --write-docs regenerates the study's block in docs/results.md and docs/img/ttmm_study_perplexity_vs_k.png
+from the stored records alone (tests/test_ttmm_study.py checks the doc against them).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import pathlib
+import sys
 import time
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
-from moejax.ttmm import bank, evaluate  # noqa: E402
+TTT_STEPS = (8, 24, 64)  # the dev grid: 8 steps barely move a fresh LoRA; 64 is ~4 passes over 8 neighbours
+TTT_LRS = (1e-3, 3e-3, 1e-2)
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--base", required=True)
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
-  ap.add_argument("--steps", type=int, default=40, help="optimizer steps per expert")
+def bank_overrides(a: argparse.Namespace, seed: int) -> list[str]:
+  """The experts' recipe: a seed sets the clustering (BisectingKMeans), the windows each expert draws and the
+  experts' init; a constant LR because each expert runs its own length (ttmm.epochs)."""
+  return [f"optim.lr={a.lr}", "optim.schedule=constant", f"ttmm.epochs={a.epochs}",
+          f"ttmm.train_tokens={a.train_tokens}", f"ttmm.holdout={a.holdout}", f"peft.lora_rank={a.rank}",
+          f"peft.lora_alpha={2.0 * a.rank}", f"ttmm.seed={seed}", f"train.seed={seed}", f"train.eval_every={a.eval_every}",
+          f"train.checkpoint_every={a.eval_every}", f"ttmm.max_docs={a.max_docs}", f"ttmm.ttt_neighbors={a.neighbors}",
+          *a.set]
+
+
+class Recorder:
+  """Each part's JSON record: skip what is recorded, time (wall and this process's CPU) what is not."""
+
+  def __init__(self, record: pathlib.Path, args: dict):
+    self.dir, self.args, self.ran = record, args, []
+
+  def path(self, name: str) -> pathlib.Path:
+    return self.dir / f"{name}.json"
+
+  def done(self, name: str) -> bool:
+    return self.path(name).is_file()
+
+  def result(self, name: str) -> dict:
+    return json.loads(self.path(name).read_text())["result"]
+
+  def run(self, name: str, fn) -> dict:
+    if self.done(name):
+      return self.result(name)
+    from moejax import provenance
+
+    prov = provenance.record(ROOT)
+    w, c = time.perf_counter(), time.process_time()
+    result = fn()
+    rec = {"part": name, "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(time.process_time() - c, 2),
+           "provenance": {**prov, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}, "args": self.args,
+           "result": result}
+    p = self.path(name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, p)  # a record is whole or absent: a part cut short runs again
+    self.ran.append(name)
+    print(f"ttmm_study: {name}: {rec['wall_s']:.0f} s", flush=True)
+    return result
+
+
+def run_study(a: argparse.Namespace) -> list[str]:
+  """Every part not yet recorded; returns the names of the parts this invocation ran."""
+  from moejax import checkpoint
+  from moejax.ttmm import bank, evaluate
+
+  root = pathlib.Path(a.root)
+  rec = Recorder(pathlib.Path(a.record) if a.record else root / "record", {
+    k: v for k, v in vars(a).items() if k not in ("root", "record", "write_docs")})
+  base = pathlib.Path(a.base) if a.base else root / "base"
+  if not a.base:
+    rec.run("base", lambda: train_base(base, a.base_set))
+
+  def ensure_bank(name: str, k: int, overrides: list[str]) -> pathlib.Path:
+    d = root / name
+    if rec.done(f"{name}/bank") and d.is_dir() and checkpoint.step_numbers(d):
+      return d
+    emb_file = root / "embeddings.npy"  # one base, one corpus: every bank's documents embed the same
+    emb = np.load(emb_file) if emb_file.is_file() else None
+
+    def build():
+      out = bank.build(base, k, d, overrides, progress=False, embeddings=emb)
+      rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+      return {**{x: v for x, v in out.items() if x != "bank"}, "heldout_mean": [
+        {"step": r["step"], "loss": r["loss"]} for r in rows if r.get("split") == "heldout"]}
+
+    if rec.done(f"{name}/bank"):  # recorded, its directory gone (records copied to a fresh root): built again for
+      build()                     # an evaluation that still needs it; the record of the first build is kept
+    else:
+      rec.run(f"{name}/bank", build)
+    if not emb_file.is_file():
+      np.save(emb_file, np.load(d / "clusters.npz")["embeddings"])
+    return d
+
+  def ev(name: str, bank_dir_fn, methods: tuple[str, ...], part: str, extra: tuple[str, ...] = ()) -> dict:
+    if rec.done(name):
+      return rec.result(name)
+    d = bank_dir_fn()
+    return rec.run(name, lambda: evaluate.evaluate(str(d), "validation", methods, progress=False,
+                                                   overrides=(f"ttmm.eval_part={part}", *extra)))
+
+  kmax, kmin = max(a.ks), min(a.ks)
+  for s in a.seeds:
+    ov = bank_overrides(a, s)
+    for k in a.ks:
+      ev(f"s{s}/eval_k{k}", functools.partial(ensure_bank, f"s{s}/k{k}", k, ov),
+         ("ttmm",) if k == 1 else ("ttmm", "nearest", "ensemble"), "test")
+    if s == a.seeds[0]:
+      ev("eval_base", functools.partial(ensure_bank, f"s{s}/k{kmin}", kmin, ov), ("base",), "test")
+    # The whole-corpus LoRA at one expert's budget: the largest bank's mean steps per expert, in one adapter.
+    if not rec.done(f"s{s}/k{kmax}/bank"):  # (its eval recorded, its bank's record lost: build it for its steps)
+      ensure_bank(f"s{s}/k{kmax}", kmax, ov)
+    steps = rec.result(f"s{s}/k{kmax}/bank")["steps_per_expert"]
+    one = [*ov, "ttmm.epochs=0", f"train.steps={max(1, round(sum(steps) / len(steps)))}"]
+    ev(f"s{s}/eval_whole_step", functools.partial(ensure_bank, f"s{s}/whole_step", 1, one), ("ttmm",), "test")
+  # TTT: a fresh LoRA per query on the prompt's nearest training documents; its steps and LR chosen on dev (seed 0),
+  # with any bank of the seed for the base, the documents and their embeddings (the smallest: K does not enter).
+  grid = {}
+  first = functools.partial(ensure_bank, f"s{a.seeds[0]}/k{kmin}", kmin, bank_overrides(a, a.seeds[0]))
+  for n in a.ttt_steps:
+    for lr in a.ttt_lrs:
+      grid[(n, lr)] = ev(f"ttt_dev/steps{n}_lr{lr:g}", first, ("ttt",), "dev",
+                         (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))["methods"]["ttt"]["perplexity"]
+  n, lr = min(grid, key=grid.get)
+  for s in a.seeds:
+    ev(f"s{s}/eval_ttt", functools.partial(ensure_bank, f"s{s}/k{kmin}", kmin, bank_overrides(a, s)), ("ttt",),
+       "test", (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))
+  return rec.ran
+
+
+def train_base(base: pathlib.Path, overrides: list[str]) -> dict:
+  from moejax import cli
+
+  argv = ["train", "lm_dense_pycode_tiny", "--workdir", str(base), "--no-progress", *overrides]
+  if cli.main(argv) != 0:
+    raise SystemExit(f"ttmm_study: `moejax {' '.join(argv)}` failed")
+  return {"command": "moejax " + " ".join(argv)}
+
+
+def parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="ttmm_study", description=__doc__.split("\n\n")[0])
+  ap.add_argument("--root", default="runs/ttmm_study")
+  ap.add_argument("--record", default=None, help="the records' directory (default: ROOT/record; with --write-docs: "
+                                                 "results/studies/ttmm)")
+  ap.add_argument("--base", default=None, help="a trained base run (default: train one in ROOT/base)")
+  ap.add_argument("--base-set", nargs="*", default=[], help="a.b=v for the base's training (twins)")
+  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
+  ap.add_argument("--epochs", type=float, default=3.0, help="passes of each expert over its cluster")
+  ap.add_argument("--train-tokens", type=int, default=2048, help="each training document's first N tokens")
+  ap.add_argument("--holdout", type=float, default=0.1, help="held-out share of each document (convergence check)")
+  ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--lr", type=float, default=3e-3)
-  ap.add_argument("--eval-docs", type=int, default=0, help="0 = every validation document")
-  ap.add_argument("--ttt-steps", type=int, default=10)
-  args = ap.parse_args()
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  common = [f"optim.lr={args.lr}", f"ttmm.ttt_steps={args.ttt_steps}"]
-  ev = [f"ttmm.max_docs={args.eval_docs}"] if args.eval_docs else []
-  res = {"args": vars(args), "banks": {}}
-  t_all = time.perf_counter()
-  kmax = max(args.ks)
-  plan = [(f"k{k}", k, args.steps) for k in args.ks] + [("whole", 1, args.steps * kmax)]
-  emb = None
-  for name, k, steps in plan:
-    t = time.perf_counter()
-    b = bank.build(args.base, k, out / name, common + [f"train.steps={steps}"], progress=False, embeddings=emb)
-    emb = np.load(out / name / "clusters.npz")["embeddings"]  # the same base and documents: embedded once
-    built = time.perf_counter() - t
-    methods = ["ttmm"] if name == "whole" else ["ttmm", "nearest", "ensemble"]
-    if k == kmax and name != "whole":
-      methods = ["base", *methods, "ttt"]
-    t = time.perf_counter()
-    e = evaluate.evaluate(str(out / name), "validation", tuple(methods), overrides=tuple(ev), progress=False)
-    res["banks"][name] = {"k": k, "steps": steps, "build": b, "build_s": built, "eval_s": time.perf_counter() - t,
-                          "eval": e}
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    print(name, json.dumps(e["methods"]), flush=True)
-  res["wall_s"] = time.perf_counter() - t_all
-  (out / "results.json").write_text(json.dumps(res, indent=1))
-  write_table_and_plot(res, out)
+  ap.add_argument("--eval-every", type=int, default=25, help="held-out loss and checkpoint every N steps")
+  ap.add_argument("--max-docs", type=int, default=0, help="0 = every document (twins: a few)")
+  ap.add_argument("--neighbors", type=int, default=8, help="TTT: the prompt's nearest training documents")
+  ap.add_argument("--ttt-steps", type=int, nargs="+", default=list(TTT_STEPS))
+  ap.add_argument("--ttt-lrs", type=float, nargs="+", default=list(TTT_LRS))
+  ap.add_argument("--set", nargs="*", default=[], help="further a.b=v for every bank (twins)")
+  ap.add_argument("--write-docs", action="store_true", help="regenerate docs/results.md's TTMM block and figure")
+  return ap
 
 
-def write_table_and_plot(res: dict, out: pathlib.Path) -> None:
-  banks = res["banks"]
-  ks = [v["k"] for n, v in banks.items() if n != "whole"]
-  kmax = max(ks)
-  top = banks[f"k{kmax}"]["eval"]["methods"]
-  base, ttt = top["base"], top.get("ttt")
-  whole = banks["whole"]["eval"]["methods"]["ttmm"]
-  rows = ["| method | K | perplexity | test-time cost per prompt (ms, median) |", "|---|---|---|---|",
-          f"| base | - | {base['perplexity']:.3f} | {base['cost_ms_per_prompt']:.1f} |",
-          f"| whole-corpus LoRA ({banks['whole']['steps']} steps) | 1 | {whole['perplexity']:.3f} | "
-          f"{whole['cost_ms_per_prompt']:.1f} |"]
-  for k in ks:
-    m = banks[f"k{k}"]["eval"]["methods"]
-    used = banks[f"k{k}"]["eval"]["mean_experts_merged"]
-    rows.append(f"| TTMM (mean {used:.1f} experts merged) | {k} | {m['ttmm']['perplexity']:.3f} | "
-                f"{m['ttmm']['cost_ms_per_prompt']:.1f} |")
-    rows.append(f"| nearest expert | {k} | {m['nearest']['perplexity']:.3f} | {m['nearest']['cost_ms_per_prompt']:.1f} |")
-    rows.append(f"| logit ensemble | {k} | {m['ensemble']['perplexity']:.3f} | "
-                f"{m['ensemble']['cost_ms_per_prompt']:.1f} |")
-  if ttt:
-    rows.append(f"| TTT ({res['args']['ttt_steps']} steps on 8 nearest documents) | - | {ttt['perplexity']:.3f} | "
-                f"{ttt['cost_ms_per_prompt']:.1f} |")
-  (out / "table.md").write_text("\n".join(rows) + "\n")
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for m, style in (("ttmm", "o-"), ("nearest", "s--"), ("ensemble", "^:")):
-    ax.plot(ks, [banks[f"k{k}"]["eval"]["methods"][m]["perplexity"] for k in ks], style, label=m)
-  ax.axhline(base["perplexity"], color="gray", label="base")
-  ax.axhline(whole["perplexity"], color="tab:purple", ls="-.", label="whole-corpus LoRA")
-  if ttt:
-    ax.axhline(ttt["perplexity"], color="tab:red", ls="--", label="TTT")
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(ks, [str(k) for k in ks])
-  ax.set_xlabel("K (clusters = LoRA experts)")
-  ax.set_ylabel("held-out perplexity (bytes, after a 50-byte prompt)")
-  ax.set_title("TTMM on the code corpus")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "ttmm_perplexity_vs_k.png", dpi=120)
-  print((out / "table.md").read_text())
+def main(argv: list[str] | None = None) -> int:
+  a = parser().parse_args(argv)
+  if a.write_docs:
+    import ttmm_report
+
+    img = ttmm_report.write(pathlib.Path(a.record) if a.record else ttmm_report.STORED)
+    print(f"wrote {ttmm_report.DOC.relative_to(ROOT)}" + (f" and {img.relative_to(ROOT)}" if img else ""))
+    return 0
+  ran = run_study(a)
+  print(f"ttmm_study: ran {len(ran)} parts: {', '.join(ran) or 'none (all recorded)'}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

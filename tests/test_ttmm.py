@@ -254,3 +254,45 @@ def test_hf_embedder_is_mean_pooled_unit_and_pluggable(tmp_path):
   want = h.mean(0) / np.linalg.norm(h.mean(0))
   np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-5)  # padding in the batch changes nothing
   np.testing.assert_allclose(e.prompt(np.zeros(1), texts[1]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_epoch_budget_freezes_each_expert_after_its_own_steps(base_dir):
+  """ttmm.epochs: expert k's steps are ceil(epochs * its tokens / (B * T)); the masked step updates the active
+  experts exactly as the bank's step does and leaves an inactive one's params and optimizer state as they were."""
+  cfg = _cfg(base_dir, 2, ["ttmm.epochs=2.0", "optim.schedule=constant"])
+  per_step = cfg.data.batch_size * cfg.data.seq_len  # 4 * 32 = 128 tokens
+  np.testing.assert_array_equal(experts.expert_steps(cfg, [128, 129, 1000]), [2, 3, 16])  # 2*1000/128 = 15.6
+  assert per_step == 128
+  with pytest.raises(config.ConfigError, match="optim.schedule=constant"):
+    experts.check(_cfg(base_dir, 2, ["ttmm.epochs=2.0"]))
+  es = experts.setup(cfg, _one())
+  batch = _clustered_batches(2, 4, 32, 1)[0][0]
+  st = experts.init_state(es, jax.random.key(0))
+  for _ in range(2):  # past the 2 warmup steps (the first at lr 0): B != 0, so the next step moves every leaf
+    st, _ = experts.make_train_step(es)(st, batch)
+  before = jax.tree.map(np.asarray, st)
+  plain, _ = experts.make_train_step(es)(jax.tree.map(jnp.asarray, before), batch)
+  masked, _ = experts.make_masked_step(es)(jax.tree.map(jnp.asarray, before), batch, np.array([True, False]))
+  for part in ("params", "opt_state"):
+    for got, was, want in zip(jax.tree.leaves(masked[part]), jax.tree.leaves(before[part]),
+                              jax.tree.leaves(plain[part])):
+      np.testing.assert_array_equal(np.asarray(got)[1], was[1])  # frozen: bit for bit
+      # active: the bank's own step (another XLA program, the select fused in, may round a float op differently)
+      np.testing.assert_allclose(np.asarray(got)[0], np.asarray(want)[0], rtol=1e-6, atol=1e-7)
+  moved = [np.abs(np.asarray(g)[0] - w[0]).max() for g, w in
+           zip(jax.tree.leaves(masked["params"]), jax.tree.leaves(before["params"]))]
+  assert min(moved) > 0
+
+
+def test_documents_split_for_training_and_dev_test_halves_are_fixed():
+  from moejax.ttmm import evaluate
+
+  trained, held = experts.split_documents([np.arange(100), np.arange(5), np.arange(0)], 40, 0.25)
+  assert [len(t) for t in trained] == [30, 4, 0] and [len(h) for h in held] == [10, 1, 0]
+  np.testing.assert_array_equal(np.concatenate([trained[0], held[0]]), np.arange(40))  # the first 40, in order
+  names = [f"mod{i}" for i in range(200)]
+  dev = [n for n in names if evaluate.in_part(n, "dev")]
+  test = [n for n in names if evaluate.in_part(n, "test")]
+  assert sorted(dev + test) == sorted(names) and not set(dev) & set(test)
+  assert 70 < len(dev) < 130  # a hash halves them, roughly
+  assert all(evaluate.in_part(n, "all") for n in names)

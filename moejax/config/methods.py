@@ -94,6 +94,16 @@ class TtmmConfig:
   seed: int = 0  # clustering (BisectingKMeans random_state) and the experts' data order
   ttt_neighbors: int = 8  # the test-time-training baseline: a fresh LoRA fine-tuned on this many nearest documents
   ttt_steps: int = 10  # ... for this many steps (of data.batch_size windows)
+  ttt_lr: float = 0.0  # ... at this learning rate (0: the bank's optim.lr)
+  # Expert budget: > 0 trains expert k for ceil(epochs * its cluster's training tokens / (batch_size * seq_len))
+  # steps (each expert its own length; one that is done is frozen while the longer ones go on), instead of
+  # train.steps for every expert. The experts' lengths differ, so one shared LR clock would anneal only the
+  # longest: it needs optim.schedule=constant (after warmup).
+  epochs: float = 0.0
+  train_tokens: int = 0  # each training document's first N tokens are what experts and TTT train on (0: all)
+  holdout: float = 0.0  # this last fraction of each such document is held out: each expert's held-out loss on its
+  #                       own cluster, logged every train.eval_every steps (is it converged? overfitting?)
+  eval_part: str = "all"  # all | dev | test: the held-out documents, split in two by a hash of their names
 
   def __post_init__(self):
     check(self.ttt_neighbors >= 1 and self.ttt_steps >= 0,
@@ -107,3 +117,7 @@ class TtmmConfig:
     check(self.embedder == "base" or self.embedder.startswith("hf:"),
           f"ttmm.embedder={self.embedder!r} unknown; choose base or hf:<dir>")
     check(self.max_docs >= 0, f"ttmm.max_docs={self.max_docs} must be >= 0")
+    check(self.epochs >= 0 and self.train_tokens >= 0 and self.ttt_lr >= 0,
+          f"ttmm.epochs={self.epochs}, ttmm.train_tokens={self.train_tokens} and ttmm.ttt_lr={self.ttt_lr} must be >= 0")
+    check(0.0 <= self.holdout < 1.0, f"ttmm.holdout={self.holdout} must be in [0, 1)")
+    check(self.eval_part in ("all", "dev", "test"), f"ttmm.eval_part={self.eval_part!r}: choose all, dev or test")

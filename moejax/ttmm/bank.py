@@ -146,34 +146,60 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
   return result
 
 
+HELDOUT_WINDOWS = 4  # per expert: fixed windows of its cluster's held-out tokens, for its held-out loss
+
+
 def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], members: list[list[int]],
           progress: bool = True) -> dict:
-  """Train (or resume) the K experts for `train.steps` steps, checkpointing like any run."""
+  """Train (or resume) the K experts, checkpointing like any run: `train.steps` steps each, or with `ttmm.epochs`
+  each its own number of steps (experts.expert_steps; the bank runs until the longest is done). With
+  `ttmm.holdout`, each expert's loss on its own cluster's held-out tokens is logged every `train.eval_every` steps
+  and at the end."""
   cfg = es.cfg
   tok = tokenizer.get(cfg.data.tokenizer)
-  data = experts.ClusterBatches.from_documents(toks, members, tok.eos_id, cfg.data.batch_size, cfg.data.seq_len,
+  trained, held = experts.split_documents(toks, cfg.ttmm.train_tokens, cfg.ttmm.holdout)
+  data = experts.ClusterBatches.from_documents(trained, members, tok.eos_id, cfg.data.batch_size, cfg.data.seq_len,
                                                cfg.ttmm.seed)
-  end = cfg.train.steps
+  steps_K = experts.expert_steps(cfg, [len(s) for s in data.streams])
+  end = int(steps_K.max())
+  heldout_x = None
+  if cfg.ttmm.holdout > 0:
+    hb = experts.ClusterBatches.from_documents(held, members, tok.eos_id, 1, cfg.data.seq_len, cfg.ttmm.seed)
+    heldout_x = hb.windows(HELDOUT_WINDOWS)
+  curve = []
   with checkpoint.Manager(bank, keep=cfg.train.keep_checkpoints) as mngr:
     start, state = mngr.restore_latest(es.abstract_state, cfg=cfg)
     if state is None:
       start, state = 0, experts.init_state(es, jax.random.key(cfg.train.seed))
     else:
       check_base(es, state, bank)
-    step_fn = experts.make_train_step(es)
+    ragged = bool((steps_K < end).any())  # experts of different lengths: the done ones are frozen
+    step_fn = experts.make_masked_step(es) if ragged else experts.make_train_step(es)
     writer = metrics.Writer(bank, tensorboard=False)
     bar = metrics.Progress(end, start, "steps", bar=progress)
     bar.write(f"moejax: ttmm: {es.k} experts, {'resuming at' if start else 'starting at'} step {start} of {end} "
               f"in {bank} (mesh {dict(es.mesh.shape)})")
+
+    def heldout(step):
+      loss_K = np.asarray(experts.make_heldout_loss(es)(state["params"], heldout_x))
+      writer.write(step, "heldout", {"loss": float(loss_K.mean()), "loss_min": float(loss_K.min()),
+                                     "loss_max": float(loss_K.max())})
+      curve.append({"step": step, "loss_per_expert": [round(float(x), 4) for x in loss_K]})
+
     m, step = None, start
     try:
+      if heldout_x is not None and start == 0:
+        heldout(0)
       for step in range(start + 1, end + 1):
-        state, m = step_fn(state, data.batch(step - 1))
+        batch = data.batch(step - 1)
+        state, m = step_fn(state, batch, step <= steps_K) if ragged else step_fn(state, batch)
         if step % cfg.train.log_every == 0 or step == end:
           loss_K = np.asarray(m["loss"])
           writer.write(step, "train", {"loss": float(loss_K.mean()), "loss_min": float(loss_K.min()),
                                        "loss_max": float(loss_K.max()), "skipped": int(np.asarray(m["skipped"]).sum())})
           bar.set_step(step, loss=f"{loss_K.mean():.3f}")
+        if heldout_x is not None and (step % cfg.train.eval_every == 0 or step == end):
+          heldout(step)
         if step % cfg.train.checkpoint_every == 0 or step == end:
           mngr.save(step, state, cfg)
     finally:
@@ -181,7 +207,8 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
       writer.close()
   last = {} if m is None else {"final_loss_per_expert": [round(float(x), 4) for x in np.asarray(m["loss"])]}
   print(f"moejax: ttmm: bank {bank} at step {step}", file=sys.stderr)
-  return {"step": int(step), **last}
+  return {"step": int(step), "steps_per_expert": steps_K.tolist(), "expert_steps": int(steps_K.sum()),
+          "tokens_per_expert": [int(len(s)) for s in data.streams], "heldout": curve, **last}
 
 
 def load(bank: str | pathlib.Path, base: str | pathlib.Path | None = None, mesh: Any = None):

@@ -7,8 +7,9 @@ document's targets and the wall time it took from the prompt's tokens (prep + sc
   ensemble  the experts TTMM keeps, each run on its own, next-token distributions mixed with TTMM's weights:
             log sum_k w_k p_k (one forward per kept expert: better than merging, K x the cost)
   ttt       test-time training: a fresh LoRA (the bank's rank, alpha, targets, optimizer) fine-tuned for
-            `ttmm.ttt_steps` steps on windows of the prompt's `ttmm.ttt_neighbors` nearest training documents by
-            embedding (cosine to the documents' embeddings saved with the clusters), then scored
+            `ttmm.ttt_steps` steps (lr `ttmm.ttt_lr`) on windows of the prompt's `ttmm.ttt_neighbors` nearest
+            training documents (their first `ttmm.train_tokens`, as the experts saw them) by embedding (cosine of
+            the prompt's embedding to the documents' embeddings saved with the clusters), then scored
 The whole-corpus LoRA baseline is a bank with K = 1 (one LoRA trained on every document): see
 scripts/ttmm_study.py.
 """
@@ -98,14 +99,16 @@ class TestTime:
     tc = self.es.cfg.ttmm
     if self._ttt is None:
       cfg1 = config.derive(self.es.cfg, {"ttmm.clusters": 1, "train.steps": max(tc.ttt_steps, 1),
-                                         "optim.warmup_steps": 0, "train.schedule_steps": 0})
+                                         "optim.warmup_steps": 0, "train.schedule_steps": 0, "ttmm.epochs": 0.0,
+                                         "optim.lr": tc.ttt_lr or self.es.cfg.optim.lr})
       es1 = experts.setup(cfg1, self.es.mesh, base=(self.es.base, self.es.base_shardings, self.es.base_info))
       self._ttt = (es1, experts.make_train_step(es1), merge.jitted(es1.targets, es1.scale))
     es1, step_fn, merge1 = self._ttt
     phi_D = self.embedder.prompt(prompt, text)
     near = np.argsort(-(self.doc_emb_ND @ phi_D), kind="stable")[: tc.ttt_neighbors]
     eos = tokenizer.get(es1.cfg.data.tokenizer).eos_id
-    data = experts.ClusterBatches.from_documents(self.corpus_tokens, [near.tolist()], eos,
+    trained, _ = experts.split_documents([self.corpus_tokens[int(i)] for i in near], tc.train_tokens, 0.0)
+    data = experts.ClusterBatches.from_documents(trained, [list(range(len(near)))], eos,
                                                  es1.cfg.data.batch_size, es1.cfg.data.seq_len, tc.seed + doc_index)
     state = experts.init_state(es1, jax.random.fold_in(jax.random.key(es1.cfg.train.seed), doc_index))
     for s in range(tc.ttt_steps):

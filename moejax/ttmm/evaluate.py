@@ -12,6 +12,7 @@ prompt's tokens to the model ready to score (embed + weights + merge, or the fin
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -39,6 +40,15 @@ def windows(toks: np.ndarray, prefix: int, limit: int, seq_len: int, pad: int) -
   return out, mask
 
 
+def in_part(name: str, part: str) -> bool:
+  """Whether a held-out document is in `part`: dev and test split the documents in two by the first byte of the
+  SHA-1 of their name (fixed, whatever else is in the corpus); all is both."""
+  if part == "all":
+    return True
+  dev = hashlib.sha1(name.encode()).digest()[0] % 2 == 0
+  return dev == (part == "dev")
+
+
 def evaluate(bank: str, split: str = "validation", methods: tuple[str, ...] = ("base", "ttmm", "nearest"),
              base: str | None = None, overrides: tuple[str, ...] = (), progress: bool = True) -> dict:
   unknown = [m for m in methods if m not in METHODS]
@@ -62,9 +72,10 @@ def evaluate(bank: str, split: str = "validation", methods: tuple[str, ...] = ("
   cfg = es.cfg
   names, texts, toks = bank_lib.corpus(cfg, split)
   P, limit, pad = cfg.ttmm.prefix_tokens, cfg.ttmm.doc_tokens, bank_lib.pad_id(cfg)
-  keep = [i for i, t in enumerate(toks) if len(t) > P + 1]
+  keep = [i for i, t in enumerate(toks) if len(t) > P + 1 and in_part(names[i], cfg.ttmm.eval_part)]
   if not keep:
-    raise config.ConfigError(f"no {split} document is longer than ttmm.prefix_tokens={P} tokens")
+    raise config.ConfigError(f"no {split} document (ttmm.eval_part={cfg.ttmm.eval_part}) is longer than "
+                             f"ttmm.prefix_tokens={P} tokens")
   tm = baselines.TestTime(es, bank_params, cl, embed.make(es.base, cfg, pad))
   if "ttt" in methods:
     tm.corpus_tokens = bank_lib.corpus(built, "train")[2]
@@ -87,7 +98,7 @@ def evaluate(bank: str, split: str = "validation", methods: tuple[str, ...] = ("
     experts_used.append(int(tm.last_kept))
     bar.set_step(n + 1)
   bar.close()
-  out = {"bank": str(bank), "split": split, "documents": len(keep), "scored_tokens": count,
+  out = {"bank": str(bank), "split": split, "part": cfg.ttmm.eval_part, "documents": len(keep), "scored_tokens": count,
          "clusters": es.k, "prefix_tokens": P, "mean_experts_merged": float(np.mean(experts_used)), "methods": {}}
   for m in methods:
     nll = -sums[m] / count

@@ -20,12 +20,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import config, optim, sharding, tasks
 from moejax import step as step_lib
+from moejax.models import transformer
 from moejax.peft import targets as targets_lib
 from moejax.peft import trainer as peft_trainer
+from moejax.ttmm import merge
 
 
 @dataclasses.dataclass
@@ -76,6 +79,9 @@ def check(cfg: config.ExperimentConfig) -> None:
     raise config.ConfigError(f"a TTMM bank's experts are LoRAs: peft.method must be lora, got {cfg.peft.method!r}")
   if cfg.ttmm.clusters < 1:
     raise config.ConfigError("ttmm.clusters must be >= 1 for a TTMM bank (the number of experts K)")
+  if cfg.ttmm.epochs > 0 and cfg.optim.schedule != "constant":
+    raise config.ConfigError(f"ttmm.epochs={cfg.ttmm.epochs} gives each expert its own length, so one shared "
+                             f"{cfg.optim.schedule} LR clock would anneal only the longest: set optim.schedule=constant")
 
 
 def setup(cfg: config.ExperimentConfig, mesh: Mesh | None = None, base: tuple | None = None) -> ExpertSetup:
@@ -125,6 +131,56 @@ def init_state(es: ExpertSetup, key: jax.Array) -> dict:
   return st
 
 
+def split_documents(token_lists: list[np.ndarray], train_tokens: int, holdout: float
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """(trained, held out) parts of each document: its first `train_tokens` tokens (0: all), of which the last
+  `holdout` fraction is held out (at least one token stays trained)."""
+  cut = [t[:train_tokens] if train_tokens else t for t in token_lists]
+  ends = [max(1, len(t) - int(holdout * len(t))) if len(t) else 0 for t in cut]
+  return [t[:e] for t, e in zip(cut, ends)], [t[e:] for t, e in zip(cut, ends)]
+
+
+def expert_steps(cfg: config.ExperimentConfig, tokens_K: list[int]) -> np.ndarray:
+  """Steps [K] per expert: `ttmm.epochs` passes over its cluster's training tokens in steps of
+  batch_size * seq_len tokens (at least 1), or `train.steps` for every expert when `ttmm.epochs` is 0."""
+  if cfg.ttmm.epochs <= 0:
+    return np.full(len(tokens_K), cfg.train.steps, np.int64)
+  per_step = cfg.data.batch_size * cfg.data.seq_len
+  return np.maximum(1, np.ceil(cfg.ttmm.epochs * np.asarray(tokens_K, np.float64) / per_step)).astype(np.int64)
+
+
+def make_masked_step(es: ExpertSetup):
+  """`(state, batch, active [K] bool) -> (state, metrics)`: the bank's step, after which an inactive expert's
+  params and optimizer state are put back as they were (its budget is spent; the others go on)."""
+  if "masked" not in es.cache:
+    step = make_train_step(es)
+
+    def masked(state, batch, active_K):
+      new, m = step(state, batch)
+      keep = lambda n, o: jnp.where(active_K.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+      for part in ("params", "opt_state"):
+        new[part] = jax.tree.map(keep, new[part], state[part])
+      return new, m
+
+    es.cache["masked"] = jax.jit(masked, out_shardings=(es.state_shardings, None), donate_argnums=(0,))
+  return es.cache["masked"]
+
+
+def make_heldout_loss(es: ExpertSetup):
+  """`(params, tokens [K, W, T+1]) -> mean next-token CE [K]`: each expert (merged into the base alone) on its
+  own windows."""
+  if "heldout" not in es.cache:
+    def one(lora, x_WT1):
+      params = merge.merged_params(es.targets, es.base, {"lora": jax.tree.map(lambda a: a[None], lora)},
+                                   jnp.ones((1,), jnp.float32), es.scale)
+      logits_WTV, _ = transformer.forward(params, x_WT1[:, :-1], es.cfg.model)
+      ce_WT = optax.softmax_cross_entropy_with_integer_labels(logits_WTV.astype(jnp.float32), x_WT1[:, 1:])
+      return ce_WT.mean()
+
+    es.cache["heldout"] = jax.jit(lambda params, x_KWT1: jax.vmap(one)(params["lora"], x_KWT1))
+  return es.cache["heldout"]
+
+
 def make_train_step(es: ExpertSetup):
   """`(state, batch {"tokens": [K, B, T+1]}) -> (state, metrics [K] each)`: all K experts, one jitted program:
   the fine-tuning trainer's LoRA step (`peft.trainer.rule`) vmapped over K by `step.make_train_step`."""
@@ -148,6 +204,14 @@ class ClusterBatches:
     sep = [] if eos_id is None else [eos_id]
     streams = [np.concatenate([np.concatenate([token_lists[i], sep]) for i in m]) for m in member_lists]
     return ClusterBatches(streams, batch_size, seq_len, seed)
+
+  def windows(self, n: int) -> np.ndarray:
+    """n fixed windows [K, n, T+1] per stream, evenly spaced over it (the held-out loss's data)."""
+    out = np.empty((len(self.streams), n, self.width), np.int32)
+    for k, s in enumerate(self.streams):
+      starts = np.linspace(0, len(s) - self.width, n).round().astype(int)
+      out[k] = s[starts[:, None] + np.arange(self.width)[None, :]]
+    return out
 
   def batch(self, step: int) -> dict:
     out = np.empty((len(self.streams), self.b, self.width), np.int32)

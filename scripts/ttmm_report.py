@@ -1,0 +1,204 @@
+"""The TTMM study's block in docs/results.md and its figure, from the stored records alone (scripts/ttmm_study.py
+writes them; results/studies/ttmm keeps them): perplexity mean ± standard error over seeds per method and K, cost
+per query, TTT's dev grid, the experts' held-out loss (converged or not), verdicts by the studies' rule (paired by
+seed; |mean Δ| >= 3 SE over >= 3 seeds decides: studylib/verdicts.py) and what each part cost."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+from studylib.tables import mean_se, pm
+from studylib.verdicts import verdict
+
+from moejax import report
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "results.md"
+IMG = ROOT / "docs" / "img" / "ttmm_study_perplexity_vs_k.png"
+STORED = ROOT / "results" / "studies" / "ttmm"
+GENERATOR = "scripts/ttmm_study.py --write-docs"
+BLOCK = "ttmm"
+NOT_RUN = ("not run yet: `python scripts/ttmm_study.py --root runs/ttmm_study`, then copy runs/ttmm_study/record to "
+           "results/studies/ttmm and run `python scripts/ttmm_study.py --write-docs`")
+
+
+def load(record: pathlib.Path) -> dict[str, dict]:
+  """{part name (e.g. "s0/eval_k4"): its record}."""
+  if not record.is_dir():
+    return {}
+  return {str(p.relative_to(record).with_suffix("")): json.loads(p.read_text()) for p in sorted(record.rglob("*.json"))}
+
+
+def _seeds(recs: dict) -> list[int]:
+  return sorted({int(m.group(1)) for n in recs if (m := re.match(r"s(\d+)/", n))})
+
+
+def _ks(recs: dict) -> list[int]:
+  return sorted({int(m.group(1)) for n in recs if (m := re.fullmatch(r"s\d+/eval_k(\d+)", n))})
+
+
+def _by_seed(recs: dict, part: str, method: str, key: str = "perplexity") -> dict[int, float]:
+  """{seed: the method's `key` in part s<seed>/<part>} for the seeds that have it."""
+  out = {}
+  for s in _seeds(recs):
+    r = recs.get(f"s{s}/{part}")
+    if r and method in r["result"]["methods"]:
+      out[s] = r["result"]["methods"][method][key]
+  return out
+
+
+def _row(label: str, k: str, steps: str, vals: dict[int, float], costs: dict[int, float]) -> str:
+  m, se = mean_se(list(vals.values())) if vals else (float("nan"), float("nan"))
+  c = float(np.mean(list(costs.values()))) if costs else float("nan")
+  return f"| {label} | {k} | {steps} | {pm(m, se, 3)} | {len(vals)} | {c:,.1f} |"
+
+
+def _steps(recs: dict, part: str) -> str:
+  per = [np.mean(recs[f"s{s}/{part}/bank"]["result"]["steps_per_expert"]) for s in _seeds(recs)
+         if f"s{s}/{part}/bank" in recs]
+  return f"{np.mean(per):,.0f}" if per else "-"
+
+
+def ttt_choice(recs: dict) -> tuple[dict, tuple[int, float] | None]:
+  grid = {}
+  for n, r in recs.items():
+    if m := re.fullmatch(r"ttt_dev/steps(\d+)_lr(.+)", n):
+      grid[(int(m.group(1)), float(m.group(2)))] = r["result"]["methods"]["ttt"]["perplexity"]
+  return grid, (min(grid, key=grid.get) if grid else None)
+
+
+def _delta(a: dict[int, float], b: dict[int, float]) -> list[float]:
+  return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def block(record: pathlib.Path) -> str:
+  recs = load(record)
+  ks = _ks(recs)
+  if not ks:
+    return NOT_RUN
+  seeds, kmax = _seeds(recs), max(ks)
+  args = next(r["args"] for n, r in recs.items() if n.endswith("/bank"))
+  provs = [r["provenance"] for r in recs.values()]
+  loads = [p[x] for p in provs for x in ("load_avg_1m", "load_avg_1m_at_end")]
+  commits = sorted({p["commit"][:7] + ("+" if "uncommitted" in p["commit"] else "") for p in provs})
+  lines = [f"Recorded: seeds {', '.join(map(str, seeds))}; K = {', '.join(map(str, ks))}; each expert "
+           f"{args['epochs']:g} epochs over its cluster (each document's first {args['train_tokens']} tokens, the "
+           f"last {args['holdout']:.0%} of them held out), LoRA rank {args['rank']}, lr {args['lr']:g} constant; TTT "
+           f"on the {args['neighbors']} nearest training documents; commit {', '.join(commits)}; "
+           f"{provs[0]['cores']} cores, load average {min(loads):.1f}-{max(loads):.1f}, jax {provs[0]['jax']}.", "",
+           "| method | K | steps per expert (mean) | test perplexity (mean ± SE) | seeds | cost per query (ms, median) |",
+           "|---|---|---|---|---|---|"]
+  base = recs.get("eval_base")
+  if base:
+    b = base["result"]["methods"]["base"]
+    lines.append(f"| base | - | - | {b['perplexity']:.3f} | - | {b['cost_ms_per_prompt']:,.1f} |")
+  cost = lambda part, m: _by_seed(recs, part, m, "cost_ms_per_prompt")
+  ppl = {m: {k: _by_seed(recs, f"eval_k{k}", m) for k in ks} for m in ("ttmm", "nearest", "ensemble")}
+  if 1 in ks:
+    lines.append(_row("whole-corpus LoRA, a bank's whole budget (TTMM at K=1)", "1", _steps(recs, "k1"),
+                      ppl["ttmm"][1], cost("eval_k1", "ttmm")))
+  whole_step = _by_seed(recs, "eval_whole_step", "ttmm")
+  lines.append(_row(f"whole-corpus LoRA, one K={kmax} expert's mean steps", "1", _steps(recs, "whole_step"),
+                    whole_step, cost("eval_whole_step", "ttmm")))
+  for k in (k for k in ks if k > 1):
+    used = [recs[f"s{s}/eval_k{k}"]["result"]["mean_experts_merged"] for s in seeds if f"s{s}/eval_k{k}" in recs]
+    for m, label in (("ttmm", f"TTMM (mean {np.mean(used):.1f} experts merged)"), ("nearest", "nearest expert"),
+                     ("ensemble", "logit ensemble")):
+      lines.append(_row(label, str(k), _steps(recs, f"k{k}"), ppl[m][k], cost(f"eval_k{k}", m)))
+  grid, best = ttt_choice(recs)
+  ttt = _by_seed(recs, "eval_ttt", "ttt")
+  if best:
+    lines.append(_row(f"TTT ({best[0]} steps, lr {best[1]:g}: best on dev)", "-", str(best[0]), ttt,
+                      cost("eval_ttt", "ttt")))
+  if grid:
+    steps, lrs = sorted({g[0] for g in grid}), sorted({g[1] for g in grid})
+    lines += ["", "TTT's dev grid (seed 0, dev-half perplexity):", "",
+              "| steps \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for n in steps:
+      lines.append(f"| {n} | " + " | ".join(f"{grid[(n, lr)]:.3f}" if (n, lr) in grid else "-" for lr in lrs) + " |")
+  lines += ["", "The experts' loss on their clusters' held-out tokens (mean over experts, then over seeds): at the "
+            "start, the best seen, the end.", "", "| bank | start | best | end | end - best |", "|---|---|---|---|---|"]
+  for part in [f"k{k}" for k in ks] + ["whole_step"]:
+    curves = [recs[f"s{s}/{part}/bank"]["result"]["heldout_mean"] for s in seeds if f"s{s}/{part}/bank" in recs]
+    curves = [c for c in curves if c]
+    if curves:
+      st, bs, en = (np.mean([f(c) for c in curves]) for f in (lambda c: c[0]["loss"],
+                                                              lambda c: min(x["loss"] for x in c),
+                                                              lambda c: c[-1]["loss"]))
+      lines.append(f"| {part} | {st:.3f} | {bs:.3f} | {en:.3f} | {en - bs:+.3f} |")
+  lines += ["", "Verdicts (Δ = arm - reference in test perplexity, paired by seed; negative: the arm is better):", "",
+            "| claim | Δ (mean ± SE) | verdict |", "|---|---|---|"]
+  claims = [(f"TTMM improves from K={a} to K={b}", ppl["ttmm"][b], ppl["ttmm"][a])
+            for a, b in zip([k for k in ks if k > 1], [k for k in ks if k > 1][1:])]
+  if kmax > 1:
+    claims += [(f"TTMM beats the nearest expert alone (K={kmax})", ppl["ttmm"][kmax], ppl["nearest"][kmax]),
+               (f"the logit ensemble beats TTMM (K={kmax}; one forward per kept expert)", ppl["ensemble"][kmax],
+                ppl["ttmm"][kmax])]
+    if 1 in ks:
+      claims.append((f"TTMM (K={kmax}) beats the whole-corpus LoRA of the same total budget (specialisation)",
+                     ppl["ttmm"][kmax], ppl["ttmm"][1]))
+    claims.append((f"TTMM (K={kmax}) beats the whole-corpus LoRA of one expert's steps (equal steps per adapter)",
+                   ppl["ttmm"][kmax], whole_step))
+  if 1 in ks:
+    claims.append(("the whole-corpus LoRA gains from the banks' total budget over one expert's (training budget)",
+                   ppl["ttmm"][1], whole_step))
+  if best and kmax > 1:
+    claims.append((f"TTT beats TTMM (K={kmax})", ttt, ppl["ttmm"][kmax]))
+  for text, arm, ref in claims:
+    d = _delta(arm, ref)
+    lines.append(f"| {text} | {pm(*mean_se(d), 3) if d else 'n/a'} | {verdict(d)} |")
+  lines += ["", "What each part cost (wall time summed over its runs; CPU-hours of the study's process):", "",
+            "| part | runs | wall (min) | CPU-hours |", "|---|---|---|---|"]
+  groups = {}
+  for n, r in recs.items():
+    g = re.sub(r"^s\d+/", "", n)
+    g = "ttt_dev grid" if g.startswith("ttt_dev/") else g
+    groups.setdefault(g, []).append(r)
+  for g in sorted(groups):
+    rs = groups[g]
+    lines.append(f"| {g} | {len(rs)} | {sum(r['wall_s'] for r in rs) / 60:,.1f} | "
+                 f"{sum(r['cpu_s'] for r in rs) / 3600:.2f} |")
+  total = sum(r["cpu_s"] for r in recs.values()) / 3600
+  lines.append(f"| **total** | {len(recs)} | {sum(r['wall_s'] for r in recs.values()) / 60:,.1f} | **{total:.2f}** |")
+  return "\n".join(lines)
+
+
+def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
+  recs = load(record)
+  ks = _ks(recs)
+  if not ks:
+    return None
+  plt = report._plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m, style in (("ttmm", "o-"), ("nearest", "s--"), ("ensemble", "^:")):
+    pts = [(k, *mean_se(list(v.values()))) for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))]
+    if pts:
+      x, y, e = zip(*pts)
+      ax.errorbar(x, y, yerr=np.nan_to_num(e), fmt=style, capsize=3, label=m)
+  if "eval_base" in recs:
+    ax.axhline(recs["eval_base"]["result"]["methods"]["base"]["perplexity"], color="gray", label="base")
+  for part, m, color, label in (("eval_whole_step", "ttmm", "tab:purple", "whole-corpus LoRA, one expert's steps"),
+                                ("eval_ttt", "ttt", "tab:red", "TTT (tuned on dev)")):
+    v = _by_seed(recs, part, m)
+    if v:
+      ax.axhline(np.mean(list(v.values())), color=color, ls="-.", label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.set_xlabel("K (clusters = LoRA experts; K=1: the whole-corpus LoRA)")
+  ax.set_ylabel("test perplexity (bytes after a 50-byte prompt)")
+  ax.set_title(f"TTMM on the code corpus, mean ± SE over {len(_seeds(recs))} seeds")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+def write(record: pathlib.Path, doc: pathlib.Path = DOC, img: pathlib.Path = IMG) -> pathlib.Path | None:
+  """The block into `doc`; the figure (None: no records to draw)."""
+  report.write_doc_block(doc, GENERATOR, BLOCK, block(record))
+  return figure(record, img)

@@ -1,0 +1,133 @@
+"""scripts/ttmm_study.py and scripts/ttmm_report.py: docs/results.md's TTMM block is what the stored records
+(results/studies/ttmm) make, "not run yet" while there are none; the report means over seeds, picks TTT on dev and
+applies the verdict rule; the study's tiny twin runs end to end and, invoked again, skips every recorded part."""
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import checkpoint, config, registry, report, sharding, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scripts():
+  sys.path.insert(0, str(ROOT / "scripts"))
+  return importlib.import_module("ttmm_study"), importlib.import_module("ttmm_report")
+
+
+def test_docs_ttmm_block_equals_the_stored_records(scripts):
+  _, rep = scripts
+  got = report.doc_block(rep.DOC.read_text(), rep.GENERATOR, rep.BLOCK)
+  assert got is not None, f"docs/results.md has lost its generated {rep.BLOCK!r} block"
+  want = rep.block(rep.STORED)
+  if not rep.load(rep.STORED):
+    assert want == rep.NOT_RUN  # no records: the doc must say so, not show numbers
+  assert got == want, f"docs/results.md's TTMM block differs from the records: run `python {rep.GENERATOR}`"
+
+
+def _eval(methods: dict, cost: float = 10.0, merged: float = 2.0) -> dict:
+  return {"mean_experts_merged": merged,
+          "methods": {m: {"perplexity": p, "cost_ms_per_prompt": cost} for m, p in methods.items()}}
+
+
+def _write(d: pathlib.Path, name: str, result: dict, wall: float = 60.0) -> None:
+  args = {"epochs": 3.0, "train_tokens": 2048, "holdout": 0.1, "rank": 8, "lr": 3e-3, "neighbors": 8}
+  prov = {"commit": "abcdef0123", "cores": 2, "load_avg_1m": 1.0, "load_avg_1m_at_end": 2.0, "jax": "0.0"}
+  (d / name).parent.mkdir(parents=True, exist_ok=True)
+  (d / f"{name}.json").write_text(json.dumps({"wall_s": wall, "cpu_s": 2 * wall, "provenance": prov, "args": args,
+                                              "result": result}))
+
+
+def test_report_means_over_seeds_picks_ttt_on_dev_and_applies_the_rule(scripts, tmp_path):
+  _, rep = scripts
+  ttmm4 = {0: 12.0, 1: 12.2, 2: 12.4}  # mean 12.2, SE 0.1155
+  for s in range(3):
+    bank = {"steps_per_expert": [10, 20], "heldout_mean": [{"step": 0, "loss": 3.0}, {"step": 5, "loss": 2.0},
+                                                             {"step": 9, "loss": 2.5}]}
+    for part in ("k1", "k4", "whole_step"):
+      _write(tmp_path, f"s{s}/{part}/bank", bank)
+    _write(tmp_path, f"s{s}/eval_k1", _eval({"ttmm": 11.0 + s}))
+    _write(tmp_path, f"s{s}/eval_k4", _eval({"ttmm": ttmm4[s], "nearest": (13.0, 13.0, 13.4)[s],
+                                              "ensemble": ttmm4[s] - 0.01}))
+    _write(tmp_path, f"s{s}/eval_whole_step", _eval({"ttmm": 13.5}))
+    _write(tmp_path, f"s{s}/eval_ttt", _eval({"ttt": 11.5}, cost=500.0))
+  _write(tmp_path, "eval_base", _eval({"base": 14.0}))
+  for (n, lr), p in {(8, 0.001): 13.0, (24, 0.001): 12.5, (8, 0.01): 12.9}.items():
+    _write(tmp_path, f"ttt_dev/steps{n}_lr{lr:g}", _eval({"ttt": p}))
+  text = rep.block(tmp_path)
+  assert "| TTMM (mean 2.0 experts merged) | 4 | 15 | 12.200 ± 0.115 | 3 | 10.0 |" in text
+  assert "| TTT (24 steps, lr 0.001: best on dev) | - | 24 | 11.500 ± 0.000 | 3 | 500.0 |" in text
+  # ttmm - nearest = -1.0, -0.8, -1.0: mean -0.933, SE 0.067 at 3 seeds (14 SE)
+  assert "| TTMM beats the nearest expert alone (K=4) | -0.933 ± 0.067 | **reproduces** |" in text
+  # k1 - whole_step = -2.5, -1.5, -0.5 (the budget helps): mean -1.5, SE 0.577 (2.6 SE): not decided at 3 seeds
+  assert "(training budget) | -1.500 ± 0.577 | unresolved at 3 seeds" in text
+  assert "the logit ensemble beats TTMM (K=4; one forward per kept expert) | -0.010 ± 0.000 | **reproduces**" in text
+  assert "| k4 | 3.000 | 2.000 | 2.500 | +0.500 |" in text  # held-out: start, best, end
+  assert "| **total** | 25 | 25.0 | **0.83** |" in text  # 25 records of 60 s wall, 120 s CPU each
+  assert rep.block(tmp_path / "absent") == rep.NOT_RUN
+
+
+def _tiny_base(d: pathlib.Path) -> pathlib.Path:
+  """A base run dir of random weights (a params-only step, as import-hf writes): the twin trains no base."""
+  cfg = registry.get("lm_dense_pycode_tiny", ["model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+                                              "model.d_ff=64", "data.seq_len=32", "data.batch_size=8"])
+  s = train.setup(cfg)
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(config.to_json(cfg))
+  with checkpoint.Manager(d) as m:
+    m.save(0, train.params_only_state(s, sharding.create_params(jax.random.key(0), s.specs, s.mesh), 0), cfg,
+           force=True)
+  return d
+
+
+def test_study_twin_runs_end_to_end_then_skips_what_is_recorded(scripts, tmp_path):
+  study, rep = scripts
+  argv = ["--root", str(tmp_path / "root"), "--base", str(_tiny_base(tmp_path / "base")), "--seeds", "0", "--ks", "2",
+          "--epochs", "0.1", "--train-tokens", "256", "--rank", "2", "--max-docs", "8", "--neighbors", "2",
+          "--ttt-steps", "1", "--ttt-lrs", "0.01", "--eval-every", "100", "--set", "ttmm.doc_tokens=64",
+          "ttmm.prefix_tokens=16"]
+  # In a process of its own on one CPU device (this suite's 8 fake devices make every compile slower), with a
+  # compilation cache so that the parts running the same program (TTT on dev and on test) compile it once.
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+    "--xla_force_host_platform_device_count=8", ""), "PYTHONPATH": str(ROOT),
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ttmm_study.py"), *argv], env=env,
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = tmp_path / "root" / "record"
+  names = sorted(rep.load(record))
+  assert names == ["eval_base", "s0/eval_k2", "s0/eval_ttt", "s0/eval_whole_step", "s0/k2/bank", "s0/whole_step/bank",
+                   "ttt_dev/steps1_lr0.01"]
+  k2 = json.loads((record / "s0" / "k2" / "bank.json").read_text())
+  assert k2["provenance"]["cores"] >= 1 and k2["provenance"]["jax"] == jax.__version__ and k2["wall_s"] > 0
+  steps = k2["result"]["steps_per_expert"]  # 0.1 epochs of each cluster's tokens, in steps of 8 x 32
+  assert k2["result"]["step"] == max(steps) and len(steps) == 2
+  whole = json.loads((record / "s0" / "whole_step" / "bank.json").read_text())["result"]
+  assert whole["steps_per_expert"] == [max(1, round(sum(steps) / 2))]  # one K=2 expert's mean steps
+  assert [h["step"] for h in k2["result"]["heldout_mean"]] == [0, max(steps)]  # held-out loss at start and end
+  ev = json.loads((record / "s0" / "eval_k2.json").read_text())["result"]
+  assert ev["part"] == "test" and set(ev["methods"]) == {"ttmm", "nearest", "ensemble"}
+  assert all(np.isfinite(m["perplexity"]) for m in ev["methods"].values())
+  before = {n: (record / f"{n}.json").read_text() for n in names}
+  assert study.run_study(study_args(study, argv)) == []  # everything recorded: nothing runs again
+  assert {n: (record / f"{n}.json").read_text() for n in names} == before
+  doc = tmp_path / "results.md"
+  a, b = report.doc_markers(rep.GENERATOR, rep.BLOCK)
+  doc.write_text(f"# x\n{a}\nold\n{b}\n")
+  rep.write(record, doc, tmp_path / "fig.png")
+  text = report.doc_block(doc.read_text(), rep.GENERATOR, rep.BLOCK)
+  assert text == rep.block(record) and "| TTMM (mean" in text and "TTT (1 steps, lr 0.01" in text
+  assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def study_args(study, argv):
+  return study.parser().parse_args(argv)
