@@ -177,14 +177,22 @@ def _run(p: Plan, pairs: list[tuple[str, str]], batch: dict, progress: bool) -> 
       chosen = {"cand": cand, **ev([cand])[0]}
     mapped = candidates.is_mapped_output(cfg.model, chosen["cand"])
     if to is not None:
-      out_params = candidates.apply(params, cfg.model, chosen["cand"], mapped=mapped)
-      out_cfg = config.derive(cfg, {"model.moe.num_experts": pc.keep, "model.moe.top_k": p.top_k,
-                                    "model.moe.router_map_from": m.num_experts if mapped else 0})
-      runs.save_params(to, runs.target(out_cfg), out_params, step)
+      save(to, cfg, params, chosen["cand"], p.top_k, step)
     summary = _summary(p, step, len(pairs), chosen, mapped, ev.plain(), archive, time.time() - t0, rerank)
     if to is not None:
       (to / "prune.json").write_text(json.dumps(summary, indent=1))
   return summary
+
+
+def save(to: str | os.PathLike, cfg: config.ExperimentConfig, params: dict, cand: dict, top_k: int,
+         step: int) -> None:
+  """The run of `cfg`'s model pruned by `cand` (K = its rows) at top-`top_k`, written into `to` (held by
+  `runs.claim`): sliced experts where the candidate is an exact selection, else merged ones with a router map.
+  `candidates.identity` keeps every expert: the unpruned model at another top-k."""
+  mapped = candidates.is_mapped_output(cfg.model, cand)
+  out_cfg = config.derive(cfg, {"model.moe.num_experts": int(cand["M"].shape[1]), "model.moe.top_k": top_k,
+                                "model.moe.router_map_from": cfg.model.moe.num_experts if mapped else 0})
+  runs.save_params(to, runs.target(out_cfg), candidates.apply(params, cfg.model, cand, mapped=mapped), step)
 
 
 def _bar(total: int):
