@@ -48,3 +48,10 @@ def test_the_docstring_quotes_the_stored_eval():
   # The issue's bar: at least two tasks at >= 50% held-out exact match.
   assert sum(ev[f"moejax_tasks/{t}/exact_match"] >= 0.5 for t in ("reverse", "sort", "lookup")) >= 2
   assert re.search(r"after 4,000 steps", doc)
+
+
+def test_the_pruning_study_quotes_the_stored_eval():
+  ev = json.loads((RUN / "test_eval.json").read_text())["eval"]
+  text = " ".join((ROOT / "docs" / "results.md").read_text().split())
+  em = ", ".join(f"{t} {ev[f'moejax_tasks/{t}/exact_match']:.3f}" for t in ("reverse", "sort", "lookup"))
+  assert f"{em}; pydoc {ev['moejax_pydoc/ce_loss']:.3f}, pycode {ev['moejax_pycode/ce_loss']:.3f}" in text
