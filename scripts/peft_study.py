@@ -567,7 +567,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--task", default="lookup", help="the exact-match target ('' to skip it)")
   ap.add_argument("--task-seeds", type=int, nargs="+", default=None, help="the task target's seeds (default --seeds)")
   ap.add_argument("--task-examples", type=int, default=500, help="test examples scored (the task's 500: all)")
-  ap.add_argument("--b2", type=float, default=0.95, help="AdamW's beta2, every method but SpIEL-MA (SM3)")
+  ap.add_argument("--b2", type=float, default=0.999, help="AdamW's beta2, every method but SpIEL-MA (SM3); the reference code's 0.999")
   ap.add_argument("--max-bytes", type=int, default=MAX_BYTES)
   ap.add_argument("--ckpt-every", type=int, default=50)
   ap.add_argument("--dev-eval-steps", type=int, default=DEV_EVAL_STEPS)

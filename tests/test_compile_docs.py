@@ -41,15 +41,28 @@ def test_stored_reports_are_whole_and_say_where_they_came_from():
       assert set(r["moe_flops_ratio"]) == {"ragged_dot", "megablox"}
 
 
-def test_docs_infer_table_equals_the_generator_and_readme_quotes_it():
-  gen = _script("infer_results")
-  text = gen.DOC.read_text()
-  for name, f in gen.RUNS.items():
+def test_docs_bench_tables_equal_the_generator_and_readme_quotes_them():
+  gen = _script("bench_results")
+  for f in gen.RUNS.values():
     assert (gen.STORE / f).exists(), f"results/bench/{f} is missing"
-    assert report.doc_block(text, gen.GENERATOR, name) == gen.table(name), f"run `python {gen.GENERATOR}`"
+  for name, doc in gen.WHERE.items():  # the stored runs' tables and the analytic projection
+    assert report.doc_block(doc.read_text(), gen.GENERATOR, name) == gen.table(name), f"run `python {gen.GENERATOR}`"
   # README's bench infer row quotes the MoE twin's ratios at each batch from the same file.
   d = json.loads((gen.STORE / gen.RUNS["peer_moe decode vs transformers"]).read_text())
   ratios = " / ".join(f"{r['moejax_decode_tok_s'] / r['peer_decode_tok_s']:.2f}x" for r in d["peer"]
                       if r["model"] == "peer_moe")
   row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench infer"))
   assert f"**{ratios}**" in row, f"README's bench infer row should quote {ratios}"
+
+
+def test_readme_bench_moe_row_quotes_the_stored_run():
+  gen = _script("bench_results")
+  d = json.loads((gen.STORE / gen.RUNS["moe layer vs transformers"]).read_text())
+  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench moe`"))
+  for c in d["verdicts"]:
+    ours = next(r for r in d["rows"] if r["config"] == c and r["backend"] not in ("dense", "transformers"))
+    best = min(r["fwdbwd_ratio"] for r in d["rows"] if r["config"] == c and r["backend"] == "transformers")
+    assert f"{c} **{ours['fwd_ratio']:.2f}x / {ours['fwdbwd_ratio']:.2f}x**" in row, c
+    assert f"{c} {best:.2f}x" in row, c
+    # The verdict the row states is the stored one's (bench moe.verdict: ahead / level / behind).
+    assert d["verdicts"][c].split(" ")[0] in ("ahead", "level", "behind")

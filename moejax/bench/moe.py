@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax import cli, config, routers, sharding
+from moejax import cli, config, provenance, routers, sharding
 from moejax.bench import moe_peer
 from moejax.layers import gmm, mlp, moe
 
@@ -212,7 +213,8 @@ def main(argv: list[str]) -> int:
   print(f"moejax bench moe: jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}, load avg {_load():.1f}; {args.stat} of {args.iters} "
         f"interleaved calls; router {args.router}")
-  rows = []
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
+  rows, verdicts = [], {}
   for n in names:
     before = _load()
     r = bench_config(n, every[n], args.variants, args)
@@ -220,9 +222,14 @@ def main(argv: list[str]) -> int:
     for row in r:
       row.update(load_start=round(before, 2), load_end=round(after, 2))
     rows.extend(r)
+    verdicts[n] = verdict(r, (before, after))
     _print_table(r, args.peak_tflops)
-    print(f"{n}: load {before:.1f} at start, {after:.1f} at end; {verdict(r, (before, after))}\n")
+    print(f"{n}: load {before:.1f} at start, {after:.1f} at end; {verdicts[n]}\n")
   if args.json:
+    # Where the figures came from: the command, commit, CPU, cores, versions (the peers' too), the load at start
+    # and end; scripts/bench_results.py generates the docs' tables from this file.
+    prov = {**started, "load_avg_1m_at_end": round(_load(), 2), "command": f"moejax bench moe {' '.join(argv)}",
+            **moe_peer.versions(_peers(args))}
     with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+      json.dump({"rows": rows, "verdicts": verdicts, "provenance": prov}, f, indent=1)
   return 0

@@ -44,6 +44,17 @@ def available() -> bool:
   return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
+def versions(names: list[str]) -> dict:
+  """The peers' library versions and torch's thread count, for a stored run ({} when no peer ran)."""
+  if not names:
+    return {}
+  torch = _import_torch()
+  import transformers
+
+  return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "transformers": transformers.__version__}
+
+
 def _block(p: dict, cfg: config.ModelConfig, impl: str):
   torch = _import_torch()
   from transformers.models.mixtral import configuration_mixtral, modeling_mixtral
