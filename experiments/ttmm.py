@@ -39,7 +39,9 @@ def lm_pycode_ttmm4_tiny() -> config.ExperimentConfig:
 
   Run:    moejax train lm_pycode_ttmm4_tiny init.peft_from=runs/pycode_base --workdir runs/ttmm_k4
           moejax ttmm eval --bank runs/ttmm_k4
-  Expect: the study's K = 4 row (docs/results.md, TTMM): held-out perplexity ~13.6 vs the base's 14.1.
+  Expect: held-out perplexity below the base's. Not measured at these settings: the earlier single-seed study
+          (40 steps per expert, docs/results.md's superseded TTMM table) had K = 4 at 13.60 vs the base's 14.13;
+          the seeded study (scripts/ttmm_study.py) trains experts by epochs instead.
   """
   from moejax.ttmm import bank  # lazily: listing experiments does not import JAX
 
