@@ -34,6 +34,15 @@ def _plt():
   return plt
 
 
+def save_figure(fig, out: pathlib.Path, **savefig_kw) -> pathlib.Path:
+  """Lay a finished figure out, write it to `out` (its folder made if needed) and close it."""
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, **savefig_kw)
+  _plt().close(fig)
+  return out
+
+
 def loss_key(rows: list[dict]) -> str:
   return next((k for k in _LOSS_KEYS if any(k in r for r in rows)), "loss")
 
@@ -69,11 +78,7 @@ def loss_curves(runs: dict[str, list[dict]], out: pathlib.Path, *, x_scale: dict
   ax.set_title(title or "loss: train (thin), eval (thick)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return save_figure(fig, out)
 
 
 def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
@@ -88,10 +93,7 @@ def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], o
   ax.set_title("eval loss at equal training compute")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return save_figure(fig, out)
 
 
 def metric_curves(runs: dict[str, list[dict]], keys: tuple[str, ...] | list[str], out: pathlib.Path,
@@ -114,11 +116,7 @@ def metric_curves(runs: dict[str, list[dict]], keys: tuple[str, ...] | list[str]
   axes[0, 0].legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out)
-  plt.close(fig)
-  return out
+  return save_figure(fig, out)
 
 
 def expert_loads(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -28,37 +28,21 @@ STORE = ROOT / "results" / "bench"
 DOCS = ROOT / "docs"
 DOC = DOCS / "benchmarks.md"
 GENERATOR = "scripts/bench_results.py --write-docs"
-RUNS = {"moe layer vs transformers": "moe_peers.json",
-        "peer_moe decode vs transformers": "infer_peer_moe.json",
-        "upcycled vs dense serving cost": "infer_upcycle_demo.json"}
-WHERE = {"moe layer vs transformers": DOC, "peer_moe decode vs transformers": DOC,
-         "upcycled vs dense serving cost": DOCS / "results.md", "H100 projection": DOCS / "results.md"}
 PROJECTED_BATCHES = (1, 8, 64, 256)  # `moejax bench infer --project --batch 1,8,64,256`: analytic, no file
 
 
-def table(name: str) -> str:
-  if name == "H100 projection":
-    from moejax.bench import infer
-
-    head = "Projection (analytic, not measured)"
-    text = infer.projection(list(PROJECTED_BATCHES)).rstrip("\n")
-    return f"**{head}**{text.removeprefix(head)}"
-  f = STORE / RUNS[name]
-  if not f.exists():
-    return f"not measured yet: see `python {GENERATOR.split()[0]}`'s docstring"
-  d = json.loads(f.read_text())
-  if "verdicts" in d:
-    return _layer(d)
-  return _serving(d) if "peer" not in d else _peer(d)
+def _header(p: dict, libs: str, what: str) -> list[str]:
+  """The stored run's command and where it ran: cores, load at start and end, versions, commit."""
+  return [f"`{p['command']}`  ",
+          f"{p['cores']} cores, load {p['load_avg_1m']} at start and {p['load_avg_1m_at_end']} at the end; jax "
+          f"{p['jax']}{libs}; commit {str(p['commit'])[:7]}; {what}"]
 
 
 def _layer(d: dict) -> str:
   """Per config: the dense floor, moejax's layer and each peer, ms and x the dense floor, then the verdict."""
   p = d["provenance"]
   peers = f", torch {p['torch']} ({p['torch_threads']} threads), transformers {p['transformers']}" if "torch" in p else ""
-  lines = [f"`{p['command']}`  ",
-           f"{p['cores']} cores, load {p['load_avg_1m']} at start and {p['load_avg_1m_at_end']} at the end; jax "
-           f"{p['jax']}{peers}; commit {str(p['commit'])[:7]}; float32; median of the interleaved calls", "",
+  lines = [*_header(p, peers, "float32; median of the interleaved calls"), "",
            "| config (tokens, d_model, d_ff / expert, E, k) | variant | fwd ms | fwd x dense | fwd+bwd ms | "
            "fwd+bwd x dense | load (start, end) |",
            "|---|---|---:|---:|---:|---:|---|"]
@@ -75,25 +59,19 @@ def _serving(d: dict) -> str:
   """Both models' rows, then the upcycled / dense ratios, as `bench infer` prints them."""
   from moejax.bench import infer
 
-  p = d["provenance"]
   names = list(dict.fromkeys(r["model"] for r in d["rows"]))
   return "\n".join([
-    f"`{p['command']}`  ",
-    f"{p['cores']} cores, load {p['load_avg_1m']} at start and {p['load_avg_1m_at_end']} at the end; jax "
-    f"{p['jax']} on cpu; commit {str(p['commit'])[:7]}; float32, greedy, best of the repeats per cell", "",
+    *_header(d["provenance"], " on cpu", "float32, greedy, best of the repeats per cell"), "",
     infer.table(d["rows"], d["bandwidth"]),
     f"Measured read bandwidth (a jitted sum over 256 MiB, same run): {d['bandwidth'] / 1e9:.1f} GB/s", "",
     infer.ratio_table(d["rows"], names[0], names[1]).rstrip("\n")])
 
 
 def _peer(d: dict) -> str:
-  p = d["provenance"]
   peer = d["peer"][0]
-  lines = [f"`{p['command']}`  ",
-           f"{p['cores']} cores, load {p['load_avg_1m']} at start and "
-           f"{p['load_avg_1m_at_end']} at the end; jax {p['jax']}, torch {peer['torch']} ({peer['threads']} "
-           f"threads), transformers {peer['transformers']}; commit {str(p['commit'])[:7]}; float32, "
-           "transformers `generate(do_sample=False, cache_implementation='static')`", "",
+  libs = f", torch {peer['torch']} ({peer['threads']} threads), transformers {peer['transformers']}"
+  lines = [*_header(d["provenance"], libs,
+                    "float32, transformers `generate(do_sample=False, cache_implementation='static')`"), "",
            "| model | batch | moejax decode tok/s | transformers decode tok/s | moejax / transformers |",
            "|---|---:|---:|---:|---:|"]
   for r in d["peer"]:
@@ -103,19 +81,47 @@ def _peer(d: dict) -> str:
   return "\n".join(lines)
 
 
+def _projection(_: None) -> str:
+  from moejax.bench import infer
+
+  head = "Projection (analytic, not measured)"
+  text = infer.projection(list(PROJECTED_BATCHES)).rstrip("\n")
+  return f"**{head}**{text.removeprefix(head)}"
+
+
+# Each generated block: (its stored file in results/bench, None for the analytic projection; the doc it is in;
+# how it is drawn).
+BLOCKS = {
+  "moe layer vs transformers": ("moe_peers.json", DOC, _layer),
+  "peer_moe decode vs transformers": ("infer_peer_moe.json", DOC, _peer),
+  "upcycled vs dense serving cost": ("infer_upcycle_demo.json", DOCS / "results.md", _serving),
+  "H100 projection": (None, DOCS / "results.md", _projection),
+}
+RUNS = {name: f for name, (f, _, _) in BLOCKS.items() if f}  # the stored files
+
+
+def table(name: str) -> str:
+  f, _, render = BLOCKS[name]
+  if f is None:
+    return render(None)
+  if not (STORE / f).exists():
+    return f"not measured yet: see `python {GENERATOR.split()[0]}`'s docstring"
+  return render(json.loads((STORE / f).read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--write-docs", action="store_true", help=f"regenerate the table in {DOC.relative_to(ROOT)}")
   args = ap.parse_args(argv)
   from moejax import report
 
-  for name in WHERE:
+  for name, (_, doc, _) in BLOCKS.items():
     if args.write_docs:
-      report.write_doc_block(WHERE[name], GENERATOR, name, table(name))
+      report.write_doc_block(doc, GENERATOR, name, table(name))
     else:
       print(f"### {name}\n\n{table(name)}\n")
   if args.write_docs:
-    print(f"wrote {', '.join(sorted({str(WHERE[n].relative_to(ROOT)) for n in WHERE}))}")
+    print(f"wrote {', '.join(sorted({str(doc.relative_to(ROOT)) for _, doc, _ in BLOCKS.values()}))}")
   return 0
 
 

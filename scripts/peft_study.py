@@ -523,11 +523,7 @@ def figure(record: pathlib.Path, path: pathlib.Path) -> pathlib.Path | None:
     row[1].set(xticks=range(len(order)), ylabel="test CE", title=f"{base}: at the chosen lr, mean ± SE")
     row[1].set_xticklabels([_label(x) for x in order], rotation=30, ha="right", fontsize=7)
     row[0].legend(fontsize=7)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path)
 
 
 def write_docs(record: pathlib.Path, doc: pathlib.Path = DOC, img: pathlib.Path | None = None) -> list[str]:

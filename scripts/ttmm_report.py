@@ -191,11 +191,7 @@ def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
   ax.set_ylabel("test perplexity (bytes after a 50-byte prompt)")
   ax.set_title(f"TTMM on the code corpus, mean ± SE over {len(_seeds(recs))} seeds")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
-  return out
+  return report.save_figure(fig, out, dpi=120)
 
 
 def write(record: pathlib.Path, doc: pathlib.Path = DOC, img: pathlib.Path = IMG) -> pathlib.Path | None:

@@ -45,7 +45,7 @@ def test_docs_bench_tables_equal_the_generator_and_readme_quotes_them():
   gen = _script("bench_results")
   for f in gen.RUNS.values():
     assert (gen.STORE / f).exists(), f"results/bench/{f} is missing"
-  for name, doc in gen.WHERE.items():  # the stored runs' tables and the analytic projection
+  for name, (_, doc, _) in gen.BLOCKS.items():  # the stored runs' tables and the analytic projection
     assert report.doc_block(doc.read_text(), gen.GENERATOR, name) == gen.table(name), f"run `python {gen.GENERATOR}`"
   # README's bench infer row quotes the MoE twin's ratios at each batch from the same file.
   d = json.loads((gen.STORE / gen.RUNS["peer_moe decode vs transformers"]).read_text())

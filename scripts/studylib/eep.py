@@ -27,6 +27,7 @@ import pathlib
 import numpy as np
 
 from moejax import report
+from studylib.tables import mean_se, pm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 GENERATOR = "scripts/eep_study.py --write-docs"
@@ -109,16 +110,12 @@ def cell(recs: list[dict], task: str) -> str:
   if len(ems) == 1:
     p, n = _em(recs[0], task)
     return f"{p:.3f} ± {math.sqrt(p * (1 - p) / n):.3f}"
-  return f"{np.mean(ems):.3f} ± {np.std(ems, ddof=1) / math.sqrt(len(ems)):.3f}"
+  return pm(*mean_se(ems), 3)
 
 
 def text_cell(recs: list[dict], name: str) -> str:
   vals = [x["text"][name] for x in recs if name in x.get("text", {})]
-  if not vals:
-    return "pending"
-  if len(vals) == 1:
-    return f"{vals[0]:.3f}"
-  return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) / math.sqrt(len(vals)):.3f}"
+  return pm(*mean_se(vals), 3) if vals else "pending"  # one value: no spread to show
 
 
 def verdict_se(recs: list[dict], task: str) -> tuple[float, float]:
@@ -185,17 +182,13 @@ def search_table(r: Records) -> str:
         "searches": f"{len(recs)} of {len(r.study['seeds'])}",
         "evaluations": "/".join(sorted({str(x["evaluations"]) for x in recs})),
         "unpruned calibration EM": f"{recs[0]['unpruned_calibration']['exact_match']:.3f}",
-        "best calibration EM: phase 1 / all": f"{_mean_pm(phase1)} / {_mean_pm(best)}",
+        "best calibration EM: phase 1 / all": f"{pm(*mean_se(phase1), 3)} / {pm(*mean_se(best), 3)}",
         "re-ranked pick = calibration-best": f"{sum(x['chosen'] == x['calibration_best'] for x in recs)} of "
                                              f"{len(recs)}",
         "search CPU-min (mean)": f"{np.mean([x['cpu_seconds'] for x in recs]) / 60:.1f}",
         "search wall min (mean)": f"{np.mean([x['seconds'] for x in recs]) / 60:.1f}",
       })
   return report.markdown_table(rows)
-
-
-def _mean_pm(v: list[float]) -> str:
-  return f"{v[0]:.3f}" if len(v) == 1 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1) / math.sqrt(len(v)):.3f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,11 +332,7 @@ def plot(r: Records, png: pathlib.Path) -> pathlib.Path | None:
   ax.set_ylabel("best calibration exact match (%)")
   ax.set_title("EEP search curves, one line per seed (dotted: the unpruned model)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  png.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(png, dpi=110)
-  plt.close(fig)
-  return png
+  return report.save_figure(fig, png, dpi=110)
 
 
 def write_docs(store: pathlib.Path, doc: pathlib.Path, png: pathlib.Path) -> list[str]:
