@@ -376,5 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def console() -> None:
+  """The `moejax` console command: `main` in a process with the host allocator settings of a CPU run
+  (`moejax/hostmem.py`: it re-executes itself once to get them)."""
+  from moejax import hostmem
+
+  hostmem.reexec()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  console()

@@ -42,10 +42,13 @@ def commit(root: pathlib.Path) -> str:
 
 
 def record(root: pathlib.Path) -> dict:
-  """Date, commit, CPU, load average (1 min) and versions, now."""
+  """Date, commit, CPU, load average (1 min), the host allocator (`moejax/hostmem.py`) and versions, now."""
   import jax
   import jaxlib
 
+  from moejax import hostmem
+
   return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "commit": commit(root),
-          **cpu(), "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+          **cpu(), "load_avg_1m": round(os.getloadavg()[0], 2),
+          "host_malloc": hostmem.state(), "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__}

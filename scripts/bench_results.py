@@ -4,6 +4,8 @@ docs/benchmarks.md) and the serving cost of the demo's dense and upcycled models
 docs/results.md, "The cost of upcycling at serving time").
 
   moejax bench moe --iters 10 --json results/bench/moe_peers.json                                    # measure
+  moejax bench moe --iters 10 --json default.json; MOEJAX_HOST_MALLOC=1 moejax bench moe --iters 10 \\
+    --json heap.json  # then results/bench/host_malloc.json = {"default": ..., "heap": ...}           # measure
   moejax bench infer peer_moe --batch 1,8,32,64 --peer ... --json results/bench/infer_peer_moe.json   # measure
   moejax bench infer runs/demo/dense_continued --vs runs/demo/moe_upcycled --batch 1,8,64,256 \
     --json results/bench/infer_upcycle_demo.json                                                     # measure
@@ -55,6 +57,25 @@ def _layer(d: dict) -> str:
   return "\n".join(lines)
 
 
+def _host_malloc(d: dict) -> str:
+  """The same `bench moe` run with glibc's default allocator and with moejax's (`moejax/hostmem.py`): fwd+bwd ms
+  of every variant, and the second over the first."""
+  a, b = d["default"], d["heap"]
+  pa, pb = a["provenance"], b["provenance"]
+  lines = [f"`{pa['command']}`, then `MOEJAX_HOST_MALLOC=1 {pb['command']}`  ",
+           f"{pa['cores']} cores, load {pa['load_avg_1m']}-{pa['load_avg_1m_at_end']} and {pb['load_avg_1m']}-"
+           f"{pb['load_avg_1m_at_end']}; jax {pa['jax']}, torch {pa.get('torch', '-')}; commit {str(pb['commit'])[:7]}; "
+           f"host_malloc {pa['host_malloc']} / {pb['host_malloc']}", "",
+           "| config | variant | fwd+bwd ms, glibc default | fwd+bwd ms, moejax heap | heap / default |",
+           "|---|---|---:|---:|---:|"]
+  heap = {(r["config"], r["variant"]): r for r in b["rows"]}
+  for r in a["rows"]:
+    h = heap[(r["config"], r["variant"])]
+    lines.append(f"| {r['config']} | {r['variant']} | {r['fwdbwd_ms']:.1f} | {h['fwdbwd_ms']:.1f} | "
+                 f"**{h['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}** |")
+  return "\n".join(lines)
+
+
 def _serving(d: dict) -> str:
   """Both models' rows, then the upcycled / dense ratios, as `bench infer` prints them."""
   from moejax.bench import infer
@@ -93,6 +114,7 @@ def _projection(_: None) -> str:
 # how it is drawn).
 BLOCKS = {
   "moe layer vs transformers": ("moe_peers.json", DOC, _layer),
+  "host allocator": ("host_malloc.json", DOC, _host_malloc),
   "peer_moe decode vs transformers": ("infer_peer_moe.json", DOC, _peer),
   "upcycled vs dense serving cost": ("infer_upcycle_demo.json", DOCS / "results.md", _serving),
   "H100 projection": (None, DOCS / "results.md", _projection),
