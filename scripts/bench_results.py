@@ -6,6 +6,7 @@ docs/results.md, "The cost of upcycling at serving time").
   moejax bench moe --iters 10 --json results/bench/moe_peers.json                                    # measure
   moejax bench moe --iters 10 --json default.json; MOEJAX_HOST_MALLOC=1 moejax bench moe --iters 10 \\
     --json heap.json  # then results/bench/host_malloc.json = {"default": ..., "heap": ...}           # measure
+  moejax bench moe --parts --iters 10 --json results/bench/moe_parts.json                            # measure
   moejax bench infer peer_moe --batch 1,8,32,64 --peer ... --json results/bench/infer_peer_moe.json   # measure
   moejax bench infer runs/demo/dense_continued --vs runs/demo/moe_upcycled --batch 1,8,64,256 \
     --json results/bench/infer_upcycle_demo.json                                                     # measure
@@ -54,6 +55,22 @@ def _layer(d: dict) -> str:
                  f"{r['fwdbwd_ms']:.1f} | {r['fwdbwd_ratio']:.2f} | {r['load_start']}, {r['load_end']} |")
   lines.append("")
   lines += [f"- {name}: {v}" for name, v in d["verdicts"].items()]
+  return "\n".join(lines)
+
+
+def _parts(d: dict) -> str:
+  """Per config: each part's fwd and fwd+bwd ms and x the dense floor, then what the layer costs beyond them."""
+  lines = [*_header(d["provenance"], "", "float32; median of the interleaved calls"), "",
+           "| config | part | fwd ms | fwd x dense | fwd+bwd ms | fwd+bwd x dense | load (start, end) |",
+           "|---|---|---:|---:|---:|---:|---|"]
+  for r in d["parts"]:
+    lines.append(f"| {r['config']} | {r['part']} | {r['fwd_ms']:.1f} | {r['fwd_x_dense']:.2f} | {r['fwdbwd_ms']:.1f} | "
+                 f"{r['fwdbwd_x_dense']:.2f} | {r['load_start']}, {r['load_end']} |")
+  lines.append("")
+  for c in dict.fromkeys(r["config"] for r in d["parts"]):
+    by = {r["part"]: r for r in d["parts"] if r["config"] == c}
+    rest = [by["layer"][k] - by["routing"][k] - by["experts"][k] for k in ("fwd_x_dense", "fwdbwd_x_dense")]
+    lines.append(f"- {c}: layer - routing - experts = {rest[0]:+.2f}x dense forward, {rest[1]:+.2f}x dense fwd+bwd")
   return "\n".join(lines)
 
 
@@ -114,6 +131,7 @@ def _projection(_: None) -> str:
 # how it is drawn).
 BLOCKS = {
   "moe layer vs transformers": ("moe_peers.json", DOC, _layer),
+  "moe layer parts": ("moe_parts.json", DOC, _parts),
   "host allocator": ("host_malloc.json", DOC, _host_malloc),
   "peer_moe decode vs transformers": ("infer_peer_moe.json", DOC, _peer),
   "upcycled vs dense serving cost": ("infer_upcycle_demo.json", DOCS / "results.md", _serving),

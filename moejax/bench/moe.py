@@ -10,6 +10,8 @@ input and every param. Ratios < 1 are possible on CPU: see docs/benchmarks.md.
   moejax bench moe --gpu                            # scaled bf16 set (needs an accelerator)
   moejax bench moe --peers hf-eager hf-compile      # transformers' Mixtral block beside it (default: every peer
                                                     # when the interop extra is installed; --peers none: skip)
+  moejax bench moe --parts                          # where the time goes: routing (router, dispatch, combine, aux)
+                                                    # and the expert MLP, each fwd and fwd+bwd, beside the floor
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from moejax import cli, config, provenance, routers, sharding
 from moejax.bench import moe_peer
-from moejax.layers import gmm, mlp, moe
+from moejax.layers import dispatch, gmm, mlp, moe, router
 
 # name: (tokens, d_model, d_ff per expert, experts, top_k)
 CPU_CONFIGS = {"S": (2048, 256, 512, 8, 2), "M": (8192, 512, 1024, 8, 2), "M-fg": (8192, 512, 256, 32, 4)}
@@ -53,6 +55,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   ap.add_argument("--fwd-only", action="store_true")
   ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to print MFU")
   ap.add_argument("--json", default="", help="also write the results here")
+  ap.add_argument("--parts", action="store_true",
+                  help="time the layer's parts (routing with identity experts; the expert MLP alone on the layer's "
+                       "own dispatch buffer) beside the whole layer and the dense floor, instead of the peers")
   ap.add_argument("--peers", nargs="+", default=["auto"],
                   help=f"transformers' Mixtral block on the same weights, checked then timed: auto (all when torch "
                        f"+ transformers are installed), none, or some of {list(moe_peer.PEERS)}")
@@ -139,6 +144,90 @@ def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -
   return rows
 
 
+PARTS = ("dense", "layer", "routing", "experts")
+
+
+def part_fns(shape: tuple[int, ...], variant: str, dtype: str, router_name: str, cf: float) -> dict:
+  """The parts `bench_parts` times, for one config: {name: (forward, loss for fwd+bwd, params, input)}, plus
+  "_layout": the layer's dispatch layout (the experts part runs on its buffer).
+  - dense: the floor (a dense SwiGLU of width k * d_ff_expert), as in `bench_config`;
+  - layer: the whole MoE layer (`moe.apply`) with `variant`'s dispatch and backend;
+  - routing: the same layer with the experts replaced by the identity: router, aux losses, the dispatch layout,
+    the row gathers in and out and their VJPs;
+  - experts: the expert MLP alone (`moe.experts_apply`) on the layer's own dispatch buffer and groups."""
+  tokens, D, F, E, k = shape
+  dt = jnp.dtype(dtype)
+  seq = min(SEQ_LEN, tokens)
+  kx, kg, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (tokens // seq, seq, D), dt)
+  g = jax.random.normal(kg, x.shape, dt)
+  x_ND, g_ND = x.reshape(tokens, D), g.reshape(tokens, D)
+  disp, _, backend = variant.partition("/")
+  cfg = _model_cfg(D, F, E, k, dtype, disp, backend or "auto", router_name, cf)
+  resolved = gmm.resolve(cfg.moe.gmm_backend)
+  tile = gmm.tile_for(resolved)
+  dense_p = sharding.init_params(kp, mlp.specs(D, k * F, "swiglu", dt))
+  p = sharding.init_params(kp, moe.specs(cfg))
+
+  def routing(p, x):  # the layer's routing, aux losses and the two gathers, around identity experts
+    layout, st = moe.route(p["router"], x, cfg, noise_GSD=None, tile=tile)
+    st = dict(st, dropped=layout.dropped, routed=layout.routed)
+    aux = router.aux_from_stats(st, st["dropped"] / jnp.maximum(st["routed"], 1.0), cfg.moe)
+    y = dispatch.combine_rows(dispatch.dispatch_rows(x.reshape(tokens, D), layout), layout)
+    return y.reshape(x.shape), aux
+
+  layout, _ = moe.route(p["router"], x, cfg, noise_GSD=None, tile=tile)
+  x_MD = dispatch.dispatch_rows(x_ND, layout)
+  g_MD = jax.random.normal(kg, x_MD.shape, dt)
+  experts = lambda ex, xm: moe.experts_apply(ex, xm, cfg.activation, layout.group_sizes_E, resolved)
+  dense = lambda p, x: mlp.apply(p, x, "swiglu")
+  layer = lambda p, x: moe.apply(p, x, cfg)
+
+  def with_aux(f, gg):
+    def loss(p, x):
+      y, aux = f(p, x)
+      return jnp.sum((y * gg).astype(jnp.float32)) + aux["aux_loss"]
+    return loss
+
+  plain = lambda f, gg: lambda p, x: jnp.sum((f(p, x) * gg).astype(jnp.float32))
+  return {"dense": (dense, plain(dense, g_ND), dense_p, x_ND),
+          "layer": (lambda p, x: layer(p, x)[0], with_aux(layer, g), p, x),
+          "routing": (lambda p, x: routing(p, x)[0], with_aux(routing, g), p, x),
+          "experts": (experts, plain(experts, g_MD), p["experts"], x_MD),
+          "_layout": layout, "_backend": resolved, "_routing": routing, "_cfg": cfg}
+
+
+def bench_parts(name: str, shape: tuple[int, ...], variant: str, args) -> list[dict]:
+  """Where one config's time goes (`part_fns`), fwd and fwd+bwd, all interleaved in one process. layer - routing
+  - experts is what the parts cost together beyond their sum (buffers, scheduling)."""
+  dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+  parts = part_fns(shape, variant, dtype, args.router, args.capacity_factor)
+  fwd, bwd = {}, {}
+  for n in PARTS:
+    f, loss, pp, a = parts[n]
+    fj, bj = jax.jit(f), jax.jit(jax.grad(loss, argnums=(0, 1)))
+    fwd[n] = lambda fj=fj, pp=pp, a=a: fj(pp, a)
+    bwd[n] = lambda bj=bj, pp=pp, a=a: bj(pp, a)
+  t_fwd = _time_interleaved(fwd, args.iters, args.stat)
+  t_bwd = _time_interleaved(bwd, args.iters, args.stat)
+  return [{"config": name, "shape": shape, "dtype": dtype, "variant": variant, "backend": parts["_backend"],
+           "part": n, "rows": int(parts["experts"][3].shape[0]) if n == "experts" else shape[0],
+           "fwd_ms": 1e3 * t_fwd[n], "fwd_x_dense": t_fwd[n] / t_fwd["dense"],
+           "fwdbwd_ms": 1e3 * t_bwd[n], "fwdbwd_x_dense": t_bwd[n] / t_bwd["dense"]} for n in PARTS]
+
+
+def _print_parts(rows: list[dict]) -> None:
+  head = f"{'config':6} {'part':9} {'fwd ms':>9} {'x dense':>8} {'fwd+bwd ms':>11} {'x dense':>8}"
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    print(f"{r['config']:6} {r['part']:9} {r['fwd_ms']:9.1f} {r['fwd_x_dense']:8.2f} {r['fwdbwd_ms']:11.1f} "
+          f"{r['fwdbwd_x_dense']:8.2f}")
+  by = {r["part"]: r for r in rows}
+  rest = by["layer"]["fwdbwd_x_dense"] - by["routing"]["fwdbwd_x_dense"] - by["experts"]["fwdbwd_x_dense"]
+  print(f"{rows[0]['config']}: layer - routing - experts = {rest:+.2f}x dense in fwd+bwd")
+
+
 def _peers(args) -> list[str]:
   if args.peers == ["none"]:
     return []
@@ -215,6 +304,23 @@ def main(argv: list[str]) -> int:
         f"interleaved calls; router {args.router}")
   started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   rows, verdicts = [], {}
+  if args.parts:
+    if len(args.variants) != 1:
+      raise SystemExit(f"--parts times one variant, got {args.variants}")
+    for n in names:
+      before = _load()
+      r = bench_parts(n, every[n], args.variants[0], args)
+      after = _load()
+      for row in r:
+        row.update(load_start=round(before, 2), load_end=round(after, 2))
+      rows.extend(r)
+      _print_parts(r)
+      print(f"{n}: load {before:.1f} at start, {after:.1f} at end\n")
+    if args.json:
+      prov = {**started, "load_avg_1m_at_end": round(_load(), 2), "command": f"moejax bench moe {' '.join(argv)}"}
+      with open(args.json, "w") as f:
+        json.dump({"parts": rows, "provenance": prov}, f, indent=1)
+    return 0
   for n in names:
     before = _load()
     r = bench_config(n, every[n], args.variants, args)
