@@ -7,7 +7,9 @@ fine-tuning, each at its own tuned learning rate, on a dense and an MoE base, th
 What runs, per base (pretrained here on Python's documentation, `moejax_pydoc`):
   1. the LR grid: every arm (full; LoRA, SpIEL-AG, SpIEL-MA at each rank, SpIEL matched to the LoRA's tunable count
      by `peft.match_lora_rank`) at every learning rate of its method's grid (`LRS`, --lr), seed 0, fine-tuned on
-     CPython's standard library (`peft_stdlib`, built here offline) and scored on its dev split;
+     CPython's standard library (`peft_stdlib`, built here offline) and scored on its dev split; where the best
+     rate is an end of the grid, the next rate on the 1-3-10 ladder beyond it is tried, one at a time, up to
+     EXTEND (2) past either end (`extension`), so that no choice is an untested edge unless the ladder ran out;
   2. each arm's chosen learning rate (the lowest dev loss at seed 0) at the other seeds;
   3. (--task) the same arms at the smallest rank, at their chosen learning rates, fine-tuned on one synthetic
      exact-match task instead (`moejax_tasks`, default lookup) and scored by exact match on its 500 test examples.
@@ -65,6 +67,7 @@ SMALL = ("model.d_model=64", "model.d_ff=256", "model.num_layers=2", "data.seq_l
 LRS = {"full": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2), "spiel_ag": (3e-4, 1e-3, 3e-3, 1e-2),
        "spiel_ma": (3e-3, 1e-2, 3e-2, 1e-1)}
 METHODS = ("lora", "spiel_ag", "spiel_ma")
+EXTEND = 2  # rates added beyond each end of a grid, one at a time, while the choice sits on that end
 DEV_EVAL_STEPS, TEST_EVAL_STEPS = 32, 64  # batches of 16 x 64 bytes: 32 KB of dev files, 64 KB of test files
 
 
@@ -340,6 +343,30 @@ def chosen_lr(recs: list[dict], base: str, arm: str) -> float | None:
   return min(grid, key=lambda x: (x["dev_ce"], x["lr"]))["lr"] if grid else None
 
 
+def next_rate(lr: float, up: bool) -> float:
+  """The neighbour of `lr` on the 1-3-10 ladder the grids use: 1e-2 -> 3e-2 -> 1e-1 up, 1e-2 -> 3e-3 down."""
+  e = math.floor(math.log10(lr) + 1e-9)
+  m = round(lr / 10 ** e)
+  if up:
+    return float(f"{3 * 10 ** e if m < 3 else 10 ** (e + 1):.0e}")
+  return float(f"{3 * 10 ** (e - 1) if m < 3 else 10 ** e:.0e}")
+
+
+def extension(recs: list[dict], base: str, arm: str, grid: tuple[float, ...]) -> float | None:
+  """The next rate to try for `arm` at seed 0 when its choice sits on an end of what was tried (failed rates
+  count as tried: a rate past one that diverged is not tried), at most EXTEND beyond either end of `grid`;
+  None when the choice is interior, or the ends are exhausted, or nothing succeeded."""
+  tried = sorted({x["lr"] for x in recs if (x["base"], x["target"], x["arm"], x["seed"]) == (base, "stdlib", arm, 0)})
+  lr = chosen_lr(recs, base, arm)
+  if lr is None or len(tried) < 2:
+    return None
+  if lr == tried[-1] and sum(v > max(grid) for v in tried) < EXTEND:
+    return next_rate(lr, up=True)
+  if lr == tried[0] and sum(v < min(grid) for v in tried) < EXTEND:
+    return next_rate(lr, up=False)
+  return None
+
+
 def study(a: argparse.Namespace) -> list[dict]:
   out = pathlib.Path(a.out)
   record = out / "record"
@@ -353,8 +380,12 @@ def study(a: argparse.Namespace) -> list[dict]:
       base_dir = pretrain(base, a, out)
       base_record(base, base_dir, a, data_dir, record)
       names = [x for x in arms(a.ranks) if not a.arms or x in a.arms]
-      for arm in names:  # 1. the LR grid at seed 0, scored on the dev split
-        recs += [run(Run(base, "stdlib", arm, lr, 0), a, base_dir, data_dir, out, record) for lr in a.lr[method_of(arm)]]
+      for arm in names:  # 1. the LR grid at seed 0, scored on the dev split, extended where the choice is an end
+        grid = a.lr[method_of(arm)]
+        recs += [run(Run(base, "stdlib", arm, lr, 0), a, base_dir, data_dir, out, record) for lr in grid]
+        while (lr := extension(recs, base, arm, grid)) is not None:
+          print(f"peft_study: {base} {arm}: the best rate is an end of the grid; trying {lr:g}", flush=True)
+          recs.append(run(Run(base, "stdlib", arm, lr, 0), a, base_dir, data_dir, out, record))
       for arm in names:  # 2. the chosen rate at the other seeds
         if (lr := chosen_lr(recs, base, arm)) is None:
           print(f"peft_study: every rate of {base} {arm} failed; no seeds, no task run for it", flush=True)

@@ -62,11 +62,18 @@ def test_peft_study_toy_twin_end_to_end(tmp_path):
   assert sorted(trained) == sorted(r["base"] + "/" + r["target"] + "/" + r["arm"] + f"/lr{r['lr']:g}/s{r['seed']}"
                                    for r in runs)
   stdlib = [r for r in runs if r["target"] == "stdlib"]
-  assert len(stdlib) == 3 + 2  # the grid at seed 0 (1 + 2 rates), then each arm's chosen rate at seed 1
+  # The grid at seed 0 (full: 1 rate; SpIEL-AG: 2, extended by up to 2 beyond the end the choice sits on), then
+  # each arm's chosen rate at seed 1.
+  ag0 = sorted(r["lr"] for r in stdlib if r["arm"] == "spiel_ag_r1" and r["seed"] == 0)
+  assert {1e-3, 3e-2} <= set(ag0) and len(ag0) <= 2 + ps.EXTEND
+  assert set(ag0) - {1e-3, 3e-2} <= {3e-4, 1e-4, 1e-1, 3e-1}  # the 1-3-10 ladder beyond each end
+  assert len(stdlib) == 1 + len(ag0) + 2
   for arm in ("full", "spiel_ag_r1"):
     grid = {r["lr"]: r["dev_ce"] for r in stdlib if r["arm"] == arm and r["seed"] == 0}
     (s1,) = [r for r in stdlib if r["arm"] == arm and r["seed"] == 1]
     assert s1["lr"] == min(grid, key=grid.get), (arm, grid, s1["lr"])  # chosen on the dev split
+  # The extension stopped where it must: the choice is interior, or the ladder's EXTEND steps are used up.
+  assert ps.extension(stdlib, "lm_dense_tiny", "spiel_ag_r1", (1e-3, 3e-2)) is None
   task = [r for r in runs if r["target"] == "task"]
   assert sorted(r["arm"] for r in task) == ["full", "spiel_ag_r1"] and all(0 <= r["exact_match"] <= 1 for r in task)
   ag = next(r for r in stdlib if r["arm"] == "spiel_ag_r1")
@@ -136,3 +143,23 @@ def test_tables_choose_the_lr_by_dev_loss_and_pair_spiel_with_lora_by_seed(tmp_p
   assert "0.01: failed | 0.001 (grid edge) |" in rows["SpIEL-AG (= LoRA r2)"]
   assert ps.decide([-0.1, 0.05, 0.0], "a", "b").startswith("no resolved") and ps.decide([0.1, 0.1], "a", "b").startswith("pending")
   assert "0.04 CPU-hours" in ps.cost_line(bases, runs)  # 8 runs x 18 CPU-s = 144 s
+
+
+def test_the_grid_is_extended_beyond_the_end_the_choice_sits_on():
+  ps = _study()
+  assert [ps.next_rate(x, up=True) for x in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 1e-1]
+  assert [ps.next_rate(x, up=False) for x in (1e-3, 3e-3, 1e-1)] == [3e-4, 1e-3, 3e-2]
+  grid = (1e-3, 3e-3, 1e-2)
+  recs = [_rec("lora_r2", 1e-3, 0, 2.5, 0), _rec("lora_r2", 3e-3, 0, 2.4, 0), _rec("lora_r2", 1e-2, 0, 2.3, 0)]
+  assert ps.extension(recs, "b", "lora_r2", grid) == 3e-2  # best at the top end: one rate up
+  recs.append(_rec("lora_r2", 3e-2, 0, 2.2, 0))
+  assert ps.extension(recs, "b", "lora_r2", grid) == 1e-1  # still the end: once more
+  recs.append(_rec("lora_r2", 1e-1, 0, 2.1, 0))
+  assert ps.extension(recs, "b", "lora_r2", grid) is None  # EXTEND (2) used up: the table marks the edge
+  inner = recs[:3] + [_rec("lora_r2", 3e-2, 0, 2.35, 0)]
+  assert ps.extension(inner, "b", "lora_r2", grid) is None  # 1e-2 is interior now
+  low = [_rec("lora_r2", 1e-3, 0, 2.0, 0), _rec("lora_r2", 3e-3, 0, 2.4, 0), _rec("lora_r2", 1e-2, 0, 2.5, 0)]
+  assert ps.extension(low, "b", "lora_r2", grid) == 3e-4  # best at the bottom end: one rate down
+  diverged = recs[:3] + [{**_rec("lora_r2", 3e-2, 0, None, None), "failed": True}]
+  assert ps.extension(diverged, "b", "lora_r2", grid) is None  # the rate past the choice diverged: it is tried
+  assert ps.extension(recs[:1], "b", "lora_r2", grid) is None  # one rate: nothing to extend from
