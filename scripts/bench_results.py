@@ -61,11 +61,13 @@ def _layer(d: dict) -> str:
 def _parts(d: dict) -> str:
   """Per config: each part's fwd and fwd+bwd ms and x the dense floor, then what the layer costs beyond them."""
   lines = [*_header(d["provenance"], "", "float32; median of the interleaved calls"), "",
-           "| config | part | fwd ms | fwd x dense | fwd+bwd ms | fwd+bwd x dense | load (start, end) |",
-           "|---|---|---:|---:|---:|---:|---|"]
+           "| config | part | fwd ms | fwd x dense | fwd+bwd ms | fwd+bwd x dense | fwd+bwd CPU ms | cores busy "
+           "(CPU / wall) | load (start, end) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in d["parts"]:
     lines.append(f"| {r['config']} | {r['part']} | {r['fwd_ms']:.1f} | {r['fwd_x_dense']:.2f} | {r['fwdbwd_ms']:.1f} | "
-                 f"{r['fwdbwd_x_dense']:.2f} | {r['load_start']}, {r['load_end']} |")
+                 f"{r['fwdbwd_x_dense']:.2f} | {r['fwdbwd_cpu_ms']:.1f} | {r['fwdbwd_cpu_ms'] / r['fwdbwd_ms']:.2f} | "
+                 f"{r['load_start']}, {r['load_end']} |")
   lines.append("")
   for c in dict.fromkeys(r["config"] for r in d["parts"]):
     by = {r["part"]: r for r in d["parts"] if r["config"] == c}

@@ -46,6 +46,7 @@ def test_bench_parts_rows_and_the_json_file(tmp_path, monkeypatch):
   assert dense["fwd_x_dense"] == 1.0 and dense["fwdbwd_x_dense"] == 1.0
   for r in rows:
     assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["config"] == "tiny" and r["backend"] == "sorted"
+    assert r["fwd_cpu_ms"] > 0 and r["fwdbwd_cpu_ms"] > 0
     assert abs(r["fwdbwd_ms"] / dense["fwdbwd_ms"] - r["fwdbwd_x_dense"]) < 1e-9
   assert rows[3]["rows"] >= SHAPE[0] * SHAPE[4]  # the dispatch buffer: every assignment, groups tile-padded
   assert {"commit", "cores", "load_avg_1m", "load_avg_1m_at_end", "command", "host_malloc"} <= set(d["provenance"])

@@ -208,21 +208,40 @@ def bench_parts(name: str, shape: tuple[int, ...], variant: str, args) -> list[d
     fj, bj = jax.jit(f), jax.jit(jax.grad(loss, argnums=(0, 1)))
     fwd[n] = lambda fj=fj, pp=pp, a=a: fj(pp, a)
     bwd[n] = lambda bj=bj, pp=pp, a=a: bj(pp, a)
-  t_fwd = _time_interleaved(fwd, args.iters, args.stat)
-  t_bwd = _time_interleaved(bwd, args.iters, args.stat)
+  t_fwd, c_fwd = _time_with_cpu(fwd, args.iters, args.stat)
+  t_bwd, c_bwd = _time_with_cpu(bwd, args.iters, args.stat)
   return [{"config": name, "shape": shape, "dtype": dtype, "variant": variant, "backend": parts["_backend"],
            "part": n, "rows": int(parts["experts"][3].shape[0]) if n == "experts" else shape[0],
-           "fwd_ms": 1e3 * t_fwd[n], "fwd_x_dense": t_fwd[n] / t_fwd["dense"],
-           "fwdbwd_ms": 1e3 * t_bwd[n], "fwdbwd_x_dense": t_bwd[n] / t_bwd["dense"]} for n in PARTS]
+           "fwd_ms": 1e3 * t_fwd[n], "fwd_x_dense": t_fwd[n] / t_fwd["dense"], "fwd_cpu_ms": 1e3 * c_fwd[n],
+           "fwdbwd_ms": 1e3 * t_bwd[n], "fwdbwd_x_dense": t_bwd[n] / t_bwd["dense"], "fwdbwd_cpu_ms": 1e3 * c_bwd[n]}
+          for n in PARTS]
+
+
+def _time_with_cpu(fns: dict[str, Callable[[], object]], iters: int, stat: str) -> tuple[dict, dict]:
+  """`_time_interleaved`'s wall times, and this process's CPU time per call (every thread's) reduced the same
+  way: CPU / wall says how many cores a part kept busy, CPU alone how much work it did."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  wall: dict[str, list[float]] = {k: [] for k in fns}
+  cpu: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(iters):
+    for k, f in fns.items():
+      c0, t0 = time.process_time(), time.perf_counter()
+      jax.block_until_ready(f())
+      wall[k].append(time.perf_counter() - t0)
+      cpu[k].append(time.process_time() - c0)
+  reduce = statistics.median if stat == "median" else min
+  return {k: reduce(v) for k, v in wall.items()}, {k: reduce(v) for k, v in cpu.items()}
 
 
 def _print_parts(rows: list[dict]) -> None:
-  head = f"{'config':6} {'part':9} {'fwd ms':>9} {'x dense':>8} {'fwd+bwd ms':>11} {'x dense':>8}"
+  head = (f"{'config':6} {'part':9} {'fwd ms':>9} {'x dense':>8} {'cores':>6} {'fwd+bwd ms':>11} {'x dense':>8} "
+          f"{'cores':>6}")
   print(head)
   print("-" * len(head))
   for r in rows:
-    print(f"{r['config']:6} {r['part']:9} {r['fwd_ms']:9.1f} {r['fwd_x_dense']:8.2f} {r['fwdbwd_ms']:11.1f} "
-          f"{r['fwdbwd_x_dense']:8.2f}")
+    print(f"{r['config']:6} {r['part']:9} {r['fwd_ms']:9.1f} {r['fwd_x_dense']:8.2f} {r['fwd_cpu_ms'] / r['fwd_ms']:6.2f} "
+          f"{r['fwdbwd_ms']:11.1f} {r['fwdbwd_x_dense']:8.2f} {r['fwdbwd_cpu_ms'] / r['fwdbwd_ms']:6.2f}")
   by = {r["part"]: r for r in rows}
   rest = by["layer"]["fwdbwd_x_dense"] - by["routing"]["fwdbwd_x_dense"] - by["experts"]["fwdbwd_x_dense"]
   print(f"{rows[0]['config']}: layer - routing - experts = {rest:+.2f}x dense in fwd+bwd")
