@@ -128,6 +128,11 @@ def test_report_memory_is_the_state_bytes(lm_report):
   assert "FITS" in out and "DOES NOT FIT" not in out and out.count("estimate") >= 2
   assert (d / "step.hlo").read_text().startswith("HloModule")
   assert (d / "save" / "train_step.bin").stat().st_size > 0
+  # The executable's trees as text (never a pickle): as many inputs as the state and batch have leaves.
+  assert not list((d / "save").glob("*.pkl"))
+  trees = json.loads((d / "save" / "train_step.trees.json").read_text())
+  assert trees["in_tree"].startswith("PyTreeDef(") and "'experts'" in trees["in_tree"]  # the MoE params' tree
+  assert trees["num_inputs"] > 0 and trees["num_outputs"] > 0
   prov = r["provenance"]  # a stored report says which code, host and versions produced it
   assert prov["jax"] and prov["cores"] >= 1 and "load_avg_1m" in prov and "commit" in prov
 

@@ -200,7 +200,11 @@ def table(r: dict[str, Any]) -> str:
 
 
 def save(r: dict[str, Any], c: train_step.Compiled, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-  """report.json and, where this jax can serialize a compiled executable, train_step.bin (+ its trees)."""
+  """report.json and, where this jax can serialize a compiled executable, train_step.bin with
+  train_step.trees.json: its argument and result tree structures as text, no pickle. Loading it back is
+  `jax.experimental.serialize_executable.deserialize_and_load(payload, in_tree, out_tree)` on the target's
+  devices, with the trees of the same experiment's step lowered there (cheap next to the compile), checked
+  against these strings first: they differ when the code or the config changed since it was compiled."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   files = [out / "report.json"]
@@ -209,14 +213,14 @@ def save(r: dict[str, Any], c: train_step.Compiled, out_dir: str | pathlib.Path)
                            "libtpu": chips.libtpu_version()}}
   files[0].write_text(json.dumps(r, indent=2, default=str))
   try:
-    import pickle
-
     from jax.experimental import serialize_executable
 
     payload, in_tree, out_tree = serialize_executable.serialize(c.executable)
     (out / "train_step.bin").write_bytes(payload)
-    (out / "train_step.trees.pkl").write_bytes(pickle.dumps((in_tree, out_tree)))
-    files += [out / "train_step.bin", out / "train_step.trees.pkl"]
+    trees = {"in_tree": str(in_tree), "out_tree": str(out_tree), "num_inputs": in_tree.num_leaves,
+             "num_outputs": out_tree.num_leaves}
+    (out / "train_step.trees.json").write_text(json.dumps(trees, indent=1))
+    files += [out / "train_step.bin", out / "train_step.trees.json"]
   except Exception as err:  # noqa: BLE001 -- an optional artifact: say why it is missing, keep the report
     (out / "train_step.bin.missing").write_text(f"{type(err).__name__}: {err}\n")
     files.append(out / "train_step.bin.missing")
