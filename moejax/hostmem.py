@@ -9,7 +9,9 @@ the settings, so all three of these are needed: one arena (the main heap, which 
 Freed blocks then stay in the heap and the next call reuses them with no fault
 (`tests/test_hostmem.py` counts the faults; `docs/benchmarks.md` has the layer timings with and without).
 
-glibc reads these settings once, when the process starts (`mallopt` later does not reach the arena limit), so
+glibc reads these settings once, when the process starts (`mallopt` later does not reach the arena limit; the
+in-process thresholds `moejax bench upcycle` raises help its upcycling program, not a program like the MoE
+layer's whose big buffers come from a worker thread's arena: measured with `tests/test_hostmem.py`'s probe), so
 the console entry point re-executes itself once with them in its environment (`reexec`), when asked to with
 `MOEJAX_HOST_MALLOC=1`, on Linux with glibc and no accelerator plugin installed (a GPU or TPU host keeps its
 large host copies off the heap and its many threads on their own arenas). Settings the user has made are kept.

@@ -11,7 +11,9 @@ The allocator: glibc serves buffers above its (dynamic, <= 32 MB) mmap threshold
 call, so a 75 MB expert tensor pays ~18k first-touch page faults per call while the small dense leaves are
 recycled by the heap; timed after a warm-up, that compares page faults, not programs. By default the benchmark
 raises the mmap and trim thresholds with `mallopt` (Linux, glibc) so both sides reuse their pages;
-`--fresh-pages` keeps glibc's defaults.
+`--fresh-pages` keeps glibc's defaults. (Measured to work for these two programs; in-process thresholds do not
+reach every XLA program's buffers, which is why the general switch, `MOEJAX_HOST_MALLOC=1` in
+`moejax/hostmem.py`, sets glibc's environment at start instead.)
 
 `--end-to-end` times what a user runs instead: `moejax upcycle` (in process: restore the dense params from an
 orbax checkpoint, upcycle, save a params-only checkpoint) against copying the dense training checkpoint (params
