@@ -7,6 +7,9 @@ docs/results.md, "The cost of upcycling at serving time").
   moejax bench moe --iters 10 --json default.json; MOEJAX_HOST_MALLOC=1 moejax bench moe --iters 10 \\
     --json heap.json  # then results/bench/host_malloc.json = {"default": ..., "heap": ...}           # measure
   moejax bench moe --parts --iters 10 --json results/bench/moe_parts.json                            # measure
+  moejax bench peft lm_dense_tiny SMALL --rank 8 --steps 40 --json results/bench/peft_dense.json      # measure
+  moejax bench peft lm_moe_tiny SMALL --rank 8 --steps 40 --json results/bench/peft_moe.json          # measure
+    (SMALL: model.d_model=64 model.d_ff=256 model.num_layers=2 data.seq_len=64 model.max_seq_len=64)
   moejax bench infer peer_moe --batch 1,8,32,64 --peer ... --json results/bench/infer_peer_moe.json   # measure
   moejax bench infer runs/demo/dense_continued --vs runs/demo/moe_upcycled --batch 1,8,64,256 \
     --json results/bench/infer_upcycle_demo.json                                                     # measure
@@ -76,6 +79,22 @@ def _parts(d: dict) -> str:
   return "\n".join(lines)
 
 
+def _peft(d: dict) -> str:
+  """One base's `bench peft` rows: tunable count, step time, the train state's bytes, and each step time over
+  LoRA's."""
+  p = d["provenance"]
+  lines = [*_header(p, "", f"{d['base']}, {d['steps']} steps per method (interleaved by {d['interleave']}), "
+                           f"mean step time after compilation"), "",
+           "| method | tunable | step ms | adapter bytes | optimizer bytes | selection bytes | vs LoRA |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  lora = d["rows"][0]["step_ms"]
+  for r in d["rows"]:
+    dash = lambda v: f"{v:,}" if v else "-"
+    lines.append(f"| {r['method']} | {r['tunable']:,} | {r['step_ms']:.1f} | {dash(r['adapter_bytes'])} | "
+                 f"{dash(r['optimizer_bytes'])} | {dash(r['selection_bytes'])} | **{r['step_ms'] / lora:.2f}x** |")
+  return "\n".join(lines)
+
+
 def _host_malloc(d: dict) -> str:
   """The same `bench moe` run with glibc's default allocator and with moejax's (`moejax/hostmem.py`): fwd+bwd ms
   of every variant, and the second over the first."""
@@ -135,6 +154,8 @@ BLOCKS = {
   "moe layer vs transformers": ("moe_peers.json", DOC, _layer),
   "moe layer parts": ("moe_parts.json", DOC, _parts),
   "host allocator": ("host_malloc.json", DOC, _host_malloc),
+  "peft step time, dense base": ("peft_dense.json", DOC, _peft),
+  "peft step time, moe base": ("peft_moe.json", DOC, _peft),
   "peer_moe decode vs transformers": ("infer_peer_moe.json", DOC, _peer),
   "upcycled vs dense serving cost": ("infer_upcycle_demo.json", DOCS / "results.md", _serving),
   "H100 projection": (None, DOCS / "results.md", _projection),

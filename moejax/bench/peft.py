@@ -5,17 +5,21 @@ the jitted fine-tuning step of LoRA at rank R, SpIEL-AG and SpIEL-MA with the sa
 full fine-tuning, interleaved in one process. The time per step is the mean over N steps (N spans whole
 reselection intervals, so SpIEL's selection phases and drop-and-grow steps are in it), after compilation.
 Memory: adapter bytes (deltas + indices / LoRA factors), optimizer bytes, SpIEL-AG's candidate statistics.
+`--json PATH` also writes the rows with the command, machine, load (start and end) and versions
+(`scripts/bench_results.py` generates docs/benchmarks.md's table from such files).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import tempfile
 import time
 
 import jax
 
-from moejax import checkpoint, cli, config, registry, sharding, train
+from moejax import checkpoint, cli, config, provenance, registry, sharding, train
 from moejax.bench import train as bench_train
 from moejax.peft import trainer as peft_trainer
 
@@ -53,11 +57,13 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--steps", type=int, default=40, help="a multiple of peft.reselection_interval (20)")
   ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+  ap.add_argument("--json", default="", help="also write the rows and where they were measured here")
   args = ap.parse_args(argv)
   for flag, v in (("--rank", args.rank), ("--steps", args.steps)):
     if v < 1:
       raise SystemExit(f"{flag}={v} must be >= 1")
   base_cfg = registry.get(args.base, args.overrides)
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   with tempfile.TemporaryDirectory() as tmp:
     d = pathlib.Path(tmp) / "base"
     s = train.setup(base_cfg)
@@ -88,4 +94,10 @@ def main(argv: list[str]) -> int:
   lora_ms = rows[0]["step_ms"]
   for x in rows[1:]:
     print(f"step-time ratio {x['method']} / {rows[0]['method']}: {x['step_ms'] / lora_ms:.2f}x")
+  if args.json:
+    prov = {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "command": " ".join(["moejax bench peft", *argv])}
+    with open(args.json, "w") as f:
+      json.dump({"base": args.base, "overrides": args.overrides, "rank": args.rank, "steps": timers[0].n,
+                 "interleave": chunk, "rows": rows, "provenance": prov}, f, indent=1)
   return 0
