@@ -80,3 +80,19 @@ def test_readme_and_benchmarks_quote_the_stored_host_allocator_runs():
   bench = (ROOT / "docs" / "benchmarks.md").read_text()
   assert f"fwd+bwd {quoted}, one hf-eager row excepted" in bench
   assert [round(x, 2) > 1 for x in ratios].count(True) == 1  # the one row the prose excepts
+
+
+def test_readme_bench_peft_row_quotes_the_stored_runs():
+  gen = _script("bench_results")
+  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench peft`"))
+  runs = {b: json.loads((gen.STORE / gen.RUNS[f"peft step time, {b} base"]).read_text()) for b in ("dense", "moe")}
+  for label, d in (("dense", runs["dense"]), ("MoE", runs["moe"])):
+    lora, ag, ma = (r["step_ms"] for r in d["rows"][:3])
+    assert f"{label} SpIEL-AG **{ag / lora:.2f}x**, SpIEL-MA {ma / lora:.2f}x" in row, label
+    met = ag / lora <= 1.3
+    assert ("met on both bases" in row) == (met and all(
+      x["rows"][1]["step_ms"] / x["rows"][0]["step_ms"] <= 1.3 for x in runs.values())), label
+  d = runs["dense"]["rows"]
+  assert f"SM3's optimizer state {d[0]['optimizer_bytes'] / d[2]['optimizer_bytes']:.0f}x smaller" in row
+  loads = [x["provenance"][k] for x in runs.values() for k in ("load_avg_1m", "load_avg_1m_at_end")]
+  assert f"load {min(loads):.1f}-{max(loads):.1f}" in row
