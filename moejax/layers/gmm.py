@@ -13,8 +13,9 @@ padding and come out zero). Backends:
   dynamic trip counts, so the backward pass is a custom VJP made of the same chunked products.
   For the MoE layer the whole expert MLP runs per chunk (`sorted_mlp`): gate and up as one [D, 2F] product,
   the activation and the down product while the chunk is in cache; its backward does the activation VJP and dx
-  per chunk and the weight gradients per 4 chunks (the accumulator's read-add-write is paid per product).
-  Small chunks win on this memory-bound CPU (the measurements are in docs/benchmarks.md). A forward-only
+  per CHUNK_BWD rows and the weight gradients per CHUNK_BWD_DW rows (the accumulator's read-add-write is paid
+  per product).
+  The chunk sizes are measured (see the constants below and docs/benchmarks.md). A forward-only
   program keeps no pre-activations; only the custom VJP's forward writes them for the backward.
 - `dense`: every row times every expert, then a select (E x the FLOPs). Small reference / fallback.
 - `megablox`: the Pallas TPU grouped matmul (`jax.experimental.pallas.ops.tpu.megablox`, with its own tgmm
@@ -42,13 +43,17 @@ BACKENDS = ("ragged_dot", "sorted", "dense", "megablox")
 
 # Row padding of each group for `sorted`, and its chunk sizes (rows per product) for the forward, the backward
 # and the plain gmm's weight gradient. Measured on a 2-core AVX-512 CPU (docs/benchmarks.md): 32-row padding
-# wastes ~1-3% at E=8..32; 128-row chunks keep a chunk's activations in L2 and beat 512/1024-row ones by
-# 10-30%; a lone weight-gradient product wants a long contraction (1024 rows). In sorted_mlp's backward the
-# weight-gradient products contract CHUNK_BWD_DW rows (XLA:CPU does not fuse the accumulator add into the dot:
-# 512 rows pay a quarter of 128 rows' accumulator traffic; expert MLP fwd+bwd at M 1.29-1.33x -> 1.12-1.13x).
+# wastes ~1-3% at E=8..32; a lone weight-gradient product wants a long contraction (1024 rows). In sorted_mlp's
+# backward the weight-gradient products contract CHUNK_BWD_DW rows (XLA:CPU does not fuse the accumulator add
+# into the dot: 512 rows pay a quarter of 128 rows' accumulator traffic). The forward and the backward's
+# input-gradient products first ran 128 rows at a time (better than 512 with the XLA:CPU of jax 0.4-0.6); with
+# jax 0.10's XLA:CPU (its dots on YNNPACK) the 128-row input-gradient products ran at about half the dense
+# floor's FLOP rate, and 512-row chunks made the layer's fwd+bwd 5-10% faster at S, M and M-fg (A/B processes
+# alternated on a shared machine, wall and CPU time; 256 and 1024 were slower at M-fg). With CHUNK_BWD equal to
+# CHUNK_BWD_DW a backward chunk is one piece: no concatenation of pieces for the weight gradients.
 TILE = 32
-CHUNK = 128
-CHUNK_BWD = 128
+CHUNK = 512
+CHUNK_BWD = 512
 CHUNK_BWD_DW = 512
 CHUNK_DW = 1024
 
