@@ -96,3 +96,15 @@ def test_readme_bench_peft_row_quotes_the_stored_runs():
   assert f"SM3's optimizer state {d[0]['optimizer_bytes'] / d[2]['optimizer_bytes']:.0f}x smaller" in row
   loads = [x["provenance"][k] for x in runs.values() for k in ("load_avg_1m", "load_avg_1m_at_end")]
   assert f"load {min(loads):.1f}-{max(loads):.1f}" in row
+
+
+def test_benchmarks_quotes_the_records_before_and_after_the_512_row_chunks():
+  gen = _script("bench_results")
+  ours = lambda d, c: next(r["fwdbwd_ratio"] for r in d["rows"] if r["config"] == c and r["backend"] == "sorted")
+  before = json.loads((gen.STORE / "moe_peers_chunk128.json").read_text())
+  after = json.loads((gen.STORE / gen.RUNS["moe layer vs transformers"]).read_text())
+  text = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+  quoted = ", ".join(f"{c} {ours(before, c):.2f}x -> {ours(after, c):.2f}x" for c in ("S", "M", "M-fg"))
+  assert f"fwd+bwd {quoted}" in text
+  p = before["provenance"]
+  assert f"load {p['load_avg_1m']:.1f}-{p['load_avg_1m_at_end']:.1f}, kept in `results/bench/moe_peers_chunk128.json`" in text
