@@ -52,3 +52,9 @@ def record(root: pathlib.Path) -> dict:
           **cpu(), "load_avg_1m": round(os.getloadavg()[0], 2),
           "host_malloc": hostmem.state(), "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def finished(started: dict, **more) -> dict:
+  """A run's provenance at its end: `record()` taken when it started, the load average now
+  (`load_avg_1m_at_end`), and `more` (a command, wall time, ...)."""
+  return {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), **more}

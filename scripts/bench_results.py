@@ -88,8 +88,8 @@ def _peft(d: dict) -> str:
            "| method | tunable | step ms | adapter bytes | optimizer bytes | selection bytes | vs LoRA |",
            "|---|---:|---:|---:|---:|---:|---:|"]
   lora = d["rows"][0]["step_ms"]
+  dash = lambda v: f"{v:,}" if v else "-"
   for r in d["rows"]:
-    dash = lambda v: f"{v:,}" if v else "-"
     lines.append(f"| {r['method']} | {r['tunable']:,} | {r['step_ms']:.1f} | {dash(r['adapter_bytes'])} | "
                  f"{dash(r['optimizer_bytes'])} | {dash(r['selection_bytes'])} | **{r['step_ms'] / lora:.2f}x** |")
   return "\n".join(lines)

@@ -132,7 +132,7 @@ def timed(rec: dict):
   prov, t0, c0 = provenance.record(ROOT), time.time(), time.process_time()
   yield rec
   rec.update(seconds=round(time.time() - t0, 2), cpu_seconds=round(time.process_time() - c0, 2),
-             provenance={**prov, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)})
+             provenance=provenance.finished(prov))
 
 
 def digest(cand: dict, top_k: int) -> str:

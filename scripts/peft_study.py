@@ -319,7 +319,7 @@ def run(r: Run, a: argparse.Namespace, base_dir: pathlib.Path, data_dir: str, ou
   ev = last_eval(d)
   rec = {"kind": "run", **dataclasses.asdict(r), "method": r.method, "rank": r.rank, "steps": a.steps,
          "overrides": overrides, **sizes(cfg), "step_ms": step_ms(d, cfg), **timing,
-         "provenance": {**start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}}
+         "provenance": provenance.finished(start)}
   if ev.get("step", -1) < a.steps:
     rec.update(failed=True, dev_ce=None, test_ce=None, exact_match=None)
   elif r.target == "stdlib":
@@ -399,8 +399,7 @@ def study(a: argparse.Namespace) -> list[dict]:
   finally:  # one row per invocation, finished or stopped: the code, machine and load the runs were trained with
     record.mkdir(parents=True, exist_ok=True)
     with open(record / "provenance.jsonl", "a") as f:
-      f.write(json.dumps({**start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-                          "wall_s": round(time.time() - t0), "argv": sys.argv[1:]}) + "\n")
+      f.write(json.dumps(provenance.finished(start, wall_s=round(time.time() - t0), argv=sys.argv[1:])) + "\n")
   return recs
 
 

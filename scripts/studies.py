@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
       trained = {run_key(r): [before[run_key(r)], last_step(r.workdir)] for r in runs
                  if last_step(r.workdir) != before[run_key(r)]}
       if trained:
-        row = {**start, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.time() - t0),
-               "runs_trained_from_to_step": trained}
+        row = provenance.finished(start, wall_s=round(time.time() - t0), runs_trained_from_to_step=trained)
         study_dir.mkdir(parents=True, exist_ok=True)
         with open(study_dir / "provenance.jsonl", "a") as f:
           f.write(json.dumps(row) + "\n")

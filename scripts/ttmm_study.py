@@ -69,7 +69,7 @@ class Recorder:
     w, c = time.perf_counter(), time.process_time()
     result = fn()
     rec = {"part": name, "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(time.process_time() - c, 2),
-           "provenance": {**prov, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}, "args": self.args,
+           "provenance": provenance.finished(prov), "args": self.args,
            "result": result}
     p = self.path(name)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -388,8 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "generate(do_sample=False, cache_implementation='static')\n")
   if args.json:
     # Where the figures came from: the command, commit, CPU, cores, versions, and the load at start and end.
-    prov = {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-            "command": f"moejax bench infer {' '.join(argv)}"}
+    prov = provenance.finished(started, command=f"moejax bench infer {' '.join(argv)}")
     pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "bandwidth": bw, **extra, "provenance": prov},
                                                   indent=2))
   return 0

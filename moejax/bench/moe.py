@@ -64,17 +64,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
-def _time_interleaved(fns: dict[str, Callable[[], object]], iters: int, stat: str = "median") -> dict[str, float]:
+def _time_with_cpu(fns: dict[str, Callable[[], object]], iters: int, stat: str) -> tuple[dict, dict]:
+  """Each function's wall time per call and this process's CPU time per call (every thread's), reduced over
+  `iters` rounds in which every function runs once (interleaved): CPU / wall says how many cores it kept busy,
+  CPU alone how much work it did."""
   for f in fns.values():  # compile + warm up
     jax.block_until_ready(f())
-  times: dict[str, list[float]] = {k: [] for k in fns}
+  wall: dict[str, list[float]] = {k: [] for k in fns}
+  cpu: dict[str, list[float]] = {k: [] for k in fns}
   for _ in range(iters):
     for k, f in fns.items():
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t0)
+      wall[k].append(time.perf_counter() - t0)
+      cpu[k].append(time.process_time() - c0)
   reduce = statistics.median if stat == "median" else min
-  return {k: reduce(v) for k, v in times.items()}
+  return {k: reduce(v) for k, v in wall.items()}, {k: reduce(v) for k, v in cpu.items()}
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], iters: int, stat: str = "median") -> dict[str, float]:
+  return _time_with_cpu(fns, iters, stat)[0]
 
 
 def _model_cfg(D, F, E, k, dtype, dispatch, backend, router_name, cf) -> config.ModelConfig:
@@ -84,19 +93,25 @@ def _model_cfg(D, F, E, k, dtype, dispatch, backend, router_name, cf) -> config.
                          capacity_factor=cf))
 
 
+def _inputs(shape: tuple[int, ...], dt) -> tuple:
+  """One config's tokens `x` [B, SEQ_LEN, D], output cotangent `g`, both as [N, D] too, the dense floor's params
+  and the key for the layer's params. The floor gets tokens as one [N, D] matrix: XLA:CPU's weight-gradient dot
+  is ~1.6x slower when it has to contract over two token dims [B, T], which would flatter every ratio."""
+  tokens, D, F, _, k = shape
+  seq = min(SEQ_LEN, tokens)
+  kx, kg, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (tokens // seq, seq, D), dt)
+  g = jax.random.normal(kg, x.shape, dt)
+  dense_p = sharding.init_params(kp, mlp.specs(D, k * F, "swiglu", dt))
+  return x, g, x.reshape(tokens, D), g.reshape(tokens, D), dense_p, kp, kg
+
+
 def bench_config(name: str, shape: tuple[int, ...], variants: list[str], args) -> list[dict]:
   tokens, D, F, E, k = shape
   dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
   dt = jnp.dtype(dtype)
   seq = min(SEQ_LEN, tokens)
-  kx, kg, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, (tokens // seq, seq, D), dt)
-  g = jax.random.normal(kg, x.shape, dt)
-
-  # The floor gets tokens as one [N, D] matrix: XLA:CPU's weight-gradient dot is ~1.6x slower when it has to
-  # contract over two token dims [B, T], which would flatter every ratio.
-  x_ND, g_ND = x.reshape(tokens, D), g.reshape(tokens, D)
-  dense_p = sharding.init_params(kp, mlp.specs(D, k * F, "swiglu", dt))
+  x, g, x_ND, g_ND, dense_p, kp, _ = _inputs(shape, dt)
   dense_fwd = jax.jit(lambda p, x: mlp.apply(p, x, "swiglu"))
   dense_bwd = jax.jit(jax.grad(lambda p, x: jnp.sum((mlp.apply(p, x, "swiglu") * g_ND).astype(jnp.float32)),
                                argnums=(0, 1)))
@@ -157,16 +172,11 @@ def part_fns(shape: tuple[int, ...], variant: str, dtype: str, router_name: str,
   - experts: the expert MLP alone (`moe.experts_apply`) on the layer's own dispatch buffer and groups."""
   tokens, D, F, E, k = shape
   dt = jnp.dtype(dtype)
-  seq = min(SEQ_LEN, tokens)
-  kx, kg, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, (tokens // seq, seq, D), dt)
-  g = jax.random.normal(kg, x.shape, dt)
-  x_ND, g_ND = x.reshape(tokens, D), g.reshape(tokens, D)
+  x, g, x_ND, g_ND, dense_p, kp, kg = _inputs(shape, dt)
   disp, _, backend = variant.partition("/")
   cfg = _model_cfg(D, F, E, k, dtype, disp, backend or "auto", router_name, cf)
   resolved = gmm.resolve(cfg.moe.gmm_backend)
   tile = gmm.tile_for(resolved)
-  dense_p = sharding.init_params(kp, mlp.specs(D, k * F, "swiglu", dt))
   p = sharding.init_params(kp, moe.specs(cfg))
 
   def routing(p, x):  # the layer's routing, aux losses and the two gathers, around identity experts
@@ -217,23 +227,6 @@ def bench_parts(name: str, shape: tuple[int, ...], variant: str, args) -> list[d
           for n in PARTS]
 
 
-def _time_with_cpu(fns: dict[str, Callable[[], object]], iters: int, stat: str) -> tuple[dict, dict]:
-  """`_time_interleaved`'s wall times, and this process's CPU time per call (every thread's) reduced the same
-  way: CPU / wall says how many cores a part kept busy, CPU alone how much work it did."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  wall: dict[str, list[float]] = {k: [] for k in fns}
-  cpu: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(iters):
-    for k, f in fns.items():
-      c0, t0 = time.process_time(), time.perf_counter()
-      jax.block_until_ready(f())
-      wall[k].append(time.perf_counter() - t0)
-      cpu[k].append(time.process_time() - c0)
-  reduce = statistics.median if stat == "median" else min
-  return {k: reduce(v) for k, v in wall.items()}, {k: reduce(v) for k, v in cpu.items()}
-
-
 def _print_parts(rows: list[dict]) -> None:
   head = (f"{'config':6} {'part':9} {'fwd ms':>9} {'x dense':>8} {'cores':>6} {'fwd+bwd ms':>11} {'x dense':>8} "
           f"{'cores':>6}")
@@ -274,6 +267,16 @@ def _print_table(rows: list[dict], peak: float) -> None:
 def _load() -> float:
   """The 1-minute load average (0 where the OS has none)."""
   return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def _with_loads(measure: Callable[[], list[dict]]) -> tuple[list[dict], float, float]:
+  """`measure()`'s rows, each with the 1-minute load at its start and end, and those two loads."""
+  before = _load()
+  rows = measure()
+  after = _load()
+  for row in rows:
+    row.update(load_start=round(before, 2), load_end=round(after, 2))
+  return rows, before, after
 
 
 QUIET_LOAD = 2.0  # a comparison is called level or ahead only when the 1-minute load stayed under this
@@ -327,25 +330,17 @@ def main(argv: list[str]) -> int:
     if len(args.variants) != 1:
       raise SystemExit(f"--parts times one variant, got {args.variants}")
     for n in names:
-      before = _load()
-      r = bench_parts(n, every[n], args.variants[0], args)
-      after = _load()
-      for row in r:
-        row.update(load_start=round(before, 2), load_end=round(after, 2))
+      r, before, after = _with_loads(lambda n=n: bench_parts(n, every[n], args.variants[0], args))
       rows.extend(r)
       _print_parts(r)
       print(f"{n}: load {before:.1f} at start, {after:.1f} at end\n")
     if args.json:
-      prov = {**started, "load_avg_1m_at_end": round(_load(), 2), "command": f"moejax bench moe {' '.join(argv)}"}
+      prov = provenance.finished(started, command=f"moejax bench moe {' '.join(argv)}")
       with open(args.json, "w") as f:
         json.dump({"parts": rows, "provenance": prov}, f, indent=1)
     return 0
   for n in names:
-    before = _load()
-    r = bench_config(n, every[n], args.variants, args)
-    after = _load()
-    for row in r:
-      row.update(load_start=round(before, 2), load_end=round(after, 2))
+    r, before, after = _with_loads(lambda n=n: bench_config(n, every[n], args.variants, args))
     rows.extend(r)
     verdicts[n] = verdict(r, (before, after))
     _print_table(r, args.peak_tflops)
@@ -353,8 +348,7 @@ def main(argv: list[str]) -> int:
   if args.json:
     # Where the figures came from: the command, commit, CPU, cores, versions (the peers' too), the load at start
     # and end; scripts/bench_results.py generates the docs' tables from this file.
-    prov = {**started, "load_avg_1m_at_end": round(_load(), 2), "command": f"moejax bench moe {' '.join(argv)}",
-            **moe_peer.versions(_peers(args))}
+    prov = provenance.finished(started, command=f"moejax bench moe {' '.join(argv)}", **moe_peer.versions(_peers(args)))
     with open(args.json, "w") as f:
       json.dump({"rows": rows, "verdicts": verdicts, "provenance": prov}, f, indent=1)
   return 0

@@ -12,7 +12,6 @@ Memory: adapter bytes (deltas + indices / LoRA factors), optimizer bytes, SpIEL-
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import tempfile
 import time
@@ -95,8 +94,7 @@ def main(argv: list[str]) -> int:
   for x in rows[1:]:
     print(f"step-time ratio {x['method']} / {rows[0]['method']}: {x['step_ms'] / lora_ms:.2f}x")
   if args.json:
-    prov = {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-            "command": " ".join(["moejax bench peft", *argv])}
+    prov = provenance.finished(started, command=" ".join(["moejax bench peft", *argv]))
     with open(args.json, "w") as f:
       json.dump({"base": args.base, "overrides": args.overrides, "rank": args.rank, "steps": timers[0].n,
                  "interleave": chunk, "rows": rows, "provenance": prov}, f, indent=1)
