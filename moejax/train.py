@@ -92,7 +92,7 @@ def run_eval(s: step_lib.Setup, params: Any, eval_step: Any | None = None) -> di
   return out
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM (what schedulers send before preemption) -> checkpoint at the next step boundary, agreed by all
   processes, then exit cleanly. SIGINT (Ctrl-C) is left to Python: it stops the run at once, and a resume starts
   from the last periodic checkpoint."""
@@ -213,7 +213,7 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   if is_main:
     bar.write(f"moejax: {cfg.name}: {'resuming at' if resumed else 'starting at'} step {start_step} of {end_step} "
               f"in {workdir} (mesh {dict(s.mesh.shape)})")
-  preempt = _Preemption()
+  preempt = Preemption()
   step = start_step
   last_eval: dict[str, float] = {}
   t_last, steps_since = None, 0

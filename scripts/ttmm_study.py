@@ -102,6 +102,8 @@ def run_study(a: argparse.Namespace) -> list[str]:
 
     def build():
       out = bank.build(base, k, d, overrides, progress=False, embeddings=emb)
+      if out["status"] != "completed":  # SIGTERM: the bank checkpointed; record nothing, stop, resume on re-run
+        raise SystemExit(f"ttmm_study: {name}'s bank {out['status']} at step {out['step']}; re-run to resume")
       rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
       return {**{x: v for x, v in out.items() if x != "bank"}, "heldout_mean": [
         {"step": r["step"], "loss": r["loss"]} for r in rows if r.get("split") == "heldout"]}
@@ -156,6 +158,9 @@ def train_base(base: pathlib.Path, overrides: list[str]) -> dict:
   argv = ["train", "lm_dense_pycode_tiny", "--workdir", str(base), "--no-progress", *overrides]
   if cli.main(argv) != 0:
     raise SystemExit(f"ttmm_study: `moejax {' '.join(argv)}` failed")
+  status = json.loads((base / "result.json").read_text())["status"]
+  if status != "completed":  # SIGTERM: the trainer checkpointed; record nothing, stop, resume on re-run
+    raise SystemExit(f"ttmm_study: the base's training {status}; re-run to resume")
   return {"command": "moejax " + " ".join(argv)}
 
 

@@ -1,8 +1,11 @@
 """Helpers for tests that need a real run directory: the tiny config of conftest's `tiny_lm_run`, a snapshot of a
-directory tree (to assert that a command wrote, moved or deleted nothing), and numpy-drawn decoder params."""
+directory tree (to assert that a command wrote, moved or deleted nothing), numpy-drawn decoder params, and a
+SIGTERM sent from inside a run (preemption tests)."""
 
 import hashlib
+import os
 import pathlib
+import signal
 
 import numpy as np
 
@@ -48,3 +51,16 @@ def numpy_params(cfg, seed: int = 0) -> dict:
   return sharding.unflatten({p: (1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("norm/scale")
                                  else rng.normal(size=s.shape) / np.sqrt(s.shape[-2] if len(s.shape) > 1 else 50))
                              .astype(np.float32) for p, s in flat.items()})
+
+
+def sigterm_at_call(real, n: int):
+  """`real`, wrapped to send this process SIGTERM (as a scheduler would) during its `n`-th call."""
+  calls = [0]
+
+  def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  return wrapped

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_helpers import sigterm_at_call
 
 from moejax import checkpoint, config, distributed, metrics, registry, sharding, train, upcycle
 from moejax import step as step_lib
@@ -559,31 +560,18 @@ def _params_np(state):
   return {k: np.asarray(v) for k, v in sharding.flatten(state["params"]).items()}
 
 
-def _sigterm_at_call(n):
-  """step.global_batch that sends this process SIGTERM (as a scheduler would) while building batch `n`."""
-  real = step_lib.global_batch
-  calls = [0]
-
-  def global_batch(local, s):
-    calls[0] += 1
-    if calls[0] == n:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(local, s)
-
-  return global_batch
-
-
 def test_sigterm_checkpoints_exits_cleanly_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
   cfg = registry.get("lm_dense_tiny", _TINY_DENSE)
   ref = train.train(cfg, tmp_path / "ref", progress=False)
   run = tmp_path / "run"
-  monkeypatch.setattr(step_lib, "global_batch", _sigterm_at_call(3))  # during step 3: no checkpoint is due
+  # SIGTERM while building batch 3: during step 3, where no checkpoint is due.
+  monkeypatch.setattr(step_lib, "global_batch", sigterm_at_call(step_lib.global_batch, 3))
   r = train.train(cfg, run, progress=False)
   assert (r["status"], r["step"]) == ("preempted", 3)
   assert json.loads((run / "result.json").read_text())["status"] == "preempted"
   assert checkpoint.Manager(run).all_steps() == [3]
   # Resumed at 3; SIGTERM during step 4, where the scheduled checkpoint (checkpoint_every=4) is also written.
-  monkeypatch.setattr(step_lib, "global_batch", _sigterm_at_call(1))
+  monkeypatch.setattr(step_lib, "global_batch", sigterm_at_call(step_lib.global_batch, 1))
   r = train.train(cfg, run, progress=False)
   assert (r["status"], r["step"]) == ("preempted", 4)
   assert checkpoint.Manager(run).all_steps() == [3, 4]

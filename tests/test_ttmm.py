@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_helpers import sigterm_at_call
 
 from moejax import checkpoint, config, registry, sharding, train
 from moejax.peft import lora
@@ -296,3 +297,29 @@ def test_documents_split_for_training_and_dev_test_halves_are_fixed():
   assert sorted(dev + test) == sorted(names) and not set(dev) & set(test)
   assert 70 < len(dev) < 130  # a hash halves them, roughly
   assert all(evaluate.in_part(n, "all") for n in names)
+
+
+def test_sigterm_checkpoints_the_bank_unfinished_and_resume_equals_uninterrupted(base_dir, tmp_path, monkeypatch):
+  """SIGTERM during a bank's step 2 (no checkpoint due): step 2 is checkpointed, the build returns `preempted`
+  without build.json (a study must not record it as built) and puts the old handler back; the same command then
+  finishes it equal, bit for bit, to an uninterrupted build."""
+  import json
+  import signal
+
+  from moejax.ttmm import bank as bank_lib
+
+  over = [*BUILD[1:], "train.steps=4", "train.checkpoint_every=100"]
+  ref = bank_lib.build(base_dir, 2, tmp_path / "ref", over, progress=False)
+  assert ref["status"] == "completed" and (tmp_path / "ref" / "build.json").is_file()
+  run = tmp_path / "run"
+  monkeypatch.setattr(experts.ClusterBatches, "batch", sigterm_at_call(experts.ClusterBatches.batch, 2))
+  out = bank_lib.build(base_dir, 2, run, over, progress=False)
+  assert (out["status"], out["step"]) == ("preempted", 2)
+  assert checkpoint.step_numbers(run) == [2] and not (run / "build.json").exists()
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  monkeypatch.undo()
+  out = bank_lib.build(base_dir, 2, run, over, progress=False)
+  assert (out["status"], out["step"]) == ("completed", 4)
+  assert json.loads((run / "build.json").read_text())["status"] == "completed"
+  for x, y in zip(jax.tree.leaves(bank_lib.load(run)[1]), jax.tree.leaves(bank_lib.load(tmp_path / "ref")[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -131,3 +131,17 @@ def test_study_twin_runs_end_to_end_then_skips_what_is_recorded(scripts, tmp_pat
 
 def study_args(study, argv):
   return study.parser().parse_args(argv)
+
+
+def test_a_preempted_bank_stops_the_study_and_is_not_recorded(scripts, tmp_path, monkeypatch):
+  """A bank build that returns `preempted` (SIGTERM: checkpointed, unfinished) ends the study with a message and
+  records nothing, so the next invocation resumes that bank instead of evaluating a half-trained one."""
+  study, _ = scripts
+  from moejax.ttmm import bank
+
+  calls = []
+  monkeypatch.setattr(bank, "build", lambda *a, **k: calls.append(a) or {"status": "preempted", "step": 3})
+  argv = ["--root", str(tmp_path / "root"), "--base", str(tmp_path / "base"), "--seeds", "0", "--ks", "2"]
+  with pytest.raises(SystemExit, match="s0/k2's bank preempted at step 3; re-run to resume"):
+    study.run_study(study_args(study, argv))
+  assert len(calls) == 1 and not list((tmp_path / "root").rglob("*.json"))

@@ -2,8 +2,10 @@
 
 A bank directory holds `config.json` (the base's config with `peft.method=lora`, `init.peft_from=<base>`,
 `ttmm.clusters=K`), `clusters.json` / `clusters.npz` (cluster.py) and `checkpoints/` (orbax: the K experts'
-state, experts.py). A build that stops part-way resumes with the same command: the clusters are reused (checked
-against the config) and training continues from the newest checkpoint with the batches it would have seen.
+state, experts.py) and, once every expert has finished, `build.json`. A build that stops part-way resumes with the
+same command: the clusters are reused (checked against the config) and training continues from the newest
+checkpoint with the batches it would have seen. A SIGTERM (what a scheduler sends) checkpoints at the next step
+boundary and returns `status: preempted` without `build.json`, as `moejax train` does.
 A bank only serves the base it was trained on: the base's config-and-step hash is saved with the experts and
 checked whenever the bank is loaded (as the fine-tuning trainer does for resume).
 """
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from moejax import checkpoint, config, metrics, paths, runs
+from moejax import train as train_lib
 from moejax.data import pycode, tokenizer
 from moejax.ttmm import cluster, embed, experts
 
@@ -142,7 +145,8 @@ def _build_config(cfg: config.ExperimentConfig, to: pathlib.Path, progress: bool
   timings["total_s"] = time.perf_counter() - t0
   result = {"bank": str(to), "clusters": clusters, "documents": len(names),
             "sizes": np.bincount(np.asarray(labels), minlength=clusters).tolist(), **out, **timings}
-  (to / "build.json").write_text(json.dumps(result, indent=1))
+  if out["status"] == "completed":  # build.json marks a finished bank; a preempted one has only its checkpoint
+    (to / "build.json").write_text(json.dumps(result, indent=1))
   return result
 
 
@@ -187,6 +191,8 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
       curve.append({"step": step, "loss_per_expert": [round(float(x), 4) for x in loss_K]})
 
     m, step = None, start
+    status = "completed"
+    preempt = train_lib.Preemption()  # SIGTERM: checkpoint at the next step boundary and stop, as `moejax train`
     try:
       if heldout_x is not None and start == 0:
         heldout(0)
@@ -202,12 +208,19 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
           heldout(step)
         if step % cfg.train.checkpoint_every == 0 or step == end:
           mngr.save(step, state, cfg)
+        if preempt.agreed() and step < end:
+          if mngr.latest_step() != step:  # unless the scheduled save above just wrote this step
+            mngr.save(step, state, cfg, force=True)
+          status = "preempted"
+          bar.write(f"moejax: preempted: checkpointed step {step} of {end}; re-run the same command to resume")
+          break
     finally:
+      preempt.restore()
       bar.close()
       writer.close()
   last = {} if m is None else {"final_loss_per_expert": [round(float(x), 4) for x in np.asarray(m["loss"])]}
   print(f"moejax: ttmm: bank {bank} at step {step}", file=sys.stderr)
-  return {"step": int(step), "steps_per_expert": steps_K.tolist(), "expert_steps": int(steps_K.sum()),
+  return {"status": status, "step": int(step), "steps_per_expert": steps_K.tolist(), "expert_steps": int(steps_K.sum()),
           "tokens_per_expert": [int(len(s)) for s in data.streams], "heldout": curve, **last}
 
 
