@@ -52,8 +52,8 @@ def _by_seed(recs: dict, part: str, method: str, key: str = "perplexity") -> dic
 
 def _row(label: str, k: str, steps: str, vals: dict[int, float], costs: dict[int, float]) -> str:
   m, se = mean_se(list(vals.values())) if vals else (float("nan"), float("nan"))
-  c = float(np.mean(list(costs.values()))) if costs else float("nan")
-  return f"| {label} | {k} | {steps} | {pm(m, se, 3)} | {len(vals)} | {c:,.1f} |"
+  c = f"{float(np.mean(list(costs.values()))):,.1f}" if costs else "-"  # not run yet: no cost, as no perplexity
+  return f"| {label} | {k} | {steps} | {pm(m, se, 3)} | {len(vals)} | {c} |"
 
 
 def _steps(recs: dict, part: str) -> str:
