@@ -4,6 +4,7 @@ cores, load) and the versions (Python, jax, jaxlib), one dict for every file und
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
@@ -58,3 +59,9 @@ def finished(started: dict, **more) -> dict:
   """A run's provenance at its end: `record()` taken when it started, the load average now
   (`load_avg_1m_at_end`), and `more` (a command, wall time, ...)."""
   return {**started, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), **more}
+
+
+def write_json(path: str | pathlib.Path, started: dict, command: str, **fields) -> None:
+  """A bench's `--json` file: its rows and parameters (`fields`) and `finished(started, command=command)`, so that
+  `scripts/bench_results.py` can draw the docs' table from it with the machine, load and versions beside it."""
+  pathlib.Path(path).write_text(json.dumps({**fields, "provenance": finished(started, command=command)}, indent=1))

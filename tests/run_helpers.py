@@ -1,8 +1,9 @@
 """Helpers for tests that need a real run directory: the tiny config of conftest's `tiny_lm_run`, a snapshot of a
-directory tree (to assert that a command wrote, moved or deleted nothing), numpy-drawn decoder params, and a
-SIGTERM sent from inside a run (preemption tests)."""
+directory tree (to assert that a command wrote, moved or deleted nothing), numpy-drawn decoder params, a
+SIGTERM sent from inside a run (preemption tests), and a script of scripts/ loaded as a module."""
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 import signal
@@ -64,3 +65,12 @@ def sigterm_at_call(real, n: int):
     return real(*args, **kwargs)
 
   return wrapped
+
+
+def script(name: str):
+  """scripts/<name>.py as a module (scripts/ is not a package): the docs generators the tests compare against."""
+  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parent.parent / "scripts" /
+                                                f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

@@ -2,20 +2,30 @@
 reports (results/compile/<target>/report.json), and every target named there has a stored report. Reading the
 reports needs no libtpu: this runs in the main suite."""
 
-import importlib.util
 import json
 import pathlib
+
+from run_helpers import script as _script
 
 from moejax import report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def _row(start: str) -> str:
+  """README's line that starts with `start` (a row of its "## Benchmarks" table)."""
+  return next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(start))
+
+
+def _stored(gen, name: str) -> dict:
+  """The stored run behind bench_results' block `name`."""
+  return json.loads((gen.STORE / gen.RUNS[name]).read_text())
+
+
+def _loads(*runs: dict) -> str:
+  """"load A-B": the lowest and highest load average the runs met at their start or end, as README quotes it."""
+  loads = [d["provenance"][k] for d in runs for k in ("load_avg_1m", "load_avg_1m_at_end")]
+  return f"load {min(loads):.1f}-{max(loads):.1f}"
 
 
 def test_docs_compile_tables_equal_the_generator():
@@ -43,22 +53,22 @@ def test_stored_reports_are_whole_and_say_where_they_came_from():
 
 def test_docs_bench_tables_equal_the_generator_and_readme_quotes_them():
   gen = _script("bench_results")
-  for f in gen.RUNS.values():
-    assert (gen.STORE / f).exists(), f"results/bench/{f} is missing"
+  for name, f in gen.RUNS.items():  # every block's run is stored, but for those NOT_STORED says are owed
+    assert (gen.STORE / f).exists() != (name in gen.NOT_STORED), f"results/bench/{f} vs NOT_STORED[{name!r}]"
   for name, (_, doc, _) in gen.BLOCKS.items():  # the stored runs' tables and the analytic projection
     assert report.doc_block(doc.read_text(), gen.GENERATOR, name) == gen.table(name), f"run `python {gen.GENERATOR}`"
   # README's bench infer row quotes the MoE twin's ratios at each batch from the same file.
   d = json.loads((gen.STORE / gen.RUNS["peer_moe decode vs transformers"]).read_text())
   ratios = " / ".join(f"{r['moejax_decode_tok_s'] / r['peer_decode_tok_s']:.2f}x" for r in d["peer"]
                       if r["model"] == "peer_moe")
-  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench infer"))
+  row = _row("| `moejax bench infer")
   assert f"**{ratios}**" in row, f"README's bench infer row should quote {ratios}"
 
 
 def test_readme_bench_moe_row_quotes_the_stored_run():
   gen = _script("bench_results")
   d = json.loads((gen.STORE / gen.RUNS["moe layer vs transformers"]).read_text())
-  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench moe`"))
+  row = _row("| `moejax bench moe`")
   for c in d["verdicts"]:
     ours = next(r for r in d["rows"] if r["config"] == c and r["backend"] not in ("dense", "transformers"))
     best = min(r["fwdbwd_ratio"] for r in d["rows"] if r["config"] == c and r["backend"] == "transformers")
@@ -84,7 +94,7 @@ def test_readme_and_benchmarks_quote_the_stored_host_allocator_runs():
 
 def test_readme_bench_peft_row_quotes_the_stored_runs():
   gen = _script("bench_results")
-  row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `moejax bench peft`"))
+  row = _row("| `moejax bench peft`")
   runs = {b: json.loads((gen.STORE / gen.RUNS[f"peft step time, {b} base"]).read_text()) for b in ("dense", "moe")}
   for label, d in (("dense", runs["dense"]), ("MoE", runs["moe"])):
     lora, ag, ma = (r["step_ms"] for r in d["rows"][:3])
@@ -94,8 +104,7 @@ def test_readme_bench_peft_row_quotes_the_stored_runs():
       x["rows"][1]["step_ms"] / x["rows"][0]["step_ms"] <= 1.3 for x in runs.values())), label
   d = runs["dense"]["rows"]
   assert f"SM3's optimizer state {d[0]['optimizer_bytes'] / d[2]['optimizer_bytes']:.0f}x smaller" in row
-  loads = [x["provenance"][k] for x in runs.values() for k in ("load_avg_1m", "load_avg_1m_at_end")]
-  assert f"load {min(loads):.1f}-{max(loads):.1f}" in row
+  assert _loads(*runs.values()) in row
 
 
 def test_benchmarks_quotes_the_records_before_and_after_the_512_row_chunks():
@@ -108,3 +117,61 @@ def test_benchmarks_quotes_the_records_before_and_after_the_512_row_chunks():
   assert f"fwd+bwd {quoted}" in text
   p = before["provenance"]
   assert f"load {p['load_avg_1m']:.1f}-{p['load_avg_1m_at_end']:.1f}, kept in `results/bench/moe_peers_chunk128.json`" in text
+
+
+def test_readme_bench_upcycle_row_quotes_the_stored_runs():
+  from moejax.bench import upcycle
+
+  gen = _script("bench_results")
+  row = _row("| `moejax bench upcycle`")
+  steady, fresh, disk = (_stored(gen, f"upcycle {n}") for n in ("in memory, E=2 and 8", "in memory, glibc allocator",
+                                                                 "end to end"))
+  plain = lambda d, e: next(r for r in d["rows"] if r["experts"] == e and not r["noise"] and not r["drop"])
+  x = lambda r: r["upcycle_s"] / r["copy_dense_s"]
+  e2, e8 = plain(steady, 2), plain(steady, 8)
+  vs_own_size = e8["upcycle_s"] / e8["copy_moe_s"]  # <= 1: upcycling costs what writing its output costs
+  assert f"upcycling a {e2['dense_params'] / 1e6:.1f}M-param checkpoint" in row and _loads(steady, fresh, disk) in row
+  assert f"E=2 **{x(e2):.2f}x** (glibc's default allocator {x(plain(fresh, 2)):.2f}x)" in row
+  assert f"E=8 **{x(e8):.2f}x**, {vs_own_size:.2f}x a copy of its output's size" in row
+  bytes_x = e8["moe_bytes"] / e8["dense_bytes"]
+  assert f"{bytes_x:.1f}x the bytes: the bytes-moved floor is {upcycle.floor(e8):.2f}x" in row
+  orbax = " / ".join(f"{r['upcycle_s'] / r['orbax_copy_s']:.2f}x" for r in disk["rows"])
+  assert f"orbax copy of the dense checkpoint) {orbax}" in row
+  assert ("E=32 not stored" in row) == ("upcycle in memory, E=32" in gen.NOT_STORED)
+  # The verdicts follow the numbers: 2x at E=2; at E=8 (floor above 2x) whether upcycling runs at the floor.
+  assert ("<= 2x: met at E=2" in row) == (x(e2) <= 2)
+  assert ("this run is above the floor: **not met**" in row) == (vs_own_size > 1)
+
+
+def test_readme_bench_ttmm_row_quotes_the_stored_run():
+  gen = _script("bench_results")
+  d = _stored(gen, "ttmm overhead")
+  row = _row("| `moejax bench ttmm`")
+  x = {r["clusters"]: r["ttmm_s"] / d["forward_s"] for r in d["rows"]}
+  first, *rest = x
+  quoted = ", ".join([f"K={first} **{x[first]:.2f}x**", *(f"K={k} {x[k]:.2f}x" for k in rest)])
+  assert f"{quoted}; TTT {d['ttt_s'] / d['forward_s']:,.0f}x" in row and _loads(d) in row
+  assert f"the {d['prefix_tokens']}-token prompt" in row
+  assert ("<= 2x: **not met**" in row) == (max(x.values()) > 2)
+
+
+def test_readme_bench_prune_row_quotes_the_stored_run():
+  gen = _script("bench_results")
+  d = _stored(gen, "prune fitness cost")
+  row = _row("| `moejax bench prune")
+  assert d["trained"] and d["keep"] == 4 and d["pruned_top_k"] == 1  # the row's command
+  x = {r["candidates_per_call"]: r["s_per_evaluation"] / d["plain_s"] for r in d["rows"]}
+  minutes = d["budget"] * min(r["s_per_evaluation"] for r in d["rows"]) / 60
+  assert (f"**{x[1]:.2f}x** (one candidate per call), {x[4]:.2f}x (four); a {d['budget']}-evaluation search "
+          f"~{minutes:.1f} min") in row and _loads(d) in row
+  assert ("<= 1.2x and <= 15 min: **met**" in row) == (max(x.values()) <= 1.2 and minutes <= 15)
+
+
+def test_readme_bench_infer_row_quotes_the_stored_recompute_run():
+  gen = _script("bench_results")
+  d = _stored(gen, "cached vs re-run prefix")
+  (r,) = d["recompute"]
+  row = _row("| `moejax bench infer")
+  assert "--new-tokens 256" in d["provenance"]["command"]
+  assert f"cached **{r['speedup']:.1f}x** faster per token than re-running the prefix at 256 tokens ({_loads(d)}" in row
+  assert ("| >= 10x: met;" in row) == (r["speedup"] >= 10)

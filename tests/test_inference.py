@@ -188,3 +188,22 @@ def test_sharded_decode_equals_one_device(mesh_shape):
   got_g, got_s = eng.generate(prompts, max_new_tokens=10), eng.generate(prompts, max_new_tokens=10, s=hot)
   for w, g in zip(want_g + want_s, got_g + got_s):
     np.testing.assert_array_equal(g, w)
+
+
+def test_bench_infer_recompute_json_renders_the_docs_table(tiny_lm_run, tmp_path):
+  """`bench infer --recompute --json` stores the re-run and cached ms per token beside the engine's rows, and
+  scripts/bench_results.py draws docs/benchmarks.md's "cached vs re-run prefix" block from that file alone."""
+  import json
+
+  from moejax.bench import infer as bench
+
+  out = tmp_path / "recompute.json"
+  argv = [str(tiny_lm_run), "--batch", "1", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1",
+          "--recompute", "--json", str(out)]
+  assert bench.main(argv) == 0
+  d = json.loads(out.read_text())
+  (r,) = d["recompute"]
+  assert r["speedup"] == pytest.approx(r["recompute_ms_per_token"] / r["cached_ms_per_token"]) and r["speedup"] > 0
+  text = run_helpers.script("bench_results").BLOCKS["cached vs re-run prefix"][2](d)
+  assert d["provenance"]["command"] == "moejax bench infer " + " ".join(argv) and d["provenance"]["command"] in text
+  assert bench.recompute_table(d["recompute"]).rstrip("\n") in text and "| model | batch | prefill tok/s" in text

@@ -311,13 +311,21 @@ def test_prune_cli_writes_a_run_that_loads_generates_and_exports(moe_run, tmp_pa
     hf_lm.export_arch(mapped_cfg)
 
 
-def test_bench_prune_runs_small(moe_run, capsys):
+def test_bench_prune_runs_small(moe_run, capsys, tmp_path):
+  """It prints its table; `--json` stores the seconds with where they were measured, and scripts/bench_results.py
+  draws the same table from that file alone."""
   from moejax import cli
 
-  assert cli.main(["bench", "prune", str(moe_run), "--keep", "2", "--calibration", "8", "--repeats", "1",
-                   "--chunk", "2"]) == 0
+  argv = ["bench", "prune", str(moe_run), "--keep", "2", "--calibration", "8", "--repeats", "1", "--chunk", "2",
+          "--json", str(tmp_path / "prune.json")]
+  assert cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "| plain eval pass" in out and out.count("| EEP fitness") == 2
+  d = json.loads((tmp_path / "prune.json").read_text())
+  assert [r["candidates_per_call"] for r in d["rows"]] == [1, 2] and d["plain_s"] > 0 and d["trained"]
+  assert d["provenance"]["command"] == "moejax " + " ".join(argv)
+  text = run_helpers.script("bench_results").BLOCKS["prune fitness cost"][2](d)
+  assert d["provenance"]["command"] in text and text.split("\n", 2)[2] in out  # the printed table, from the file
 
 
 def test_prune_from_python_writes_what_the_cli_writes(moe_run, tmp_path, capsys, monkeypatch):

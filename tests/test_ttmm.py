@@ -3,6 +3,8 @@ merge), the weights are a distribution (tau, cap, uniform at equal similarities,
 experts trained in one vmapped program equal K separate fine-tuning runs (also sharded over 8 devices), and the
 clustering is deterministic and a partition."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,3 +325,26 @@ def test_sigterm_checkpoints_the_bank_unfinished_and_resume_equals_uninterrupted
   assert json.loads((run / "build.json").read_text())["status"] == "completed"
   for x, y in zip(jax.tree.leaves(bank_lib.load(run)[1]), jax.tree.leaves(bank_lib.load(tmp_path / "ref")[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bench_ttmm_json_renders_the_docs_table(tmp_path, capsys):
+  """`bench ttmm --json` stores the seconds per prompt (not formatted strings) with where they were measured, and
+  scripts/bench_results.py draws docs/benchmarks.md's table from that file alone."""
+  from run_helpers import script
+
+  from moejax.bench import ttmm as bench
+
+  out = tmp_path / "ttmm.json"
+  small = ["model.d_model=32", "model.d_ff=64", "model.num_layers=1", "model.num_heads=2", "data.seq_len=16",
+           "model.max_seq_len=16", "ttmm.prefix_tokens=8", "ttmm.ttt_steps=1"]
+  argv = ["lm_dense_pycode_tiny", *small, "--clusters", "2", "--repeats", "1", "--ttt-repeats", "1", "--json", str(out)]
+  assert bench.main(argv) == 0
+  assert "ttmm K=2 (embed+w+merge)" in capsys.readouterr().out  # the printed table is still there
+  d = json.loads(out.read_text())
+  (row,) = d["rows"]
+  assert row["clusters"] == 2 and 1 <= row["kept"] <= 2 and min(row[k] for k in row if k.endswith("_s")) > 0
+  assert d["forward_s"] > 0 and d["ttt_s"] > 0 and d["prefix_tokens"] == 8 and d["ttt_steps"] == 1
+  assert d["provenance"]["command"].startswith("moejax bench ttmm lm_dense_pycode_tiny model.d_model=32")
+  text = script("bench_results").BLOCKS["ttmm overhead"][2](d)
+  assert d["provenance"]["command"] in text and "| base forward, 8 tokens |" in text
+  assert f"| TTMM, K = 2 ({row['kept']} kept)" in text and f"**{row['ttmm_s'] / d['forward_s']:.2f}** |" in text

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import re
 
 import jax
@@ -631,46 +632,40 @@ def test_upcycle_experiment_clip_both_towers_preserve_embeddings():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_bench_write_section_keeps_other_sections(tmp_path):
-  from moejax.bench import upcycle as bench
-
-  doc = tmp_path / "benchmarks.md"
-  bench.write_section(doc, "table one\n")
-  assert doc.read_text().startswith(bench.HEADING) and doc.read_text().endswith("table one\n")
-  others = "# Benchmarks\n\n## moejax bench moe\n\nmoe numbers\n\n"
-  doc.write_text(others + doc.read_text() + "\n## later\n\nx\n")
-  bench.write_section(doc, "table two\n")
-  bench.write_section(doc, "table three\n", append=True)
-  text = doc.read_text()
-  assert "moe numbers" in text and "## later\n\nx\n" in text and "table one" not in text
-  assert text.index("## moejax bench moe") < text.index("table two") < text.index("table three") < \
-    text.index("## later")
-  assert text.count(bench.HEADING) == 1
-
-
 def test_bench_runs_small(tmp_path, capsys):
+  """`--json` stores the seconds, params and bytes with the model and where they were measured; the printed table
+  and scripts/bench_results.py's block are both drawn from those fields alone."""
+  from run_helpers import script
+
   from moejax.bench import upcycle as bench
 
   argv = ["--d-model", "32", "--heads", "4", "--layers", "2", "--d-ff", "64", "--vocab", "64",
-          "--experts", "4", "--drop", "0.5", "--repeats", "1", "--fresh-pages", "--write", str(tmp_path / "b.md")]
+          "--experts", "4", "--drop", "0.5", "--repeats", "1", "--fresh-pages", "--json", str(tmp_path / "b.json")]
   assert bench.main(argv) == 0  # --fresh-pages: leave this test process's allocator alone
-  text = (tmp_path / "b.md").read_text()
-  assert "| 4 | 0 | 0 |" in text and "| 4 | 0 | 0.5 |" in text and "moejax bench upcycle --d-model 32" in text
-  assert "allocator: glibc default" in text
+  out = capsys.readouterr().out
+  d = json.loads((tmp_path / "b.json").read_text())
+  assert [(r["experts"], r["drop"]) for r in d["rows"]] == [(4, 0.0), (4, 0.5)] and d["allocator"] == "glibc default"
+  assert min(r[k] for r in d["rows"] for k in ("copy_dense_s", "copy_moe_s", "upcycle_s")) > 0
+  assert d["provenance"]["command"] == "moejax bench upcycle " + " ".join(argv)
+  text = script("bench_results").BLOCKS["upcycle in memory, glibc allocator"][2](d)
+  assert "| 4 | 0 | 0 |" in text and "| 4 | 0 | 0.5 |" in text and d["provenance"]["command"] in text
+  assert "allocator: glibc default" in text and bench.table(d) in text and bench.table(d) in out
 
 
 def test_bench_end_to_end_small(tmp_path):
+  from run_helpers import script
+
   from moejax.bench import upcycle as bench
 
   argv = ["--d-model", "32", "--heads", "4", "--layers", "2", "--d-ff", "64", "--vocab", "256",
-          "--experts", "4", "--repeats", "1", "--end-to-end"]
-  args = bench.parse(argv)
-  (row,) = bench.run_end_to_end(args, tmp_path)
+          "--experts", "4", "--repeats", "1", "--end-to-end", "--json", str(tmp_path / "e2e.json")]
+  assert bench.main(argv) == 0
+  d = json.loads((tmp_path / "e2e.json").read_text())
+  (row,) = d["rows"]
   assert row["experts"] == 4 and row["dense_ckpt_bytes"] > 0 and row["moe_ckpt_bytes"] > 0
-  assert min(row["cp_s"], row["orbax_copy_s"], row["upcycle_s"]) > 0
-  assert (tmp_path / "moe4_0" / "checkpoints").is_dir() and (tmp_path / "cp0").is_dir()
-  text = bench.table_end_to_end([row], "moejax bench upcycle --end-to-end", args)
-  assert "| 4 |" in text and "orbax restore + save" in text
+  assert min(row["cp_s"], row["orbax_copy_s"], row["upcycle_s"]) > 0 and d["end_to_end"]
+  text = script("bench_results").BLOCKS["upcycle end to end"][2](d)
+  assert "| 4 |" in text and "orbax restore + save" in text and "local disk" in text
 
 
 def test_bench_bytes_moved_floor():

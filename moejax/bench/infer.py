@@ -294,6 +294,14 @@ def table(rows: list[dict[str, Any]], bw: float) -> str:
   return "\n".join(lines) + "\n"
 
 
+def recompute_table(rows: list[dict[str, Any]]) -> str:
+  """`--recompute`'s rows: ms per token re-running the prefix against the cached engine's, and the speed-up."""
+  lines = ["| model | re-run prefix ms / token | cached ms / token | cached speed-up |", "|---|---:|---:|---:|"]
+  lines += [f"| {r['model']} | {r['recompute_ms_per_token']:.2f} | {r['cached_ms_per_token']:.2f} | "
+            f"{r['speedup']:.1f}x |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
 def ratio_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
   by = {(r["model"], r["batch"]): r for r in rows}
   lines = [f"| batch | decode tok/s {b} / {a} | prefill tok/s {b} / {a} | weights read / step {b} / {a} |",
@@ -366,11 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   extra: dict[str, list] = {}
   if args.recompute:
     extra["recompute"] = [measure_recompute(m, args.prompt_len, args.new_tokens) for m in models]
-    print("| model | re-run prefix ms / token | cached ms / token | cached speed-up |\n|---|---:|---:|---:|")
-    for r in extra["recompute"]:
-      print(f"| {r['model']} | {r['recompute_ms_per_token']:.2f} | {r['cached_ms_per_token']:.2f} | "
-            f"{r['speedup']:.1f}x |")
-    print()
+    print(recompute_table(extra["recompute"]))
   if args.peer:
     extra["peer"] = []
     ours = {(r["model"], r["batch"]): r for r in rows}

@@ -2,7 +2,9 @@
 (merge the candidate's experts inside the jit, then score the calibration examples) against one plain eval pass
 of the unpruned model over the same examples, both compiled once and timed as the best of --repeats; candidates
 per call 1 and --chunk (`lax.map` in one call). Reports seconds per evaluation, evaluations per second and the
-ratio to the plain pass (the issue's target: <= 1.2x), and projects a --budget-evaluation search.
+ratio to the plain pass (the issue's target: <= 1.2x), and projects a --budget-evaluation search. `--json PATH`
+also writes the seconds with the command, machine, load (start and end) and versions; `table` draws the same
+markdown table from that file (`scripts/bench_results.py` puts it into docs/benchmarks.md).
 
   moejax bench prune lm_moe_mix_eep --keep 4 --top-k 1                 # random params of the study's model
   moejax bench prune runs/lm_moe_mix_eep --keep 2 --task reverse
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from moejax import cli, config, sharding
+from moejax import cli, config, provenance, sharding
 from moejax.bench import infer
 from moejax.bench import upcycle as bench_upcycle
 from moejax.models import transformer
@@ -36,6 +38,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--chunk", type=int, default=4)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--budget", type=int, default=400)
+  p.add_argument("--json", default="", help="also write the seconds and where they were measured here")
   return p.parse_args(list(argv))
 
 
@@ -66,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from moejax.layers import moe
 
   warnings.filterwarnings("ignore", message=re.escape(moe.TOP1_RENORMALIZE_WARNING[:40]))  # about training
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   cfg, params = _load(args.model)
   top_k = args.top_k if args.top_k is not None else min(cfg.model.moe.top_k, args.keep)
   candidates.check_prunable(cfg.model, args.keep, top_k)
@@ -91,18 +95,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     M = np.stack([x["M"] for x in cs])
     R = np.stack([np.asarray(x["R"], np.float32) for x in cs])
     t = _best(lambda ev=ev, M=M, R=R: ev._many(ev.params, M, R, ev.batch), args.repeats) / c
-    rows.append((c, t))
+    rows.append({"candidates_per_call": c, "s_per_evaluation": t})
   N, T = batch["tokens"].shape
+  d = {"model": cfg.name, "trained": (pathlib.Path(args.model) / "checkpoints").is_dir(), "task": args.task,
+       "experts": E, "keep": args.keep, "top_k": cfg.model.moe.top_k, "pruned_top_k": top_k, "calibration": N,
+       "positions": T - 1, "repeats": args.repeats, "budget": args.budget, "plain_s": t_plain, "rows": rows}
   print(f"Command: `moejax bench prune {' '.join(argv)}`  \nMachine: {infer.machine()}  ")
-  print(f"model {cfg.name}: {E} -> {args.keep} experts, top-{cfg.model.moe.top_k} -> top-{top_k}; task "
-        f"{args.task!r}: {N} calibration examples x {T - 1} positions; best of {args.repeats}\n")
-  print("| evaluation | candidates per call | s per evaluation | evaluations/s | vs plain eval pass |")
-  print("|---|---|---|---|---|")
-  print(f"| plain eval pass (unpruned, {E} experts top-{cfg.model.moe.top_k}) | - | {t_plain:.3f} | "
-        f"{1 / t_plain:.2f} | 1.00x |")
-  for c, t in rows:
-    print(f"| EEP fitness (merge + {args.keep} experts top-{top_k}) | {c} | {t:.3f} | {1 / t:.2f} | "
-          f"{t / t_plain:.2f}x |")
-  best = min(t for _, t in rows)
-  print(f"\nA {args.budget}-evaluation search: ~{args.budget * best / 60:.1f} min of fitness evaluations.")
+  print(table(d))
+  if args.json:
+    provenance.write_json(args.json, started, " ".join(["moejax bench prune", *argv]), **d)
   return 0
+
+
+def table(d: dict) -> str:
+  """The model and task, then per evaluation (plain pass, EEP fitness at each candidates-per-call) seconds,
+  evaluations/s and the ratio to the plain pass, then the projected search: from a `--json` file's fields."""
+  E, k, t_plain = d["experts"], d["top_k"], d["plain_s"]
+  weights = "trained" if d["trained"] else "random params"
+  lines = [f"model {d['model']} ({weights}): {E} -> {d['keep']} experts, top-{k} -> top-{d['pruned_top_k']}; task "
+           f"{d['task']!r}: {d['calibration']} calibration examples x {d['positions']} positions; best of "
+           f"{d['repeats']}", "",
+           "| evaluation | candidates per call | s per evaluation | evaluations/s | vs plain eval pass |",
+           "|---|---|---|---|---|",
+           f"| plain eval pass (unpruned, {E} experts top-{k}) | - | {t_plain:.3f} | {1 / t_plain:.2f} | 1.00x |"]
+  for r in d["rows"]:
+    t = r["s_per_evaluation"]
+    lines.append(f"| EEP fitness (merge + {d['keep']} experts top-{d['pruned_top_k']}) | {r['candidates_per_call']} | "
+                 f"{t:.3f} | {1 / t:.2f} | {t / t_plain:.2f}x |")
+  best = min(r["s_per_evaluation"] for r in d["rows"])
+  lines += ["", f"A {d['budget']}-evaluation search: ~{d['budget'] * best / 60:.1f} min of fitness evaluations."]
+  return "\n".join(lines)

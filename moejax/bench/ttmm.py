@@ -10,17 +10,20 @@ median of N, interleaved in one process:
   ttt       test-time training's overhead: nearest-document search, a fresh LoRA, `ttmm.ttt_steps` steps on
             `data.batch_size` windows, merge
 Target (issue 16): ttmm <= 2x forward. Ratios are from one run; the machine is described by cores, load and versions.
+`--json PATH` also writes the seconds per prompt with the command, machine, load (start and end) and versions
+(`scripts/bench_results.py` generates docs/benchmarks.md's table from such a file).
 """
 
 from __future__ import annotations
 
+import pathlib
 import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import cli, config, registry, sharding
+from moejax import cli, config, provenance, registry, sharding
 from moejax.bench import infer as bench_infer
 from moejax.bench import upcycle as bench_upcycle
 from moejax.models import transformer
@@ -31,8 +34,9 @@ def _time(fn, repeats: int) -> float:
   return statistics.median(bench_upcycle._time(fn, repeats))  # compiled first, then `repeats` timed calls
 
 
-def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> tuple:
-  """(K, ttmm total, embed, weights, sparse merge, merge of all K, experts kept) for one bank of random experts."""
+def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> dict:
+  """Seconds per prompt of TTMM's whole overhead and of its parts, and the experts kept, for one bank of K random
+  experts."""
   k, layer, tc = cfg.ttmm.clusters, cfg.ttmm.embed_layer, cfg.ttmm
   es = experts.setup(cfg, mesh, base=(base, shards, info))
   bank = jax.tree.map(lambda a: 0.01 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
@@ -49,7 +53,8 @@ def _time_bank(cfg, mesh, base, shards, info, prompt, rng, repeats: int) -> tupl
   t_m = _time(lambda: mfn(base, bank, w), repeats)
   t_all = _time(lambda: mfn(base, bank, wfn(embed.embed_prompt(base, x, cfg.model, layer))), repeats)
   t_dense = _time(lambda: dense(base, bank, w), repeats)
-  return k, t_all, t_embed, t_w, t_m, t_dense, int((np.asarray(w) > 0).sum())
+  return {"clusters": k, "ttmm_s": t_all, "embed_s": t_embed, "weights_s": t_w, "merge_s": t_m, "merge_all_s": t_dense,
+          "kept": int((np.asarray(w) > 0).sum())}
 
 
 def main(argv: list[str]) -> int:
@@ -59,10 +64,12 @@ def main(argv: list[str]) -> int:
   ap.add_argument("--clusters", type=int, nargs="+", default=[4, 16, 64])
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--ttt-repeats", type=int, default=3)
+  ap.add_argument("--json", default="", help="also write the seconds per prompt and where they were measured here")
   args = ap.parse_args(argv)
   if args.repeats < 1 or args.ttt_repeats < 1 or min(args.clusters) < 1:
     raise SystemExit("--repeats, --ttt-repeats and --clusters must be >= 1")
   cfg0 = registry.get(args.base, ["peft.method=lora", *args.overrides])
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   mesh = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
   specs = transformer.specs(cfg0.model)
   base = sharding.create_params(jax.random.key(0), specs, mesh)
@@ -101,9 +108,18 @@ def main(argv: list[str]) -> int:
         f"{cfg0.peft.lora_rank} on {len(es1.targets)} weights; median of {args.repeats} (TTT: {args.ttt_repeats})")
   print(f"{'what':28s} {'ms/prompt':>10s} {'x forward':>10s}")
   print(f"{'base forward over prompt':28s} {1e3 * t_fwd:10.2f} {1.0:10.2f}")
-  for k, t_all, t_embed, t_w, t_m, t_dense, kept in rows:
-    print(f"{f'ttmm K={k} (embed+w+merge)':28s} {1e3 * t_all:10.2f} {t_all / t_fwd:10.2f}")
-    print(f"{'  embed / weights / merge':28s} {1e3 * t_embed:.2f} / {1e3 * t_w:.2f} / {1e3 * t_m:.2f} ms "
-          f"({kept} of {k} experts kept; merging all {k}: {1e3 * t_dense:.2f} ms)")
+  for r in rows:
+    k = r["clusters"]
+    print(f"{f'ttmm K={k} (embed+w+merge)':28s} {1e3 * r['ttmm_s']:10.2f} {r['ttmm_s'] / t_fwd:10.2f}")
+    print(f"{'  embed / weights / merge':28s} {1e3 * r['embed_s']:.2f} / {1e3 * r['weights_s']:.2f} / "
+          f"{1e3 * r['merge_s']:.2f} ms ({r['kept']} of {k} experts kept; merging all {k}: "
+          f"{1e3 * r['merge_all_s']:.2f} ms)")
   print(f"{f'ttt ({tc.ttt_steps} steps x 8 windows)':28s} {1e3 * t_ttt:10.2f} {t_ttt / t_fwd:10.2f}")
+  if args.json:
+    provenance.write_json(
+      args.json, started, " ".join(["moejax bench ttmm", *argv]), base=args.base, overrides=args.overrides,
+      params=transformer.num_params(cfg0.model), prefix_tokens=P, lora_rank=cfg0.peft.lora_rank,
+      lora_weights=len(es1.targets), repeats=args.repeats, ttt_repeats=args.ttt_repeats, ttt_steps=tc.ttt_steps,
+      ttt_windows=cfg1.data.batch_size, ttt_window_tokens=cfg1.data.seq_len + 1, beta=tc.beta, tau=tc.tau,
+      forward_s=t_fwd, ttt_s=t_ttt, rows=rows)
   return 0

@@ -19,8 +19,13 @@ reach every XLA program's buffers, which is why the general switch, `MOEJAX_HOST
 orbax checkpoint, upcycle, save a params-only checkpoint) against copying the dense training checkpoint (params
 and Adam moments) with `cp -r` and with orbax (restore + save), all on local disk.
 
+`--json PATH` writes the rows (seconds, params, bytes), the model and the allocator with the command, machine,
+load (start and end) and versions; `table` draws the markdown table from that file alone, and
+`scripts/bench_results.py --write-docs` puts it into docs/benchmarks.md. (`--write FILE` / `--append`, which
+rewrote the docs' section from this command, are gone: they would overwrite the generated blocks.)
+
 Run:  moejax bench upcycle [--experts 8 --every 2 --d-model 768 --layers 12 --d-ff 3072 --vocab 8192]
-      [--noise 0.01 --drop 0.5] [--end-to-end] [--write docs/benchmarks.md]
+      [--noise 0.01 --drop 0.5] [--end-to-end] [--json results/bench/FILE.json]
 """
 
 from __future__ import annotations
@@ -40,10 +45,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax import cli, config, sharding, upcycle
+from moejax import cli, config, provenance, sharding, upcycle
 from moejax.models import transformer
-
-HEADING = "## moejax bench upcycle"
 
 
 def steady_allocator() -> bool:
@@ -171,53 +174,10 @@ def run_end_to_end(args: argparse.Namespace, root: pathlib.Path) -> list[dict[st
   return rows
 
 
-def table_end_to_end(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
-  lines = [
-    f"Command: `{command}`  ",
-    f"Machine: {machine()}; local disk  ",
-    f"Model: decoder d_model={args.d_model}, {args.layers} layers, d_ff={args.d_ff} (SwiGLU), "
-    f"vocab={args.vocab}; every {'other' if args.every == 2 else f'{args.every}-th'} MLP upcycled; fp32; "
-    f"best of {args.repeats}; `moejax upcycle` timed in process (compilation included, interpreter start-up not).",
-    "",
-    "| experts | dense checkpoint (params + Adam) | upcycled checkpoint (params) | cp -r | orbax restore + save | "
-    "moejax upcycle | upcycle / cp -r | upcycle / orbax copy |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['experts']} | {r['dense_ckpt_bytes'] / 1e6:.0f} MB | {r['moe_ckpt_bytes'] / 1e6:.0f} MB | "
-      f"{r['cp_s']:.2f} s | {r['orbax_copy_s']:.2f} s | {r['upcycle_s']:.2f} s | "
-      f"{r['upcycle_s'] / r['cp_s']:.1f}x | {r['upcycle_s'] / r['orbax_copy_s']:.2f}x |")
-  return "\n".join(lines) + "\n"
-
-
 def machine() -> str:
   d = jax.devices()[0]
   return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores visible, "
           f"jax {jax.__version__} on {len(jax.devices())} x {d.platform} ({d.device_kind})")
-
-
-INTRO = """\
-Upcycling a dense checkpoint in memory vs copying it: each side is one jitted program on the same params,
-timed after a warm-up call with `block_until_ready`, best of `--repeats`. Issue 4's target: upcycling a
->= 100M-param checkpoint takes <= 2x the time of copying that checkpoint. Upcycling writes E copies of every
-upcycled MLP, so its output is several times the dense checkpoint's bytes (the params columns). Two
-references: "copy MoE-size" copies a checkpoint as large as the upcycled one, and the "bytes-moved floor" is
-(dense bytes read + MoE bytes written) / (2 x dense bytes), the ratio any implementation pays when both
-sides run at memory bandwidth. Where that floor is above 2x (E=8 or more experts in every other MLP of this
-model), the target cannot be met by any implementation; what can be checked is that upcycling runs at the
-floor.
-
-On CPU, glibc serves buffers above its (dynamic, <= 32 MB) mmap threshold with fresh pages on every call, so
-each large expert tensor (75 MB at E=8) pays ~18k first-touch page faults per call while the small dense
-leaves are recycled by the heap. The benchmark raises the thresholds with `mallopt` so both sides reuse their
-pages ("allocator: steady"); `--fresh-pages` keeps glibc's defaults ("allocator: glibc default").
-
-Regenerate: `moejax bench upcycle --experts 2,8 --noise 0.01 --drop 0.5 --write docs/benchmarks.md`, then
-`moejax bench upcycle --experts 32 --repeats 3 --write docs/benchmarks.md --append` (the paper's E=32: 1.4B
-params, ~12 GiB at peak), `moejax bench upcycle --experts 2,8 --fresh-pages --write docs/benchmarks.md
---append` and `moejax bench upcycle --end-to-end --experts 2,8 --repeats 2 --write docs/benchmarks.md --append`.
-"""
 
 
 def floor(row: dict[str, Any]) -> float:
@@ -225,45 +185,40 @@ def floor(row: dict[str, Any]) -> float:
   return (row["dense_bytes"] + row["moe_bytes"]) / (2 * row["dense_bytes"])
 
 
-def table(rows: Sequence[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
-  env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-  lines = [
-    f"Command: `{(env + ' ') if env else ''}{command}`  ",
-    f"Machine: {machine()}; allocator: {'steady' if args.steady else 'glibc default'}  ",
-    f"Model: decoder d_model={args.d_model}, {args.layers} layers, d_ff={args.d_ff} (SwiGLU), "
-    f"vocab={args.vocab}; every {'other' if args.every == 2 else f'{args.every}-th'} MLP upcycled; fp32; "
-    f"best of {args.repeats}.",
-    "",
-    "| experts | noise | drop | dense params | MoE params | copy dense | copy MoE-size | upcycle | "
-    "upcycle / copy dense | bytes-moved floor | upcycle / copy MoE-size |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['experts']} | {r['noise']:g} | {r['drop']:g} | {r['dense_params'] / 1e6:.1f}M | "
-      f"{r['moe_params'] / 1e6:.1f}M | {1e3 * r['copy_dense_s']:.0f} ms | {1e3 * r['copy_moe_s']:.0f} ms | "
-      f"{1e3 * r['upcycle_s']:.0f} ms | {r['upcycle_s'] / r['copy_dense_s']:.2f}x | "
-      f"{floor(r):.2f}x | {r['upcycle_s'] / r['copy_moe_s']:.2f}x |")
-  return "\n".join(lines) + "\n"
+def where(d: dict[str, Any]) -> str:
+  """Where a stored run's time went besides the CPU: local disk (`--end-to-end`) or which allocator."""
+  return "local disk" if d["end_to_end"] else f"allocator: {d['allocator']}"
 
 
-def write_section(path: str | pathlib.Path, body: str, append: bool = False) -> None:
-  """Replace this benchmark's `##` section of `path` with HEADING + INTRO + `body` (or, with `append`, add
-  `body` at the section's end), leaving every other section as it is."""
-  path = pathlib.Path(path)
-  text = path.read_text() if path.exists() else ""
-  lines = text.splitlines(keepends=True)
-  start = next((i for i, ln in enumerate(lines) if ln.rstrip() == HEADING), None)
-  if start is None:
-    section = f"{HEADING}\n\n{INTRO}\n{body}"
-    head = text.rstrip("\n")
-    path.write_text((head + "\n\n" if head else "") + section)
-    return
-  end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-  old = "".join(lines[start:end]).rstrip("\n") + "\n"
-  section = old + "\n" + body if append else f"{HEADING}\n\n{INTRO}\n{body}"
-  rest = "".join(lines[end:])
-  path.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
+def describe(d: dict[str, Any]) -> str:
+  """The model and the timing of a stored run (a `--json` file's fields), one sentence."""
+  every = "other" if d["every"] == 2 else f"{d['every']}-th"
+  text = (f"decoder d_model={d['d_model']}, {d['layers']} layers, d_ff={d['d_ff']} (SwiGLU), vocab={d['vocab']}; "
+          f"every {every} MLP upcycled; fp32; best of {d['repeats']}")
+  if d["end_to_end"]:
+    text += "; `moejax upcycle` timed in process (compilation included, interpreter start-up not)"
+  return text + "."
+
+
+def table(d: dict[str, Any]) -> str:
+  """The markdown table of a stored run (a `--json` file's fields): in memory, upcycle vs copying the dense and a
+  MoE-size checkpoint beside the bytes-moved floor; `--end-to-end`, `moejax upcycle` vs `cp -r` and an orbax copy."""
+  if d["end_to_end"]:
+    lines = ["| experts | dense checkpoint (params + Adam) | upcycled checkpoint (params) | cp -r | "
+             "orbax restore + save | moejax upcycle | upcycle / cp -r | upcycle / orbax copy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['experts']} | {r['dense_ckpt_bytes'] / 1e6:.0f} MB | {r['moe_ckpt_bytes'] / 1e6:.0f} MB | "
+              f"{r['cp_s']:.2f} s | {r['orbax_copy_s']:.2f} s | {r['upcycle_s']:.2f} s | "
+              f"{r['upcycle_s'] / r['cp_s']:.1f}x | {r['upcycle_s'] / r['orbax_copy_s']:.2f}x |" for r in d["rows"]]
+    return "\n".join(lines)
+  lines = ["| experts | noise | drop | dense params | MoE params | copy dense | copy MoE-size | upcycle | "
+           "upcycle / copy dense | bytes-moved floor | upcycle / copy MoE-size |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines += [f"| {r['experts']} | {r['noise']:g} | {r['drop']:g} | {r['dense_params'] / 1e6:.1f}M | "
+            f"{r['moe_params'] / 1e6:.1f}M | {1e3 * r['copy_dense_s']:.0f} ms | {1e3 * r['copy_moe_s']:.0f} ms | "
+            f"{1e3 * r['upcycle_s']:.0f} ms | {r['upcycle_s'] / r['copy_dense_s']:.2f}x | "
+            f"{floor(r):.2f}x | {r['upcycle_s'] / r['copy_moe_s']:.2f}x |" for r in d["rows"]]
+  return "\n".join(lines)
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -283,25 +238,28 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="time `moejax upcycle` on disk against copying the dense training checkpoint")
   p.add_argument("--fresh-pages", action="store_true",
                  help="keep glibc's allocator defaults (large buffers get fresh pages every call)")
-  p.add_argument("--write", help="update this file's '## moejax bench upcycle' section (docs/benchmarks.md)")
-  p.add_argument("--append", action="store_true", help="with --write: add this table to the section")
+  p.add_argument("--json", help="also write the rows, the model and where they were measured here")
   return p.parse_args(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(argv or [])
   args = parse(argv)
-  command = " ".join(["moejax bench upcycle", *argv])
+  env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+  command = " ".join([*([env] if env else []), "moejax bench upcycle", *argv])
+  started = provenance.record(pathlib.Path(__file__).resolve().parent.parent.parent)
   if args.end_to_end:
     with tempfile.TemporaryDirectory(prefix="moejax-bench-") as tmp:
-      text = table_end_to_end(run_end_to_end(args, pathlib.Path(tmp)), command, args)
+      rows, allocator = run_end_to_end(args, pathlib.Path(tmp)), None
   else:
-    args.steady = not args.fresh_pages and steady_allocator()
-    text = table(run(args), command, args)
-  print(text)
-  if args.write:
-    write_section(args.write, text, append=args.append)
-    print(f"wrote {args.write}")
+    allocator = "steady" if not args.fresh_pages and steady_allocator() else "glibc default"
+    rows = run(args)
+  d = {"end_to_end": args.end_to_end, "allocator": allocator, "d_model": args.d_model, "layers": args.layers,
+       "heads": args.heads, "d_ff": args.d_ff, "vocab": args.vocab, "every": args.every, "experts": args.experts,
+       "noise": args.noise, "drop": args.drop, "repeats": args.repeats, "rows": rows}
+  print(f"Command: `{command}`  \nMachine: {machine()}; {where(d)}  \nModel: {describe(d)}\n\n{table(d)}\n")
+  if args.json:
+    provenance.write_json(args.json, started, command, **d)
   return 0
 
 
