@@ -17,8 +17,8 @@ docs/results.md, "The cost of upcycling at serving time").
   moejax bench upcycle --experts 2,8 --fresh-pages --json results/bench/upcycle_fresh_pages.json      # measure
   moejax bench upcycle --end-to-end --experts 2,8 --repeats 2 --json results/bench/upcycle_end_to_end.json
   moejax bench ttmm --clusters 4 16 64 --repeats 20 --ttt-repeats 3 --json results/bench/ttmm.json    # measure
-  moejax bench prune RUN --task lookup --keep 4 --top-k 1 --calibration 250 --repeats 3 \\
-    --json results/bench/prune.json   # RUN: a trained lm_moe_mix_eep run directory                   # measure
+  moejax bench prune runs/lm_moe_mix_tasks --task lookup --keep 4 --top-k 1 --calibration 250 --repeats 3 \\
+    --json results/bench/prune.json   # (moejax train lm_moe_mix_tasks --workdir runs/lm_moe_mix_tasks)  # measure
   moejax bench infer peer_dense --batch 1 --recompute --new-tokens 256 --prompt-len 32 --repeats 2 \\
     --json results/bench/infer_recompute.json                                                        # measure
   moejax bench infer peer_moe --batch 1,8,32,64 --peer ... --json results/bench/infer_peer_moe.json   # measure
