@@ -150,20 +150,40 @@ def block(record: pathlib.Path) -> str:
   for text, arm, ref in claims:
     d = _delta(arm, ref)
     lines.append(f"| {text} | {pm(*mean_se(d), 3) if d else 'n/a'} | {verdict(d)} |")
-  lines += ["", "What each part cost (wall time summed over its runs; CPU-hours of the study's process):", "",
-            "| part | runs | wall (min) | CPU-hours |", "|---|---|---|---|"]
+  gaps = timing_gaps(record)
+  lines += ["", "What each part cost (wall time summed over its runs; CPU-hours of the study's process; a bank resumed "
+            "before the study timed every invocation counts only the steps its record timed):", "",
+            "| part | runs | wall (min) | CPU-hours | steps timed |", "|---|---|---|---|---|"]
   groups = {}
   for n, r in recs.items():
     g = re.sub(r"^s\d+/", "", n)
     g = "ttt_dev grid" if g.startswith("ttt_dev/") else g
-    groups.setdefault(g, []).append(r)
+    groups.setdefault(g, []).append((n, r))
   for g in sorted(groups):
-    rs = groups[g]
+    rs = [r for _, r in groups[g]]
+    cut = [f"{n.split('/')[0]}: {gaps[n][0]:,}-{gaps[n][1]:,} of {gaps[n][1]:,}" for n, _ in groups[g] if n in gaps]
     lines.append(f"| {g} | {len(rs)} | {sum(r['wall_s'] for r in rs) / 60:,.1f} | "
-                 f"{sum(r['cpu_s'] for r in rs) / 3600:.2f} |")
+                 f"{sum(r['cpu_s'] for r in rs) / 3600:.2f} | {'; '.join(cut) or 'all'} |")
   total = sum(r["cpu_s"] for r in recs.values()) / 3600
-  lines.append(f"| **total** | {len(recs)} | {sum(r['wall_s'] for r in recs.values()) / 60:,.1f} | **{total:.2f}** |")
+  lines.append(f"| **total** | {len(recs)} | {sum(r['wall_s'] for r in recs.values()) / 60:,.1f} | **{total:.2f}** | "
+               f"{'not all' if gaps else 'all'} |")
   return "\n".join(lines)
+
+
+def timing_gaps(record: pathlib.Path) -> dict[str, tuple[int, int]]:
+  """{bank part: (first timed step, its steps)} for the banks whose record times only part of their training: a
+  record's own `timed_from_step` > 0 (an invocation died without SIGTERM), or a line of `timing_gaps.jsonl` (banks
+  recorded before the study timed every invocation; each line names its source)."""
+  out = {}
+  for n, r in load(record).items():
+    if r.get("timed_from_step"):
+      out[n] = (r["timed_from_step"], r["result"]["step"])
+  f = record / "timing_gaps.jsonl"
+  if f.is_file():
+    for line in f.read_text().splitlines():
+      g = json.loads(line)
+      out.setdefault(g["part"], (g["timed_from_step"], g["steps"]))
+  return out
 
 
 def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:

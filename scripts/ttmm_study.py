@@ -45,11 +45,27 @@ def bank_overrides(a: argparse.Namespace, seed: int) -> list[str]:
           *a.set]
 
 
-class Recorder:
-  """Each part's JSON record: skip what is recorded, time (wall and this process's CPU) what is not."""
+class Preempted(SystemExit):
+  """A part stopped by SIGTERM after checkpointing (a bank's training): it resumes on the next invocation, and the
+  time it spent so far is kept for its record (`Recorder.run`)."""
 
-  def __init__(self, record: pathlib.Path, args: dict):
+  def __init__(self, message: str, from_step: int):
+    super().__init__(message)
+    self.from_step = from_step
+
+
+class Recorder:
+  """Each part's JSON record: skip what is recorded, time (wall and this process's CPU) what is not. A part that
+  is preempted and resumed is charged for every invocation: the time spent before a stop is kept in
+  `scratch/<part>.json` (outside the record) and added when the part finishes. `timed_from_step`: the step the
+  first timed invocation of a bank started at (0 unless an earlier one died without a SIGTERM)."""
+
+  def __init__(self, record: pathlib.Path, args: dict, scratch: pathlib.Path | None = None):
     self.dir, self.args, self.ran = record, args, []
+    self.scratch = scratch or record.parent / "partial"
+
+  def _partial(self, name: str) -> pathlib.Path:
+    return self.scratch / f"{name}.json"
 
   def path(self, name: str) -> pathlib.Path:
     return self.dir / f"{name}.json"
@@ -66,16 +82,29 @@ class Recorder:
     from moejax import provenance
 
     prov = provenance.record(ROOT)
+    part = self._partial(name)
+    before = json.loads(part.read_text()) if part.is_file() else {"wall_s": 0.0, "cpu_s": 0.0, "invocations": 0}
     w, c = time.perf_counter(), time.process_time()
-    result = fn()
-    rec = {"part": name, "wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(time.process_time() - c, 2),
-           "provenance": provenance.finished(prov), "args": self.args,
-           "result": result}
+    try:
+      result = fn()
+    except Preempted as stop:
+      part.parent.mkdir(parents=True, exist_ok=True)
+      part.write_text(json.dumps({"wall_s": before["wall_s"] + time.perf_counter() - w,
+                                  "cpu_s": before["cpu_s"] + time.process_time() - c,
+                                  "invocations": before["invocations"] + 1,
+                                  "timed_from_step": before.get("timed_from_step", stop.from_step)}))
+      raise
+    rec = {"part": name, "wall_s": round(before["wall_s"] + time.perf_counter() - w, 2),
+           "cpu_s": round(before["cpu_s"] + time.process_time() - c, 2), "invocations": before["invocations"] + 1,
+           **({"timed_from_step": before.get("timed_from_step", result["resumed_from"])}
+              if "resumed_from" in result else {}),
+           "provenance": provenance.finished(prov), "args": self.args, "result": result}
     p = self.path(name)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, p)  # a record is whole or absent: a part cut short runs again
+    part.unlink(missing_ok=True)
     self.ran.append(name)
     print(f"ttmm_study: {name}: {rec['wall_s']:.0f} s", flush=True)
     return result
@@ -88,7 +117,7 @@ def run_study(a: argparse.Namespace) -> list[str]:
 
   root = pathlib.Path(a.root)
   rec = Recorder(pathlib.Path(a.record) if a.record else root / "record", {
-    k: v for k, v in vars(a).items() if k not in ("root", "record", "write_docs")})
+    k: v for k, v in vars(a).items() if k not in ("root", "record", "write_docs")}, root / "partial")
   base = pathlib.Path(a.base) if a.base else root / "base"
   if not a.base:
     rec.run("base", lambda: train_base(base, a.base_set))
@@ -103,7 +132,8 @@ def run_study(a: argparse.Namespace) -> list[str]:
     def build():
       out = bank.build(base, k, d, overrides, progress=False, embeddings=emb)
       if out["status"] != "completed":  # SIGTERM: the bank checkpointed; record nothing, stop, resume on re-run
-        raise SystemExit(f"ttmm_study: {name}'s bank {out['status']} at step {out['step']}; re-run to resume")
+        raise Preempted(f"ttmm_study: {name}'s bank {out['status']} at step {out['step']}; re-run to resume",
+                        out["resumed_from"])
       rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
       return {**{x: v for x, v in out.items() if x != "bank"}, "heldout_mean": [
         {"step": r["step"], "loss": r["loss"]} for r in rows if r.get("split") == "heldout"]}

@@ -135,13 +135,38 @@ def study_args(study, argv):
 
 def test_a_preempted_bank_stops_the_study_and_is_not_recorded(scripts, tmp_path, monkeypatch):
   """A bank build that returns `preempted` (SIGTERM: checkpointed, unfinished) ends the study with a message and
-  records nothing, so the next invocation resumes that bank instead of evaluating a half-trained one."""
+  records nothing, so the next invocation resumes that bank instead of evaluating a half-trained one; the time it
+  spent is kept outside the record, for the bank's record once it finishes."""
   study, _ = scripts
   from moejax.ttmm import bank
 
   calls = []
-  monkeypatch.setattr(bank, "build", lambda *a, **k: calls.append(a) or {"status": "preempted", "step": 3})
+  monkeypatch.setattr(bank, "build", lambda *a, **k: calls.append(a) or {"status": "preempted", "resumed_from": 0,
+                                                                           "step": 3})
   argv = ["--root", str(tmp_path / "root"), "--base", str(tmp_path / "base"), "--seeds", "0", "--ks", "2"]
   with pytest.raises(SystemExit, match="s0/k2's bank preempted at step 3; re-run to resume"):
     study.run_study(study_args(study, argv))
-  assert len(calls) == 1 and not list((tmp_path / "root").rglob("*.json"))
+  assert len(calls) == 1 and not list((tmp_path / "root" / "record").rglob("*.json"))
+  spent = json.loads((tmp_path / "root" / "partial" / "s0" / "k2" / "bank.json").read_text())  # kept for the resume
+  assert (spent["invocations"], spent["timed_from_step"]) == (1, 0)
+
+
+def test_a_part_preempted_and_resumed_is_charged_for_every_invocation(scripts, tmp_path, monkeypatch):
+  """Recorder: a part stopped twice by `Preempted` and then finished records the wall and CPU time of all three
+  invocations, their count and the step the first one started at; nothing is recorded (or left over) before."""
+  study, rep = scripts
+  clock = iter(range(0, 100, 5))  # each perf_counter / process_time reading 5 s after the last
+  monkeypatch.setattr(study.time, "perf_counter", lambda: float(next(clock)))
+  monkeypatch.setattr(study.time, "process_time", lambda: 1.0)
+  rec = study.Recorder(tmp_path / "record", {}, tmp_path / "partial")
+  for from_step in (0, 25):
+    def stopped(from_step=from_step):
+      raise study.Preempted("stopped", from_step)
+    with pytest.raises(study.Preempted):
+      rec.run("s0/k4/bank", stopped)
+    assert not rec.done("s0/k4/bank")
+  rec.run("s0/k4/bank", lambda: {"resumed_from": 50, "step": 98})
+  r = json.loads((tmp_path / "record" / "s0" / "k4" / "bank.json").read_text())
+  assert (r["wall_s"], r["cpu_s"], r["invocations"], r["timed_from_step"]) == (15.0, 0.0, 3, 0)
+  assert not list((tmp_path / "partial").rglob("*.json"))
+  assert rep.timing_gaps(tmp_path / "record") == {}  # timed from step 0: no gap

@@ -220,8 +220,9 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
       writer.close()
   last = {} if m is None else {"final_loss_per_expert": [round(float(x), 4) for x in np.asarray(m["loss"])]}
   print(f"moejax: ttmm: bank {bank} at step {step}", file=sys.stderr)
-  return {"status": status, "step": int(step), "steps_per_expert": steps_K.tolist(), "expert_steps": int(steps_K.sum()),
-          "tokens_per_expert": [int(len(s)) for s in data.streams], "heldout": curve, **last}
+  return {"status": status, "resumed_from": int(start), "step": int(step), "steps_per_expert": steps_K.tolist(),
+          "expert_steps": int(steps_K.sum()), "tokens_per_expert": [int(len(s)) for s in data.streams],
+          "heldout": curve, **last}
 
 
 def load(bank: str | pathlib.Path, base: str | pathlib.Path | None = None, mesh: Any = None):
