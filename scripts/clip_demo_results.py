@@ -66,7 +66,8 @@ def _cell(key: str, v: float) -> str:
 
 def _table(pairs: list[tuple[str, int]]) -> list[str]:
   """One row per (run, step): the eval metrics of COLUMNS and the training TFLOPs spent to that step."""
-  lines = ["| run | step | " + " | ".join(c for _, c in COLUMNS) + " | train TFLOPs |", "|---" * (len(COLUMNS) + 3) + "|"]
+  lines = ["| run | step | " + " | ".join(c for _, c in COLUMNS) + " | train TFLOPs |",
+           "|---" * (len(COLUMNS) + 3) + "|"]
   for run, step in pairs:
     ev = _rows(run, "eval")[step]
     lines.append(f"| {ARMS[run]} | {step} | " + " | ".join(_cell(k, ev[k]) for k, _ in COLUMNS)
@@ -77,18 +78,20 @@ def _table(pairs: list[tuple[str, int]]) -> list[str]:
 def machine_block() -> str:
   """Where and how the stored runs were made: the command, commit, wall time, cores, load and versions."""
   p = json.loads((STORE / PROVENANCE).read_text())
-  return (f"`{p['command']}` at commit {p['commit'][:7]} ({p['date'][:10]}): {p['wall_s']} s ({p['wall_s'] / 60:.1f} min)"
-          f" wall for the five trainings and the reports, one after the other, on {p['cores']} cores at load average "
-          f"{p['load_avg_1m']} (1 min) at the start and {p['load_avg_1m_at_end']} at the end; Python {p['python']}, jax "
-          f"{p['jax']}, jaxlib {p['jaxlib']}, JAX's CPU backend, float32, seed 0. Raw files: `results/clip_up_demo/`.")
+  return (f"`{p['command']}` at commit {p['commit'][:7]} ({p['date'][:10]}): {p['wall_s']} s "
+          f"({p['wall_s'] / 60:.1f} min) wall for the five trainings and the reports, one after the other, on "
+          f"{p['cores']} cores at load average {p['load_avg_1m']} (1 min) at the start and "
+          f"{p['load_avg_1m_at_end']} at the end; Python {p['python']}, jax {p['jax']}, jaxlib {p['jaxlib']}, JAX's "
+          "CPU backend, float32, seed 0. Raw files: `results/clip_up_demo/`.")
 
 
 def final_block() -> str:
   """The step-600 table, then the dense parent's evals at the upcycling step."""
   p = _rows("dense_pretrain", "eval")[UPCYCLED_AT]
   return "\n".join(_table([(run, FINAL) for run in ARMS]) + [
-    "", f"At the dense checkpoint (step {UPCYCLED_AT}) the model was at loss {p['contrastive_loss']:.3f}, i2t / t2i R@1 "
-        f"{100 * p['i2t_recall@1']:.1f} / {100 * p['t2i_recall@1']:.1f}, zero-shot {100 * p['zeroshot_top1']:.1f}."])
+    "", f"At the dense checkpoint (step {UPCYCLED_AT}) the model was at loss {p['contrastive_loss']:.3f}, i2t / t2i "
+        f"R@1 {100 * p['i2t_recall@1']:.1f} / {100 * p['t2i_recall@1']:.1f}, zero-shot "
+        f"{100 * p['zeroshot_top1']:.1f}."])
 
 
 def intermediate_block() -> str:
@@ -104,14 +107,30 @@ def _diff(a: str, b: str, step: int = FINAL) -> str:
           f"eval loss {ea['contrastive_loss'] - eb['contrastive_loss']:+.3f} nats, training FLOPs {100 * flops:+.0f} %")
 
 
-def _behind(a: str, b: str) -> tuple[int, int]:
-  """On how many (eval metric, step) pairs of COLUMNS x INTERMEDIATE + FINAL run `a` is worse than `b`, of how many."""
-  worse = 0
-  for s in (*INTERMEDIATE, FINAL):
-    ea, eb = _rows(a, "eval")[s], _rows(b, "eval")[s]
+def _ahead(a: str, b: str) -> tuple[int, int, int]:
+  """Over the (eval metric, step) pairs of COLUMNS at INTERMEDIATE and FINAL: on how many run `a` is better than
+  `b` (a lower loss, a higher recall or accuracy), on how many worse, and how many pairs there are."""
+  better = worse = 0
+  for step in (*INTERMEDIATE, FINAL):
+    ea, eb = _rows(a, "eval")[step], _rows(b, "eval")[step]
     for k, _ in COLUMNS:
-      worse += ea[k] > eb[k] if k == "contrastive_loss" else ea[k] < eb[k]
-  return worse, len(COLUMNS) * (len(INTERMEDIATE) + 1)
+      sign = -1 if k == "contrastive_loss" else 1
+      better += sign * (ea[k] - eb[k]) > 0
+      worse += sign * (ea[k] - eb[k]) < 0
+  return better, worse, len(COLUMNS) * (len(INTERMEDIATE) + 1)
+
+
+def _se(p: float) -> float:
+  """The binomial standard error of a recall `p` on the eval pairs, in points."""
+  return 100 * float(np.sqrt(p * (1 - p) / EVAL_PAIRS))
+
+
+def _sigmas(a: str, b: str) -> str:
+  """`a` minus `b`'s step-600 R@1 in units of sqrt(SE_a^2 + SE_b^2): conservative, as the arms share the eval pairs
+  (a positive correlation makes the difference's true error smaller)."""
+  ea, eb = _rows(a, "eval")[FINAL], _rows(b, "eval")[FINAL]
+  z = [(ea[k] - eb[k]) * 100 / np.hypot(_se(ea[k]), _se(eb[k])) for k in ("i2t_recall@1", "t2i_recall@1")]
+  return " / ".join(f"{x:+.1f}" for x in z)
 
 
 def _at_flops(run: str, budget: float) -> float:
@@ -140,19 +159,22 @@ def readings_block() -> str:
   budget = _tflops(d, [FINAL])[0]
   tr_d, tr_u = _rows(d, "train"), _rows(u, "train")
   first = min(tr_u)
-  worse, n = _behind(u, d)
-  recalls = [_rows(r, "eval")[FINAL][k] for r in ARMS for k, _ in COLUMNS if "recall@1" in k]
-  se = [100 * np.sqrt(p * (1 - p) / EVAL_PAIRS) for p in (min(recalls), max(recalls))]
+  steps = f"steps {', '.join(map(str, INTERMEDIATE))} and {FINAL}"
+  recalls = [_rows(r, "eval")[FINAL][k] for r in ARMS for k in ("i2t_recall@1", "t2i_recall@1")]
   return "\n".join([
     f"- CLIP-UP minus dense continued at step {FINAL}: {_diff(u, d)}. At the dense run's {FINAL}-step budget "
     f"({budget:.2f} TFLOPs) CLIP-UP's eval loss is {_at_flops(u, budget):.3f} (interpolated) against "
-    f"{_rows(d, 'eval')[FINAL]['contrastive_loss']:.3f}. CLIP-UP is behind on {worse} of {n} (metric, step) pairs "
-    f"at steps {', '.join(map(str, INTERMEDIATE))} and {FINAL}.",
-    f"- CLIP-UP minus sparse from scratch at step {FINAL}: {_diff(u, s)}.",
-    f"- The switch: train contrastive loss at step {first} (the first after upcycling) {tr_u[first]['contrastive_loss']:.3f}"
-    f" for CLIP-UP, {tr_d[first]['contrastive_loss']:.3f} for the dense continuation; {_router(u)}.",
+    f"{_rows(d, 'eval')[FINAL]['contrastive_loss']:.3f}. Of the {_ahead(u, d)[2]} (metric, step) pairs at {steps}, "
+    f"CLIP-UP is ahead on {_ahead(u, d)[0]}, behind on {_ahead(u, d)[1]}.",
+    f"- CLIP-UP minus sparse from scratch at step {FINAL}: {_diff(u, s)}. Of the same pairs CLIP-UP is ahead on "
+    f"{_ahead(u, s)[0]}, behind on {_ahead(u, s)[1]}.",
+    f"- The switch: train contrastive loss at step {first} (the first after upcycling) "
+    f"{tr_u[first]['contrastive_loss']:.3f} for CLIP-UP, {tr_d[first]['contrastive_loss']:.3f} for the dense "
+    f"continuation; {_router(u)}.",
     f"- Noise: one seed; the binomial standard error of a step-{FINAL} R@1 ({100 * min(recalls):.1f}-"
-    f"{100 * max(recalls):.1f} %) on {EVAL_PAIRS} eval pairs is {min(se):.1f}-{max(se):.1f} points."])
+    f"{100 * max(recalls):.1f} %) on {EVAL_PAIRS} eval pairs is {_se(max(recalls)):.1f}-{_se(min(recalls)):.1f} "
+    f"points. The step-{FINAL} i2t / t2i R@1 differences in units of sqrt(SE_a^2 + SE_b^2) (conservative: the arms "
+    f"share the eval pairs): CLIP-UP minus dense {_sigmas(u, d)}, CLIP-UP minus sparse from scratch {_sigmas(u, s)}."])
 
 
 def ablation_block() -> str:
@@ -163,16 +185,28 @@ def ablation_block() -> str:
   cfg = checkpoint.read_config(STORE / ABLATION)
   step = max(_rows(ABLATION, "eval"))
   early = min(s for s in _rows(ABLATION, "train") if s % 10 == 0)
-  lines = [f"| run | peak LR | train contrastive loss, step {early} | step | " + " | ".join(c for _, c in COLUMNS) + " |",
-           "|---" * (len(COLUMNS) + 4) + "|"]
+  lines = [f"| run | peak LR | LR at step {early} | train contrastive loss, step {early} | step | "
+           + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 5) + "|"]
   for run, name in (("dense_continued", ARMS["dense_continued"]), ("clip_up", "CLIP-UP, the recipe's half LR"),
                     (ABLATION, "CLIP-UP at the dense LR")):
-    ev = _rows(run, "eval")[step]
-    lr = checkpoint.read_config(STORE / run).optim.lr
-    lines.append(f"| {name} | {lr:g} | {_rows(run, 'train')[early]['contrastive_loss']:.3f} | {step} | "
-                 + " | ".join(_cell(k, ev[k]) for k, _ in COLUMNS) + " |")
+    ev, tr = _rows(run, "eval")[step], _rows(run, "train")[early]
+    lines.append(f"| {name} | {checkpoint.read_config(STORE / run).optim.lr:g} | {tr['lr']:.2g} | "
+                 f"{tr['contrastive_loss']:.3f} | {step} | " + " | ".join(_cell(k, ev[k]) for k, _ in COLUMNS) + " |")
   return "\n".join([f"`moejax train clip_up_tiny init.upcycle_from=.../dense_pretrain optim.lr={cfg.optim.lr:g} "
                     f"train.steps={cfg.train.steps}`, stored as `results/clip_up_demo/{ABLATION}/`:", "", *lines])
+
+
+# The tiny CLIP experiments' `Expect:` lines quote these (stored run, step); tests/test_demo.py checks them.
+EXPECT = {"clip_dense_tiny": (("dense_pretrain", UPCYCLED_AT), ("dense_continued", FINAL)),
+          "clip_up_tiny": (("clip_up", FINAL), ("dense_continued", FINAL)),
+          "clip_sparse_scratch_tiny": (("sparse_scratch", FINAL), ("clip_up", FINAL), ("dense_continued", FINAL))}
+
+
+def expect(run: str, step: int) -> str:
+  """`run`'s evals at `step` as an experiment's `Expect:` line quotes them."""
+  ev = _rows(run, "eval")[step]
+  return (f"contrastive loss {ev['contrastive_loss']:.2f}, i2t / t2i R@1 {100 * ev['i2t_recall@1']:.1f} / "
+          f"{100 * ev['t2i_recall@1']:.1f} %, zero-shot {100 * ev['zeroshot_top1']:.1f} %")
 
 
 def tables() -> dict[str, str]:
@@ -190,7 +224,8 @@ def figures() -> list[pathlib.Path]:
   runs = {run: metrics.read_jsonl(STORE / run) for run in ARMS}
   return [report.metric_curves(runs, report.RETRIEVAL_KEYS, IMG / "clip_retrieval.png"),
           report.loss_vs_flops(runs, {run: STORE / run for run in ARMS}, IMG / "clip_loss_vs_flops.png"),
-          report.expert_load_heatmap(runs["clip_up"], IMG / "clip_expert_load_clip_up.png", title="clip_up: expert load")]
+          report.expert_load_heatmap(runs["clip_up"], IMG / "clip_expert_load_clip_up.png",
+                                     title="clip_up: expert load")]
 
 
 def in_doc(name: str) -> str | None:
