@@ -54,6 +54,18 @@ def test_docs_clip_up_demo_blocks_equal_the_generator():
                          "--write-docs"
 
 
+def test_clip_experiments_expect_the_stored_demo():
+  """The tiny CLIP trio's `Expect:` lines quote the stored demo runs (results/clip_up_demo/)."""
+  from moejax import registry
+
+  gen = _script("clip_demo_results")
+  for exp, quotes in gen.EXPECT.items():
+    doc = " ".join(registry.doc(exp).split())
+    for run, step in quotes:
+      want = gen.expect(run, step)
+      assert want in doc, f"{exp}'s Expect: should quote {want!r} ({run}, step {step})"
+
+
 def _close(got: dict, want: dict, what: str):
   want = {split: {int(s): v for s, v in vals.items()} for split, vals in want.items()}
   for split, vals in want.items():
