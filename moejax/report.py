@@ -81,7 +81,9 @@ def loss_curves(runs: dict[str, list[dict]], out: pathlib.Path, *, x_scale: dict
   return save_figure(fig, out)
 
 
-def _loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
+def loss_vs_flops(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path], out: pathlib.Path) -> pathlib.Path:
+  """Eval loss of each run against the training FLOPs spent to reach it (cumulative_flops: an upcycled run counts
+  its dense parent's), so runs of different cost per step compare at equal compute."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
   for i, (name, rows) in enumerate(runs.items()):
@@ -378,7 +380,7 @@ def report(dirs: list[str | pathlib.Path], out: str | pathlib.Path | None = None
     runs[d.name] = rows
   files = [loss_curves(runs, out_dir / "loss.png")]
   if len(runs) > 1:
-    files.append(_loss_vs_flops(runs, dict(zip(runs, dirs)), out_dir / "loss_vs_flops.png"))
+    files.append(loss_vs_flops(runs, dict(zip(runs, dirs)), out_dir / "loss_vs_flops.png"))
   p = metric_curves(runs, RETRIEVAL_KEYS, out_dir / "retrieval.png")
   if p:
     files.append(p)

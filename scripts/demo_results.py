@@ -29,6 +29,15 @@ FILES = ("config.json", "metrics.jsonl", "result.json")
 DOCS = {"readme": ROOT / "README.md", "results": ROOT / "docs" / "results.md", "spread": ROOT / "docs" / "results.md"}
 
 
+def copy_runs(src: pathlib.Path, to: pathlib.Path, runs: tuple[str, ...]) -> None:
+  """Copy what a record keeps of each run `src/<run>` (FILES: its resolved config, metrics and result; not its
+  checkpoints) into `to/<run>`. A missing file is an error: a record without it could not be regenerated from."""
+  for run in runs:
+    (to / run).mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+      shutil.copy2(src / run / f, to / run / f)
+
+
 def store(src: pathlib.Path, label: str, commit: str | None = None) -> pathlib.Path:
   """Keep `src`'s runs as results/demo/<label>/. `commit`: the code the runs were trained with, when not this
   checkout's HEAD (a record of an older build)."""
@@ -36,10 +45,7 @@ def store(src: pathlib.Path, label: str, commit: str | None = None) -> pathlib.P
   from moejax.data import lm
 
   to = STORE / label
-  for run in RUNS:
-    (to / run).mkdir(parents=True, exist_ok=True)
-    for f in FILES:
-      shutil.copy2(src / run / f, to / run / f)
+  copy_runs(src, to, RUNS)
   info = provenance.record(ROOT)
   info["load_avg_1m_at_store"] = info.pop("load_avg_1m")
   if commit is not None:

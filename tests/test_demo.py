@@ -38,6 +38,34 @@ def test_docs_demo_tables_equal_the_generator():
                           "run it with --write-docs")
 
 
+def test_docs_clip_up_demo_blocks_equal_the_generator():
+  """docs/results.md's "CLIP-UP at CPU scale" blocks equal what scripts/clip_demo_results.py draws from
+  results/clip_up_demo/, and the stored record is whole: every run's raw files and a finished provenance."""
+  gen = _script("clip_demo_results")
+  for run in gen.RUNS:
+    for f in ("config.json", "metrics.jsonl", "result.json"):
+      assert (gen.STORE / run / f).is_file(), f"results/clip_up_demo/{run}/{f} is missing"
+  prov = json.loads((gen.STORE / gen.PROVENANCE).read_text())
+  assert {"commit", "cores", "load_avg_1m", "load_avg_1m_at_end", "jax", "wall_s", "command"} <= set(prov)
+  for name, block in gen.tables().items():
+    got = gen.in_doc(name)
+    assert got is not None, f"docs/results.md has lost its generated {name} block"
+    assert got == block, f"docs/results.md's {name} block differs from `python {gen.GENERATOR}`: run it with " \
+                         "--write-docs"
+
+
+def test_clip_experiments_expect_the_stored_demo():
+  """The tiny CLIP trio's `Expect:` lines quote the stored demo runs (results/clip_up_demo/)."""
+  from moejax import registry
+
+  gen = _script("clip_demo_results")
+  for exp, quotes in gen.EXPECT.items():
+    doc = " ".join(registry.doc(exp).split())
+    for run, step in quotes:
+      want = gen.expect(run, step)
+      assert want in doc, f"{exp}'s Expect: should quote {want!r} ({run}, step {step})"
+
+
 def _close(got: dict, want: dict, what: str):
   want = {split: {int(s): v for s, v in vals.items()} for split, vals in want.items()}
   for split, vals in want.items():
