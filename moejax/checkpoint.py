@@ -284,7 +284,7 @@ class Manager:
       msg += f"; moved to {dest}, falling back to the previous step"
     if jax.process_count() > 1:  # the others wait until process 0 has moved it
       multihost_utils.sync_global_devices(f"moejax_quarantine_{step}")
-    print(f"WARNING: {msg}", flush=True)  # once (not also through the logger)
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)  # once (not also through the logger); stdout is the verb's
     # Re-scan so orbax forgets the step we moved.
     self._mngr.reload()
 
@@ -300,7 +300,7 @@ def _data_state_fits_process_count(data_dir: pathlib.Path, source: str, kept: st
   if jax.process_index() == 0:
     print(f"WARNING: {source} was written by {'/'.join(saved_n)} processes, this run has {jax.process_count()}: "
           f"{kept}the data pipeline starts from the beginning of its stream (it starts over: each process reads "
-          "its own shard of the data, so positions do not carry over)", flush=True)
+          "its own shard of the data, so positions do not carry over)", file=sys.stderr, flush=True)
   return False
 
 

@@ -111,7 +111,7 @@ def test_restore_with_another_process_count_keeps_the_checkpoint(tmp_path, capsy
   fresh = s.task.make_iterator(cfg, cfg.data.train_split, process_index=0, process_count=1, seed=0, repeat=True)
   step, restored = checkpoint.Manager(tmp_path, async_save=False).restore_latest(s.abstract_state, fresh)
   assert step == 5 and int(restored["step"]) == 5
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err  # a warning: stderr, so a verb's stdout stays its output
   assert "written by 2 processes, this run has 1" in out and "starts over" in out and "damaged" not in out
   assert not (tmp_path / "checkpoints_damaged").exists()
   np.testing.assert_array_equal(next(fresh)["tokens"], first["tokens"])  # from the beginning of the stream

@@ -143,7 +143,7 @@ def test_arrays_that_do_not_fit_are_an_error_not_damage(run):
 def test_a_truncated_step_is_damage_and_is_moved_aside_once(run, capsys):
   (run / "checkpoints" / "2" / "config" / "metadata").write_text('{"name": "lm_dense')
   r = train.train(_cfg("train.steps=3"), run, progress=False)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err  # a warning: stderr (`moejax eval` prints its JSON on stdout)
   assert r["step"] == 3 and (run / "checkpoints_damaged" / "2").is_dir()
   assert out.count("checkpoint step 2") == 1 and "falling back" in out  # printed once, not logger + print
 

@@ -104,7 +104,7 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\0" * 7)
   r = train.train(_cfg("train.steps=10", *base), run, progress=False)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert "checkpoint step 8" in out and "damaged" in out and "falling back" in out
   assert (run / "checkpoints_damaged" / "8").is_dir()  # moved aside, not deleted
   assert r["step"] == 10
