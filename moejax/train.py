@@ -116,6 +116,16 @@ class Preemption:
     flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
     return bool(np.any(flags))
 
+  def checkpoint_and_stop(self, step: int, end: int, mngr: checkpoint.Manager, state: Any,
+                          cfg: config.ExperimentConfig, data_iter: Any | None = None) -> bool:
+    """At a step boundary: True when an agreed SIGTERM asks to stop before `end`, after this step is checkpointed
+    (unless the scheduled save just wrote it). The trainer and the TTMM bank loop both stop here."""
+    if not (self.agreed() and step < end):
+      return False
+    if mngr.latest_step() != step:
+      mngr.save(step, state, cfg, data_iter, force=True)
+    return True
+
   def restore(self) -> None:
     for sig, old in self._old.items():
       signal.signal(sig, old)
@@ -259,9 +269,7 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
         last_eval = _eval_and_log(s, state, eval_step, step, writer, bar, is_main)
       if t_last is not None and (step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0):
         t_last, steps_since = time.perf_counter(), 0  # keep eval and checkpoint time out of the throughput
-      if preempt.agreed() and step < end_step:
-        if mngr.latest_step() != step:  # unless the scheduled save above just wrote this step
-          mngr.save(step, state, cfg, data_it, force=True)
+      if preempt.checkpoint_and_stop(step, end_step, mngr, state, cfg, data_it):
         status = "preempted"
         if is_main:
           bar.write(f"moejax: preempted: checkpointed step {step}; re-run the same command to resume")

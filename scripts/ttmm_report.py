@@ -150,7 +150,7 @@ def block(record: pathlib.Path) -> str:
   for text, arm, ref in claims:
     d = _delta(arm, ref)
     lines.append(f"| {text} | {pm(*mean_se(d), 3) if d else 'n/a'} | {verdict(d)} |")
-  gaps = timing_gaps(record)
+  gaps = timing_gaps(record, recs)
   lines += ["", "What each part cost (wall time summed over its runs; CPU-hours of the study's process; a bank resumed "
             "before the study timed every invocation counts only the steps its record timed):", "",
             "| part | runs | wall (min) | CPU-hours | steps timed |", "|---|---|---|---|---|"]
@@ -170,12 +170,12 @@ def block(record: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
-def timing_gaps(record: pathlib.Path) -> dict[str, tuple[int, int]]:
+def timing_gaps(record: pathlib.Path, recs: dict[str, dict] | None = None) -> dict[str, tuple[int, int]]:
   """{bank part: (first timed step, its steps)} for the banks whose record times only part of their training: a
   record's own `timed_from_step` > 0 (an invocation died without SIGTERM), or a line of `timing_gaps.jsonl` (banks
   recorded before the study timed every invocation; each line names its source)."""
   out = {}
-  for n, r in load(record).items():
+  for n, r in (load(record) if recs is None else recs).items():  # `recs`: the records already loaded
     if r.get("timed_from_step"):
       out[n] = (r["timed_from_step"], r["result"]["step"])
   f = record / "timing_gaps.jsonl"

@@ -208,9 +208,7 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
           heldout(step)
         if step % cfg.train.checkpoint_every == 0 or step == end:
           mngr.save(step, state, cfg)
-        if preempt.agreed() and step < end:
-          if mngr.latest_step() != step:  # unless the scheduled save above just wrote this step
-            mngr.save(step, state, cfg, force=True)
+        if preempt.checkpoint_and_stop(step, end, mngr, state, cfg):
           status = "preempted"
           bar.write(f"moejax: preempted: checkpointed step {step} of {end}; re-run the same command to resume")
           break
