@@ -14,6 +14,10 @@ pick_python() {
   done
   echo "moejax: need Python 3.11 or 3.12 (set MOEJAX_PYTHON)" >&2; exit 1
 }
+# `pip install -e .` writes moejax.egg-info into the checkout: two installs at once (.ci/run builds .venv-base
+# while the compile tests run) take turns on this lock.
+install_lock() { exec 9>"$ROOT/.install.lock"; flock 9; }
+install_unlock() { flock -u 9; exec 9>&-; }
 setup_venv() {  # $1: pip extras, e.g. "test,interop"; $2: the venv directory (default .venv)
   local extras="$1" venv="${2:-.venv}" py
   py="$(pick_python)"
@@ -23,12 +27,14 @@ setup_venv() {  # $1: pip extras, e.g. "test,interop"; $2: the venv directory (d
   fi
   local stamp="$venv/.moejax-installed-$extras-$(cat pyproject.toml | cksum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ]; then
+    install_lock
     "$venv"/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     # (setuptools' multi-line note on editable installs is dropped: it is about repos unlike this one)
     "$venv"/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" \
       | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' || true
     "$venv"/bin/python -c "import moejax, jax, flax, optax, orbax.checkpoint, grain, tensorflow_datasets, chex"
     touch "$stamp"
+    install_unlock
   fi
   export PATH="$ROOT/$venv/bin:$PATH"
   export TF_CPP_MIN_LOG_LEVEL=3

@@ -6,16 +6,18 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/_env.sh  # pick_python
+source scripts/_env.sh  # pick_python, install_lock
 py="$(pick_python)"
 V=.venv-base
 stamp="$V/.moejax-base-$(cksum < pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
+  install_lock
   rm -rf "$V"
   "$py" -m venv "$V"
   "$V/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   "$V/bin/python" -m pip install -q -e . 2>&1 | grep -v "^WARNING: Location" \
     | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' || true
   touch "$stamp"
+  install_unlock
 fi
 exec "$V/bin/python" scripts/base_smoke.py --moejax "$ROOT/$V/bin/moejax" "$@"
