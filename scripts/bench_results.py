@@ -6,6 +6,7 @@ docs/benchmarks.md) and the serving cost of the demo's dense and upcycled models
 docs/results.md, "The cost of upcycling at serving time").
 
   moejax bench moe --iters 10 --json results/bench/moe_peers.json                                    # measure
+  MOEJAX_HOST_MALLOC=1 moejax bench moe --iters 10 --json results/bench/moe_peers_heap.json        # measure
   moejax bench moe --iters 10 --json default.json; MOEJAX_HOST_MALLOC=1 moejax bench moe --iters 10 \\
     --json heap.json  # then results/bench/host_malloc.json = {"default": ..., "heap": ...}           # measure
   moejax bench moe --parts --iters 10 --json results/bench/moe_parts.json                            # measure
@@ -51,7 +52,8 @@ PROJECTED_BATCHES = (1, 8, 64, 256)  # `moejax bench infer --project --batch 1,8
 
 def _header(p: dict, libs: str, what: str) -> list[str]:
   """The stored run's command and where it ran: cores, load at start and end, versions, commit."""
-  return [f"`{p['command']}`  ",
+  env = "MOEJAX_HOST_MALLOC=1 " if p.get("host_malloc") == "heap" else ""  # (an environment variable: not in argv)
+  return [f"`{env}{p['command']}`  ",
           f"{p['cores']} cores, load {p['load_avg_1m']} at start and {p['load_avg_1m_at_end']} at the end; jax "
           f"{p['jax']}{libs}; commit {str(p['commit'])[:7]}; {what}"]
 
@@ -123,6 +125,8 @@ def _host_malloc(d: dict) -> str:
     h = heap[(r["config"], r["variant"])]
     lines.append(f"| {r['config']} | {r['variant']} | {r['fwdbwd_ms']:.1f} | {h['fwdbwd_ms']:.1f} | "
                  f"**{h['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}** |")
+  lines.append("")
+  lines += [f"- {c}: glibc default {a['verdicts'][c]}; moejax heap {b['verdicts'][c]}" for c in a["verdicts"]]
   return "\n".join(lines)
 
 
@@ -213,6 +217,7 @@ def _projection(_: None) -> str:
 # how it is drawn).
 BLOCKS = {
   "moe layer vs transformers": ("moe_peers.json", DOC, _layer),
+  "moe layer vs transformers, moejax heap": ("moe_peers_heap.json", DOC, _layer),
   "moe layer parts": ("moe_parts.json", DOC, _parts),
   "host allocator": ("host_malloc.json", DOC, _host_malloc),
   "peft step time, dense base": ("peft_dense.json", DOC, _peft),
