@@ -48,6 +48,7 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
+from studylib.grids import EXTEND, next_rate  # noqa: E402
 from studylib import execute, tables  # noqa: E402
 
 from moejax import checkpoint, config, metrics, provenance, registry, report, train  # noqa: E402
@@ -67,7 +68,6 @@ SMALL = ("model.d_model=64", "model.d_ff=256", "model.num_layers=2", "data.seq_l
 LRS = {"full": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2), "spiel_ag": (3e-4, 1e-3, 3e-3, 1e-2),
        "spiel_ma": (3e-3, 1e-2, 3e-2, 1e-1)}
 METHODS = ("lora", "spiel_ag", "spiel_ma")
-EXTEND = 2  # rates added beyond each end of a grid, one at a time, while the choice sits on that end
 DEV_EVAL_STEPS, TEST_EVAL_STEPS = 32, 64  # batches of 16 x 64 bytes: 32 KB of dev files, 64 KB of test files
 
 
@@ -341,15 +341,6 @@ def chosen_lr(recs: list[dict], base: str, arm: str) -> float | None:
   grid = [x for x in recs if (x["base"], x["target"], x["arm"], x["seed"]) == (base, "stdlib", arm, 0)
           and x.get("dev_ce") is not None]
   return min(grid, key=lambda x: (x["dev_ce"], x["lr"]))["lr"] if grid else None
-
-
-def next_rate(lr: float, up: bool) -> float:
-  """The neighbour of `lr` on the 1-3-10 ladder the grids use: 1e-2 -> 3e-2 -> 1e-1 up, 1e-2 -> 3e-3 down."""
-  e = math.floor(math.log10(lr) + 1e-9)
-  m = round(lr / 10 ** e)
-  if up:
-    return float(f"{3 * 10 ** e if m < 3 else 10 ** (e + 1):.0e}")
-  return float(f"{3 * 10 ** (e - 1) if m < 3 else 10 ** e:.0e}")
 
 
 def extension(recs: list[dict], base: str, arm: str, grid: tuple[float, ...]) -> float | None:

@@ -67,7 +67,7 @@ def ttt_choice(recs: dict) -> tuple[dict, tuple[int, float] | None]:
   for n, r in recs.items():
     if m := re.fullmatch(r"ttt_dev/steps(\d+)_lr(.+)", n):
       grid[(int(m.group(1)), float(m.group(2)))] = r["result"]["methods"]["ttt"]["perplexity"]
-  return grid, (min(grid, key=grid.get) if grid else None)
+  return grid, (min(grid, key=lambda k: (grid[k], k)) if grid else None)  # ties as ttmm_study breaks them
 
 
 def _delta(a: dict[int, float], b: dict[int, float]) -> list[float]:

@@ -31,6 +31,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
+from studylib import grids  # noqa: E402
+
 TTT_STEPS = (8, 24, 64)  # the dev grid: 8 steps barely move a fresh LoRA; 64 is ~4 passes over 8 neighbours
 TTT_LRS = (1e-3, 3e-3, 1e-2)
 
@@ -169,13 +171,18 @@ def run_study(a: argparse.Namespace) -> list[str]:
     ev(f"s{s}/eval_whole_step", functools.partial(ensure_bank, f"s{s}/whole_step", 1, one), ("ttmm",), "test")
   # TTT: a fresh LoRA per query on the prompt's nearest training documents; its steps and LR chosen on dev (seed 0),
   # with any bank of the seed for the base, the documents and their embeddings (the smallest: K does not enter).
+  # A best point on an edge of the grid is extended past it (steps doubled or halved, the rate one rung of the
+  # 1-3-10 ladder), at most grids.EXTEND values beyond each end: no choice sits on an untested edge.
   grid = {}
   first = functools.partial(ensure_bank, f"s{a.seeds[0]}/k{kmin}", kmin, bank_overrides(a, a.seeds[0]))
+  dev = lambda n, lr: ev(f"ttt_dev/steps{n}_lr{lr:g}", first, ("ttt",), "dev",
+                         (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))["methods"]["ttt"]["perplexity"]
   for n in a.ttt_steps:
     for lr in a.ttt_lrs:
-      grid[(n, lr)] = ev(f"ttt_dev/steps{n}_lr{lr:g}", first, ("ttt",), "dev",
-                         (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))["methods"]["ttt"]["perplexity"]
-  n, lr = min(grid, key=grid.get)
+      grid[(n, lr)] = dev(n, lr)
+  while (point := grids.next_point(grid, tuple(a.ttt_steps), tuple(a.ttt_lrs))) is not None:
+    grid[point] = dev(*point)
+  n, lr = min(grid, key=lambda k: (grid[k], k))
   for s in a.seeds:
     ev(f"s{s}/eval_ttt", functools.partial(ensure_bank, f"s{s}/k{kmin}", kmin, bank_overrides(a, s)), ("ttt",),
        "test", (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))

@@ -129,6 +129,32 @@ def test_study_twin_runs_end_to_end_then_skips_what_is_recorded(scripts, tmp_pat
   assert (tmp_path / "fig.png").stat().st_size > 0
 
 
+def test_ttt_dev_grid_extends_past_an_edge_that_holds_the_best_point():
+  sys.path.insert(0, str(ROOT / "scripts"))
+  from studylib import grids
+
+  steps, lrs = (8, 24, 64), (1e-3, 3e-3, 1e-2)
+  base = {(n, lr): 20.0 - n / 10 - 100 * lr for n in steps for lr in lrs}  # best at the (64, 1e-2) corner
+  assert grids.next_point(base, steps, lrs) == (128, 1e-2)  # steps first, then the rate
+  # A landscape with its minimum at (128, 3e-2): the walk reaches it, tries one step beyond in each coordinate
+  # and stops there (interior), every point tried once.
+  f = lambda n, lr: abs(n - 128) / 64 + abs(lr - 3e-2) * 50
+  grid = {k: f(*k) for k in base}
+  while (p := grids.next_point(grid, steps, lrs)) is not None:
+    assert p not in grid
+    grid[p] = f(*p)
+  assert min(grid, key=grid.get) == (128, 3e-2)
+  assert {(128, 1e-2), (256, 1e-2), (128, 3e-2), (128, 1e-1)} <= set(grid)
+  # At most EXTEND values past each end: a score that keeps improving upwards stops at 64 * 2**EXTEND steps.
+  grid = {k: -k[0] - k[1] for k in base}
+  while (p := grids.next_point(grid, steps, lrs)) is not None:
+    grid[p] = -p[0] - p[1]
+  assert max(k[0] for k in grid) == 64 * 2 ** grids.EXTEND and max(k[1] for k in grid) == 1e-1
+  assert grids.next_point({(8, 1e-2): 1.0}, (8,), (1e-2,)) is None  # one value per coordinate: held fixed
+  # interior best: nothing to add
+  assert grids.next_point({k: abs(k[0] - 24) + abs(k[1] - 3e-3) for k in base}, steps, lrs) is None
+
+
 def study_args(study, argv):
   return study.parser().parse_args(argv)
 
