@@ -48,8 +48,8 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # studylib, beside this script
 
-from studylib.grids import EXTEND, next_rate  # noqa: E402
 from studylib import execute, tables  # noqa: E402
+from studylib.grids import EXTEND, next_rate  # noqa: E402
 
 from moejax import checkpoint, config, metrics, provenance, registry, report, train  # noqa: E402
 from moejax.data import builders  # noqa: E402
