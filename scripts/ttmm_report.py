@@ -10,6 +10,7 @@ import pathlib
 import re
 
 import numpy as np
+from studylib import grids
 from studylib.tables import mean_se, pm
 from studylib.verdicts import verdict
 
@@ -70,6 +71,15 @@ def ttt_choice(recs: dict) -> tuple[dict, tuple[int, float] | None]:
   return grid, (min(grid, key=lambda k: (grid[k], k)) if grid else None)  # ties as ttmm_study breaks them
 
 
+def ttt_next(recs: dict, grid: dict) -> tuple[int, float] | None:
+  """The dev-grid point the study tries next (`grids.next_point` on the grid its records hold, from the base grid
+  in their args), or None when the choice is final."""
+  args = next(r["args"] for n, r in recs.items() if n.startswith("ttt_dev/"))
+  base = [(n, lr) for n in args["ttt_steps"] for lr in args["ttt_lrs"]]
+  missing = [p for p in base if p not in grid]  # the study runs the base grid first, in this order
+  return missing[0] if missing else grids.next_point(grid, tuple(args["ttt_steps"]), tuple(args["ttt_lrs"]))
+
+
 def _delta(a: dict[int, float], b: dict[int, float]) -> list[float]:
   return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
@@ -111,8 +121,11 @@ def block(record: pathlib.Path) -> str:
   grid, best = ttt_choice(recs)
   ttt = _by_seed(recs, "eval_ttt", "ttt")
   if best:
-    lines.append(_row(f"TTT ({best[0]} steps, lr {best[1]:g}: best on dev)", "-", str(best[0]), ttt,
-                      cost("eval_ttt", "ttt")))
+    nxt = ttt_next(recs, grid)
+    label = (f"TTT ({best[0]} steps, lr {best[1]:g}: best on dev)" if nxt is None else
+             f"TTT ({best[0]} steps, lr {best[1]:g}: best on dev so far; the grid goes on to {nxt[0]} steps, "
+             f"lr {nxt[1]:g})")
+    lines.append(_row(label, "-", str(best[0]), ttt, cost("eval_ttt", "ttt")))
   if grid:
     steps, lrs = sorted({g[0] for g in grid}), sorted({g[1] for g in grid})
     lines += ["", "TTT's dev grid (seed 0, dev-half perplexity):", "",

@@ -40,7 +40,8 @@ def _eval(methods: dict, cost: float = 10.0, merged: float = 2.0) -> dict:
 
 
 def _write(d: pathlib.Path, name: str, result: dict, wall: float = 60.0) -> None:
-  args = {"epochs": 3.0, "train_tokens": 2048, "holdout": 0.1, "rank": 8, "lr": 3e-3, "neighbors": 8}
+  args = {"epochs": 3.0, "train_tokens": 2048, "holdout": 0.1, "rank": 8, "lr": 3e-3, "neighbors": 8,
+          "ttt_steps": [8, 24, 64], "ttt_lrs": [1e-3, 3e-3, 1e-2]}
   prov = {"commit": "abcdef0123", "cores": 2, "load_avg_1m": 1.0, "load_avg_1m_at_end": 2.0, "jax": "0.0"}
   (d / name).parent.mkdir(parents=True, exist_ok=True)
   (d / f"{name}.json").write_text(json.dumps({"wall_s": wall, "cpu_s": 2 * wall, "provenance": prov, "args": args,
@@ -63,16 +64,23 @@ def test_report_means_over_seeds_picks_ttt_on_dev_and_applies_the_rule(scripts, 
   _write(tmp_path, "eval_base", _eval({"base": 14.0}))
   for (n, lr), p in {(8, 0.001): 13.0, (24, 0.001): 12.5, (8, 0.01): 12.9}.items():
     _write(tmp_path, f"ttt_dev/steps{n}_lr{lr:g}", _eval({"ttt": p}))
+  # The base grid unfinished: the label names the point the study runs next (its base grid, in order).
+  assert "| TTT (24 steps, lr 0.001: best on dev so far; the grid goes on to 8 steps, lr 0.003) |" in rep.block(tmp_path)
+  for n in (8, 24, 64):  # the whole base grid, its best (24, 0.003) interior: the choice is final
+    for lr in (1e-3, 3e-3, 1e-2):
+      _write(tmp_path, f"ttt_dev/steps{n}_lr{lr:g}", _eval({"ttt": 12.4 if (n, lr) == (24, 3e-3) else 13.0}))
   text = rep.block(tmp_path)
   assert "| TTMM (mean 2.0 experts merged) | 4 | 15 | 12.200 ± 0.115 | 3 | 10.0 |" in text
-  assert "| TTT (24 steps, lr 0.001: best on dev) | - | 24 | 11.500 ± 0.000 | 3 | 500.0 |" in text
+  assert "| TTT (24 steps, lr 0.003: best on dev) | - | 24 | 11.500 ± 0.000 | 3 | 500.0 |" in text
+  _write(tmp_path, "ttt_dev/steps64_lr0.01", _eval({"ttt": 12.0}))  # now the corner is best: the grid extends
+  assert "TTT (64 steps, lr 0.01: best on dev so far; the grid goes on to 128 steps, lr 0.01)" in rep.block(tmp_path)
   # ttmm - nearest = -1.0, -0.8, -1.0: mean -0.933, SE 0.067 at 3 seeds (14 SE)
   assert "| TTMM beats the nearest expert alone (K=4) | -0.933 ± 0.067 | **reproduces** |" in text
   # k1 - whole_step = -2.5, -1.5, -0.5 (the budget helps): mean -1.5, SE 0.577 (2.6 SE): not decided at 3 seeds
   assert "(training budget) | -1.500 ± 0.577 | unresolved at 3 seeds" in text
   assert "the logit ensemble beats TTMM (K=4; one forward per kept expert) | -0.010 ± 0.000 | **reproduces**" in text
   assert "| k4 | 3.000 | 2.000 | 2.500 | +0.500 |" in text  # held-out: start, best, end
-  assert "| **total** | 25 | 25.0 | **0.83** |" in text  # 25 records of 60 s wall, 120 s CPU each
+  assert "| **total** | 31 | 31.0 | **1.03** |" in text  # 31 records of 60 s wall, 120 s CPU each
   assert rep.block(tmp_path / "absent") == rep.NOT_RUN
 
 
