@@ -68,16 +68,14 @@ def ttt_choice(recs: dict) -> tuple[dict, tuple[int, float] | None]:
   for n, r in recs.items():
     if m := re.fullmatch(r"ttt_dev/steps(\d+)_lr(.+)", n):
       grid[(int(m.group(1)), float(m.group(2)))] = r["result"]["methods"]["ttt"]["perplexity"]
-  return grid, (min(grid, key=lambda k: (grid[k], k)) if grid else None)  # ties as ttmm_study breaks them
+  return grid, (grids.best(grid) if grid else None)  # as ttmm_study chooses
 
 
 def ttt_next(recs: dict, grid: dict) -> tuple[int, float] | None:
-  """The dev-grid point the study tries next (`grids.next_point` on the grid its records hold, from the base grid
+  """The dev-grid point the study tries next (`grids.next_to_run` on the grid its records hold, from the base grid
   in their args), or None when the choice is final."""
   args = next(r["args"] for n, r in recs.items() if n.startswith("ttt_dev/"))
-  base = [(n, lr) for n in args["ttt_steps"] for lr in args["ttt_lrs"]]
-  missing = [p for p in base if p not in grid]  # the study runs the base grid first, in this order
-  return missing[0] if missing else grids.next_point(grid, tuple(args["ttt_steps"]), tuple(args["ttt_lrs"]))
+  return grids.next_to_run(grid, tuple(args["ttt_steps"]), tuple(args["ttt_lrs"]))
 
 
 def _delta(a: dict[int, float], b: dict[int, float]) -> list[float]:

@@ -177,12 +177,9 @@ def run_study(a: argparse.Namespace) -> list[str]:
   first = functools.partial(ensure_bank, f"s{a.seeds[0]}/k{kmin}", kmin, bank_overrides(a, a.seeds[0]))
   dev = lambda n, lr: ev(f"ttt_dev/steps{n}_lr{lr:g}", first, ("ttt",), "dev",
                          (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))["methods"]["ttt"]["perplexity"]
-  for n in a.ttt_steps:
-    for lr in a.ttt_lrs:
-      grid[(n, lr)] = dev(n, lr)
-  while (point := grids.next_point(grid, tuple(a.ttt_steps), tuple(a.ttt_lrs))) is not None:
+  while (point := grids.next_to_run(grid, tuple(a.ttt_steps), tuple(a.ttt_lrs))) is not None:
     grid[point] = dev(*point)
-  n, lr = min(grid, key=lambda k: (grid[k], k))
+  n, lr = grids.best(grid)
   for s in a.seeds:
     ev(f"s{s}/eval_ttt", functools.partial(ensure_bank, f"s{s}/k{kmin}", kmin, bank_overrides(a, s)), ("ttt",),
        "test", (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))

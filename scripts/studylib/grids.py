@@ -18,6 +18,19 @@ def next_rate(lr: float, up: bool) -> float:
   return float(f"{3 * 10 ** (e - 1) if m < 3 else 10 ** e:.0e}")
 
 
+def best(scores: dict[tuple[int, float], float]) -> tuple[int, float]:
+  """The best (steps, lr) of a 2-D dev grid: the lowest score; ties: fewer steps, then the smaller rate."""
+  return min(scores, key=lambda k: (scores[k], k))
+
+
+def next_to_run(scores: dict[tuple[int, float], float], steps: tuple[int, ...], lrs: tuple[float, ...]
+                ) -> tuple[int, float] | None:
+  """The next dev point a study runs: the base grid `steps` x `lrs` first (steps-major), then `next_point`'s
+  extension; None when the choice (`best`) is final."""
+  missing = [(n, lr) for n in steps for lr in lrs if (n, lr) not in scores]
+  return missing[0] if missing else next_point(scores, steps, lrs)
+
+
 def next_point(scores: dict[tuple[int, float], float], steps: tuple[int, ...], lrs: tuple[float, ...]
                ) -> tuple[int, float] | None:
   """The next (steps, lr) to try on a 2-D dev grid whose best point so far (the lowest score; ties: fewer steps,
@@ -25,7 +38,7 @@ def next_point(scores: dict[tuple[int, float], float], steps: tuple[int, ...], l
   rate one rung up or down the 1-3-10 ladder, at most EXTEND values beyond each end of the base grid
   (`steps` x `lrs`). A coordinate given one value is held fixed. None when the best point is interior, or every
   end that holds it is exhausted."""
-  n, lr = min(scores, key=lambda k: (scores[k], k))
+  n, lr = best(scores)
   ns, ls = sorted({k[0] for k in scores}), sorted({k[1] for k in scores})
   out = []
   if len(steps) > 1:
