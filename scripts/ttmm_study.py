@@ -8,6 +8,9 @@ training (TTT) whose steps and learning rate are chosen on the dev half; with ea
   python scripts/ttmm_study.py --root runs/ttmm_study [--seeds 0 1 2] [--ks 1 4 16 64] [--epochs 3]
   python scripts/ttmm_study.py --write-docs [--record results/studies/ttmm]
 
+Two processes can share one root side by side: `--only banks` (the banks and their evaluations, one process per
+seed) and `--only ttt` (the TTT dev grid, then its test runs); nothing else divides the work.
+
 Resumable: every finished part (the base, a (K, seed) bank, an evaluation, a TTT grid point) leaves a JSON record
 (its result, wall and CPU seconds, provenance: commit, CPU, cores, load, jax) in --record (default ROOT/record;
 copy it to results/studies/ttmm to keep it), and a part whose record exists is skipped; a bank cut short resumes
@@ -119,7 +122,7 @@ def run_study(a: argparse.Namespace) -> list[str]:
 
   root = pathlib.Path(a.root)
   rec = Recorder(pathlib.Path(a.record) if a.record else root / "record", {
-    k: v for k, v in vars(a).items() if k not in ("root", "record", "write_docs")}, root / "partial")
+    k: v for k, v in vars(a).items() if k not in ("root", "record", "write_docs", "only")}, root / "partial")
   base = pathlib.Path(a.base) if a.base else root / "base"
   if not a.base:
     rec.run("base", lambda: train_base(base, a.base_set))
@@ -156,7 +159,7 @@ def run_study(a: argparse.Namespace) -> list[str]:
                                                    overrides=(f"ttmm.eval_part={part}", *extra)))
 
   kmax, kmin = max(a.ks), min(a.ks)
-  for s in a.seeds:
+  for s in a.seeds if a.only != "ttt" else ():
     ov = bank_overrides(a, s)
     for k in a.ks:
       ev(f"s{s}/eval_k{k}", functools.partial(ensure_bank, f"s{s}/k{k}", k, ov),
@@ -169,6 +172,8 @@ def run_study(a: argparse.Namespace) -> list[str]:
     steps = rec.result(f"s{s}/k{kmax}/bank")["steps_per_expert"]
     one = [*ov, "ttmm.epochs=0", f"train.steps={max(1, round(sum(steps) / len(steps)))}"]
     ev(f"s{s}/eval_whole_step", functools.partial(ensure_bank, f"s{s}/whole_step", 1, one), ("ttmm",), "test")
+  if a.only == "banks":
+    return rec.ran
   # TTT: a fresh LoRA per query on the prompt's nearest training documents; its steps and LR chosen on dev (seed 0),
   # with any bank of the seed for the base, the documents and their embeddings (the smallest: K does not enter).
   # A best point on an edge of the grid is extended past it (steps doubled or halved, the rate one rung of the
@@ -218,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--ttt-steps", type=int, nargs="+", default=list(TTT_STEPS))
   ap.add_argument("--ttt-lrs", type=float, nargs="+", default=list(TTT_LRS))
   ap.add_argument("--set", nargs="*", default=[], help="further a.b=v for every bank (twins)")
+  ap.add_argument("--only", choices=("banks", "ttt"), default=None,
+                  help="one half of the study, for processes run side by side over one root and record: `banks` "
+                       "(each seed's banks and their evaluations) or `ttt` (the TTT dev grid, then its test runs)")
   ap.add_argument("--write-docs", action="store_true", help="regenerate docs/results.md's TTMM block and figure")
   return ap
 

@@ -204,3 +204,34 @@ def test_a_part_preempted_and_resumed_is_charged_for_every_invocation(scripts, t
   assert (r["wall_s"], r["cpu_s"], r["invocations"], r["timed_from_step"]) == (15.0, 0.0, 3, 0)
   assert not list((tmp_path / "partial").rglob("*.json"))
   assert rep.timing_gaps(tmp_path / "record") == {}  # timed from step 0: no gap
+
+
+def test_only_splits_the_study_between_two_processes(scripts, tmp_path, monkeypatch):
+  """`--only banks` runs each seed's banks and their evaluations and no TTT; `--only ttt` then runs the TTT dev
+  grid and its test runs and nothing else: side by side over one root they make exactly the parts that one whole
+  invocation makes (the training and scoring are stubbed here: this is the study's bookkeeping)."""
+  study, _ = scripts
+  from moejax.ttmm import bank, evaluate
+
+  def build(base, k, d, overrides, progress, embeddings):
+    d = pathlib.Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "step": 4, "loss": 2.0}) + "\n")
+    np.savez(d / "clusters.npz", embeddings=np.zeros((3, 2)))
+    return {"status": "completed", "steps_per_expert": [4] * k}
+
+  monkeypatch.setattr(bank, "build", build)
+  monkeypatch.setattr(evaluate, "evaluate", lambda bank, split, methods, progress, overrides: {
+    "methods": {m: {"perplexity": 10.0} for m in methods}})
+  argv = ["--base", str(tmp_path / "base"), "--seeds", "0", "1", "--ks", "1", "2", "--ttt-steps", "8",
+          "--ttt-lrs", "0.01"]
+  split = [*argv, "--root", str(tmp_path / "split")]
+  banks = study.run_study(study_args(study, [*split, "--only", "banks"]))
+  assert banks and not [n for n in banks if "ttt" in n]
+  ttt = study.run_study(study_args(study, [*split, "--only", "ttt"]))
+  assert ttt == ["ttt_dev/steps8_lr0.01", "s0/eval_ttt", "s1/eval_ttt"]
+  whole = study.run_study(study_args(study, [*argv, "--root", str(tmp_path / "whole")]))
+  assert sorted(whole) == sorted(banks + ttt)
+  record = tmp_path / "split" / "record"
+  assert sorted(str(p.relative_to(record))[:-5] for p in record.rglob("*.json")) == sorted(whole)
+  assert "only" not in json.loads((record / "s0" / "eval_ttt.json").read_text())["args"]  # not the study's setup
