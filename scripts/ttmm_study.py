@@ -147,8 +147,11 @@ def run_study(a: argparse.Namespace) -> list[str]:
       build()                     # an evaluation that still needs it; the record of the first build is kept
     else:
       rec.run(f"{name}/bank", build)
-    if not emb_file.is_file():
-      np.save(emb_file, np.load(d / "clusters.npz")["embeddings"])
+    if not emb_file.is_file():  # whole or absent: a process beside this one may be loading it
+      tmp = emb_file.with_suffix(f".{os.getpid()}.tmp")
+      with open(tmp, "wb") as f:
+        np.save(f, np.load(d / "clusters.npz")["embeddings"])
+      os.replace(tmp, emb_file)
     return d
 
   def ev(name: str, bank_dir_fn, methods: tuple[str, ...], part: str, extra: tuple[str, ...] = ()) -> dict:
