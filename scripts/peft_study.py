@@ -58,6 +58,8 @@ from moejax.peft import trainer as peft_trainer  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
 GENERATOR = "scripts/peft_study.py --write-docs"
+BENCH = ROOT / "results" / "bench"  # `bench peft` records (peft_*.json): the step-time claim's evidence
+STEP_COST_BOUND = 1.3  # "about LoRA's step cost": at most this many times LoRA's step time (issue 27's target)
 MAX_BYTES = 3_000_000
 # The bases: lm_dense_tiny / lm_moe_tiny shrunk (2 layers, d 64), with byte_eos tokens so that the task target's
 # answers end in an EOS the model can be scored on.
@@ -498,6 +500,87 @@ def cost_line(bases: dict, runs: list[dict]) -> str:
           f"{min(loads):.1f}-{max(loads):.1f}, jax {prov[0]['jax']}, commit {', '.join(commits)}.")
 
 
+PAPER = "Ansell et al. 2024"
+
+
+def verdicts_table(bases: dict, runs: list[dict], bench: list[dict]) -> str:
+  """The paper's claims, one row per claim x base x budget, in the upcycling studies' form: Δ = SpIEL - LoRA at
+  the same tunable-parameter budget, paired by seed, each arm at the LR it chose on dev; decided at 3 SE over >= 3
+  seeds (`decide`). Exact match is higher-better, so its Δ is LoRA - SpIEL (negative: SpIEL better) like the loss.
+  The two cost claims are measurements, not seed statistics: the optimizer state's bytes (exact) and
+  `bench peft`'s step time over LoRA's (`bench`: its records)."""
+  rows = []
+
+  def paired(base, target, arm, lora, key, sign=1.0):
+    fin = _final(runs, base, target, arm, chosen_lr(runs, base, arm))
+    ref = _final(runs, base, target, lora, chosen_lr(runs, base, lora))
+    return [sign * (fin[s][key] - ref[s][key]) for s in sorted(fin) if s in ref]
+
+  for method in ("spiel_ag", "spiel_ma"):
+    name = LABEL[method]
+    for base in dict.fromkeys(x["base"] for x in runs if x["target"] == "stdlib"):
+      for arm in _arm_order([x for x in runs if x["base"] == base and x["target"] == "stdlib"]):
+        if method_of(arm) != method:
+          continue
+        r = arm.rsplit("_r", 1)[1]
+        d = paired(base, "stdlib", arm, f"lora_r{r}", "test_ce")
+        rows.append({"claim": f"{name} matches or beats LoRA at equal tunable parameters ({PAPER})", "base": base,
+                     "budget": f"LoRA r={r}", "Δ": f"{name} - LoRA, test CE (nats/byte)", "seeds": len(d),
+                     "mean ± SE": pm(d), "verdict": claim_verdict(d)})
+    for base in dict.fromkeys(x["base"] for x in runs if x["target"] == "task"):
+      for arm in _arm_order([x for x in runs if x["base"] == base and x["target"] == "task"]):
+        if method_of(arm) != method:
+          continue
+        r = arm.rsplit("_r", 1)[1]
+        d = paired(base, "task", arm, f"lora_r{r}", "exact_match", -100.0)
+        rows.append({"claim": f"{name} matches or beats LoRA on a task at equal tunable parameters ({PAPER})",
+                     "base": base, "budget": f"LoRA r={r}", "Δ": f"LoRA - {name}, exact match (points)",
+                     "seeds": len(d), "mean ± SE": pm(d, 1), "verdict": claim_verdict(d)})
+  for base in dict.fromkeys(x["base"] for x in runs if x["target"] == "stdlib"):
+    for arm in _arm_order([x for x in runs if x["base"] == base and x["target"] == "stdlib"]):
+      fin = _final(runs, base, "stdlib", arm, chosen_lr(runs, base, arm))
+      if method_of(arm) != "spiel_ma" or not fin:
+        continue
+      r = arm.rsplit("_r", 1)[1]
+      ref = next((x for x in runs if (x["base"], x["target"], x["arm"]) == (base, "stdlib", f"lora_r{r}")), None)
+      if ref is None:
+        continue
+      ratio = ref["optimizer_bytes"] / next(iter(fin.values()))["optimizer_bytes"]
+      rows.append({"claim": f"SpIEL-MA (SM3) needs far less optimizer memory than LoRA ({PAPER})", "base": base,
+                   "budget": f"LoRA r={r}", "Δ": "LoRA / SpIEL-MA, optimizer state bytes", "seeds": "exact",
+                   "mean ± SE": f"{ratio:.1f}x", "verdict": "**reproduces**" if ratio > 1 else "**contradicted**"})
+  for b in bench:
+    lora = b["rows"][0]
+    for r in b["rows"][1:]:
+      if not r["method"].startswith("spiel_ag"):
+        continue
+      ratio = r["step_ms"] / lora["step_ms"]
+      rows.append({"claim": f"SpIEL-AG's step costs about what LoRA's does ({PAPER}; at most "
+                            f"{STEP_COST_BOUND:g}x here)", "base": b["base"], "budget": f"LoRA r={b['rank']}",
+                   "Δ": "SpIEL-AG / LoRA, step time (`bench peft`, one run)", "seeds": "-",
+                   "mean ± SE": f"{ratio:.2f}x",
+                   "verdict": "**reproduces**" if ratio <= STEP_COST_BOUND else "**contradicted**"})
+  return report.markdown_table(rows, ["claim", "base", "budget", "Δ", "seeds", "mean ± SE", "verdict"])
+
+
+def claim_verdict(d: list[float]) -> str:
+  """`decide`'s rule for a "SpIEL matches or beats LoRA" claim (Δ < 0: SpIEL better): reproduces when SpIEL is
+  better at 3 SE, contradicted when LoRA is; in between no difference is resolved, and one 2 SE or more from zero
+  says which way it leans."""
+  if len(d) < 3:
+    return f"pending ({len(d)} of 3 seeds)"
+  m, se = tables.mean_se(d)
+  if abs(m) >= 3 * se:
+    return "**reproduces** (SpIEL better)" if m < 0 else "**contradicted** (LoRA better)"
+  z = math.floor(10 * abs(m) / se) / 10  # rounded down: never "3.0 SE" for an unresolved one
+  lean = f"; leans {'SpIEL' if m < 0 else 'LoRA'} ({z:.1f} SE)" if abs(m) >= 2 * se else ""
+  return f"no resolved difference (< 3 SE){lean}"
+
+
+def bench_records(root: pathlib.Path = BENCH) -> list[dict]:
+  return [json.loads(p.read_text()) for p in sorted(root.glob("peft_*.json"))]
+
+
 def doc_blocks(record: pathlib.Path) -> dict[str, str]:
   """{block name: markdown} for docs/results.md, from the record alone."""
   bases, runs = load(record)
@@ -515,7 +598,7 @@ def doc_blocks(record: pathlib.Path) -> dict[str, str]:
                  + task_table(bases, runs))
   parts.append(cost_line(bases, runs))
   parts.append("![the LR grid (dev loss, seed 0) and test loss at the chosen rates](img/peft_study.png)")
-  return {"peft": "\n\n".join(parts)}
+  return {"peft": "\n\n".join(parts), "peft verdicts": verdicts_table(bases, runs, bench_records())}
 
 
 def figure(record: pathlib.Path, path: pathlib.Path) -> pathlib.Path | None:

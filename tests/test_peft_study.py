@@ -93,9 +93,10 @@ def test_peft_study_toy_twin_end_to_end(tmp_path):
   # --write-docs: the block and the figure, from the record alone
   doc = tmp_path / "results.md"
   a, b = report.doc_markers(ps.GENERATOR, "peft")
-  doc.write_text(f"before\n{a}\nold\n{b}\nafter\n")
+  va, vb = report.doc_markers(ps.GENERATOR, "peft verdicts")
+  doc.write_text(f"before\n{a}\nold\n{b}\n{va}\nold\n{vb}\nafter\n")
   made = ps.write_docs(record, doc, tmp_path / "peft.png")
-  assert (tmp_path / "peft.png").stat().st_size > 0 and len(made) == 2
+  assert (tmp_path / "peft.png").stat().st_size > 0 and len(made) == 3
   block = report.doc_block(doc.read_text(), ps.GENERATOR, "peft")
   assert block == ps.doc_blocks(record)["peft"] and doc.read_text().startswith("before\n")
   for label in ("full fine-tuning", "SpIEL-AG (= LoRA r1)", "Exact match", "CPU-hours"):
@@ -143,6 +144,35 @@ def test_tables_choose_the_lr_by_dev_loss_and_pair_spiel_with_lora_by_seed(tmp_p
   assert "0.01: failed | 0.001 (grid edge) |" in rows["SpIEL-AG (= LoRA r2)"]
   assert ps.decide([-0.1, 0.05, 0.0], "a", "b").startswith("no resolved") and ps.decide([0.1, 0.1], "a", "b").startswith("pending")
   assert "0.04 CPU-hours" in ps.cost_line(bases, runs)  # 8 runs x 18 CPU-s = 144 s
+
+
+def test_verdicts_pair_spiel_with_lora_by_seed_at_each_arms_chosen_lr(tmp_path):
+  """The what-reproduced table: Δ = SpIEL - LoRA in test CE by seed, each arm at its own dev-chosen rate, decided at
+  3 SE; exact match enters as LoRA - SpIEL (negative: SpIEL better); the optimizer-memory row is the exact ratio
+  of the records' bytes, the step-cost row `bench peft`'s ratio against the 1.3x bound."""
+  ps = _study()
+  recs = [_rec("lora_r2", 1e-3, 0, 2.0, 2.50), _rec("lora_r2", 1e-2, 0, 2.1, 1.00),  # dev picks 1e-3
+          _rec("lora_r2", 1e-3, 1, 0, 2.40), _rec("lora_r2", 1e-3, 2, 0, 2.60)]
+  recs += [_rec("spiel_ma_r2", 0.1, s, 2.0, ce) for s, ce in enumerate((2.41, 2.30, 2.52))]  # -0.09, -0.1, -0.08
+  recs += [_rec("spiel_ag_r2", 1e-2, s, 2.0, ce) for s, ce in enumerate((2.50, 2.50, 2.50))]  # 0, +0.1, -0.1
+  recs += [{**_rec(a, lr, s, 0, 0), "target": "task", "exact_match": em}
+           for a, lr, ems in (("lora_r2", 1e-3, (0.2, 0.3, 0.25)), ("spiel_ma_r2", 0.1, (0.5, 0.6, 0.55)))
+           for s, em in enumerate(ems)]
+  for r in recs:
+    r["optimizer_bytes"] = 40 if r["arm"].startswith("lora") else 5
+  bench = [{"base": "b", "rank": 2, "rows": [{"method": "lora r=2", "step_ms": 10.0},
+                                             {"method": "spiel_ag (= r2)", "step_ms": 14.0},
+                                             {"method": "spiel_ma (= r2)", "step_ms": 30.0}]}]
+  rows = {(line.split(" | ")[0].strip("| ")[:8], line.split(" | ")[3]): line
+          for line in ps.verdicts_table({}, recs, bench).splitlines()[2:]}
+  assert "| 3 | -0.090 ± 0.006 | **reproduces** (SpIEL better) |" in rows["SpIEL-MA", "SpIEL-MA - LoRA, test CE (nats/byte)"]
+  assert "| 3 | 0.000 ± 0.058 | no resolved difference (< 3 SE) |" in rows["SpIEL-AG", "SpIEL-AG - LoRA, test CE (nats/byte)"]
+  assert "| -30.0 ± 0.0 | **reproduces** (SpIEL better) |" in rows["SpIEL-MA", "LoRA - SpIEL-MA, exact match (points)"]
+  assert "| exact | 8.0x | **reproduces** |" in rows["SpIEL-MA", "LoRA / SpIEL-MA, optimizer state bytes"]
+  assert "| 1.40x | **contradicted** |" in rows["SpIEL-AG", "SpIEL-AG / LoRA, step time (`bench peft`, one run)"]
+  assert ps.claim_verdict([0.05, 0.06, 0.04]) == "**contradicted** (LoRA better)"
+  assert ps.claim_verdict([0.07, 0.01, 0.07]) == "no resolved difference (< 3 SE); leans LoRA (2.5 SE)"
+  assert ps.claim_verdict([-0.1, 0.2]) == "pending (2 of 3 seeds)"
 
 
 def test_the_grid_is_extended_beyond_the_end_the_choice_sits_on():

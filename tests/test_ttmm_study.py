@@ -75,10 +75,13 @@ def test_report_means_over_seeds_picks_ttt_on_dev_and_applies_the_rule(scripts, 
   _write(tmp_path, "ttt_dev/steps64_lr0.01", _eval({"ttt": 12.0}))  # now the corner is best: the grid extends
   assert "TTT (64 steps, lr 0.01: best on dev so far; the grid goes on to 128 steps, lr 0.01)" in rep.block(tmp_path)
   # ttmm - nearest = -1.0, -0.8, -1.0: mean -0.933, SE 0.067 at 3 seeds (14 SE)
-  assert "| TTMM beats the nearest expert alone (K=4) | -0.933 ± 0.067 | **reproduces** |" in text
+  assert ("| TTMM beats the nearest expert alone (K=4; Bertolissi et al. 2025) | TTMM - nearest, test perplexity | 3 | "
+          "-0.933 ± 0.067 | **reproduces** |") in text
   # k1 - whole_step = -2.5, -1.5, -0.5 (the budget helps): mean -1.5, SE 0.577 (2.6 SE): not decided at 3 seeds
-  assert "(training budget) | -1.500 ± 0.577 | unresolved at 3 seeds" in text
-  assert "the logit ensemble beats TTMM (K=4; one forward per kept expert) | -0.010 ± 0.000 | **reproduces**" in text
+  assert "(training budget) | LoRA (K=1) - LoRA (one expert's steps), test perplexity | 3 | -1.500 ± 0.577 | unresolved at 3 seeds" in text
+  assert "the logit ensemble beats TTMM (K=4; one forward per kept expert) | ensemble - TTMM, test perplexity | 3 | -0.010 ± 0.000 | **reproduces**" in text
+  # per query: TTMM 10 ms, TTT 500 ms in every seed
+  assert "| TTMM (K=4) costs a fraction of TTT per query (Bertolissi et al. 2025) | TTMM - TTT, cost per query (ms) | 3 | -490.000 ± 0.000 | **reproduces** |" in text
   assert "| k4 | 3.000 | 2.000 | 2.500 | +0.500 |" in text  # held-out: start, best, end
   assert "| **total** | 31 | 31.0 | **1.03** |" in text  # 31 records of 60 s wall, 120 s CPU each
   assert rep.block(tmp_path / "absent") == rep.NOT_RUN
