@@ -173,7 +173,12 @@ def run_study(a: argparse.Namespace) -> list[str]:
     if not rec.done(f"s{s}/k{kmax}/bank"):  # (its eval recorded, its bank's record lost: build it for its steps)
       ensure_bank(f"s{s}/k{kmax}", kmax, ov)
     steps = rec.result(f"s{s}/k{kmax}/bank")["steps_per_expert"]
-    one = [*ov, "ttmm.epochs=0", f"train.steps={max(1, round(sum(steps) / len(steps)))}"]
+    mean = max(1, round(sum(steps) / len(steps)))
+    if rec.done(f"s{s}/whole_step/bank") and rec.result(f"s{s}/whole_step/bank")["steps_per_expert"] != [mean]:
+      raise SystemExit(f"ttmm_study: s{s}/whole_step is recorded with "
+                       f"{rec.result(f's{s}/whole_step/bank')['steps_per_expert'][0]} steps, not one K={kmax} "
+                       f"expert's mean ({mean}): --ks must end at the K it was built for")
+    one = [*ov, "ttmm.epochs=0", f"train.steps={mean}"]
     ev(f"s{s}/eval_whole_step", functools.partial(ensure_bank, f"s{s}/whole_step", 1, one), ("ttmm",), "test")
   if a.only == "banks":
     return rec.ran

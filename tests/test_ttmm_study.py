@@ -221,7 +221,8 @@ def test_only_splits_the_study_between_two_processes(scripts, tmp_path, monkeypa
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.jsonl").write_text(json.dumps({"split": "heldout", "step": 4, "loss": 2.0}) + "\n")
     np.savez(d / "clusters.npz", embeddings=np.zeros((3, 2)))
-    return {"status": "completed", "steps_per_expert": [4] * k}
+    steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), 4 + k)
+    return {"status": "completed", "steps_per_expert": [steps] * k}
 
   monkeypatch.setattr(bank, "build", build)
   monkeypatch.setattr(evaluate, "evaluate", lambda bank, split, methods, progress, overrides: {
@@ -238,3 +239,7 @@ def test_only_splits_the_study_between_two_processes(scripts, tmp_path, monkeypa
   record = tmp_path / "split" / "record"
   assert sorted(str(p.relative_to(record))[:-5] for p in record.rglob("*.json")) == sorted(whole)
   assert "only" not in json.loads((record / "s0" / "eval_ttt.json").read_text())["args"]  # not the study's setup
+  # The whole-corpus LoRA of one expert's steps is built for the largest K of --ks: a later invocation whose --ks
+  # ends elsewhere would evaluate another budget under the same name, so it stops instead.
+  with pytest.raises(SystemExit, match=r"recorded with 6 steps, not one K=1 expert's mean \(5\)"):
+    study.run_study(study_args(study, [*split, "--ks", "1"]))
