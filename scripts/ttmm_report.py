@@ -130,6 +130,11 @@ def block(record: pathlib.Path) -> str:
               "| steps \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for n in steps:
       lines.append(f"| {n} | " + " | ".join(f"{grid[(n, lr)]:.3f}" if (n, lr) in grid else "-" for lr in lrs) + " |")
+    dev_base = recs.get("dev_base")
+    if dev_base and base and best:
+      t = f"{np.mean(list(ttt.values())):.3f} (mean of {len(ttt)} seeds)" if ttt else "not run yet"
+      lines += ["", f"The base on the same dev half: {dev_base['result']['methods']['base']['perplexity']:.3f}; TTT at the "
+                f"chosen point moves dev from it to {grid[best]:.3f}, test from {b['perplexity']:.3f} to {t}."]
   lines += ["", "The experts' loss on their clusters' held-out tokens (mean over experts, then over seeds): at the "
             "start, the best seen, the end.", "", "| bank | start | best | end | end - best |", "|---|---|---|---|---|"]
   for part in [f"k{k}" for k in ks] + ["whole_step"]:
@@ -210,8 +215,10 @@ def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
     return None
   plt = report._plt()
   fig, ax = plt.subplots(figsize=(6, 4))
+  counts = set()
   for m, style in (("ttmm", "o-"), ("nearest", "s--"), ("ensemble", "^:")):
     pts = [(k, *mean_se(list(v.values()))) for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))]
+    counts |= {len(v) for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))}
     if pts:
       x, y, e = zip(*pts)
       ax.errorbar(x, y, yerr=np.nan_to_num(e), fmt=style, capsize=3, label=m)
@@ -226,7 +233,8 @@ def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
   ax.set_xticks(ks, [str(k) for k in ks])
   ax.set_xlabel("K (clusters = LoRA experts; K=1: the whole-corpus LoRA)")
   ax.set_ylabel("test perplexity (bytes after a 50-byte prompt)")
-  ax.set_title(f"TTMM on the code corpus, mean ± SE over {len(_seeds(recs))} seeds")
+  n = f"{min(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"  # a point's own seeds, not the study's
+  ax.set_title(f"TTMM on the code corpus, mean ± SE over {n} seeds")
   ax.legend(fontsize=7)
   return report.save_figure(fig, out, dpi=120)
 

@@ -193,6 +193,7 @@ def run_study(a: argparse.Namespace) -> list[str]:
   while (point := grids.next_to_run(grid, tuple(a.ttt_steps), tuple(a.ttt_lrs))) is not None:
     grid[point] = dev(*point)
   n, lr = grids.best(grid)
+  ev("dev_base", first, ("base",), "dev")  # the untuned base on the dev half: what the grid's numbers improve on
   for s in a.seeds:
     ev(f"s{s}/eval_ttt", functools.partial(ensure_bank, f"s{s}/k{kmin}", kmin, bank_overrides(a, s)), ("ttt",),
        "test", (f"ttmm.ttt_steps={n}", f"ttmm.ttt_lr={lr}"))

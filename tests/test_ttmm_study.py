@@ -83,7 +83,11 @@ def test_report_means_over_seeds_picks_ttt_on_dev_and_applies_the_rule(scripts, 
   # per query: TTMM 10 ms, TTT 500 ms in every seed
   assert "| TTMM (K=4) costs a fraction of TTT per query (Bertolissi et al. 2025) | TTMM - TTT, cost per query (ms) | 3 | -490.000 ± 0.000 | **reproduces** |" in text
   assert "| k4 | 3.000 | 2.000 | 2.500 | +0.500 |" in text  # held-out: start, best, end
-  assert "| **total** | 31 | 31.0 | **1.03** |" in text  # 31 records of 60 s wall, 120 s CPU each
+  assert "The base on the same dev half" not in text  # no dev_base record: no such line
+  _write(tmp_path, "dev_base", _eval({"base": 13.9}))
+  assert ("The base on the same dev half: 13.900; TTT at the chosen point moves dev from it to 12.000, test from "
+          "14.000 to 11.500 (mean of 3 seeds).") in rep.block(tmp_path)
+  assert "| **total** | 31 | 31.0 | **1.03** |" in text  # 31 records of 60 s wall, 120 s CPU each (before dev_base)
   assert rep.block(tmp_path / "absent") == rep.NOT_RUN
 
 
@@ -116,8 +120,9 @@ def test_study_twin_runs_end_to_end_then_skips_what_is_recorded(scripts, tmp_pat
   assert done.returncode == 0, done.stderr[-3000:]
   record = tmp_path / "root" / "record"
   names = sorted(rep.load(record))
-  assert names == ["eval_base", "s0/eval_k2", "s0/eval_ttt", "s0/eval_whole_step", "s0/k2/bank", "s0/whole_step/bank",
-                   "ttt_dev/steps1_lr0.01"]
+  assert names == ["dev_base", "eval_base", "s0/eval_k2", "s0/eval_ttt", "s0/eval_whole_step", "s0/k2/bank",
+                   "s0/whole_step/bank", "ttt_dev/steps1_lr0.01"]
+  assert json.loads((record / "dev_base.json").read_text())["result"]["part"] == "dev"
   k2 = json.loads((record / "s0" / "k2" / "bank.json").read_text())
   assert k2["provenance"]["cores"] >= 1 and k2["provenance"]["jax"] == jax.__version__ and k2["wall_s"] > 0
   steps = k2["result"]["steps_per_expert"]  # 0.1 epochs of each cluster's tokens, in steps of 8 x 32
@@ -233,7 +238,7 @@ def test_only_splits_the_study_between_two_processes(scripts, tmp_path, monkeypa
   banks = study.run_study(study_args(study, [*split, "--only", "banks"]))
   assert banks and not [n for n in banks if "ttt" in n]
   ttt = study.run_study(study_args(study, [*split, "--only", "ttt"]))
-  assert ttt == ["ttt_dev/steps8_lr0.01", "s0/eval_ttt", "s1/eval_ttt"]
+  assert ttt == ["ttt_dev/steps8_lr0.01", "dev_base", "s0/eval_ttt", "s1/eval_ttt"]
   whole = study.run_study(study_args(study, [*argv, "--root", str(tmp_path / "whole")]))
   assert sorted(whole) == sorted(banks + ttt)
   record = tmp_path / "split" / "record"
