@@ -305,8 +305,8 @@ def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray, slots: bool = Fal
   parent = cfg.init.upcycle_from
   if parent and cfg.init.continue_step:
     parent_dir = pathlib.Path(parent)
-    if not parent_dir.exists():  # a record kept elsewhere (results/): its parent was stored beside it
-      parent_dir = workdir.parent / parent_dir.name
+    if not parent_dir.exists():  # a record kept elsewhere (results/): its parent was stored with it
+      parent_dir = stored_parent(pathlib.Path(workdir), parent_dir)
     try:
       start = min(int(r["step"]) for r in metrics.read_jsonl(workdir) if r.get("split") == "train") - 1
       base = flops_per_step(parent_dir)
@@ -314,6 +314,19 @@ def cumulative_flops(workdir: pathlib.Path, steps: np.ndarray, slots: bool = Fal
       start, base = 0, own
     return np.where(steps <= start, steps * base, start * base + (steps - start) * own)
   return steps * own
+
+
+def stored_parent(workdir: pathlib.Path, parent: pathlib.Path) -> pathlib.Path:
+  """Where a run's parent (`init.upcycle_from`, a path of the machine that trained it) lies in a stored copy of
+  the runs: the nearest ancestor of `workdir` that holds the parent path's last components (its name beside the
+  run, or e.g. `s0/dense_pretrain` a few levels up when one parent serves several budgets), the fewest components
+  first. The parent's name beside the run when none matches (the caller sees it missing)."""
+  tails = [pathlib.Path(*parent.parts[-n:]) for n in range(1, len(parent.parts))]
+  for up in workdir.parents:
+    for tail in tails:
+      if (up / tail / "config.json").is_file():
+        return up / tail
+  return workdir.parent / parent.name
 
 
 def compare(runs: dict[str, list[dict]], dirs: dict[str, pathlib.Path]) -> list[dict[str, Any]]:

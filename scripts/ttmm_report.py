@@ -135,6 +135,13 @@ def block(record: pathlib.Path) -> str:
       t = f"{np.mean(list(ttt.values())):.3f} (mean of {len(ttt)} seeds)" if ttt else "not run yet"
       lines += ["", f"The base on the same dev half: {dev_base['result']['methods']['base']['perplexity']:.3f}; TTT at the "
                 f"chosen point moves dev from it to {grid[best]:.3f}, test from {b['perplexity']:.3f} to {t}."]
+  runs = [recs[f"s{s}/eval_ttt"] for s in seeds if f"s{s}/eval_ttt" in recs]
+  if runs:  # wall time per query is the load's as much as TTT's: its CPU time says what one query costs
+    cpu = np.mean([r["cpu_s"] / r["result"]["documents"] for r in runs])
+    ttt_load = [r["provenance"][k] for r in runs for k in ("load_avg_1m", "load_avg_1m_at_end")]
+    lines += ["", f"TTT's test runs: {cpu:.1f} CPU-seconds per query (the process's CPU time over its documents, mean "
+                  f"of {len(runs)} seeds); the wall-clock cost in the table was measured at load average "
+                  f"{min(ttt_load):.1f}-{max(ttt_load):.1f}."]
   lines += ["", "The experts' loss on their clusters' held-out tokens (mean over experts, then over seeds): at the "
             "start, the best seen, the end.", "", "| bank | start | best | end | end - best |", "|---|---|---|---|---|"]
   for part in [f"k{k}" for k in ks] + ["whole_step"]:

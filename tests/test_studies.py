@@ -461,3 +461,23 @@ def test_verdict_rule_decides_at_three_standard_errors():
   # 3 SE exactly decides: mean -0.03, deltas spread so that SE = 0.01
   d = [-0.03 - 0.01 * 3**0.5, -0.03, -0.03 + 0.01 * 3**0.5]
   assert abs(verdicts.mean_se(d)[1] - 0.01) < 1e-12 and verdicts.verdict(d) == "**reproduces**"
+
+
+def test_a_stored_run_finds_its_parent_wherever_the_store_keeps_it(tmp_path):
+  """report.stored_parent: a run's `init.upcycle_from` names a path of the machine that trained it; in a store
+  (results/, or a scratch restore of it) the parent is the nearest ancestor's match of that path's last
+  components: beside the run, or shared by several budgets a few levels up (lm_mature: p3000/s0/dense_pretrain for
+  p3000/b1500/s0/upcycled). Without it the upcycled run's parent steps would be charged at the MoE's cost."""
+  from moejax import report
+
+  run = tmp_path / "p3000" / "b1500" / "s0" / "upcycled"
+  gone = pathlib.Path("/gone/study-runs/lm_mature/p3000/s0/dense_pretrain")
+  assert report.stored_parent(run, gone) == run.parent / "dense_pretrain"  # nothing stored: the caller sees it missing
+  shared = tmp_path / "p3000" / "s0" / "dense_pretrain"
+  shared.mkdir(parents=True)
+  (shared / "config.json").write_text("{}")
+  assert report.stored_parent(run, gone) == shared
+  beside = run.parent / "dense_pretrain"
+  beside.mkdir(parents=True)
+  (beside / "config.json").write_text("{}")
+  assert report.stored_parent(run, gone) == beside  # the nearest wins

@@ -35,7 +35,7 @@ def test_docs_ttmm_block_equals_the_stored_records(scripts):
 
 
 def _eval(methods: dict, cost: float = 10.0, merged: float = 2.0) -> dict:
-  return {"mean_experts_merged": merged,
+  return {"mean_experts_merged": merged, "documents": 4,
           "methods": {m: {"perplexity": p, "cost_ms_per_prompt": cost} for m, p in methods.items()}}
 
 
@@ -87,6 +87,7 @@ def test_report_means_over_seeds_picks_ttt_on_dev_and_applies_the_rule(scripts, 
   _write(tmp_path, "dev_base", _eval({"base": 13.9}))
   assert ("The base on the same dev half: 13.900; TTT at the chosen point moves dev from it to 12.000, test from "
           "14.000 to 11.500 (mean of 3 seeds).") in rep.block(tmp_path)
+  assert "TTT's test runs: 30.0 CPU-seconds per query (the process's CPU time over its documents, mean of 3 seeds); the wall-clock cost in the table was measured at load average 1.0-2.0." in text  # 120 CPU-s / 4
   assert "| **total** | 31 | 31.0 | **1.03** |" in text  # 31 records of 60 s wall, 120 s CPU each (before dev_base)
   assert rep.block(tmp_path / "absent") == rep.NOT_RUN
 
