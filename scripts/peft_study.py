@@ -538,8 +538,7 @@ def verdicts_table(bases: dict, runs: list[dict], bench: list[dict]) -> str:
                      "seeds": len(d), "mean ± SE": pm(d, 1), "verdict": claim_verdict(d)})
   for base in dict.fromkeys(x["base"] for x in runs if x["target"] == "stdlib"):
     for arm in _arm_order([x for x in runs if x["base"] == base and x["target"] == "stdlib"]):
-      fin = _final(runs, base, "stdlib", arm, chosen_lr(runs, base, arm))
-      if method_of(arm) != "spiel_ma" or not fin:
+      if method_of(arm) != "spiel_ma" or not (fin := _final(runs, base, "stdlib", arm, chosen_lr(runs, base, arm))):
         continue
       r = arm.rsplit("_r", 1)[1]
       ref = next((x for x in runs if (x["base"], x["target"], x["arm"]) == (base, "stdlib", f"lora_r{r}")), None)
@@ -567,14 +566,14 @@ def claim_verdict(d: list[float]) -> str:
   """`decide`'s rule for a "SpIEL matches or beats LoRA" claim (Δ < 0: SpIEL better): reproduces when SpIEL is
   better at 3 SE, contradicted when LoRA is; in between no difference is resolved, and one 2 SE or more from zero
   says which way it leans."""
-  if len(d) < 3:
-    return f"pending ({len(d)} of 3 seeds)"
+  v = decide(d, "reproduces", "contradicted")
+  if v.startswith("**"):
+    return v + (" (SpIEL better)" if v == "**reproduces**" else " (LoRA better)")
+  if not v.startswith("no resolved"):
+    return v  # pending
   m, se = tables.mean_se(d)
-  if abs(m) >= 3 * se:
-    return "**reproduces** (SpIEL better)" if m < 0 else "**contradicted** (LoRA better)"
   z = math.floor(10 * abs(m) / se) / 10  # rounded down: never "3.0 SE" for an unresolved one
-  lean = f"; leans {'SpIEL' if m < 0 else 'LoRA'} ({z:.1f} SE)" if abs(m) >= 2 * se else ""
-  return f"no resolved difference (< 3 SE){lean}"
+  return v + (f"; leans {'SpIEL' if m < 0 else 'LoRA'} ({z:.1f} SE)" if abs(m) >= 2 * se else "")
 
 
 def bench_records(root: pathlib.Path = BENCH) -> list[dict]:

@@ -224,8 +224,9 @@ def figure(record: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
   fig, ax = plt.subplots(figsize=(6, 4))
   counts = set()
   for m, style in (("ttmm", "o-"), ("nearest", "s--"), ("ensemble", "^:")):
-    pts = [(k, *mean_se(list(v.values()))) for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))]
-    counts |= {len(v) for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))}
+    by_k = {k: v for k in ks if (v := _by_seed(recs, f"eval_k{k}", m))}
+    pts = [(k, *mean_se(list(v.values()))) for k, v in by_k.items()]
+    counts |= {len(v) for v in by_k.values()}
     if pts:
       x, y, e = zip(*pts)
       ax.errorbar(x, y, yerr=np.nan_to_num(e), fmt=style, capsize=3, label=m)

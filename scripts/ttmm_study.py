@@ -174,10 +174,10 @@ def run_study(a: argparse.Namespace) -> list[str]:
       ensure_bank(f"s{s}/k{kmax}", kmax, ov)
     steps = rec.result(f"s{s}/k{kmax}/bank")["steps_per_expert"]
     mean = max(1, round(sum(steps) / len(steps)))
-    if rec.done(f"s{s}/whole_step/bank") and rec.result(f"s{s}/whole_step/bank")["steps_per_expert"] != [mean]:
-      raise SystemExit(f"ttmm_study: s{s}/whole_step is recorded with "
-                       f"{rec.result(f's{s}/whole_step/bank')['steps_per_expert'][0]} steps, not one K={kmax} "
-                       f"expert's mean ({mean}): --ks must end at the K it was built for")
+    built = rec.result(f"s{s}/whole_step/bank")["steps_per_expert"] if rec.done(f"s{s}/whole_step/bank") else [mean]
+    if built != [mean]:
+      raise SystemExit(f"ttmm_study: s{s}/whole_step is recorded with {built[0]} steps, not one K={kmax} expert's "
+                       f"mean ({mean}): --ks must end at the K it was built for")
     one = [*ov, "ttmm.epochs=0", f"train.steps={mean}"]
     ev(f"s{s}/eval_whole_step", functools.partial(ensure_bank, f"s{s}/whole_step", 1, one), ("ttmm",), "test")
   if a.only == "banks":
