@@ -282,6 +282,49 @@ def test_studies_record_restores_finished_runs_and_retrains_only_a_needed_parent
   assert (runs2[1].workdir / "metrics.jsonl").read_text() == "mine\n"
 
 
+def test_a_run_recorded_part_way_trains_again_from_its_parent_not_from_scratch(tmp_path, monkeypatch):
+  """The record also keeps runs stopped part-way (their metrics, no checkpoints). On a fresh machine such a run is
+  restored for the reports, and when the study goes on it must start again from a copy of its parent (retrained
+  first, its checkpoint being gone too), not from step 0 in the restored directory, appending to its metrics."""
+  studies = _studies()
+  root, record = tmp_path / "runs", tmp_path / "record"
+  runs = studies.select(studies.plan("lm_upcycle", root, [0], [300]), ["dense_continued"])
+  by = {r.arm: r for r in runs}
+  assert by["dense_continued"].copy_from == by["dense_pretrain"].workdir
+  _fake_run(studies, by["dense_pretrain"], {150: 4.0, 300: 3.0}, 1)
+  _fake_run(studies, by["dense_continued"], {150: 4.0, 300: 3.0, 450: 2.5}, 1)  # stopped at 450 of 600
+  assert studies.save_record(runs, root, record, root / "lm_upcycle") == 2
+
+  root2 = tmp_path / "clone"
+  runs2 = studies.select(studies.plan("lm_upcycle", root2, [0], [300]), ["dense_continued"])
+  assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 2
+  assert [studies.restored_partial(r) for r in runs2] == [False, True]
+  assert studies.last_step(runs2[1].workdir) == 450  # a --partial report still draws it
+  assert [r.arm for r in studies.todo(runs2)] == ["dense_pretrain", "dense_continued"]
+  child = ("import json, pathlib, sys\n"  # what the training child found in its directory, then a finished run
+           "w, steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])\n"
+           "w.mkdir(parents=True, exist_ok=True)\n"
+           "ck = sorted(int(p.name) for p in (w / 'checkpoints').glob('*')) if (w / 'checkpoints').exists() else []\n"
+           "rows = [json.loads(x) for x in (w / 'metrics.jsonl').read_text().splitlines()] "
+           "if (w / 'metrics.jsonl').exists() else []\n"
+           "(w / 'found.json').write_text(json.dumps({'checkpoints': ck, 'rows': len(rows)}))\n"
+           "(w / 'checkpoints' / str(steps)).mkdir(parents=True, exist_ok=True)\n"
+           "with open(w / 'metrics.jsonl', 'a') as f:\n"
+           "  f.write(json.dumps({'split': 'eval', 'step': steps, 'ce_loss': 1.0}) + '\\n')\n")
+  monkeypatch.setattr(studies.execute_module, "command",
+                      lambda r: [sys.executable, "-c", child, str(r.workdir), str(r.steps)])
+  studies.execute(runs2, tmp_path / "timings.json")
+  parent, cont = (json.loads((r.workdir / "found.json").read_text()) for r in runs2)
+  assert parent == {"checkpoints": [], "rows": 0}  # the parent trained in a clean directory
+  assert cont["checkpoints"] == [300]  # the continuation resumed from the retrained parent's checkpoint ...
+  assert cont["rows"] == 1  # ... with the parent's metrics, not the record's part-way run
+  assert not any((r.workdir / studies.RESTORED).exists() for r in runs2)
+  assert studies.todo(runs2) == []
+  # a directory with a checkpoint is never cleared, marker or not
+  (runs2[1].workdir / studies.RESTORED).write_text("")
+  assert not studies.fresh_start(runs2[1]) and (runs2[1].workdir / "metrics.jsonl").exists()
+
+
 def test_study_caches_keep_every_entry_when_two_writers_share_a_root(tmp_path):
   """Two study invocations side by side (e.g. two arms) write the same timings.json / novel.json: each write
   re-reads the file under a lock, so neither loses the other's entries, and no temporary file is left."""

@@ -14,13 +14,16 @@ import sys
 import time
 
 from studylib.plan import PARENTS, Run, finished, has_checkpoint, todo
-from studylib.records import merge_json, read_cache, run_key
+from studylib.records import fresh_start, merge_json, read_cache, run_key
 
 
 def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
   todo_runs = todo(runs)
   print(f"studies: {len(runs) - len(todo_runs)} of {len(runs)} runs finished; {len(todo_runs)} to run", flush=True)
   for i, r in enumerate(todo_runs):
+    if fresh_start(r):
+      print(f"studies: {r.workdir} held the record's copy of this run (no checkpoint); it trains again from its "
+            "beginning", flush=True)
     if r.copy_from is not None and not r.workdir.exists():
       shutil.copytree(r.copy_from, r.workdir)
     print(f"studies: [{i + 1}/{len(todo_runs)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)

@@ -204,11 +204,20 @@ def has_checkpoint(workdir: pathlib.Path) -> bool:
   return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
 
 
+RESTORED = ".restored"  # in a run directory that records.restore_record made: its files are copies of the record
+
+
+def restored_partial(r: Run) -> bool:
+  """The directory holds only the record's copy of a run stopped part-way: nothing to resume from."""
+  return (r.workdir / RESTORED).exists() and not has_checkpoint(r.workdir) and last_step(r.workdir) < r.steps
+
+
 def todo(runs: list[Run]) -> list[Run]:
   """Unfinished runs, and the finished parents they start from whose checkpoint is gone (a run restored from the
   record keeps its metrics, not its checkpoints: the parent is trained again, deterministically), in plan order."""
   unfinished = [r for r in runs if last_step(r.workdir) < r.steps]
-  needed = {str(r.copy_from) for r in unfinished if r.copy_from is not None and not r.workdir.exists()}
+  needed = {str(r.copy_from) for r in unfinished
+            if r.copy_from is not None and (not r.workdir.exists() or restored_partial(r))}
   needed |= {upcycle_parent(r) for r in unfinished} - {""}
   return [r for r in runs if r in unfinished or (str(r.workdir) in needed and not has_checkpoint(r.workdir))]
 

@@ -9,7 +9,7 @@ import os
 import pathlib
 import shutil
 
-from studylib.plan import Run, last_step
+from studylib.plan import RESTORED, Run, has_checkpoint, last_step
 
 RECORD_FILES = ("config.json", "metrics.jsonl", "result.json")
 
@@ -39,7 +39,9 @@ def save_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study
 
 def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
   """The recorded runs this root lacks (a fresh clone): their config and metrics, so reports draw them and the
-  study skips them. A run directory that exists is never touched."""
+  study skips them. A run directory that exists is never touched. The record also holds runs stopped part-way
+  (for `--partial` views); their checkpoints are not in it, so such a directory is marked as a restore and
+  `execute` trains that run again from its start (see `fresh_start`)."""
   n = 0
   for r in runs:
     src = record / r.workdir.relative_to(root)
@@ -48,6 +50,7 @@ def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, st
       for f in RECORD_FILES:
         if (src / f).exists():
           shutil.copy2(src / f, r.workdir / f)
+      (r.workdir / RESTORED).write_text(f"restored from {src}\n")
       n += 1
   for f in STUDY_FILES:
     src = record / study_dir.relative_to(root) / f
@@ -55,6 +58,20 @@ def restore_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, st
       study_dir.mkdir(parents=True, exist_ok=True)
       shutil.copy2(src, study_dir / f)
   return n
+
+
+def fresh_start(r: Run) -> bool:
+  """Clear restore_record's copy of a run that is about to be trained (the record keeps no checkpoints, so it
+  starts from its beginning), so the run starts from a copy of `r.copy_from` or from step 0 in a clean directory,
+  instead of appending a second history to the record's metrics. Only the copies are removed (the record still
+  holds them); a directory with a checkpoint, or one a run wrote, is left alone. True if it cleared one."""
+  if not (r.workdir / RESTORED).exists() or has_checkpoint(r.workdir):
+    return False
+  for f in (*RECORD_FILES, RESTORED):
+    (r.workdir / f).unlink(missing_ok=True)
+  if not any(r.workdir.iterdir()):
+    r.workdir.rmdir()
+  return True
 
 
 def run_key(r: Run) -> str:
