@@ -156,28 +156,28 @@ def block(record: pathlib.Path) -> str:
             "| claim | Δ | seeds | mean ± SE | verdict |", "|---|---|---|---|---|"]
   paper = "Bertolissi et al. 2025"
   ks_moe = [k for k in ks if k > 1]
-  claims = [(f"TTMM improves from K={a} to K={b} ({paper})", f"TTMM K={b} - K={a}", ppl["ttmm"][b], ppl["ttmm"][a])
+  PPL = ", test perplexity"  # each claim: (text, what Δ is, arm's values, reference's values, Δ's unit)
+  claims = [(f"TTMM improves from K={a} to K={b} ({paper})", f"TTMM K={b} - K={a}", ppl["ttmm"][b], ppl["ttmm"][a], PPL)
             for a, b in zip(ks_moe, ks_moe[1:])]
   if kmax > 1:
     claims += [(f"TTMM beats the nearest expert alone (K={kmax}; {paper})", "TTMM - nearest", ppl["ttmm"][kmax],
-                ppl["nearest"][kmax]),
+                ppl["nearest"][kmax], PPL),
                (f"the logit ensemble beats TTMM (K={kmax}; one forward per kept expert)", "ensemble - TTMM",
-                ppl["ensemble"][kmax], ppl["ttmm"][kmax])]
+                ppl["ensemble"][kmax], ppl["ttmm"][kmax], PPL)]
     if 1 in ks:
       claims.append((f"TTMM (K={kmax}) beats the whole-corpus LoRA of the same total budget (specialisation)",
-                     "TTMM - LoRA (K=1)", ppl["ttmm"][kmax], ppl["ttmm"][1]))
+                     "TTMM - LoRA (K=1)", ppl["ttmm"][kmax], ppl["ttmm"][1], PPL))
     claims.append((f"TTMM (K={kmax}) beats the whole-corpus LoRA of one expert's steps (equal steps per adapter)",
-                   "TTMM - LoRA (one expert's steps)", ppl["ttmm"][kmax], whole_step))
+                   "TTMM - LoRA (one expert's steps)", ppl["ttmm"][kmax], whole_step, PPL))
   if 1 in ks:
     claims.append(("the whole-corpus LoRA gains from the banks' total budget over one expert's (training budget)",
-                   "LoRA (K=1) - LoRA (one expert's steps)", ppl["ttmm"][1], whole_step))
+                   "LoRA (K=1) - LoRA (one expert's steps)", ppl["ttmm"][1], whole_step, PPL))
   if best and kmax > 1:
-    claims.append((f"TTT beats TTMM (K={kmax}; {paper}: TTMM approaches TTT)", "TTT - TTMM", ttt, ppl["ttmm"][kmax]))
+    claims.append((f"TTT beats TTMM (K={kmax}; {paper}: TTMM approaches TTT)", "TTT - TTMM", ttt, ppl["ttmm"][kmax], PPL))
     claims.append((f"TTMM (K={kmax}) costs a fraction of TTT per query ({paper})", "TTMM - TTT, cost per query (ms)",
-                   cost(f"eval_k{kmax}", "ttmm"), cost("eval_ttt", "ttt")))
-  for text, what, arm, ref in claims:
+                   cost(f"eval_k{kmax}", "ttmm"), cost("eval_ttt", "ttt"), ""))
+  for text, what, arm, ref, unit in claims:
     d = _delta(arm, ref)
-    unit = "" if "(ms)" in what else ", test perplexity"
     lines.append(f"| {text} | {what}{unit} | {len(d)} | {pm(*mean_se(d), 3) if d else 'n/a'} | {verdict(d)} |")
   gaps = timing_gaps(record, recs)
   lines += ["", "What each part cost (wall time summed over its runs; CPU-hours of the study's process; a bank resumed "
