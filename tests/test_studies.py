@@ -298,7 +298,7 @@ def test_a_run_recorded_part_way_trains_again_from_its_parent_not_from_scratch(t
   root2 = tmp_path / "clone"
   runs2 = studies.select(studies.plan("lm_upcycle", root2, [0], [300]), ["dense_continued"])
   assert studies.restore_record(runs2, root2, record, root2 / "lm_upcycle") == 2
-  assert [studies.restored_partial(r) for r in runs2] == [False, True]
+  assert [studies.restored_copy(r) and studies.last_step(r.workdir) < r.steps for r in runs2] == [False, True]
   assert studies.last_step(runs2[1].workdir) == 450  # a --partial report still draws it
   assert [r.arm for r in studies.todo(runs2)] == ["dense_pretrain", "dense_continued"]
   child = ("import json, pathlib, sys\n"  # what the training child found in its directory, then a finished run

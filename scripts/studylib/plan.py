@@ -207,9 +207,10 @@ def has_checkpoint(workdir: pathlib.Path) -> bool:
 RESTORED = ".restored"  # in a run directory that records.restore_record made: its files are copies of the record
 
 
-def restored_partial(r: Run) -> bool:
-  """The directory holds only the record's copy of a run stopped part-way: nothing to resume from."""
-  return (r.workdir / RESTORED).exists() and not has_checkpoint(r.workdir) and last_step(r.workdir) < r.steps
+def restored_copy(r: Run) -> bool:
+  """The directory holds only records.restore_record's copy of the run (metrics, no checkpoint): nothing to resume
+  from, so a run that is trained starts from its beginning (records.fresh_start clears the copy)."""
+  return (r.workdir / RESTORED).exists() and not has_checkpoint(r.workdir)
 
 
 def todo(runs: list[Run]) -> list[Run]:
@@ -217,7 +218,7 @@ def todo(runs: list[Run]) -> list[Run]:
   record keeps its metrics, not its checkpoints: the parent is trained again, deterministically), in plan order."""
   unfinished = [r for r in runs if last_step(r.workdir) < r.steps]
   needed = {str(r.copy_from) for r in unfinished
-            if r.copy_from is not None and (not r.workdir.exists() or restored_partial(r))}
+            if r.copy_from is not None and (not r.workdir.exists() or restored_copy(r))}
   needed |= {upcycle_parent(r) for r in unfinished} - {""}
   return [r for r in runs if r in unfinished or (str(r.workdir) in needed and not has_checkpoint(r.workdir))]
 

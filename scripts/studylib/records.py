@@ -9,7 +9,7 @@ import os
 import pathlib
 import shutil
 
-from studylib.plan import RESTORED, Run, has_checkpoint, last_step
+from studylib.plan import RESTORED, Run, last_step, restored_copy
 
 RECORD_FILES = ("config.json", "metrics.jsonl", "result.json")
 
@@ -65,7 +65,7 @@ def fresh_start(r: Run) -> bool:
   starts from its beginning), so the run starts from a copy of `r.copy_from` or from step 0 in a clean directory,
   instead of appending a second history to the record's metrics. Only the copies are removed (the record still
   holds them); a directory with a checkpoint, or one a run wrote, is left alone. True if it cleared one."""
-  if not (r.workdir / RESTORED).exists() or has_checkpoint(r.workdir):
+  if not restored_copy(r):
     return False
   for f in (*RECORD_FILES, RESTORED):
     (r.workdir / f).unlink(missing_ok=True)
