@@ -75,13 +75,51 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def supersede_after(workdir: str | pathlib.Path, step: int) -> int:
+  """Move the rows of `workdir`'s metrics.jsonl past `step` (the step training now starts from) to the end of
+  metrics.superseded.jsonl, so the history stays one line per step: rows a killed run wrote after its last
+  checkpoint, or the rows of an earlier run in a directory that has no checkpoint left. Nothing is deleted (the
+  moved rows keep their order and time stamps), and metrics.jsonl is replaced in one rename. Returns how many
+  rows moved."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  keep, moved = [], []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      later = int(json.loads(line)["step"]) > step
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+      later = True  # a line cut by a kill mid-write (or not a row): set aside with the rows after it
+    (moved if later else keep).append(line)
+  if not moved:
+    return 0
+  with open(path.parent / SUPERSEDED, "a") as f:
+    f.write("".join(line + "\n" for line in moved))
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in keep))
+  tmp.replace(path)
+  return len(moved)
+
+
 class Writer:
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True):
+  """Appends rows to `workdir`/metrics.jsonl (and TensorBoard events). With `start_step`, rows already there past
+  that step are first set aside (`supersede_after`) and their count kept in `superseded`."""
+
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True,
+               start_step: int | None = None):
     self.enabled = enabled
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tb = None
+    self.superseded = 0
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      if start_step is not None:
+        self.superseded = supersede_after(workdir, start_step)
       self._f = open(self.path, "a")
       if tensorboard:
         from tensorboardX import SummaryWriter

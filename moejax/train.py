@@ -214,7 +214,7 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   # `train.steps` is the absolute last step. An upcycled run with `init.continue_step` starts at the dense
   # run's step and continues its LR schedule to the same end (Komatsuzaki et al. continue the original schedule).
   end_step = cfg.train.steps
-  writer = metrics.Writer(workdir, enabled=is_main)
+  writer = metrics.Writer(workdir, enabled=is_main, start_step=start_step)
   unit = s.task.throughput_unit
   units_per_step = cfg.data.batch_size * s.task.units_per_example(cfg)
   flops_per_step = cfg.data.batch_size * s.task.flops_per_example(cfg)
@@ -223,6 +223,9 @@ def _train(cfg: config.ExperimentConfig, workdir: pathlib.Path, mesh: Mesh | Non
   if is_main:
     bar.write(f"moejax: {cfg.name}: {'resuming at' if resumed else 'starting at'} step {start_step} of {end_step} "
               f"in {workdir} (mesh {dict(s.mesh.shape)})")
+    if writer.superseded:
+      bar.write(f"moejax: {writer.superseded} rows of metrics.jsonl after step {start_step} (written after the last "
+                f"checkpoint, or by an earlier run here) moved to {metrics.SUPERSEDED}")
   preempt = Preemption()
   step = start_step
   last_eval: dict[str, float] = {}

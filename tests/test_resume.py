@@ -186,3 +186,49 @@ def test_resumed_state_is_the_saved_one(run):
   assert step == 2
   for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rows_written_after_the_last_checkpoint_are_set_aside_on_resume_not_repeated(tmp_path, monkeypatch):
+  """A crash after step 5's rows but before its checkpoint: the re-run resumes at step 3, and metrics.jsonl keeps
+  one row per step (steps 4-5 are not appended a second time); the first attempt's rows 4-5 move, unchanged, to
+  metrics.superseded.jsonl, and equal their re-run bit for bit. A fresh start in a directory whose checkpoints are
+  gone sets the whole old history aside the same way."""
+  cfg = _cfg("train.steps=5", "train.log_every=1", "train.checkpoint_every=3", "train.eval_every=100")
+  save = checkpoint.Manager.save
+
+  def crash_at_5(self, step, *a, **k):
+    if step == 5:
+      raise KeyboardInterrupt("killed before step 5's checkpoint")
+    return save(self, step, *a, **k)
+
+  monkeypatch.setattr(checkpoint.Manager, "save", crash_at_5)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(cfg, tmp_path / "a", progress=False)
+  monkeypatch.undo()
+  first = [x for x in metrics.read_jsonl(tmp_path / "a") if x["split"] == "train"]
+  assert [x["step"] for x in first] == [1, 2, 3, 4, 5]
+  assert checkpoint.step_numbers(tmp_path / "a") == [3]
+  train.train(cfg, tmp_path / "a", progress=False)
+  rows = metrics.read_jsonl(tmp_path / "a")
+  assert [x["step"] for x in rows if x["split"] == "train"] == [1, 2, 3, 4, 5]
+  assert [x["step"] for x in rows if x["split"] == "eval"] == [5]
+  aside = [json.loads(line) for line in (tmp_path / "a" / metrics.SUPERSEDED).read_text().splitlines()]
+  assert aside == first[3:]  # moved whole: same values, same time stamps
+  assert [x["loss"] for x in rows if x["split"] == "train"][3:] == [x["loss"] for x in aside]
+  # No checkpoint left (a new run in an old directory): the old history is set aside, not continued.
+  shutil.rmtree(tmp_path / "a" / "checkpoints")
+  train.train(cfg, tmp_path / "a", progress=False)
+  again = metrics.read_jsonl(tmp_path / "a")
+  assert [x["step"] for x in again if x["split"] == "train"] == [1, 2, 3, 4, 5]
+  assert len((tmp_path / "a" / metrics.SUPERSEDED).read_text().splitlines()) == 2 + len(rows)
+
+
+def test_supersede_after_keeps_rows_up_to_the_step_and_sets_aside_a_cut_line(tmp_path):
+  lines = ['{"step": 1, "split": "train"}', '{"step": 2, "split": "eval"}', '{"step": 3, "split": "train"}',
+           '{"step": 4, "spl']  # the last line cut by a kill mid-write
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+  assert metrics.supersede_after(tmp_path, 2) == 2
+  assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+  assert (tmp_path / metrics.SUPERSEDED).read_text() == "\n".join(lines[2:]) + "\n"
+  assert metrics.supersede_after(tmp_path, 2) == 0  # nothing after step 2 any more
+  assert metrics.supersede_after(tmp_path / "none", 0) == 0
