@@ -416,14 +416,22 @@ def pm(x: list[float], digits: int = 3) -> str:
   return tables.pm(*tables.mean_se(x), digits) if x else ""
 
 
-def decide(deltas: list[float], better: str, worse: str) -> str:
-  """Δ < 0 favours `better`; decided at 3 standard errors over >= 3 paired seeds."""
+def outcome(deltas: list[float]) -> str:
+  """"pending" (< 3 paired seeds), "better" (Δ < 0 at 3 standard errors), "worse" (Δ > 0 at 3 SE) or
+  "unresolved"."""
   if len(deltas) < 3:
-    return f"pending ({len(deltas)} of 3 seeds)"
+    return "pending"
   m, se = tables.mean_se(deltas)
   if abs(m) >= 3 * se:
-    return f"**{better if m < 0 else worse}**"
-  return "no resolved difference (< 3 SE)"
+    return "better" if m < 0 else "worse"
+  return "unresolved"
+
+
+def decide(deltas: list[float], better: str, worse: str) -> str:
+  """`outcome` in words: Δ < 0 favours `better`."""
+  o = outcome(deltas)
+  return {"pending": f"pending ({len(deltas)} of 3 seeds)", "better": f"**{better}**", "worse": f"**{worse}**",
+          "unresolved": "no resolved difference (< 3 SE)"}[o]
 
 
 LABEL = {"full": "full fine-tuning", "lora": "LoRA", "spiel_ag": "SpIEL-AG", "spiel_ma": "SpIEL-MA"}
@@ -566,11 +574,11 @@ def claim_verdict(d: list[float]) -> str:
   """`decide`'s rule for a "SpIEL matches or beats LoRA" claim (Δ < 0: SpIEL better): reproduces when SpIEL is
   better at 3 SE, contradicted when LoRA is; in between no difference is resolved, and one 2 SE or more from zero
   says which way it leans."""
-  v = decide(d, "reproduces", "contradicted")
-  if v.startswith("**"):
-    return v + (" (SpIEL better)" if v == "**reproduces**" else " (LoRA better)")
-  if not v.startswith("no resolved"):
-    return v  # pending
+  o, v = outcome(d), decide(d, "reproduces", "contradicted")
+  if o in ("better", "worse"):
+    return v + (" (SpIEL better)" if o == "better" else " (LoRA better)")
+  if o == "pending":
+    return v
   m, se = tables.mean_se(d)
   z = math.floor(10 * abs(m) / se) / 10  # rounded down: never "3.0 SE" for an unresolved one
   return v + (f"; leans {'SpIEL' if m < 0 else 'LoRA'} ({z:.1f} SE)" if abs(m) >= 2 * se else "")

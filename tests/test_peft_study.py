@@ -143,6 +143,8 @@ def test_tables_choose_the_lr_by_dev_loss_and_pair_spiel_with_lora_by_seed(tmp_p
   assert "-0.100 ± 0.000: **SpIEL better**" in rows["SpIEL-AG (= LoRA r2)"]
   assert "0.01: failed | 0.001 (grid edge) |" in rows["SpIEL-AG (= LoRA r2)"]
   assert ps.decide([-0.1, 0.05, 0.0], "a", "b").startswith("no resolved") and ps.decide([0.1, 0.1], "a", "b").startswith("pending")
+  assert [ps.outcome(d) for d in ([0.1, 0.1], [-0.1, -0.1, -0.1], [0.2, 0.21, 0.19], [-0.1, 0.05, 0.0])] == [
+    "pending", "better", "worse", "unresolved"]
   assert "0.04 CPU-hours" in ps.cost_line(bases, runs)  # 8 runs x 18 CPU-s = 144 s
 
 
