@@ -506,6 +506,25 @@ def test_verdict_rule_decides_at_three_standard_errors():
   assert abs(verdicts.mean_se(d)[1] - 0.01) < 1e-12 and verdicts.verdict(d) == "**reproduces**"
 
 
+def test_a_verdict_row_names_its_command_and_the_recorded_cost_of_exactly_its_runs(tmp_path):
+  """A row's CPU-hours are its two arms at its budgets for its seeds and the parents they start from: a mature
+  parent (budget 0) counts in every row that needs it, other arms and budgets and seeds never."""
+  _studies()
+  from studylib import plan, verdicts
+
+  runs = plan.plan("lm_mature", tmp_path, [0, 1, 2, 3], [1500, 3000])
+  timings = {f"b{r.budget}/s{r.seed}/{r.arm}": {"cpu_s": 3600.0 * (1 + r.seed)} for r in runs}
+  # seeds 0 and 3 at +1,500: upcycled + dense_continued + the parent, each (1 + seed) hours
+  assert verdicts.cpu_hours(runs, [1500], ("upcycled", "dense_continued"), [0, 3], timings) == 3 * 1 + 3 * 4
+  # the growth row reads both budgets: the parent once, two arms twice
+  assert verdicts.cpu_hours(runs, [1500, 3000], ("upcycled", "dense_continued"), [1], timings) == 5 * 2
+  assert verdicts.cpu_hours(runs, [3000], ("upcycled", "dense_flops"), [2], {}) == 0.0  # nothing recorded
+  assert verdicts.command("lm_mature", [1500], ("upcycled", "dense_flops"), [0, 1, 2]) == (
+    "`scripts/studies.sh lm_mature --budgets 1500 --arms upcycled dense_flops`")
+  assert verdicts.command("clip_up", [300, 1500], ("clip_up", "dense_continued"), [0, 1, 2, 3, 4]).endswith(
+    "--arms clip_up dense_continued --seeds 0 1 2 3 4`")
+
+
 def test_a_stored_run_finds_its_parent_wherever_the_store_keeps_it(tmp_path):
   """report.stored_parent: a run's `init.upcycle_from` names a path of the machine that trained it; in a store
   (results/, or a scratch restore of it) the parent is the nearest ancestor's match of that path's last

@@ -53,7 +53,8 @@ def restored(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> Iterato
 
 def verdict_table(studies: Restored) -> str:
   """The claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs."""
-  return report.markdown_table(verdicts.rows({s: runs for s, (runs, _) in studies.items()}))
+  return report.markdown_table(verdicts.rows({s: runs for s, (runs, _) in studies.items()},
+                                            {s: read_cache(d / "timings.json") for s, (_, d) in studies.items()}))
 
 
 README = ROOT / "README.md"

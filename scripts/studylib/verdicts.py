@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from studylib.plan import Run, finished
+from studylib.plan import Run, default_seeds, finished, select
+from studylib.records import run_key
 from studylib.tables import curve, mean_se, pm
 
 
@@ -67,8 +68,25 @@ def _paired(f: dict, c: Claim, seeds: list[int], b: int) -> dict[int, float]:
   return {s: f[b, c.arm, s] - f[b, c.reference, s] for s in seeds if (b, c.arm, s) in f and (b, c.reference, s) in f}
 
 
-def rows(plans: dict[str, list[Run]]) -> list[dict]:
-  """`plans`: study name -> its runs (restored from the record). One row per claim x regime x budget."""
+def command(study: str, budgets: list[int], arms: tuple[str, str], seeds: list[int]) -> str:
+  """The command that trains (or, where finished, skips) the runs behind one verdict row."""
+  extra = "" if seeds == default_seeds(study) else f" --seeds {' '.join(map(str, seeds))}"
+  return f"`scripts/studies.sh {study} --budgets {' '.join(map(str, budgets))} --arms {' '.join(arms)}{extra}`"
+
+
+def cpu_hours(runs: list[Run], budgets: list[int], arms: tuple[str, str], seeds: list[int],
+              timings: dict[str, dict]) -> float:
+  """The recorded CPU time of the runs one verdict row reads: both arms at its budgets for its seeds, and the
+  parents they start from (a mature parent shared by every budget is counted in each row that needs it)."""
+  mine = [r for r in runs if r.seed in seeds and r.budget in (0, *budgets)]
+  return sum(timings.get(run_key(r), {}).get("cpu_s", 0.0) for r in select(mine, list(arms))) / 3600
+
+
+def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+  """`plans`: study name -> its runs (restored from the record); `timings`: study name -> its recorded timings by
+  `run_key`. One row per claim x regime x budget, with the command that trains its runs and their recorded
+  CPU-hours."""
+  timings = timings or {}
   finals = {study: _finals(runs) for study, runs in plans.items()}
   out = []
   for c in CLAIMS:
@@ -81,11 +99,16 @@ def rows(plans: dict[str, list[Run]]) -> list[dict]:
 
       if c.grows:
         lo, hi = _paired(f, c, seeds, budgets[0]), _paired(f, c, seeds, budgets[-1])
-        d = [hi[s] - lo[s] for s in sorted(lo.keys() & hi.keys())]
-        shown = [(f"+{budgets[0]} -> +{budgets[-1]}", d, "Δ(large) - Δ(small)")]
+        paired = {s: hi[s] - lo[s] for s in sorted(lo.keys() & hi.keys())}
+        shown = [(f"+{budgets[0]} -> +{budgets[-1]}", [budgets[0], budgets[-1]], paired, "Δ(large) - Δ(small)")]
       else:
-        shown = [(f"+{b}", list(_paired(f, c, seeds, b).values()), f"{c.arm} - {c.reference}") for b in budgets]
-      for budget, d, what in shown:
+        shown = [(f"+{b}", [b], _paired(f, c, seeds, b), f"{c.arm} - {c.reference}") for b in budgets]
+      arms = (c.arm, c.reference)
+      for budget, bs, paired, what in shown:
+        d, used = list(paired.values()), sorted(paired) or default_seeds(study)
+        cost = cpu_hours(plans[study], bs, arms, sorted(paired), timings.get(study, {})) if paired else None
         out.append({"claim": c.text, "regime": regime, "budget": budget, "Δ eval loss": what,
-                    "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d)})
+                    "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d),
+                    "regenerate": command(study, bs, arms, used),
+                    "CPU-hours (recorded)": "n/a" if cost is None else f"{cost:.2f}"})
   return out
