@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from run_helpers import sigterm_at_call
 
-from moejax import checkpoint, config, registry, sharding, train
+from moejax import checkpoint, config, metrics, registry, sharding, train
 from moejax.peft import lora
 from moejax.peft import targets as targets_lib
 from moejax.peft import trainer as peft_trainer
@@ -323,6 +323,8 @@ def test_sigterm_checkpoints_the_bank_unfinished_and_resume_equals_uninterrupted
   out = bank_lib.build(base_dir, 2, run, over, progress=False)
   assert (out["status"], out["step"]) == ("completed", 4)
   assert json.loads((run / "build.json").read_text())["status"] == "completed"
+  rows = lambda d: [{k: v for k, v in r.items() if k != "time"} for r in metrics.read_jsonl(d)]
+  assert rows(run) == rows(tmp_path / "ref")  # one history: every row once, equal to the uninterrupted build's
   for x, y in zip(jax.tree.leaves(bank_lib.load(run)[1]), jax.tree.leaves(bank_lib.load(tmp_path / "ref")[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

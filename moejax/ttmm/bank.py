@@ -173,13 +173,15 @@ def train(es: experts.ExpertSetup, bank: pathlib.Path, toks: list[np.ndarray], m
   curve = []
   with checkpoint.Manager(bank, keep=cfg.train.keep_checkpoints) as mngr:
     start, state = mngr.restore_latest(es.abstract_state, cfg=cfg)
+    state_restored = state is not None
     if state is None:
       start, state = 0, experts.init_state(es, jax.random.key(cfg.train.seed))
     else:
       check_base(es, state, bank)
     ragged = bool((steps_K < end).any())  # experts of different lengths: the done ones are frozen
     step_fn = experts.make_masked_step(es) if ragged else experts.make_train_step(es)
-    writer = metrics.Writer(bank, tensorboard=False)
+    # one history: rows past the restored step (or every row, on a fresh start) move to metrics.superseded.jsonl
+    writer = metrics.Writer(bank, tensorboard=False, start_step=start if state_restored else -1)
     bar = metrics.Progress(end, start, "steps", bar=progress)
     bar.write(f"moejax: ttmm: {es.k} experts, {'resuming at' if start else 'starting at'} step {start} of {end} "
               f"in {bank} (mesh {dict(es.mesh.shape)})")
