@@ -105,7 +105,8 @@ def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None
         shown = [(f"+{b}", [b], _paired(f, c, seeds, b), f"{c.arm} - {c.reference}") for b in budgets]
       arms = (c.arm, c.reference)
       for budget, bs, paired, what in shown:
-        d, used = list(paired.values()), sorted(paired) or default_seeds(study)
+        d = list(paired.values())
+        used = sorted(paired) if len(paired) >= 3 else sorted(set(paired) | set(default_seeds(study)))  # to finish it
         cost = cpu_hours(plans[study], bs, arms, sorted(paired), timings.get(study, {})) if paired else None
         out.append({"claim": c.text, "regime": regime, "budget": budget, "Δ eval loss": what,
                     "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d),
