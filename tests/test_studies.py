@@ -477,6 +477,7 @@ def test_docs_study_tables_equal_the_generator():
   with docs.restored(root / "results" / "studies") as studies:
     made = {name: block for study in docs.STUDIES for name, block in docs.study_tables(study, studies).items()}
     made["verdicts"] = docs.verdict_table(studies)
+    made["more seeds"] = docs.more_seeds_table(studies)
     readme_made = docs.readme_table(studies)
   for name, block in made.items():
     got = report.doc_block(text, docs.GENERATOR, name)
@@ -523,6 +524,37 @@ def test_a_verdict_row_names_its_command_and_the_recorded_cost_of_exactly_its_ru
     "`scripts/studies.sh lm_mature --budgets 1500 --arms upcycled dense_flops`")
   assert verdicts.command("clip_up", [300, 1500], ("clip_up", "dense_continued"), [0, 1, 2, 3, 4]).endswith(
     "--arms clip_up dense_continued --seeds 0 1 2 3 4`")
+
+
+def test_the_more_seeds_plan_covers_exactly_the_unresolved_rows_and_prices_them_from_finished_seeds(tmp_path):
+  """verdicts.more_seeds: one command per study with an unresolved row, training seeds 3 and 4 of that row's arms at
+  its budgets, priced at the mean CPU time of each run's finished seeds (parents included); ">=" when one of the
+  runs has no finished seed to price it. Decided rows ask for nothing."""
+  studies = _studies()
+  from studylib import verdicts
+
+  runs = studies.plan("lm_mature", tmp_path, [0, 1, 2], [1500, 3000])
+  d1500 = [-0.03, 0.01, -0.02]  # upcycled - dense_continued at +1,500: under 3 SE (unresolved)
+  for r in runs:  # +3,000: -0.10 in every seed (reproduces, and so does the growth); dense_flops always 0.05 behind
+    dense = 2.0 if r.budget == 1500 else 1.9
+    up = dense + (d1500[r.seed] if r.budget == 1500 else -0.10)
+    final = {"dense_pretrain": 3.0, "dense_continued": dense, "upcycled": up, "dense_flops": up + 0.05}[r.arm]
+    _fake_run(studies, r, {r.steps: final}, r.start + 1 if r.arm != "dense_pretrain" else 1)
+  timings = {"lm_mature": {f"b{r.budget}/s{r.seed}/{r.arm}": {"cpu_s": 3600.0 * (1 + r.seed)} for r in runs}}
+  unresolved = [row for row in verdicts.rows({"lm_mature": runs}, timings) if row["verdict"].startswith("unresolved")]
+  assert [(row["budget"], row["Δ eval loss"]) for row in unresolved] == [("+1500", "upcycled - dense_continued")]
+  (plan,) = verdicts.more_seeds({"lm_mature": runs}, timings)
+  assert plan["unresolved rows"] == 1 and plan["seeds so far"] == 3
+  assert plan["train"] == "`scripts/studies.sh lm_mature --budgets 1500 --arms upcycled dense_continued --seeds 3 4`"
+  # the parent, upcycled and dense_continued at +1,500: 2 h each (seeds 0-2 at 1, 2, 3 h), for two more seeds
+  assert plan["CPU-hours (estimated)"] == "12.0"
+  del timings["lm_mature"]["b1500/s0/upcycled"], timings["lm_mature"]["b1500/s1/upcycled"]
+  del timings["lm_mature"]["b1500/s2/upcycled"]
+  assert verdicts.more_seeds({"lm_mature": runs}, timings)[0]["CPU-hours (estimated)"] == ">= 8.0"
+  for r in runs:  # every row decided: nothing to ask for
+    if r.budget == 1500 and r.arm == "upcycled":
+      _fake_run(studies, r, {r.steps: 1.9}, r.start + 1)
+  assert verdicts.more_seeds({"lm_mature": runs}, timings) == []
 
 
 def test_a_stored_run_finds_its_parent_wherever_the_store_keeps_it(tmp_path):

@@ -82,11 +82,20 @@ def cpu_hours(runs: list[Run], budgets: list[int], arms: tuple[str, str], seeds:
   return sum(timings.get(run_key(r), {}).get("cpu_s", 0.0) for r in select(mine, list(arms))) / 3600
 
 
-def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
-  """`plans`: study name -> its runs (restored from the record); `timings`: study name -> its recorded timings by
-  `run_key`. One row per claim x regime x budget, with the command that trains its runs and their recorded
-  CPU-hours."""
-  timings = timings or {}
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One verdict row before it is printed: the claim, its regime and study, the budgets it reads (one, or the
+  smallest and largest for a growth claim) and the paired Δ per seed."""
+  claim: Claim
+  regime: str
+  study: str
+  budget: str
+  budgets: list[int]
+  paired: dict[int, float]
+  what: str
+
+
+def _rows(plans: dict[str, list[Run]]) -> list[Row]:
   finals = {study: _finals(runs) for study, runs in plans.items()}
   out = []
   for c in CLAIMS:
@@ -103,13 +112,52 @@ def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None
         shown = [(f"+{budgets[0]} -> +{budgets[-1]}", [budgets[0], budgets[-1]], paired, "Δ(large) - Δ(small)")]
       else:
         shown = [(f"+{b}", [b], _paired(f, c, seeds, b), f"{c.arm} - {c.reference}") for b in budgets]
-      arms = (c.arm, c.reference)
-      for budget, bs, paired, what in shown:
-        d = list(paired.values())
-        used = sorted(paired) if len(paired) >= 3 else sorted(set(paired) | set(default_seeds(study)))  # to finish it
-        cost = cpu_hours(plans[study], bs, arms, sorted(paired), timings.get(study, {})) if paired else None
-        out.append({"claim": c.text, "regime": regime, "budget": budget, "Δ eval loss": what,
-                    "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d),
-                    "regenerate": command(study, bs, arms, used),
-                    "CPU-hours (recorded)": "n/a" if cost is None else f"{cost:.2f}"})
+      out += [Row(c, regime, study, budget, bs, paired, what) for budget, bs, paired, what in shown]
+  return out
+
+
+def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+  """`plans`: study name -> its runs (restored from the record); `timings`: study name -> its recorded timings by
+  `run_key`. One row per claim x regime x budget, with the command that trains its runs and their recorded
+  CPU-hours."""
+  timings = timings or {}
+  out = []
+  for r in _rows(plans):
+    d, arms = list(r.paired.values()), (r.claim.arm, r.claim.reference)
+    used = sorted(r.paired) if len(d) >= 3 else sorted(set(r.paired) | set(default_seeds(r.study)))  # to finish it
+    cost = cpu_hours(plans[r.study], r.budgets, arms, sorted(r.paired), timings.get(r.study, {})) if d else None
+    out.append({"claim": r.claim.text, "regime": r.regime, "budget": r.budget, "Δ eval loss": r.what,
+                "seeds": len(d), "mean ± SE": pm(*mean_se(d), 3) if d else "n/a", "verdict": verdict(d),
+                "regenerate": command(r.study, r.budgets, arms, used),
+                "CPU-hours (recorded)": "n/a" if cost is None else f"{cost:.2f}"})
+  return out
+
+
+def more_seeds(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+  """What the unresolved rows ask for, one line per study: the command that trains seeds up to MORE_SEEDS for
+  the union of those rows' budgets and arms (finished runs are skipped), and its cost estimated from the
+  recorded runs: each run of the command (parents included) at the mean CPU time of its finished seeds, times the
+  seeds to add; ">=" where some run has no finished seed to price it."""
+  timings = timings or {}
+  need: dict[str, tuple[set[int], list[str], list[Row]]] = {}
+  for r in _rows(plans):
+    if len(r.paired) < 3 or "unresolved" not in verdict(list(r.paired.values())):
+      continue
+    budgets, arms, rs = need.setdefault(r.study, (set(), [], []))
+    budgets.update(r.budgets)
+    arms += [a for a in (r.claim.arm, r.claim.reference) if a not in arms]
+    rs.append(r)
+  out = []
+  for study, (budgets, arms, rs) in need.items():
+    have = sorted(set.intersection(*(set(r.paired) for r in rs)))  # seeds every unresolved row has
+    add = [s for s in range(2 * MORE_SEEDS) if s not in have][:MORE_SEEDS - len(have)]  # the lowest seeds missing
+    done = {run_key(r) for r in finished(plans[study])}
+    cpu: dict[tuple[int, str], list[float]] = {}
+    for r in select([r for r in plans[study] if r.budget in (0, *budgets)], arms):
+      t = timings.get(study, {}).get(run_key(r))
+      cpu.setdefault((r.budget, r.arm), []).extend([t["cpu_s"]] if t and run_key(r) in done else [])
+    per_seed = sum(sum(v) / len(v) for v in cpu.values() if v) / 3600
+    out.append({"study": study, "unresolved rows": len(rs), "seeds so far": len(have),
+                "train": command(study, sorted(budgets), tuple(arms), add),
+                "CPU-hours (estimated)": f"{'>= ' * any(not v for v in cpu.values())}{per_seed * len(add):.1f}"})
   return out
