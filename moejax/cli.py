@@ -49,8 +49,21 @@ class Parser(argparse.ArgumentParser):
 
   def error(self, message: str):
     where = self.prog.removeprefix("moejax").strip()
-    sys.stderr.write(f"moejax: error: {where + ': ' if where else ''}{message}\n")
+    sys.stderr.write(f"moejax: error: {where + ': ' if where else ''}{_closest_choice(message)}\n")
     sys.exit(2)
+
+
+def _closest_choice(message: str) -> str:
+  """argparse's "invalid choice: 'trian' (choose from ...)" with the closest choice named first (Python < 3.14
+  does not suggest one)."""
+  import difflib
+  import re
+
+  m = re.fullmatch(r"(.*invalid choice: '(.*?)')( \(choose from (.*)\))", message)
+  if not m:
+    return message
+  close = difflib.get_close_matches(m[2], [c.strip().strip("'") for c in m[4].split(",")], n=1)
+  return f"{m[1]}; did you mean {close[0]!r}?{m[3]}" if close else message
 
 
 def _quiet_env() -> None:

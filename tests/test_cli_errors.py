@@ -76,6 +76,7 @@ CASES = [
      msg="clip.image_std[1]=inf is not a finite"),
   _c("exp-file-missing", "experiments", "show", "{new}/x.py:foo", msg="does not exist"),
   _c("no-verb", "frobnicate", msg="invalid choice: 'frobnicate'"),
+  _c("verb-typo", "trian", msg="invalid choice: 'trian'; did you mean 'train'?"),
   # train
   _c("train-unknown-name", "train", "lm_dens_tiny", "--workdir", "{new}", msg="did you mean 'lm_dense_tiny'"),
   _c("train-no-name", "train", msg="the following arguments are required: name"),
@@ -258,7 +259,8 @@ CASES = [
      "--to", "{new}", msg="init.router_std=inf is not a finite"),
   _c("upcycle-no-to", "upcycle", "--from", "{run}", "--exp", "lm_moe_tiny", msg="needs --to DIR"),
   # bench
-  _c("bench-unknown", "bench", "nope", msg="invalid choice: 'nope'"),
+  _c("bench-unknown", "bench", "nope", msg="invalid choice: 'nope' (choose from "),  # nothing close: no guess
+  _c("bench-typo", "bench", "moee", msg="invalid choice: 'moee'; did you mean 'moe'? (choose from "),
   _c("bench-moe-bad-int", "bench", "moe", "--iters", "ten", msg="bench moe: argument --iters: invalid int value"),
   _c("bench-moe-zero-iters", "bench", "moe", "--iters", "0", msg="--iters=0 must be >= 1"),
   _c("bench-moe-unknown-config", "bench", "moe", "--configs", "XL", msg="unknown config(s) ['XL']"),
