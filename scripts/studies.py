@@ -11,7 +11,8 @@ steps and at equal training FLOPs) and a table.
 (`scripts/studies.sh STUDY ...` is the same with the environment set up.)
 
 A run whose metrics already reach its last step is skipped, so re-running resumes a study; a run cut short
-resumes from its newest checkpoint (moejax train does). SIGTERM or Ctrl-C stops the study and its running
+resumes from its newest checkpoint (moejax train does). `--lanes N` trains up to N runs at once (a run starts when
+the runs it starts from have finished; each run's output then goes to ROOT/STUDY/logs/<run>.log). SIGTERM or Ctrl-C stops the study and its running
 `moejax train` (which checkpoints first) and records the time that run spent. Each finished run's config, metrics
 and result, and the study's timings, novel-split evals, table and provenance (one row per invocation that
 trained: commit, CPU, cores, load at start and end, versions, the steps each run went from and to), are copied to
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--img", default="docs/img")
   ap.add_argument("--record", default="results/studies",
                   help="configs, metrics and timings of finished runs, kept in git (restored into --root when missing)")
+  ap.add_argument("--lanes", type=int, default=1,
+                  help="train up to this many runs at once (a run waits for the runs it starts from); with more "
+                       "than one, each run's output goes to ROOT/STUDY/logs/")
   ap.add_argument("--report-only", action="store_true", help="draw what is finished; run nothing")
   ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each is finished")
   ap.add_argument("--write-docs", action="store_true",
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--partial", action="store_true",
                   help="with --report-only: include unfinished runs, all cut at the last eval step they share")
   a = ap.parse_args(argv)
+  if a.lanes < 1:
+    ap.error(f"--lanes={a.lanes} must be >= 1")
   if a.write_docs:
     for line in write_docs(a.study, pathlib.Path(a.record), a.parent_steps):
       print(f"studies: wrote {line}")
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     start = provenance.record(pathlib.Path(__file__).resolve().parent.parent)
     completed = False
     try:
-      execute(runs, timings_path)
+      execute(runs, timings_path, a.lanes)
       completed = True
     finally:  # the code, machine and load every step was trained with: one row per invocation that trained
       trained = {run_key(r): [before[run_key(r)], last_step(r.workdir)] for r in runs

@@ -437,6 +437,96 @@ def test_stopping_a_study_stops_its_training_child_and_records_the_time_it_spent
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_lanes_train_independent_runs_side_by_side_and_a_run_only_after_the_runs_it_starts_from(tmp_path):
+  """execute(lanes=2): never more than two children at once; the two seeds' parents run side by side (each waits
+  to see the other start: one lane would stall it), and no arm starts before its parent (copied or upcycled) has
+  finished. Every run is recorded with its time, and each child's output goes to its own log."""
+  studies = _studies()
+  runs = studies.plan("lm_mature", tmp_path / "runs", [0, 1], [1500])
+  marks = tmp_path / "marks"
+  (marks / "live").mkdir(parents=True)
+  child = ("import json, os, pathlib, sys, time\n"
+           "w, steps, marks, parents = pathlib.Path(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3]), "
+           "sys.argv[4:]\n"
+           "name = '_'.join(w.parts[-3:])\n"
+           "live = marks / 'live' / name\n"
+           "live.write_text('')\n"
+           "(marks / ('live_at_start_' + name)).write_text(str(len(list((marks / 'live').iterdir()))))\n"
+           "(marks / ('parents_done_' + name)).write_text(str(all((pathlib.Path(p) / 'done').exists() "
+           "for p in parents)))\n"
+           "print('training', name, flush=True)\n"
+           "if w.name == 'dense_pretrain':  # a barrier: both parents must be running at once\n"
+           "  (marks / ('parent_started_' + name)).write_text('')\n"
+           "  t0 = time.time()\n"
+           "  while len(list(marks.glob('parent_started_*'))) < 2:\n"
+           "    if time.time() - t0 > 120:\n"
+           "      sys.exit(3)\n"
+           "    time.sleep(0.01)\n"
+           "w.mkdir(parents=True, exist_ok=True)\n"
+           "(w / 'metrics.jsonl').write_text(json.dumps({'split': 'eval', 'step': steps, 'ce_loss': 1.0}) + '\\n')\n"
+           "(w / 'done').write_text('')\n"
+           "live.unlink()\n")
+  ex = studies.execute_module
+  old = ex.command
+  ex.command = lambda r: [sys.executable, "-c", child, str(r.workdir), str(r.steps), str(marks), *ex._starts_from(r)]
+  timings = tmp_path / "runs" / "lm_mature" / "p3000" / "timings.json"
+  try:
+    studies.execute(runs, timings, lanes=2)
+  finally:
+    ex.command = old
+  assert studies.todo(runs) == []
+  names = ["_".join(r.workdir.parts[-3:]) for r in runs]
+  assert all((marks / f"parents_done_{n}").read_text() == "True" for n in names)
+  assert max(int((marks / f"live_at_start_{n}").read_text()) for n in names) == 2
+  assert set(json.loads(timings.read_text())) == {studies.run_key(r) for r in runs}
+  logs = sorted(p.name for p in (timings.parent / "logs").iterdir())
+  assert logs == sorted(studies.run_key(r).replace("/", "_") + ".log" for r in runs)
+  assert (timings.parent / "logs" / "b0_s1_dense_pretrain.log").read_text() == "training p3000_s1_dense_pretrain\n"
+
+
+def test_stopping_a_study_with_two_lanes_stops_both_children_and_starts_nothing_more(tmp_path):
+  """SIGTERM with two runs in flight: both children get SIGTERM (and checkpoint, in moejax train), both runs'
+  time is recorded, no further run starts, and the study exits 128 + 15."""
+  import os
+  import signal
+  import threading
+  import time
+
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  child = ("import os, pathlib, signal, sys\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           f"pathlib.Path({str(ready)!r}, sys.argv[1]).write_text('')\n"
+           "x = 0\n"
+           "while not got:\n"
+           "  x += 1\n"
+           f"pathlib.Path({str(ready)!r}, sys.argv[1] + '.stopped').write_text('')\n")
+  ex = studies.execute_module
+  old = ex.command
+  ex.command = lambda r: [sys.executable, "-c", child, studies.run_key(r).replace("/", "_")]
+
+  def stop_the_study():
+    while len(list(ready.iterdir())) < 2:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=stop_the_study, daemon=True).start()
+  timings = tmp_path / "timings.json"
+  try:
+    studies.execute(runs, timings, lanes=2)
+    raise AssertionError("the study went on after SIGTERM")
+  except SystemExit as e:
+    assert e.code == 128 + signal.SIGTERM
+  finally:
+    ex.command = old
+  both = {"b300_s0_dense_pretrain", "b300_s1_dense_pretrain"}  # the first two runs of the plan that need nothing
+  assert {p.name for p in ready.iterdir()} == both | {f"{n}.stopped" for n in both}
+  assert set(json.loads(timings.read_text())) == {n.replace("_", "/", 2) for n in both}
+
+
 def test_a_niced_study_runs_its_training_child_at_the_same_niceness(tmp_path):
   """The child runs in its own session; under Linux's scheduler autogroups that is its own scheduling group, where
   the study's `nice` would not count against other sessions. The study gives the child's group its niceness."""

@@ -13,31 +13,109 @@ import subprocess
 import sys
 import time
 
-from studylib.plan import PARENTS, Run, finished, has_checkpoint, todo
+from studylib.plan import PARENTS, Run, finished, has_checkpoint, todo, upcycle_parent
 from studylib.records import fresh_start, merge_json, read_cache, run_key
 
 
-def execute(runs: list[Run], timings_path: pathlib.Path) -> None:
-  todo_runs = todo(runs)
-  print(f"studies: {len(runs) - len(todo_runs)} of {len(runs)} runs finished; {len(todo_runs)} to run", flush=True)
-  for i, r in enumerate(todo_runs):
-    if fresh_start(r):
-      print(f"studies: {r.workdir} held the record's copy of this run (no checkpoint); it trains again from its "
-            "beginning", flush=True)
-    if r.copy_from is not None and not r.workdir.exists():
-      shutil.copytree(r.copy_from, r.workdir)
-    print(f"studies: [{i + 1}/{len(todo_runs)}] {r.workdir} ({r.experiment}, to step {r.steps})", flush=True)
-    cmd = command(r)
-    rc, wall, cpu, stopped = train_child(cmd)
-    key = run_key(r)  # the time is recorded even for a run stopped or failed part-way: it was spent
-    prev = read_cache(timings_path).get(key, {"wall_s": 0.0, "cpu_s": 0.0})
-    merge_json(timings_path, key, {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
-    if stopped:
-      print(f"studies: stopped by signal {stopped}; {r.workdir} saved a checkpoint at its last step and resumes "
-            f"on the next invocation ({wall:.0f} s wall, {cpu:.0f} CPU-s recorded)", flush=True)
-      raise SystemExit(128 + stopped)
-    if rc != 0:
-      raise subprocess.CalledProcessError(rc, cmd)
+def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None:
+  """Train every unfinished run (and the parents they need again), up to `lanes` at a time: a run starts once the
+  runs it starts from have finished, in plan order otherwise. With one lane the child writes to this terminal;
+  with more, each to STUDY/logs/<run>.log. Every child's wall and CPU time is recorded under its run when it
+  exits, finished or not. SIGTERM / SIGINT reaches every running child as SIGTERM (each checkpoints), nothing new
+  starts, and the study exits 128 + the signal once they have all stopped; a failed child stops the others the
+  same way, then raises."""
+  pending = todo(runs)
+  total, started = len(pending), 0
+  print(f"studies: {len(runs) - total} of {len(runs)} runs finished; {total} to run"
+        f"{f', {lanes} at a time' if lanes > 1 and total > 1 else ''}", flush=True)
+  running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
+  got: list[int] = []
+  failed: list[tuple[int, list[str]]] = []
+
+  def stop_all(signum=None, frame=None):
+    del frame
+    if signum is not None:
+      got.append(signum)
+    for pid in running:
+      _term(pid)
+
+  old = {s: signal.signal(s, stop_all) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while pending or running:
+      if not got and not failed:
+        waiting = {str(r.workdir) for r in pending} | {str(r.workdir) for r, _, _ in running.values()}
+        for r in [r for r in pending if not _starts_from(r) & waiting][:lanes - len(running)]:
+          pending.remove(r)
+          started += 1
+          proc = _start(r, f"[{started}/{total}]", timings_path.parent / "logs" if lanes > 1 else None)
+          running[proc.pid] = (r, proc, time.time())
+          if got:  # a signal that came before the child was in `running`
+            _term(proc.pid)
+      if not running:
+        break
+      pid, status, usage = os.wait4(-1, 0)
+      if pid not in running:
+        continue
+      r, proc, t0 = running.pop(pid)
+      proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+      wall, cpu = time.time() - t0, usage.ru_utime + usage.ru_stime
+      key = run_key(r)  # the time is recorded even for a run stopped or failed part-way: it was spent
+      prev = read_cache(timings_path).get(key, {"wall_s": 0.0, "cpu_s": 0.0})
+      merge_json(timings_path, key, {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
+      if got or (failed and proc.returncode == 0):
+        why = f"signal {got[0]}" if got else "another run's failure"
+        print(f"studies: stopped by {why}; {r.workdir} saved a checkpoint at its last step and resumes "
+              f"on the next invocation ({wall:.0f} s wall, {cpu:.0f} CPU-s recorded)", flush=True)
+      elif proc.returncode != 0:
+        failed.append((proc.returncode, proc.args))
+        stop_all()  # the other lanes checkpoint and stop: the study is not finished
+      elif lanes > 1:
+        print(f"studies: done {r.workdir} ({wall:.0f} s wall, {cpu:.0f} CPU-s)", flush=True)
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  if got:
+    raise SystemExit(128 + got[0])
+  if failed:
+    raise subprocess.CalledProcessError(*failed[0])
+
+
+def _term(pid: int) -> None:
+  """SIGTERM to a child this study reaps itself (os.wait4): not Popen.send_signal, whose poll() could reap it
+  first and leave wait4 without its exit status. An exited child stays a zombie until reaped, so its pid is
+  still its own."""
+  try:
+    os.kill(pid, signal.SIGTERM)
+  except ProcessLookupError:
+    pass
+
+
+def _starts_from(r: Run) -> set[str]:
+  """The run directories `r` starts from (copied or upcycled)."""
+  return ({str(r.copy_from)} if r.copy_from is not None else set()) | ({upcycle_parent(r)} - {""})
+
+
+def _start(r: Run, counter: str, logs: pathlib.Path | None) -> subprocess.Popen:
+  """Start `r`'s training child in its own session at the study's niceness (see train_child), its output to this
+  terminal or to logs/<run>.log."""
+  if fresh_start(r):
+    print(f"studies: {r.workdir} held the record's copy of this run (no checkpoint); it trains again from its "
+          "beginning", flush=True)
+  if r.copy_from is not None and not r.workdir.exists():
+    shutil.copytree(r.copy_from, r.workdir)
+  out = None
+  if logs is not None:
+    logs.mkdir(parents=True, exist_ok=True)
+    out = open(logs / (run_key(r).replace("/", "_") + ".log"), "ab")
+  print(f"studies: {counter} {r.workdir} ({r.experiment}, to step {r.steps})"
+        f"{f'; log: {out.name}' if out else ''}", flush=True)
+  try:
+    proc = subprocess.Popen(command(r), start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
+  finally:
+    if out is not None:
+      out.close()  # the child holds its own copy
+  _keep_niceness(proc.pid)
+  return proc
 
 
 def command(r: Run) -> list[str]:
