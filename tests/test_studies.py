@@ -617,34 +617,46 @@ def test_a_verdict_row_names_its_command_and_the_recorded_cost_of_exactly_its_ru
 
 
 def test_the_more_seeds_plan_covers_exactly_the_unresolved_rows_and_prices_them_from_finished_seeds(tmp_path):
-  """verdicts.more_seeds: one command per study with an unresolved row, training seeds 3 and 4 of that row's arms at
-  its budgets, priced at the mean CPU time of each run's finished seeds (parents included); ">=" when one of the
-  runs has no finished seed to price it. Decided rows ask for nothing."""
+  """verdicts.more_seeds: for the unresolved rows, commands training seeds 3 and 4 of exactly the arms each budget
+  needs (budgets needing the same arms share one), priced at the mean CPU time of each run's finished seeds, a
+  parent shared by the budgets priced once; ">=" when a run has no finished seed to price it. Decided rows ask for
+  nothing."""
   studies = _studies()
   from studylib import verdicts
 
   runs = studies.plan("lm_mature", tmp_path, [0, 1, 2], [1500, 3000])
-  d1500 = [-0.03, 0.01, -0.02]  # upcycled - dense_continued at +1,500: under 3 SE (unresolved)
-  for r in runs:  # +3,000: -0.10 in every seed (reproduces, and so does the growth); dense_flops always 0.05 behind
+  noise = [-0.03, 0.01, -0.02]  # a Δ under 3 SE (mean -0.013, SE 0.012)
+
+  def write(finals):
+    for r in runs:
+      _fake_run(studies, r, {r.steps: finals(r)}, r.start + 1 if r.arm != "dense_pretrain" else 1)
+
+  def finals(r, up1500=None):
     dense = 2.0 if r.budget == 1500 else 1.9
-    up = dense + (d1500[r.seed] if r.budget == 1500 else -0.10)
-    final = {"dense_pretrain": 3.0, "dense_continued": dense, "upcycled": up, "dense_flops": up + 0.05}[r.arm]
-    _fake_run(studies, r, {r.steps: final}, r.start + 1 if r.arm != "dense_pretrain" else 1)
+    up = dense + noise[r.seed] if r.budget == 1500 else dense - 0.10
+    up = up1500 if up1500 is not None and r.budget == 1500 else up
+    flops = up + (0.05 if r.budget == 1500 else noise[r.seed])  # +3,000: upcycled - dense_flops unresolved
+    return {"dense_pretrain": 3.0, "dense_continued": dense, "upcycled": up, "dense_flops": flops}[r.arm]
+
+  write(finals)
   timings = {"lm_mature": {f"b{r.budget}/s{r.seed}/{r.arm}": {"cpu_s": 3600.0 * (1 + r.seed)} for r in runs}}
-  unresolved = [row for row in verdicts.rows({"lm_mature": runs}, timings) if row["verdict"].startswith("unresolved")]
-  assert [(row["budget"], row["Δ eval loss"]) for row in unresolved] == [("+1500", "upcycled - dense_continued")]
-  (plan,) = verdicts.more_seeds({"lm_mature": runs}, timings)
-  assert plan["unresolved rows"] == 1 and plan["seeds so far"] == 3
-  assert plan["train"] == "`scripts/studies.sh lm_mature --budgets 1500 --arms upcycled dense_continued --seeds 3 4`"
-  # the parent, upcycled and dense_continued at +1,500: 2 h each (seeds 0-2 at 1, 2, 3 h), for two more seeds
-  assert plan["CPU-hours (estimated)"] == "12.0"
-  del timings["lm_mature"]["b1500/s0/upcycled"], timings["lm_mature"]["b1500/s1/upcycled"]
-  del timings["lm_mature"]["b1500/s2/upcycled"]
+  unresolved = [(row["budget"], row["Δ eval loss"]) for row in verdicts.rows({"lm_mature": runs}, timings)
+                if row["verdict"].startswith("unresolved")]
+  assert unresolved == [("+1500", "upcycled - dense_continued"), ("+3000", "upcycled - dense_flops")]
+  plans = verdicts.more_seeds({"lm_mature": runs}, timings)
+  assert [p["train"] for p in plans] == [
+    "`scripts/studies.sh lm_mature --budgets 1500 --arms dense_continued upcycled --seeds 3 4`",
+    "`scripts/studies.sh lm_mature --budgets 3000 --arms upcycled dense_flops --seeds 3 4`"]
+  # each run 2 h a seed (seeds 0-2 at 1, 2, 3 h), two more seeds: the parent and two arms, then two arms
+  assert [p["CPU-hours (estimated)"] for p in plans] == ["12.0", "8.0"]
+  assert all(p["seeds so far"] == 3 for p in plans)
+  for s in (0, 1, 2):
+    del timings["lm_mature"][f"b1500/s{s}/upcycled"]
   assert verdicts.more_seeds({"lm_mature": runs}, timings)[0]["CPU-hours (estimated)"] == ">= 8.0"
-  for r in runs:  # every row decided: nothing to ask for
-    if r.budget == 1500 and r.arm == "upcycled":
-      _fake_run(studies, r, {r.steps: 1.9}, r.start + 1)
-  assert verdicts.more_seeds({"lm_mature": runs}, timings) == []
+  write(lambda r: finals(r, up1500=1.9))  # +1,500 decided; +3,000's equal-FLOPs row still asks
+  assert [p["train"] for p in verdicts.more_seeds({"lm_mature": runs}, timings)] == [plans[1]["train"]]
+  write(lambda r: finals(r, up1500=1.9) if r.arm != "dense_flops" or r.budget == 1500 else 1.9)
+  assert verdicts.more_seeds({"lm_mature": runs}, timings) == []  # every row decided: nothing to ask for
 
 
 def test_a_stored_run_finds_its_parent_wherever_the_store_keeps_it(tmp_path):

@@ -68,7 +68,7 @@ def _paired(f: dict, c: Claim, seeds: list[int], b: int) -> dict[int, float]:
   return {s: f[b, c.arm, s] - f[b, c.reference, s] for s in seeds if (b, c.arm, s) in f and (b, c.reference, s) in f}
 
 
-def command(study: str, budgets: list[int], arms: tuple[str, str], seeds: list[int]) -> str:
+def command(study: str, budgets: list[int], arms: tuple[str, ...], seeds: list[int]) -> str:
   """The command that trains (or, where finished, skips) the runs behind one verdict row."""
   extra = "" if seeds == default_seeds(study) else f" --seeds {' '.join(map(str, seeds))}"
   return f"`scripts/studies.sh {study} --budgets {' '.join(map(str, budgets))} --arms {' '.join(arms)}{extra}`"
@@ -134,30 +134,38 @@ def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None
 
 
 def more_seeds(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
-  """What the unresolved rows ask for, one line per study: the command that trains seeds up to MORE_SEEDS for
-  the union of those rows' budgets and arms (finished runs are skipped), and its cost estimated from the
-  recorded runs: each run of the command (parents included) at the mean CPU time of its finished seeds, times the
-  seeds to add; ">=" where some run has no finished seed to price it."""
+  """What the unresolved rows ask for: per study, one command per set of arms (the budgets that need the same
+  arms share it) that trains seeds up to MORE_SEEDS of exactly those arms (finished runs are skipped), and its cost
+  estimated from the recorded runs: each run of the command at the mean CPU time of its finished seeds, times the
+  seeds to add (a parent shared by several budgets is priced once per study); ">=" where some run has no finished
+  seed to price it."""
   timings = timings or {}
-  need: dict[str, tuple[set[int], list[str], list[Row]]] = {}
+  need: dict[str, tuple[dict[int, list[str]], list[Row]]] = {}
   for r in _rows(plans):
     if len(r.paired) < 3 or "unresolved" not in verdict(list(r.paired.values())):
       continue
-    budgets, arms, rs = need.setdefault(r.study, (set(), [], []))
-    budgets.update(r.budgets)
-    arms += [a for a in (r.claim.arm, r.claim.reference) if a not in arms]
+    arms_at, rs = need.setdefault(r.study, ({}, []))
+    for b in r.budgets:
+      arms_at.setdefault(b, []).extend(a for a in (r.claim.arm, r.claim.reference) if a not in arms_at.get(b, []))
     rs.append(r)
   out = []
-  for study, (budgets, arms, rs) in need.items():
+  for study, (arms_at, rs) in need.items():
     have = sorted(set.intersection(*(set(r.paired) for r in rs)))  # seeds every unresolved row has
     add = [s for s in range(2 * MORE_SEEDS) if s not in have][:MORE_SEEDS - len(have)]  # the lowest seeds missing
     done = {run_key(r) for r in finished(plans[study])}
-    cpu: dict[tuple[int, str], list[float]] = {}
-    for r in select([r for r in plans[study] if r.budget in (0, *budgets)], arms):
-      t = timings.get(study, {}).get(run_key(r))
-      cpu.setdefault((r.budget, r.arm), []).extend([t["cpu_s"]] if t and run_key(r) in done else [])
-    per_seed = sum(sum(v) / len(v) for v in cpu.values() if v) / 3600
-    out.append({"study": study, "unresolved rows": len(rs), "seeds so far": len(have),
-                "train": command(study, sorted(budgets), tuple(arms), add),
-                "CPU-hours (estimated)": f"{'>= ' * any(not v for v in cpu.values())}{per_seed * len(add):.1f}"})
+    order = list(dict.fromkeys(r.arm for r in plans[study]))  # arms in plan order: one spelling per set
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for b in sorted(arms_at):
+      groups.setdefault(tuple(sorted(arms_at[b], key=order.index)), []).append(b)
+    priced: set[tuple[int, str]] = set()
+    for arms, budgets in groups.items():
+      cpu: dict[tuple[int, str], list[float]] = {}
+      for r in select([r for r in plans[study] if r.budget in (0, *budgets)], list(arms)):
+        if (r.budget, r.arm) not in priced:
+          t = timings.get(study, {}).get(run_key(r))
+          cpu.setdefault((r.budget, r.arm), []).extend([t["cpu_s"]] if t and run_key(r) in done else [])
+      priced |= set(cpu)
+      per_seed = sum(sum(v) / len(v) for v in cpu.values() if v) / 3600
+      out.append({"study": study, "seeds so far": len(have), "train": command(study, budgets, arms, add),
+                  "CPU-hours (estimated)": f"{'>= ' * any(not v for v in cpu.values())}{per_seed * len(add):.1f}"})
   return out
