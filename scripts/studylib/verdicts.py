@@ -47,16 +47,24 @@ DECIDED_SE = 3.0
 MORE_SEEDS = 5
 
 
-def verdict(deltas: list[float]) -> str:
+def outcome(deltas: list[float]) -> str:
+  """The rule's answer: "pending", "reproduces", "contradicted", "unresolved" (more seeds asked for) or "no
+  difference" (still under 3 SE at MORE_SEEDS)."""
   n = len(deltas)
   if n < 3:
-    return f"pending ({n} of 3 seeds)"
+    return "pending"
   m, se = mean_se(deltas)
   if abs(m) >= DECIDED_SE * se:
-    return "**reproduces**" if m < 0 else "**contradicted** (the reverse holds)"
-  if n < MORE_SEEDS:
-    return f"unresolved at {n} seeds (|Δ| < {DECIDED_SE:g} SE): run {MORE_SEEDS}"
-  return f"no resolved difference at {n} seeds"
+    return "reproduces" if m < 0 else "contradicted"
+  return "unresolved" if n < MORE_SEEDS else "no difference"
+
+
+def verdict(deltas: list[float]) -> str:
+  n = len(deltas)
+  return {"pending": f"pending ({n} of 3 seeds)", "reproduces": "**reproduces**",
+          "contradicted": "**contradicted** (the reverse holds)",
+          "unresolved": f"unresolved at {n} seeds (|Δ| < {DECIDED_SE:g} SE): run {MORE_SEEDS}",
+          "no difference": f"no resolved difference at {n} seeds"}[outcome(deltas)]
 
 
 def _finals(runs: list[Run]) -> dict[tuple[int, str, int], float]:
@@ -142,7 +150,7 @@ def more_seeds(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] 
   timings = timings or {}
   need: dict[str, tuple[dict[int, list[str]], list[Row]]] = {}
   for r in _rows(plans):
-    if len(r.paired) < 3 or "unresolved" not in verdict(list(r.paired.values())):
+    if outcome(list(r.paired.values())) != "unresolved":
       continue
     arms_at, rs = need.setdefault(r.study, ({}, []))
     for b in r.budgets:
