@@ -527,6 +527,42 @@ def test_stopping_a_study_with_two_lanes_stops_both_children_and_starts_nothing_
   assert set(json.loads(timings.read_text())) == {n.replace("_", "/", 2) for n in both}
 
 
+def test_a_failed_child_stops_the_other_lane_and_the_study_raises_its_error(tmp_path):
+  """lanes=2: one run fails while the other trains; the other gets SIGTERM (it would checkpoint), nothing more
+  starts, both runs' time is recorded, and the study raises the failed child's CalledProcessError."""
+  import subprocess
+
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  child = ("import pathlib, signal, sys\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           f"pathlib.Path({str(ready)!r}, sys.argv[1]).write_text('')\n"
+           "if 's1' in sys.argv[1]:\n"
+           f"  while not pathlib.Path({str(ready)!r}, 'b300_s0_dense_pretrain').exists():\n"
+           "    pass\n"
+           "  sys.exit(3)\n"
+           "while not got:\n"
+           "  pass\n"
+           f"pathlib.Path({str(ready)!r}, sys.argv[1] + '.stopped').write_text('')\n")
+  ex = studies.execute_module
+  old = ex.command
+  ex.command = lambda r: [sys.executable, "-c", child, studies.run_key(r).replace("/", "_")]
+  timings = tmp_path / "timings.json"
+  try:
+    studies.execute(runs, timings, lanes=2)
+    raise AssertionError("a failed run went unnoticed")
+  except subprocess.CalledProcessError as e:
+    assert e.returncode == 3
+  finally:
+    ex.command = old
+  assert {p.name for p in ready.iterdir()} == {"b300_s0_dense_pretrain", "b300_s1_dense_pretrain",
+                                               "b300_s0_dense_pretrain.stopped"}
+  assert set(json.loads(timings.read_text())) == {"b300/s0/dense_pretrain", "b300/s1/dense_pretrain"}
+
+
 def test_a_niced_study_runs_its_training_child_at_the_same_niceness(tmp_path):
   """The child runs in its own session; under Linux's scheduler autogroups that is its own scheduling group, where
   the study's `nice` would not count against other sessions. The study gives the child's group its niceness."""

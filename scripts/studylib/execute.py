@@ -30,7 +30,7 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
         f"{f', {lanes} at a time' if lanes > 1 and total > 1 else ''}", flush=True)
   running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
   got: list[int] = []
-  failed: list[tuple[int, list[str]]] = []
+  failed: list[Exception] = []
 
   def stop_all(signum=None, frame=None):
     del frame
@@ -47,7 +47,12 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
         for r in [r for r in pending if not _starts_from(r) & waiting][:lanes - len(running)]:
           pending.remove(r)
           started += 1
-          proc = _start(r, f"[{started}/{total}]", timings_path.parent / "logs" if lanes > 1 else None)
+          try:
+            proc = _start(r, f"[{started}/{total}]", timings_path.parent / "logs" if lanes > 1 else None)
+          except Exception as e:  # e.g. its parent's copy failed: stop the others as for a failed child
+            failed.append(e)
+            stop_all()
+            break
           running[proc.pid] = (r, proc, time.time())
           if got:  # a signal that came before the child was in `running`
             _term(proc.pid)
@@ -67,7 +72,7 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
         print(f"studies: stopped by {why}; {r.workdir} saved a checkpoint at its last step and resumes "
               f"on the next invocation ({wall:.0f} s wall, {cpu:.0f} CPU-s recorded)", flush=True)
       elif proc.returncode != 0:
-        failed.append((proc.returncode, proc.args))
+        failed.append(subprocess.CalledProcessError(proc.returncode, proc.args))
         stop_all()  # the other lanes checkpoint and stop: the study is not finished
       elif lanes > 1:
         print(f"studies: done {r.workdir} ({wall:.0f} s wall, {cpu:.0f} CPU-s)", flush=True)
@@ -77,7 +82,7 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
   if got:
     raise SystemExit(128 + got[0])
   if failed:
-    raise subprocess.CalledProcessError(*failed[0])
+    raise failed[0]
 
 
 def _term(pid: int) -> None:
