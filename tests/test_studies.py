@@ -484,6 +484,25 @@ def test_lanes_train_independent_runs_side_by_side_and_a_run_only_after_the_runs
   assert (timings.parent / "logs" / "b0_s1_dense_pretrain.log").read_text() == "training p3000_s1_dense_pretrain\n"
 
 
+def _two_lanes(tmp_path, then: str):
+  """Two seeds' parents (lm_upcycle +300) and a training-child script that marks ready/<run> when it starts, runs
+  `then` (its source, or "" for nothing), then burns CPU until SIGTERM and marks ready/<run>.stopped."""
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  child = ("import pathlib, signal, sys\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           f"ready = pathlib.Path({str(ready)!r})\n"
+           "(ready / sys.argv[1]).write_text('')\n"
+           f"{then}"
+           "while not got:\n"
+           "  pass\n"
+           "(ready / (sys.argv[1] + '.stopped')).write_text('')\n")
+  return studies, runs, ready, lambda r: [sys.executable, "-c", child, studies.run_key(r).replace("/", "_")]
+
+
 def test_stopping_a_study_with_two_lanes_stops_both_children_and_starts_nothing_more(tmp_path):
   """SIGTERM with two runs in flight: both children get SIGTERM (and checkpoint, in moejax train), both runs'
   time is recorded, no further run starts, and the study exits 128 + 15."""
@@ -492,21 +511,10 @@ def test_stopping_a_study_with_two_lanes_stops_both_children_and_starts_nothing_
   import threading
   import time
 
-  studies = _studies()
-  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
-  ready = tmp_path / "ready"
-  ready.mkdir()
-  child = ("import os, pathlib, signal, sys\n"
-           "got = []\n"
-           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
-           f"pathlib.Path({str(ready)!r}, sys.argv[1]).write_text('')\n"
-           "x = 0\n"
-           "while not got:\n"
-           "  x += 1\n"
-           f"pathlib.Path({str(ready)!r}, sys.argv[1] + '.stopped').write_text('')\n")
+  studies, runs, ready, command = _two_lanes(tmp_path, "")
   ex = studies.execute_module
   old = ex.command
-  ex.command = lambda r: [sys.executable, "-c", child, studies.run_key(r).replace("/", "_")]
+  ex.command = command
 
   def stop_the_study():
     while len(list(ready.iterdir())) < 2:
@@ -532,24 +540,11 @@ def test_a_failed_child_stops_the_other_lane_and_the_study_raises_its_error(tmp_
   starts, both runs' time is recorded, and the study raises the failed child's CalledProcessError."""
   import subprocess
 
-  studies = _studies()
-  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
-  ready = tmp_path / "ready"
-  ready.mkdir()
-  child = ("import pathlib, signal, sys\n"
-           "got = []\n"
-           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
-           f"pathlib.Path({str(ready)!r}, sys.argv[1]).write_text('')\n"
-           "if 's1' in sys.argv[1]:\n"
-           f"  while not pathlib.Path({str(ready)!r}, 'b300_s0_dense_pretrain').exists():\n"
-           "    pass\n"
-           "  sys.exit(3)\n"
-           "while not got:\n"
-           "  pass\n"
-           f"pathlib.Path({str(ready)!r}, sys.argv[1] + '.stopped').write_text('')\n")
+  studies, runs, ready, command = _two_lanes(
+    tmp_path, "if 's1' in sys.argv[1]:\n  while not (ready / 'b300_s0_dense_pretrain').exists():\n    pass\n  sys.exit(3)\n")
   ex = studies.execute_module
   old = ex.command
-  ex.command = lambda r: [sys.executable, "-c", child, studies.run_key(r).replace("/", "_")]
+  ex.command = command
   timings = tmp_path / "timings.json"
   try:
     studies.execute(runs, timings, lanes=2)
