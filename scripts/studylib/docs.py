@@ -51,19 +51,14 @@ def restored(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> Iterato
     yield out
 
 
-def _plans_and_timings(studies: Restored) -> tuple[dict[str, list], dict[str, dict]]:
-  return ({s: runs for s, (runs, _) in studies.items()},
-          {s: read_cache(d / "timings.json") for s, (_, d) in studies.items()})
-
-
-def verdict_table(studies: Restored) -> str:
-  """The claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs."""
-  return report.markdown_table(verdicts.rows(*_plans_and_timings(studies)))
-
-
-def more_seeds_table(studies: Restored) -> str:
-  """The runs the unresolved verdicts ask for, one command per study, with their estimated cost."""
-  return report.markdown_table(verdicts.more_seeds(*_plans_and_timings(studies)))
+def verdict_tables(studies: Restored) -> dict[str, str]:
+  """{"verdicts": the claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs,
+  "more seeds": the runs its unresolved rows ask for, with their estimated cost}, from one pass over the runs."""
+  plans = {s: runs for s, (runs, _) in studies.items()}
+  timings = {s: read_cache(d / "timings.json") for s, (_, d) in studies.items()}
+  computed = verdicts.claim_rows(plans)
+  return {"verdicts": report.markdown_table(verdicts.rows(plans, timings, computed)),
+          "more seeds": report.markdown_table(verdicts.more_seeds(plans, timings, computed))}
 
 
 README = ROOT / "README.md"
@@ -123,8 +118,7 @@ def write_docs(study: str, record: pathlib.Path, parent_steps: int = MATURE_PARE
   """Write `study`'s blocks, the verdicts and the more-seeds plan into docs/results.md, and README's summary; the
   blocks written."""
   with restored(record, parent_steps) as studies:
-    blocks = {**study_tables(study, studies), "verdicts": verdict_table(studies),
-              "more seeds": more_seeds_table(studies)}
+    blocks = {**study_tables(study, studies), **verdict_tables(studies)}
     readme = readme_table(studies)
   for name, block in blocks.items():
     report.write_doc_block(DOC, GENERATOR, name, block)

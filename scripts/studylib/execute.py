@@ -45,6 +45,8 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
       if not got and not failed:
         waiting = {str(r.workdir) for r in pending} | {str(r.workdir) for r, _, _ in running.values()}
         for r in [r for r in pending if not _starts_from(r) & waiting][:lanes - len(running)]:
+          if got:  # a signal while this loop starts runs: start no more
+            break
           pending.remove(r)
           started += 1
           try:
@@ -101,8 +103,7 @@ def _starts_from(r: Run) -> set[str]:
 
 
 def _start(r: Run, counter: str, logs: pathlib.Path | None) -> subprocess.Popen:
-  """Start `r`'s training child in its own session at the study's niceness (see train_child), its output to this
-  terminal or to logs/<run>.log."""
+  """Start `r`'s training child (see _spawn), its output to this terminal or to logs/<run>.log."""
   if fresh_start(r):
     print(f"studies: {r.workdir} held the record's copy of this run (no checkpoint); it trains again from its "
           "beginning", flush=True)
@@ -115,10 +116,16 @@ def _start(r: Run, counter: str, logs: pathlib.Path | None) -> subprocess.Popen:
   print(f"studies: {counter} {r.workdir} ({r.experiment}, to step {r.steps})"
         f"{f'; log: {out.name}' if out else ''}", flush=True)
   try:
-    proc = subprocess.Popen(command(r), start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
+    return _spawn(command(r), out)
   finally:
     if out is not None:
       out.close()  # the child holds its own copy
+
+
+def _spawn(cmd: list[str], out=None) -> subprocess.Popen:
+  """A training child in its own session (a terminal's Ctrl-C reaches only the study, which stops it with SIGTERM
+  after a checkpoint) at the study's niceness; `out`: a file for its stdout and stderr, else this terminal."""
+  proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
   _keep_niceness(proc.pid)
   return proc
 
@@ -146,8 +153,7 @@ def train_child(cmd: list[str]) -> tuple[int, float, float, int]:
   old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
   try:
-    proc.append(subprocess.Popen(cmd, start_new_session=True))
-    _keep_niceness(proc[0].pid)
+    proc.append(_spawn(cmd))
     if got:  # a signal that came before the child existed
       proc[0].send_signal(signal.SIGTERM)
     rc = proc[0].wait()

@@ -103,7 +103,7 @@ class Row:
   what: str
 
 
-def _rows(plans: dict[str, list[Run]]) -> list[Row]:
+def claim_rows(plans: dict[str, list[Run]]) -> list[Row]:
   finals = {study: _finals(runs) for study, runs in plans.items()}
   out = []
   for c in CLAIMS:
@@ -124,13 +124,14 @@ def _rows(plans: dict[str, list[Run]]) -> list[Row]:
   return out
 
 
-def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None,
+         computed: list[Row] | None = None) -> list[dict]:
   """`plans`: study name -> its runs (restored from the record); `timings`: study name -> its recorded timings by
-  `run_key`. One row per claim x regime x budget, with the command that trains its runs and their recorded
-  CPU-hours."""
+  `run_key`; `computed`: `claim_rows(plans)` where the caller has it already. One row per claim x regime x
+  budget, with the command that trains its runs and their recorded CPU-hours."""
   timings = timings or {}
   out = []
-  for r in _rows(plans):
+  for r in claim_rows(plans) if computed is None else computed:
     d, arms = list(r.paired.values()), (r.claim.arm, r.claim.reference)
     used = sorted(r.paired) if len(d) >= 3 else sorted(set(r.paired) | set(default_seeds(r.study)))  # to finish it
     cost = cpu_hours(plans[r.study], r.budgets, arms, sorted(r.paired), timings.get(r.study, {})) if d else None
@@ -141,15 +142,16 @@ def rows(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None
   return out
 
 
-def more_seeds(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None) -> list[dict]:
+def more_seeds(plans: dict[str, list[Run]], timings: dict[str, dict[str, dict]] | None = None,
+               computed: list[Row] | None = None) -> list[dict]:
   """What the unresolved rows ask for: per study, one command per set of arms (the budgets that need the same
   arms share it) that trains seeds up to MORE_SEEDS of exactly those arms (finished runs are skipped), and its cost
   estimated from the recorded runs: each run of the command at the mean CPU time of its finished seeds, times the
   seeds to add (a parent shared by several budgets is priced once per study); ">=" where some run has no finished
-  seed to price it."""
+  seed to price it. `computed` as for `rows`."""
   timings = timings or {}
   need: dict[str, tuple[dict[int, list[str]], list[Row]]] = {}
-  for r in _rows(plans):
+  for r in claim_rows(plans) if computed is None else computed:
     if outcome(list(r.paired.values())) != "unresolved":
       continue
     arms_at, rs = need.setdefault(r.study, ({}, []))
