@@ -61,13 +61,22 @@ from studylib.plan import (  # noqa: E402  # noqa: E402
   STEP_CAP,
   default_seeds,
   last_step,
+  logged_step,
   plan,
+  restored_copy,
   select,
 )
 from studylib.records import read_cache, restore_record, run_key, save_record  # noqa: E402
 from studylib.tables import capacity_table, table  # noqa: E402
 
 from moejax import provenance, report  # noqa: E402
+
+
+def _progress(r) -> tuple[int, int, bool]:
+  """(last step logged, train rows included: a stop before the first eval counts; its metrics file's mtime: a run
+  retrained from its record's copy ends at the same step; whether the directory is such a copy: it starts at 0)."""
+  m = r.workdir / "metrics.jsonl"
+  return logged_step(r.workdir), m.stat().st_mtime_ns if m.exists() else -1, restored_copy(r)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     a.report_only = True
   t0 = time.time()
   if not a.report_only:
-    before = {run_key(r): last_step(r.workdir) for r in runs}
+    before = {run_key(r): _progress(r) for r in runs}
     start = provenance.record(pathlib.Path(__file__).resolve().parent.parent)
     completed = False
     try:
       execute(runs, timings_path, a.lanes)
       completed = True
     finally:  # the code, machine and load every step was trained with: one row per invocation that trained
-      trained = {run_key(r): [before[run_key(r)], last_step(r.workdir)] for r in runs
-                 if last_step(r.workdir) != before[run_key(r)]}
+      trained = {run_key(r): [-1 if before[run_key(r)][2] else before[run_key(r)][0], logged_step(r.workdir)]
+                 for r in runs if _progress(r)[1] != before[run_key(r)][1]}
       if trained:
         row = provenance.finished(start, wall_s=round(time.time() - t0), runs_trained_from_to_step=trained)
         study_dir.mkdir(parents=True, exist_ok=True)

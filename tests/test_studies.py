@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import test_train
 from study_twins import GROUPED_TWINS
 
@@ -313,13 +314,21 @@ def test_a_run_recorded_part_way_trains_again_from_its_parent_not_from_scratch(t
            "  f.write(json.dumps({'split': 'eval', 'step': steps, 'ce_loss': 1.0}) + '\\n')\n")
   monkeypatch.setattr(studies.execute_module, "command",
                       lambda r: [sys.executable, "-c", child, str(r.workdir), str(r.steps)])
-  studies.execute(runs2, tmp_path / "timings.json")
+  timings = tmp_path / "timings.json"  # the record's time: one whole parent and the continuation's part-way run
+  timings.write_text(json.dumps({"b300/s0/dense_pretrain": {"wall_s": 90.0, "cpu_s": 80.0},
+                                 "b300/s0/dense_continued": {"wall_s": 50.0, "cpu_s": 40.0}}))
+  studies.execute(runs2, timings)
   parent, cont = (json.loads((r.workdir / "found.json").read_text()) for r in runs2)
   assert parent == {"checkpoints": [], "rows": 0}  # the parent trained in a clean directory
   assert cont["checkpoints"] == [300]  # the continuation resumed from the retrained parent's checkpoint ...
   assert cont["rows"] == 1  # ... with the parent's metrics, not the record's part-way run
   assert not any((r.workdir / studies.RESTORED).exists() for r in runs2)
   assert studies.todo(runs2) == []
+  # each run's wall_s / cpu_s now count the one training behind its metrics (priced by tables and estimates); the
+  # time the replaced histories cost is kept apart
+  for key, (wall, cpu) in {"b300/s0/dense_pretrain": (90.0, 80.0), "b300/s0/dense_continued": (50.0, 40.0)}.items():
+    t = json.loads(timings.read_text())[key]
+    assert (t["earlier_wall_s"], t["earlier_cpu_s"]) == (wall, cpu) and 0 < t["cpu_s"] < 30
   # a directory with a checkpoint is never cleared, marker or not
   (runs2[1].workdir / studies.RESTORED).write_text("")
   assert not studies.fresh_start(runs2[1]) and (runs2[1].workdir / "metrics.jsonl").exists()
@@ -707,3 +716,48 @@ def test_a_stored_run_finds_its_parent_wherever_the_store_keeps_it(tmp_path):
   beside.mkdir(parents=True)
   (beside / "config.json").write_text("{}")
   assert report.stored_parent(run, gone) == beside  # the nearest wins
+
+
+def test_a_study_stopped_before_its_first_eval_records_where_it_got_and_its_time(tmp_path, monkeypatch):
+  """A long parent stopped (SIGTERM) before its first eval has logged train rows only: the invocation still writes
+  its provenance row (the run trained from nothing to its last logged step) and copies the study's timings and
+  provenance into the record, so a fresh machine keeps the time that was spent."""
+  import importlib.util
+  import os
+  import signal
+  import threading
+  import time
+
+  studies = _studies()
+  spec = importlib.util.spec_from_file_location("studies_script", studies.execute_module.__file__.replace(
+    "studylib/execute.py", "studies.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  root, record, ready = tmp_path / "runs", tmp_path / "record", tmp_path / "ready"
+  child = ("import json, pathlib, signal, sys\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           "w = pathlib.Path(sys.argv[1])\n"
+           "w.mkdir(parents=True, exist_ok=True)\n"
+           "(w / 'metrics.jsonl').write_text(json.dumps({'split': 'train', 'step': 7, 'ce_loss': 5.0}) + '\\n')\n"
+           f"pathlib.Path({str(ready)!r}).write_text('')\n"
+           "while not got:\n"
+           "  pass\n")
+  monkeypatch.setattr(studies.execute_module, "command", lambda r: [sys.executable, "-c", child, str(r.workdir)])
+
+  def stop_the_study():
+    while not ready.exists():
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=stop_the_study, daemon=True).start()
+  with pytest.raises(SystemExit) as e:
+    script.main(["lm_upcycle", "--seeds", "0", "--budgets", "300", "--arms", "dense_pretrain", "--root", str(root),
+                 "--record", str(record), "--img", str(tmp_path / "img")])
+  assert e.value.code == 128 + signal.SIGTERM
+  rows = [json.loads(x) for x in (root / "lm_upcycle" / "provenance.jsonl").read_text().splitlines()]
+  assert [r["runs_trained_from_to_step"] for r in rows] == [{"b300/s0/dense_pretrain": [-1, 7]}]
+  assert (record / "lm_upcycle" / "provenance.jsonl").read_text() == (root / "lm_upcycle" / "provenance.jsonl").read_text()
+  t = json.loads((record / "lm_upcycle" / "timings.json").read_text())
+  assert list(t) == ["b300/s0/dense_pretrain"] and t["b300/s0/dense_pretrain"]["cpu_s"] > 0
+  assert not (record / "lm_upcycle" / "b300").exists()  # no eval yet: nothing of the run itself to show

@@ -50,7 +50,7 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
           pending.remove(r)
           started += 1
           try:
-            proc = _start(r, f"[{started}/{total}]", timings_path.parent / "logs" if lanes > 1 else None)
+            proc = _start(r, f"[{started}/{total}]", timings_path, lanes > 1)
           except Exception as e:  # e.g. its parent's copy failed: stop the others as for a failed child
             failed.append(e)
             stop_all()
@@ -68,7 +68,7 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
       wall, cpu = time.time() - t0, usage.ru_utime + usage.ru_stime
       key = run_key(r)  # the time is recorded even for a run stopped or failed part-way: it was spent
       prev = read_cache(timings_path).get(key, {"wall_s": 0.0, "cpu_s": 0.0})
-      merge_json(timings_path, key, {"wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
+      merge_json(timings_path, key, {**prev, "wall_s": prev["wall_s"] + wall, "cpu_s": prev["cpu_s"] + cpu})
       if got or (failed and proc.returncode == 0):
         why = f"signal {got[0]}" if got else "another run's failure"
         print(f"studies: stopped by {why}; {r.workdir} saved a checkpoint at its last step and resumes "
@@ -102,15 +102,16 @@ def _starts_from(r: Run) -> set[str]:
   return ({str(r.copy_from)} if r.copy_from is not None else set()) | ({upcycle_parent(r)} - {""})
 
 
-def _start(r: Run, counter: str, logs: pathlib.Path | None) -> subprocess.Popen:
-  """Start `r`'s training child (see _spawn), its output to this terminal or to logs/<run>.log."""
+def _start(r: Run, counter: str, timings_path: pathlib.Path, own_log: bool) -> subprocess.Popen:
+  """Start `r`'s training child (see _spawn), its output to this terminal or (own_log) to logs/<run>.log."""
   if fresh_start(r):
     print(f"studies: {r.workdir} held the record's copy of this run (no checkpoint); it trains again from its "
           "beginning", flush=True)
+    _retire_time(timings_path, run_key(r))
   if r.copy_from is not None and not r.workdir.exists():
     shutil.copytree(r.copy_from, r.workdir)
-  out = None
-  if logs is not None:
+  out, logs = None, timings_path.parent / "logs"
+  if own_log:
     logs.mkdir(parents=True, exist_ok=True)
     out = open(logs / (run_key(r).replace("/", "_") + ".log"), "ab")
   print(f"studies: {counter} {r.workdir} ({r.experiment}, to step {r.steps})"
@@ -120,6 +121,18 @@ def _start(r: Run, counter: str, logs: pathlib.Path | None) -> subprocess.Popen:
   finally:
     if out is not None:
       out.close()  # the child holds its own copy
+
+
+def _retire_time(timings_path: pathlib.Path, key: str) -> None:
+  """A run trained again from its beginning: the time recorded so far bought the history it replaces (the record's
+  copy: the same numbers, training being deterministic, or a part-way run), so `wall_s` / `cpu_s` restart at zero
+  and count one training, the one behind its metrics, which is what tables and estimates price; the earlier time
+  is kept, added up, in `earlier_wall_s` / `earlier_cpu_s`."""
+  t = read_cache(timings_path).get(key)
+  if t:
+    merge_json(timings_path, key, {"wall_s": 0.0, "cpu_s": 0.0,
+                                   "earlier_wall_s": t.get("earlier_wall_s", 0.0) + t["wall_s"],
+                                   "earlier_cpu_s": t.get("earlier_cpu_s", 0.0) + t["cpu_s"]})
 
 
 def _spawn(cmd: list[str], out=None) -> subprocess.Popen:

@@ -200,6 +200,11 @@ def last_step(workdir: pathlib.Path) -> int:
   return max(steps, default=-1)
 
 
+def logged_step(workdir: pathlib.Path) -> int:
+  """The last step the run logged anything at (train rows included): how far it got, even before its first eval."""
+  return max((int(r["step"]) for r in metrics.read_jsonl(workdir) if "step" in r), default=-1)
+
+
 def has_checkpoint(workdir: pathlib.Path) -> bool:
   return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
 
