@@ -761,3 +761,33 @@ def test_a_study_stopped_before_its_first_eval_records_where_it_got_and_its_time
   t = json.loads((record / "lm_upcycle" / "timings.json").read_text())
   assert list(t) == ["b300/s0/dense_pretrain"] and t["b300/s0/dense_pretrain"]["cpu_s"] > 0
   assert not (record / "lm_upcycle" / "b300").exists()  # no eval yet: nothing of the run itself to show
+
+
+def test_a_single_training_child_is_stopped_with_its_study_and_its_time_returned(tmp_path):
+  """train_child (peft_study's one run at a time): SIGTERM to the study reaches the child as SIGTERM (moejax train
+  checkpoints and exits 0), the call returns the child's status, its time and the signal, and the study's own
+  handlers are back afterwards."""
+  import os
+  import signal
+  import threading
+  import time
+
+  studies = _studies()
+  ready = tmp_path / "ready"
+  child = ("import pathlib, signal\n"
+           "got = []\n"
+           "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+           f"pathlib.Path({str(ready)!r}).write_text('')\n"
+           "while not got:\n"
+           "  pass\n")
+
+  def stop_the_study():
+    while not ready.exists():
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=stop_the_study, daemon=True).start()
+  rc, wall, cpu, stopped = studies.execute_module.train_child([sys.executable, "-c", child])
+  assert (rc, stopped) == (0, signal.SIGTERM) and wall > 0 and cpu > 0
+  assert signal.getsignal(signal.SIGTERM) is before

@@ -3,6 +3,7 @@ SIGTERM / Ctrl-C after a checkpoint), its wall and CPU time recorded; the CLIP r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from studylib.plan import PARENTS, Run, finished, has_checkpoint, todo, upcycle_parent
 from studylib.records import fresh_start, merge_json, read_cache, run_key
@@ -29,18 +31,13 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
   print(f"studies: {len(runs) - total} of {len(runs)} runs finished; {total} to run"
         f"{f', {lanes} at a time' if lanes > 1 and total > 1 else ''}", flush=True)
   running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
-  got: list[int] = []
   failed: list[Exception] = []
 
-  def stop_all(signum=None, frame=None):
-    del frame
-    if signum is not None:
-      got.append(signum)
+  def stop_all():
     for pid in running:
       _term(pid)
 
-  old = {s: signal.signal(s, stop_all) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
+  with _stopped_by_signals(stop_all) as got:
     while pending or running:
       if not got and not failed:
         waiting = {str(r.workdir) for r in pending} | {str(r.workdir) for r, _, _ in running.values()}
@@ -78,13 +75,29 @@ def execute(runs: list[Run], timings_path: pathlib.Path, lanes: int = 1) -> None
         stop_all()  # the other lanes checkpoint and stop: the study is not finished
       elif lanes > 1:
         print(f"studies: done {r.workdir} ({wall:.0f} s wall, {cpu:.0f} CPU-s)", flush=True)
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
   if got:
     raise SystemExit(128 + got[0])
   if failed:
     raise failed[0]
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: Callable[[], object]) -> Iterator[list[int]]:
+  """Inside, SIGTERM or SIGINT to the study is appended to the yielded list and calls `stop()` (which sends its
+  running children SIGTERM: each checkpoints and exits); the previous handlers are back on the way out."""
+  got: list[int] = []
+
+  def handler(signum, frame):
+    del frame
+    got.append(signum)
+    stop()
+
+  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield got
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
 
 
 def _term(pid: int) -> None:
@@ -154,25 +167,13 @@ def train_child(cmd: list[str]) -> tuple[int, float, float, int]:
   unrecorded; the time the child spent is returned either way. The child runs in its own session, so a
   terminal's Ctrl-C reaches only the study (a SIGINT straight to `moejax train` would stop it without a
   checkpoint)."""
-  got: list[int] = []
   proc: list[subprocess.Popen] = []
-
-  def forward(signum, frame):
-    del frame
-    got.append(signum)
-    if proc:
-      proc[0].send_signal(signal.SIGTERM)
-
-  old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-  try:
+  with _stopped_by_signals(lambda: proc and proc[0].send_signal(signal.SIGTERM)) as got:
     proc.append(_spawn(cmd))
     if got:  # a signal that came before the child existed
       proc[0].send_signal(signal.SIGTERM)
     rc = proc[0].wait()
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
   c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
   return rc, time.time() - t0, cpu, (got[0] if got else 0)
