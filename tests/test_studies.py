@@ -791,3 +791,33 @@ def test_a_single_training_child_is_stopped_with_its_study_and_its_time_returned
   rc, wall, cpu, stopped = studies.execute_module.train_child([sys.executable, "-c", child])
   assert (rc, stopped) == (0, signal.SIGTERM) and wall > 0 and cpu > 0
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_cost_table_prices_each_run_by_the_steps_it_trained_itself_and_keeps_retrains_apart(tmp_path):
+  """CPU-s per step: a parent over all its steps, a continuation (copied parent) and an upcycled run over the steps
+  after the parent's last one, a FLOP-matched run over its own length; the total adds every recorded run, part-way
+  ones included, and shows a retrain's replaced time separately."""
+  studies = _studies()
+  runs = studies.plan("lm_upcycle", tmp_path, [0, 1], [300])
+  by = {(r.arm, r.seed): r for r in runs}
+  for r in runs:
+    if r.seed == 0 or r.arm == "dense_pretrain":
+      _fake_run(studies, r, {r.steps: 3.0}, 1)
+  _fake_run(studies, by["upcycled", 1], {by["upcycled", 1].start + 150: 3.0}, 301)  # stopped part-way: not in its arm's row
+  own = {"dense_pretrain": 300, "dense_continued": 300, "upcycled": 300, "dense_flops": 403}
+  assert {r.arm: studies.own_steps(r) for r in runs if r.seed == 0} == own
+  timings = {studies.run_key(r): {"wall_s": 2.0 * own[r.arm], "cpu_s": 1.0 * own[r.arm]} for r in runs
+             if r.seed == 0 or r.arm == "dense_pretrain"}
+  timings[studies.run_key(by["dense_pretrain", 1])] = {"wall_s": 900.0, "cpu_s": 600.0, "earlier_wall_s": 10.0,
+                                                      "earlier_cpu_s": 360.0}
+  timings[studies.run_key(by["upcycled", 1])] = {"wall_s": 100.0, "cpu_s": 72.0}
+  rows = {r["arm"]: r for r in studies.cost_table(runs, "LM", timings)}
+  assert rows["dense_pretrain"]["CPU-s / step"] == "1.50 ± 0.50" and rows["dense_pretrain"]["runs timed"] == "2 of 2"
+  assert {a: rows[a]["CPU-s / step"] for a in ("dense_continued", "upcycled", "dense_flops")} == dict.fromkeys(
+    ("dense_continued", "upcycled", "dense_flops"), "1.00")
+  assert rows["upcycled"]["runs timed"] == "1 of 2"
+  total = rows["**all** (5 of 8 runs finished)"]
+  cpu = 300 + 600 + 300 + 300 + 403 + 72
+  assert total["runs timed"] == "6 of 8"
+  assert total["CPU-hours"] == f"**{cpu / 3600:.2f}** (+ {360 / 3600:.2f} replaced by retrains)"
+  assert total["wall-hours"] == f"{(2 * (300 + 300 + 300 + 403) + 900 + 100) / 3600:.2f}"

@@ -14,7 +14,7 @@ from moejax import report
 from studylib import verdicts
 from studylib.plan import BUDGETS, MATURE, MATURE_PARENT, default_seeds, finished, plan
 from studylib.records import read_cache, restore_record
-from studylib.tables import capacity_table, curve, mean_se, pm, table
+from studylib.tables import capacity_table, cost_table, curve, mean_se, pm, table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 DOC = ROOT / "docs" / "results.md"
@@ -53,12 +53,15 @@ def restored(record: pathlib.Path, parent_steps: int = MATURE_PARENT) -> Iterato
 
 def verdict_tables(studies: Restored) -> dict[str, str]:
   """{"verdicts": the claims x regimes table (studylib/verdicts.py) over every upcycling study's recorded runs,
-  "more seeds": the runs its unresolved rows ask for, with their estimated cost}, from one pass over the runs."""
+  "more seeds": the runs its unresolved rows ask for, with their estimated cost, "cost": what every study's runs
+  took}, from one pass over the runs."""
   plans = {s: runs for s, (runs, _) in studies.items()}
   timings = {s: read_cache(d / "timings.json") for s, (_, d) in studies.items()}
   computed = verdicts.claim_rows(plans)
+  cost = [row for s in STUDIES for row in cost_table(plans[s], STUDY_LABEL[s], timings[s])]
   return {"verdicts": report.markdown_table(verdicts.rows(plans, timings, computed)),
-          "more seeds": report.markdown_table(verdicts.more_seeds(plans, timings, computed))}
+          "more seeds": report.markdown_table(verdicts.more_seeds(plans, timings, computed)),
+          "cost": report.markdown_table(cost)}
 
 
 README = ROOT / "README.md"

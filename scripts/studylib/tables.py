@@ -156,3 +156,36 @@ def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
       "CPU-s / step": pm(*mean_se(cpu), 2) if cpu else "n/a",
     })
   return rows
+
+
+def own_steps(r: Run) -> int:
+  """The steps `r` trains itself: a run that starts from a copy of its parent, or from its upcycled weights, trains
+  from the parent's last step on; a parent or a run from scratch from step 0."""
+  return r.steps - r.start if (r.copy_from is not None or upcycle_parent(r)) else r.steps
+
+
+def cost_table(runs: list[Run], label: str, timings: dict[str, dict]) -> list[dict]:
+  """What a study's runs cost, from its recorded timings: per arm, the finished runs that were timed and their
+  CPU-seconds per step (evals and compiles included: each run's CPU time over the steps it trained itself) and
+  CPU-hours; then the study's total over every recorded run, finished or stopped part-way, with the summed wall
+  time (runs trained side by side overlap) and the time of trainings a retrain replaced, kept apart."""
+  done = {run_key(r) for r in finished(runs)}
+  rows = []
+  for arm in dict.fromkeys(r.arm for r in runs):
+    timed = [r for r in runs if r.arm == arm and run_key(r) in done and run_key(r) in timings]
+    if not timed:
+      continue
+    cpu = [timings[run_key(r)]["cpu_s"] for r in timed]
+    rows.append({"study": label, "arm": arm, "runs timed": f"{len(timed)} of {sum(r.arm == arm for r in runs)}",
+                 "steps each": " / ".join(f"{s:,}" for s in sorted({own_steps(r) for r in timed})),
+                 "CPU-s / step": pm(*mean_se([c / own_steps(r) for c, r in zip(cpu, timed)]), 2),
+                 "CPU-hours": f"{sum(cpu) / 3600:.2f}", "wall-hours": ""})
+  mine = [timings[run_key(r)] for r in runs if run_key(r) in timings]
+  if mine:
+    again = sum(t.get("earlier_cpu_s", 0.0) for t in mine) / 3600
+    rows.append({"study": label, "arm": f"**all** ({len(done)} of {len(runs)} runs finished)",
+                 "runs timed": f"{len(mine)} of {len(runs)}", "steps each": "", "CPU-s / step": "",
+                 "CPU-hours": f"**{sum(t['cpu_s'] for t in mine) / 3600:.2f}**"
+                              + (f" (+ {again:.2f} replaced by retrains)" if again else ""),
+                 "wall-hours": f"{sum(t['wall_s'] for t in mine) / 3600:.2f}"})
+  return rows
