@@ -294,7 +294,11 @@ def test_a_run_recorded_part_way_trains_again_from_its_parent_not_from_scratch(t
   assert by["dense_continued"].copy_from == by["dense_pretrain"].workdir
   _fake_run(studies, by["dense_pretrain"], {150: 4.0, 300: 3.0}, 1)
   _fake_run(studies, by["dense_continued"], {150: 4.0, 300: 3.0, 450: 2.5}, 1)  # stopped at 450 of 600
+  for r in runs:
+    (r.workdir / "result.json").write_text(json.dumps({"status": "finished", "workdir": str(r.workdir)}))
   assert studies.save_record(runs, root, record, root / "lm_upcycle") == 2
+  kept = {r.arm: (record / r.workdir.relative_to(root) / "result.json").exists() for r in runs}
+  assert kept == {"dense_pretrain": True, "dense_continued": False}  # a part-way run's result is a stop's
 
   root2 = tmp_path / "clone"
   runs2 = studies.select(studies.plan("lm_upcycle", root2, [0], [300]), ["dense_continued"])

@@ -18,16 +18,21 @@ STUDY_FILES = ("timings.json", "novel.json", "table.md", "provenance.jsonl")
 
 
 def save_record(runs: list[Run], root: pathlib.Path, record: pathlib.Path, study_dir: pathlib.Path) -> int:
-  """Copy what a run leaves besides its checkpoints (its resolved config, metrics, result) and the study's
-  timings / novel-split evals / table into `record` (tracked in git: results/studies), mirroring `root`."""
+  """Copy what a run leaves besides its checkpoints (its resolved config, metrics, and once it has finished its
+  result) and the study's timings / novel-split evals / table into `record` (tracked in git: results/studies),
+  mirroring `root`. A run stopped part-way is kept for `--partial` views, without a result.json: the one in its
+  directory is a stop's, or the parent's in a continuation copied and not yet trained."""
   n = 0
   for r in runs:
     if last_step(r.workdir) < 0:
       continue
     dst = record / r.workdir.relative_to(root)
     dst.mkdir(parents=True, exist_ok=True)
+    part_way = last_step(r.workdir) < r.steps  # its result.json is a stop's, or its parent's in a fresh copy
     for f in RECORD_FILES:
-      if (r.workdir / f).exists():
+      if part_way and f == "result.json":
+        (dst / f).unlink(missing_ok=True)
+      elif (r.workdir / f).exists():
         shutil.copy2(r.workdir / f, dst / f)
     n += 1
   for f in STUDY_FILES:
