@@ -825,3 +825,24 @@ def test_the_cost_table_prices_each_run_by_the_steps_it_trained_itself_and_keeps
   assert total["runs timed"] == "6 of 8"
   assert total["CPU-hours"] == f"**{cpu / 3600:.2f}** (+ {360 / 3600:.2f} replaced by retrains)"
   assert total["wall-hours"] == f"{(2 * (300 + 300 + 300 + 403) + 900 + 100) / 3600:.2f}"
+
+
+def test_the_clip_mature_figures_are_drawn_under_their_own_names(tmp_path):
+  """clip_mature's figures (curves by steps and FLOPs, the paired advantage, retrieval bars, the parents' curve)
+  go to study_clip_mature_*.png: none overwrites the young-parent study's (study_clip_up_*)."""
+  studies = _studies()
+  runs = studies.plan("clip_mature", tmp_path / "runs", [0, 1], [1500])
+  for r in runs:
+    evals = [1500, 3000] if r.arm == "dense_pretrain" else [r.steps - 500, r.steps]
+    _fake_run(studies, r, {}, 1)  # its config; the metrics below add CLIP's retrieval keys
+    first = 1 if r.arm == "dense_pretrain" or r.copy_from is None and not studies.upcycle_parent(r) else r.start + 1
+    rows = [{"split": "train", "step": first, "ce_loss": 9.0}]
+    rows += [{"split": "eval", "step": s, "ce_loss": 1.0 - s / 1e4 - 0.01 * r.seed, "loss": 1.0,
+              "t2i_recall@1": 0.5, "i2t_recall@1": 0.4, "zeroshot_top1": 0.3} for s in evals]
+    (r.workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+  img = tmp_path / "img"
+  img.mkdir()
+  paths = studies.figures(runs, "clip_mature", img) + [studies.parent_figure(runs, "clip_mature", img)]
+  assert sorted(p.name for p in paths) == sorted(f"study_clip_mature_{n}.png" for n in (
+    "loss_vs_steps", "loss_vs_flops", "advantage", "retrieval", "parent"))
+  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -92,8 +92,8 @@ def figures(runs: list[Run], study: str, img: pathlib.Path) -> list[pathlib.Path
     out.append(p)
   adv = _advantage_figure(done, study, img, plt)
   out += [adv] if adv else []
-  if study == "clip_up":
-    out += _retrieval_bars(done, img, plt)
+  if study in ("clip_up", "clip_mature"):
+    out += _retrieval_bars(done, study, img, plt)
   return out
 
 
@@ -153,7 +153,7 @@ def _advantage_figure(done: list[Run], study: str, img: pathlib.Path, plt) -> pa
   return p
 
 
-def _retrieval_bars(done: list[Run], img: pathlib.Path, plt) -> list[pathlib.Path]:
+def _retrieval_bars(done: list[Run], study: str, img: pathlib.Path, plt) -> list[pathlib.Path]:
   budgets = sorted({r.budget for r in done})
   fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.3), dpi=110, squeeze=False)
   for ax, b in zip(axes[0], budgets):
@@ -172,7 +172,7 @@ def _retrieval_bars(done: list[Run], img: pathlib.Path, plt) -> list[pathlib.Pat
     ax.set_title(f"+{b} steps: retrieval R@1 both ways, zero-shot shape{cut}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-  p = img / "study_clip_up_retrieval.png"
+  p = img / f"study_{study}_retrieval.png"
   fig.savefig(p, bbox_inches="tight")
   plt.close(fig)
   return [p]
