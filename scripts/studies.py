@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
       completed = True
     finally:  # the code, machine and load every step was trained with: one row per invocation that trained
       trained = {run_key(r): [-1 if before[run_key(r)][2] else before[run_key(r)][0], logged_step(r.workdir)]
-                 for r in runs if _progress(r)[1] != before[run_key(r)][1]}
+                 for r in runs if _progress(r)[1] != before[run_key(r)][1] and logged_step(r.workdir) >= 0}
       if trained:
         row = provenance.finished(start, wall_s=round(time.time() - t0), runs_trained_from_to_step=trained)
         study_dir.mkdir(parents=True, exist_ok=True)
