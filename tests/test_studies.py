@@ -823,7 +823,7 @@ def test_the_cost_table_prices_each_run_by_the_steps_it_trained_itself_and_keeps
   total = rows["**all** (5 of 8 runs finished)"]
   cpu = 300 + 600 + 300 + 300 + 403 + 72
   assert total["runs timed"] == "6 of 8"
-  assert total["CPU-hours"] == f"**{cpu / 3600:.2f}** (+ {360 / 3600:.2f} replaced by retrains)"
+  assert total["CPU-hours"] == f"**{cpu / 3600:.2f}** (+ {360 / 3600:.2f} in trainings run again)"
   assert total["wall-hours"] == f"{(2 * (300 + 300 + 300 + 403) + 900 + 100) / 3600:.2f}"
 
 

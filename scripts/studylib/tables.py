@@ -186,6 +186,6 @@ def cost_table(runs: list[Run], label: str, timings: dict[str, dict]) -> list[di
     rows.append({"study": label, "arm": f"**all** ({len(done)} of {len(runs)} runs finished)",
                  "runs timed": f"{len(mine)} of {len(runs)}", "steps each": "", "CPU-s / step": "",
                  "CPU-hours": f"**{sum(t['cpu_s'] for t in mine) / 3600:.2f}**"
-                              + (f" (+ {again:.2f} replaced by retrains)" if again else ""),
+                              + (f" (+ {again:.2f} in trainings run again)" if again else ""),
                  "wall-hours": f"{sum(t['wall_s'] for t in mine) / 3600:.2f}"})
   return rows
