@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
       execute(runs, timings_path, a.lanes)
       completed = True
     finally:  # the code, machine and load every step was trained with: one row per invocation that trained
-      trained = {run_key(r): [-1 if before[run_key(r)][2] else before[run_key(r)][0], logged_step(r.workdir)]
-                 for r in runs if _progress(r)[1] != before[run_key(r)][1] and logged_step(r.workdir) >= 0}
+      after = {run_key(r): _progress(r) for r in runs}  # each run's metrics read once
+      trained = {k: [-1 if before[k][2] else before[k][0], after[k][0]] for k in after
+                 if after[k][1] != before[k][1] and after[k][0] >= 0}
       if trained:
         row = provenance.finished(start, wall_s=round(time.time() - t0), runs_trained_from_to_step=trained)
         study_dir.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def capacity_table(runs: list[Run], timings: dict[str, dict]) -> list[dict]:
     paired = [r.seed for r in rs if ("clip_up", r.seed) in final]
     drops = [_dropped(r) for r in rs]
     slot = [slot_flops(r, curves[r][0]) for r in rs]
-    cpu = [timings[run_key(r)]["cpu_s"] / b for r in rs if run_key(r) in timings]  # evals included
+    cpu = [timings[run_key(r)]["cpu_s"] / own_steps(r) for r in rs if run_key(r) in timings]  # evals included
     rows.append({
       "budget": f"+{b}", "arm": arm, "dispatch": "dropless" if arm == "clip_up" else f"capacity {arm[10:]}",
       "seeds": len(rs), "eval loss": pm(*mean_se([final[arm, r.seed] for r in rs]), 3),
